@@ -1,0 +1,1 @@
+"""Data sources, the compact in-memory store, and patient-level splits."""

@@ -1,0 +1,210 @@
+"""In-memory store of compact image tensors plus per-sample metadata.
+
+Why a store: every SSL epoch touches every image many times, so images are decoded and preprocessed once
+into uint8 (or float16 for >8-bit data) tensors that sit in RAM or on the training device; augmentation then
+runs batched on that device (see ``radssl.views``). Sources (MedMNIST, synthetic, DICOM, NIfTI, folders)
+produce an ``ImageStore``; nothing downstream knows which source it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+from radssl.errors import DataError
+
+SPLITS = ("train", "val", "test")
+"""Split names a store may use; ``unlabelled`` marks pretraining-only images with no split."""
+
+ALL_SPLIT_NAMES = SPLITS + ("unlabelled",)
+
+TaskKind = Literal["binary", "multiclass", "multilabel", "none"]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the labels mean: task kind, number of classes (or label columns) and their names."""
+
+    kind: TaskKind
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind != "none" and self.num_classes < 2 and self.kind != "multilabel":
+            raise ValueError(f"a {self.kind} task needs at least 2 classes, got {self.num_classes}")
+
+
+@dataclass
+class ImageStore:
+    """Images as one compact tensor plus aligned per-sample metadata columns.
+
+    Attributes:
+        name: dataset name used in messages and provenance.
+        images: uint8 or float16 tensor, (N, C, H, W) for 2D or (N, C, D, H, W) for 3D.
+        labels: int64 (N,) class index for binary/multiclass (-1 = unlabelled),
+            or float32 (N, K) 0/1 for multilabel (NaN = unknown).
+        split: str array (N,), one of ``train``, ``val``, ``test``, ``unlabelled``.
+        patient_id: str array (N,); empty string where unknown. Splits and positive pairs use it.
+        task: label semantics.
+        meta: further per-sample columns (site, modality, slice_index, frame_index, ...).
+        origin: file(s) the data came from, for error messages and provenance.
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    split: np.ndarray
+    patient_id: np.ndarray
+    task: TaskInfo
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
+    origin: str = ""
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Reject shapes, dtypes and values that would fail (or silently mislead) later."""
+        where = self.origin or self.name
+        n = int(self.images.shape[0]) if self.images.ndim > 0 else 0
+        if self.images.ndim not in (4, 5):
+            raise DataError(
+                where,
+                f"images have shape {tuple(self.images.shape)}; expected (N, C, H, W) or (N, C, D, H, W)",
+            )
+        if n == 0:
+            raise DataError(where, "the dataset holds no images", "check the data path and split names")
+        if self.images.dtype not in (torch.uint8, torch.float16, torch.float32):
+            raise DataError(where, f"images have dtype {self.images.dtype}; expected uint8 or float16")
+        if self.images.is_floating_point():
+            bad = ~torch.isfinite(self.images)
+            if bool(bad.any()):
+                first = int(bad.flatten(1).any(1).nonzero()[0, 0])
+                raise DataError(
+                    where,
+                    f"images contain NaN or inf pixels (first at sample index {first})",
+                    "clean or drop those images before pretraining",
+                )
+        if self.labels.shape[0] != n:
+            raise DataError(
+                where,
+                f"image/label count mismatch: {n} images but {self.labels.shape[0]} labels",
+            )
+        for column_name, column in (("split", self.split), ("patient_id", self.patient_id)):
+            if len(column) != n:
+                raise DataError(where, f"metadata column '{column_name}' has {len(column)} rows for {n} images")
+        for column_name, column in self.meta.items():
+            if len(column) != n:
+                raise DataError(where, f"metadata column '{column_name}' has {len(column)} rows for {n} images")
+        unknown = sorted(set(np.unique(self.split).tolist()) - set(ALL_SPLIT_NAMES))
+        if unknown:
+            raise DataError(where, f"unknown split names {unknown}; expected {list(ALL_SPLIT_NAMES)}")
+        if self.task.kind in ("binary", "multiclass"):
+            if self.labels.ndim != 1:
+                raise DataError(where, f"labels have shape {tuple(self.labels.shape)}; a {self.task.kind} task needs (N,)")
+            labelled = self.labels[self.labels >= 0]
+            if labelled.numel() and int(labelled.max()) >= self.task.num_classes:
+                raise DataError(
+                    where,
+                    f"label {int(labelled.max())} is outside the declared {self.task.num_classes} classes",
+                )
+            if bool((self.labels < -1).any()):
+                raise DataError(where, "labels below -1 found; use -1 for 'unlabelled'")
+        elif self.task.kind == "multilabel":
+            if self.labels.ndim != 2 or self.labels.shape[1] != self.task.num_classes:
+                raise DataError(
+                    where,
+                    f"labels have shape {tuple(self.labels.shape)}; a multilabel task with "
+                    f"{self.task.num_classes} labels needs (N, {self.task.num_classes})",
+                )
+
+    # ------------------------------------------------------------- properties
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return self.images.ndim - 2
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Spatial shape (H, W) or (D, H, W)."""
+        return tuple(int(s) for s in self.images.shape[2:])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def indices(self, split: str) -> np.ndarray:
+        """Row indices of one split (``train``, ``val``, ``test`` or ``unlabelled``)."""
+        if split not in ALL_SPLIT_NAMES:
+            raise DataError(self.name, f"unknown split '{split}'; expected one of {list(ALL_SPLIT_NAMES)}")
+        return np.flatnonzero(self.split == split)
+
+    def pretrain_indices(self) -> np.ndarray:
+        """Images SSL may see: train plus unlabelled (never val/test, so evaluation stays honest)."""
+        return np.flatnonzero((self.split == "train") | (self.split == "unlabelled"))
+
+    def subset(self, rows: np.ndarray, name: str | None = None) -> "ImageStore":
+        """A new store holding only ``rows`` (a view where possible, no re-decoding)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        index = torch.from_numpy(rows)
+        return replace(
+            self,
+            name=name or self.name,
+            images=self.images.index_select(0, index),
+            labels=self.labels.index_select(0, index),
+            split=self.split[rows],
+            patient_id=self.patient_id[rows],
+            meta={k: v[rows] for k, v in self.meta.items()},
+            _fingerprint=None,
+        )
+
+    def fingerprint(self) -> str:
+        """SHA-256 over pixels, labels, splits and patient ids: identifies the exact data a run saw."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(str((tuple(self.images.shape), str(self.images.dtype))).encode())
+            digest.update(self.images.contiguous().cpu().numpy().tobytes())
+            digest.update(self.labels.contiguous().cpu().numpy().tobytes())
+            digest.update("\x00".join(self.split.tolist()).encode())
+            digest.update("\x00".join(self.patient_id.tolist()).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def describe(self) -> dict[str, object]:
+        """Counts per split and class, for logs and provenance."""
+        summary: dict[str, object] = {
+            "name": self.name,
+            "images": len(self),
+            "shape": list(self.image_shape),
+            "channels": self.channels,
+            "dtype": str(self.images.dtype).replace("torch.", ""),
+            "task": self.task.kind,
+            "patients": int(len(set(self.patient_id.tolist()) - {""})),
+        }
+        for split in ALL_SPLIT_NAMES:
+            rows = self.indices(split)
+            if len(rows) == 0:
+                continue
+            entry: dict[str, object] = {"images": int(len(rows))}
+            if self.task.kind in ("binary", "multiclass"):
+                counts = torch.bincount(
+                    self.labels[torch.from_numpy(rows)].clamp(min=0), minlength=self.task.num_classes
+                )
+                entry["per_class"] = counts.tolist()
+            summary[split] = entry
+        return summary
+
+
+def images_to_float(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float16 [0, 1] pixels to float32 [0, 1] on the batch's device."""
+    if batch.dtype == torch.uint8:
+        return batch.float().div_(255.0)
+    return batch.float()

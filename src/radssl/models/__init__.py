@@ -1,0 +1,1 @@
+"""Backbones (encoders) and heads."""

@@ -1,0 +1,1 @@
+"""Batched, on-device augmentations and positive-pair view policies."""

@@ -1,0 +1,284 @@
+"""Validated configuration: every YAML key checked, unknown keys rejected with the key's name.
+
+One pydantic model per section. A run's config is loaded from YAML, then ``key.path=value`` overrides from the
+command line are applied to the raw mapping *before* validation, so an override is checked exactly like a file
+entry. The validated config is written beside every output (and inside every checkpoint) for reproducibility.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from radssl.errors import ConfigError
+from radssl.models.backbones import BACKBONES
+from radssl.views.augment import AugmentationParams
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------- data
+class MedMNISTData(Section):
+    """A MedMNIST ``.npz`` by name (downloaded once through the medmnist catalogue when missing)."""
+
+    source: Literal["medmnist"] = "medmnist"
+    name: str = "pneumoniamnist"
+    size: int = 28
+    root: Path | None = Field(None, description="folder holding the .npz files; default $RADSSL_DATA_DIR or the user cache")
+    download: bool = True
+
+
+class SyntheticData(Section):
+    """The embedded procedural radiograph-like dataset (synthetic; for demos and tests, offline)."""
+
+    source: Literal["synthetic"] = "synthetic"
+    n_patients: int = Field(400, gt=0)
+    images_per_patient: int = Field(4, gt=0)
+    image_size: int = Field(64, ge=16, le=512)
+    positive_rate: float = Field(0.5, gt=0.0, lt=1.0)
+    site: int = Field(0, ge=0)
+    data_seed: int = 0
+
+
+def _data_source_tag(value: Any) -> str:
+    """The ``source`` tag of a data section; a section without one is MedMNIST (the documented default)."""
+    if isinstance(value, dict):
+        return str(value.get("source", "medmnist"))
+    return str(getattr(value, "source", "medmnist"))
+
+
+DataSection = Annotated[
+    Annotated[MedMNISTData, Tag("medmnist")] | Annotated[SyntheticData, Tag("synthetic")],
+    Discriminator(_data_source_tag),
+]
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelSection(Section):
+    backbone: str = "resnet18"
+    small_input: bool | None = Field(None, description="3×3 stride-1 stem for ≤64 px images; null = automatic")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone '{value}'; choose one of {list(BACKBONES)}")
+        return value
+
+
+class MethodSection(BaseModel):
+    """``name`` plus that method's own hyper-parameters (validated by the method's ``Params`` model)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "simclr"
+
+    @model_validator(mode="after")
+    def _validate_params(self) -> "MethodSection":
+        from radssl.methods.registry import METHODS, validate_params
+
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method '{self.name}'; choose one of {sorted(METHODS)}")
+        validate_params(self.name, self.params())
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ViewsSection(AugmentationParams):
+    """Augmentation ranges plus the output size of each view (default: the stored image size)."""
+
+    output_size: int | None = Field(None, ge=8)
+
+
+class OptimSection(Section):
+    optimizer: Literal["sgd", "lars", "adamw"] = "lars"
+    lr: float = Field(0.3, gt=0.0, description="base learning rate for a global batch of 256 (linear scaling)")
+    lr_scaling: Literal["linear", "none"] = "linear"
+    weight_decay: float = Field(1e-6, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainSection(Section):
+    steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0.0)
+    batch_size: int = Field(256, gt=1, description="per-device batch size")
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
+    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = "32-true"
+    sync_batchnorm: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (CPU); null = torch default")
+    checkpoint_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    progress_bar: bool = True
+    pretrain_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the pretraining images used")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainSection":
+        if self.steps is None and self.epochs is None:
+            self.epochs = 10.0
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set either train.steps or train.epochs, not both")
+        return self
+
+
+class EvalSection(Section):
+    enabled: bool = True
+    knn_k: int = Field(20, gt=0)
+    knn_temperature: float = Field(0.07, gt=0.0)
+    compare_random: bool = Field(True, description="also evaluate a random-init backbone, as the baseline")
+
+
+class PretrainConfig(Section):
+    """Everything ``radssl pretrain`` needs."""
+
+    seed: int = 0
+    output_dir: Path = Path("runs/pretrain")
+    data: DataSection = Field(default_factory=MedMNISTData)
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    views: ViewsSection = Field(default_factory=ViewsSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe plain mapping (paths as strings): what checkpoints and result folders record."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------- loading
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    """Pydantic models inside an annotation (unwrapping Annotated, unions and Optional)."""
+    args = getattr(annotation, "__args__", None)
+    if hasattr(annotation, "model_fields"):
+        return [annotation]
+    if not args:
+        return []
+    return [m for a in args for m in _union_members(a)]
+
+
+def _allowed_keys(model: type[BaseModel], location: tuple[str, ...], raw: dict[str, Any]) -> list[str]:
+    """Field names valid at ``location`` (a raw pydantic location, union tags included), for 'did you mean'."""
+    current: Any = model
+    parts = list(location)
+    while parts:
+        part = parts.pop(0)
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        members = _union_members(fields[part].annotation)
+        if len(members) > 1 and parts:  # tagged union: the next location element names the member
+            tag = parts.pop(0)
+            members = [m for m in members if m.model_fields.get("source") and m.model_fields["source"].default == tag]
+        if not members:
+            return []
+        current = members[0]
+    keys = set(getattr(current, "model_fields", {}))
+    if current is MethodSection:  # the method's own hyper-parameters are allowed keys too
+        from radssl.methods.registry import METHODS, method_class
+
+        name = (raw.get("method") or {}).get("name", "simclr")
+        if name in METHODS:
+            keys |= set(method_class(name).Params.model_fields)
+    return sorted(keys)
+
+
+def format_validation_error(error: ValidationError, source: str, model: type[BaseModel], raw: dict[str, Any]) -> str:
+    """Readable, one line per problem: file, dotted key, what is wrong, and close valid keys."""
+    lines = [f"{source}: invalid configuration"]
+    tags = {"medmnist", "synthetic", "files"}
+    for item in error.errors():
+        location = tuple(str(p) for p in item["loc"] if not isinstance(p, int))
+        shown = tuple(p for p in location if p not in tags)  # union tags are noise for the user
+        key = ".".join(shown) or "<root>"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, location[:-1], raw)
+            close = difflib.get_close_matches(location[-1], allowed, n=1)
+            hint = f" — did you mean '{close[0]}'?" if close else (f" — allowed: {', '.join(allowed)}" if allowed else "")
+            lines.append(f"  unknown key '{key}'{hint}")
+        else:
+            lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: Path | None, overrides: list[str] | None = None, model: type[BaseModel] = PretrainConfig
+) -> Any:
+    """Load YAML (or defaults when ``path`` is None), apply overrides, validate; ConfigError on any problem."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    apply_overrides(raw, overrides or [])
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source, model, raw)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML text of a validated config (what is written beside outputs)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,27 @@
+"""Build an ImageStore from a validated ``data`` config section (the only place that knows every source)."""
+
+from __future__ import annotations
+
+from radssl.config import MedMNISTData, SyntheticData
+from radssl.data.store import ImageStore
+
+
+def build_store(section: MedMNISTData | SyntheticData) -> ImageStore:
+    """Load or generate the dataset a config names, validated before any training starts."""
+    if isinstance(section, MedMNISTData):
+        from radssl.data.medmnist import load_medmnist
+
+        return load_medmnist(section.name, section.size, section.root, allow_download=section.download)
+    if isinstance(section, SyntheticData):
+        from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
+
+        spec = SyntheticSpec(
+            n_patients=section.n_patients,
+            images_per_patient=section.images_per_patient,
+            image_size=section.image_size,
+            positive_rate=section.positive_rate,
+            site=section.site,
+            seed=section.data_seed,
+        )
+        return make_synthetic_store(spec)
+    raise TypeError(f"unsupported data section {type(section).__name__}")

@@ -1,0 +1,331 @@
+"""Preprocessing cache: decode + preprocess once, then every later run memory-maps the result.
+
+Why: decoding DICOM/NIfTI/PNG and resampling costs far more than an SSL epoch reading compact uint8 pixels.
+The cache is one ``images.npy`` (``np.lib.format.open_memmap``; (N, C, H, W) or (N, C, D, H, W)) plus a JSON
+sidecar ``meta.json`` (per-image metadata columns, labels, class names, how it was built) in a folder named
+``<name>-<fingerprint>``. The fingerprint hashes every source file's path, size and mtime, the source config,
+the preprocessing fingerprint and the bad-file policy, so changing any of them builds a new entry.
+
+Atomicity: an entry is built in ``.tmp-<name>-<fingerprint>-<host>-<pid>/`` and renamed into place only when
+complete (``os.rename`` of a folder is atomic on POSIX). A run killed mid-build leaves only a ``.tmp-`` folder,
+which is ignored (and removed by a later build on the same host once its process is gone); an entry without
+a readable, complete sidecar is discarded and rebuilt. Nothing is written before all records are read and
+preprocessed, so a failing load leaves the cache folder as it was.
+
+Loading is zero-copy: ``torch.from_numpy`` over a copy-on-write memmap, so pages are read on demand and
+shared between processes (DataLoader workers, DDP ranks on one host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radssl.atomic import write_text_atomic
+from radssl.data.records import BadFileLog, BadFilePolicy, Record
+from radssl.data.store import ImageStore, TaskInfo
+from radssl.errors import DataError
+
+CACHE_FORMAT_VERSION = 1
+IMAGES_FILE = "images.npy"
+META_FILE = "meta.json"
+BAD_FILES_REPORT = "bad_files.json"
+_ALLOWED_DTYPES = (np.uint8, np.float16, np.float32)
+
+
+# ----------------------------------------------------------------------------------------- keys
+def _config_payload(config: Any) -> Any:
+    if hasattr(config, "model_dump"):
+        return config.model_dump(mode="json")
+    return config
+
+
+def cache_fingerprint(
+    files: Sequence[Path],
+    source_config: Any,
+    preprocess_fingerprint: str,
+    on_bad_file: BadFilePolicy = "error",
+) -> str:
+    """SHA-256 over (path, size, mtime) of every source file, the source config and the preprocessing.
+
+    ``stat`` only: checking the key never decodes a file. A touched or replaced file changes its mtime.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"radssl-cache-v{CACHE_FORMAT_VERSION}\n".encode())
+    for path in sorted(str(Path(p).resolve()) for p in files):
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\x00missing\n".encode())
+    digest.update(json.dumps(_config_payload(source_config), sort_keys=True, default=str).encode())
+    digest.update(f"\npreprocess:{preprocess_fingerprint}\npolicy:{on_bad_file}".encode())
+    return digest.hexdigest()
+
+
+def entry_dir(cache_dir: Path, name: str, fingerprint: str) -> Path:
+    """Folder of one cache entry."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
+    return Path(cache_dir) / f"{safe}-{fingerprint[:20]}"
+
+
+# ----------------------------------------------------------------------------------------- table
+@dataclass
+class CacheTable:
+    """Per-image metadata kept beside the pixels (JSON-safe columns of length N)."""
+
+    columns: dict[str, list]
+    class_names: list[str] | None
+    multilabel: bool
+
+    @staticmethod
+    def from_records(records: Sequence[Record], source: str) -> "CacheTable":
+        labels = [r.label for r in records]
+        multilabel = any(isinstance(label, list) for label in labels)
+        if multilabel and not all(isinstance(label, list) for label in labels if label is not None):
+            raise DataError(source, "records mix multilabel (list) and single-class labels")
+        class_names: list[str] | None = None
+        for record in records:
+            names = record.extra.get("class_names")
+            if names is None:
+                continue
+            names = [str(n) for n in names]  # type: ignore[union-attr]
+            if class_names is None:
+                class_names = names
+            elif names != class_names:
+                raise DataError(record.path, f"class names {names} differ from {class_names} of earlier records")
+        width = max((len(r.spacing) for r in records), default=0)
+        spacing = [list(r.spacing) + [float("nan")] * (width - len(r.spacing)) for r in records]
+        columns: dict[str, list] = {
+            "path": [r.path for r in records],
+            "patient_id": [r.patient_id for r in records],
+            "study_id": [r.study_id for r in records],
+            "series_id": [r.series_id for r in records],
+            "modality": [r.modality for r in records],
+            "index": [-1 if r.index is None else int(r.index) for r in records],
+            "spacing": spacing,
+            "split": [r.split or "" for r in records],
+            "label": [-1 if label is None else label for label in labels],
+            "label_name": [str(r.extra.get("class_name", "")) for r in records],
+        }
+        return CacheTable(columns=columns, class_names=class_names, multilabel=multilabel)
+
+
+# ----------------------------------------------------------------------------------------- build
+def _preprocess_all(
+    records: Sequence[Record], preprocess: Callable[[Record], np.ndarray], log: BadFileLog, source: str
+) -> tuple[list[Record], list[np.ndarray]]:
+    """Preprocess every record; a bad record goes through ``log``; shapes/dtypes must agree."""
+    kept: list[Record] = []
+    arrays: list[np.ndarray] = []
+    for record in records:
+        try:
+            array = np.asarray(preprocess(record))
+            if array.ndim not in (3, 4):
+                raise DataError(record.path, f"preprocessing returned shape {array.shape}; expected (C,H,W) or (C,D,H,W)")
+            if array.dtype not in _ALLOWED_DTYPES:
+                raise DataError(record.path, f"preprocessing returned dtype {array.dtype}; expected uint8 or float16")
+        except DataError as error:
+            log.handle(error)
+            continue
+        if arrays and (array.shape != arrays[0].shape or array.dtype != arrays[0].dtype):
+            raise DataError(
+                source,
+                f"preprocessed images differ in shape/dtype: {kept[0].path} gives {arrays[0].shape} "
+                f"{arrays[0].dtype} but {record.path} gives {array.shape} {array.dtype}",
+                "set preprocess target_size (and target spacing for volumes) so every image has one shape",
+            )
+        kept.append(record)
+        arrays.append(array)
+        record.pixels = np.empty(0)  # free the raw pixels early; the cache keeps the compact copy
+    if not arrays:
+        raise DataError(source, "no image survived reading and preprocessing", "see bad_files.json for the reasons")
+    return kept, arrays
+
+
+def _clean_stale_temps(cache_dir: Path, prefix: str) -> None:
+    """Remove half-built ``.tmp-`` folders of this key left by dead processes on this host."""
+    host = socket.gethostname()
+    for temp in cache_dir.glob(f".tmp-{prefix}-*"):
+        parts = temp.name.rsplit("-", 2)
+        if len(parts) != 3 or parts[1] != host:
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            alive = True
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _write_entry(
+    final: Path,
+    arrays: list[np.ndarray],
+    table: CacheTable,
+    log: BadFileLog,
+    build_info: dict[str, Any],
+) -> None:
+    cache_dir = final.parent
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temps(cache_dir, final.name)
+    temp = cache_dir / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        shape = (len(arrays), *arrays[0].shape)
+        images = np.lib.format.open_memmap(temp / IMAGES_FILE, mode="w+", dtype=arrays[0].dtype, shape=shape)
+        for i, array in enumerate(arrays):
+            images[i] = array
+        images.flush()
+        del images
+        log.write_report(temp / BAD_FILES_REPORT)
+        meta = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "complete": True,
+            "shape": list(shape),
+            "dtype": str(arrays[0].dtype),
+            "class_names": table.class_names,
+            "multilabel": table.multilabel,
+            "columns": table.columns,
+            "build": build_info,
+        }
+        write_text_atomic(temp / META_FILE, json.dumps(meta))
+        try:
+            os.rename(temp, final)
+        except OSError:
+            if not _entry_complete(final):  # another process won the race with a complete entry: keep theirs
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _entry_complete(entry: Path) -> dict[str, Any] | None:
+    """The sidecar of a complete, readable entry, else None."""
+    try:
+        meta = json.loads((entry / META_FILE).read_text())
+        if not meta.get("complete") or meta.get("format_version") != CACHE_FORMAT_VERSION:
+            return None
+        header = np.load(entry / IMAGES_FILE, mmap_mode="r")
+        if list(header.shape) != meta["shape"] or str(header.dtype) != meta["dtype"]:
+            return None
+        return meta
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------- load
+def _infer_task(meta: Mapping[str, Any], labels: list) -> TaskInfo:
+    names = meta.get("class_names")
+    if meta.get("multilabel"):
+        names = names or [f"label{i}" for i in range(len(next(lab for lab in labels if lab != -1)))]
+        return TaskInfo("multilabel", len(names), tuple(names))
+    known = [int(lab) for lab in labels if lab != -1]
+    if not known:
+        return TaskInfo("none", 0, ())
+    count = max(len(names or []), max(known) + 1, 2)
+    names = list(names or [str(i) for i in range(count)])
+    return TaskInfo("binary" if count == 2 else "multiclass", count, tuple(names))
+
+
+def store_from_entry(entry: Path, name: str, task: TaskInfo | None = None) -> ImageStore:
+    """Open a complete cache entry as an ImageStore (images memory-mapped, copy-on-write)."""
+    meta = _entry_complete(entry)
+    if meta is None:
+        raise DataError(str(entry), "cache entry is incomplete or unreadable", "delete it; the next load rebuilds it")
+    images = np.lib.format.open_memmap(entry / IMAGES_FILE, mode="c")
+    columns = meta["columns"]
+    raw_labels = columns["label"]
+    task = task or _infer_task(meta, raw_labels)
+    n = len(raw_labels)
+    if task.kind == "multilabel":
+        width = task.num_classes
+        labels = torch.full((n, width), float("nan"), dtype=torch.float32)
+        for i, label in enumerate(raw_labels):
+            if label != -1:
+                row = torch.tensor(label, dtype=torch.float32)
+                labels[i] = torch.where(row < 0, torch.tensor(float("nan")), row)
+    elif task.kind == "none":
+        labels = torch.full((n,), -1, dtype=torch.int64)
+    else:
+        if meta.get("multilabel"):
+            raise DataError(str(entry), f"labels are multilabel but the task is {task.kind}", "set task kind: multilabel")
+        labels = torch.tensor([int(x) for x in raw_labels], dtype=torch.int64)
+    split = np.asarray([s or "unlabelled" for s in columns["split"]], dtype="<U10")
+    store_meta = {
+        "path": np.asarray(columns["path"]),
+        "study_id": np.asarray(columns["study_id"]),
+        "series_id": np.asarray(columns["series_id"]),
+        "modality": np.asarray(columns["modality"]),
+        "index": np.asarray(columns["index"], dtype=np.int64),
+        "spacing": np.asarray(columns["spacing"], dtype=np.float32).reshape(n, -1),
+        "label_name": np.asarray(columns["label_name"]),
+        "source_split": np.asarray(columns["split"]),
+    }
+    return ImageStore(
+        name=name,
+        images=torch.from_numpy(images),
+        labels=labels,
+        split=split,
+        patient_id=np.asarray(columns["patient_id"]),
+        task=task,
+        meta=store_meta,
+        origin=str(entry),
+    )
+
+
+def load_or_build_cache(
+    cache_dir: Path,
+    name: str,
+    files: Sequence[Path],
+    source_config: Any,
+    preprocess_fingerprint: str,
+    read_records: Callable[[BadFileLog], list[Record]],
+    preprocess: Callable[[Record], np.ndarray],
+    on_bad_file: BadFilePolicy = "error",
+    task: TaskInfo | None = None,
+) -> ImageStore:
+    """The cached store for this (files, source config, preprocessing), building it first if needed.
+
+    ``files`` are every file the source reads (stat'ed, never decoded, to key the cache); ``read_records``
+    decodes them (called only on a miss) and ``preprocess`` turns one record into a (C, H, W) / (C, D, H, W)
+    uint8 or float16 array. Splits are the source's own (``unlabelled`` where it gives none). The bad-file
+    report (``bad_files.json``) lies in the entry folder, i.e. ``store.origin``.
+    """
+    fingerprint = cache_fingerprint(files, source_config, preprocess_fingerprint, on_bad_file)
+    final = entry_dir(cache_dir, name, fingerprint)
+    if final.exists():
+        if _entry_complete(final) is not None:
+            return store_from_entry(final, name, task)
+        shutil.rmtree(final, ignore_errors=True)  # damaged entry (not built by us atomically): rebuild
+    started = time.perf_counter()
+    log = BadFileLog(on_bad_file)
+    records = read_records(log)
+    read_seconds = time.perf_counter() - started
+    kept, arrays = _preprocess_all(records, preprocess, log, str(name))
+    table = CacheTable.from_records(kept, str(name))
+    build_info = {
+        "fingerprint": fingerprint,
+        "files": len(files),
+        "images": len(arrays),
+        "skipped": len(log.skipped),
+        "read_seconds": round(read_seconds, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "preprocess_fingerprint": preprocess_fingerprint,
+        "source_config": _config_payload(source_config),
+    }
+    _write_entry(final, arrays, table, log, build_info)
+    return store_from_entry(final, name, task)

@@ -1,0 +1,294 @@
+"""Build an ImageStore from a user's medical source (DICOM, NIfTI or an image folder).
+
+The one place that joins reader → preprocessing → cache → splits. Splits are patient-level (an
+``assign_patient_splits`` over patients, stratified by label) unless the source gives its own, and an
+``external`` dataset (a second site kept for out-of-distribution testing) is all ``test``. Under
+``on_bad_file: skip`` the bad files are listed in ``bad_files.json`` inside the cache entry
+(``store.origin``), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from radssl.atomic import write_bytes_atomic
+from radssl.data.cache import BAD_FILES_REPORT, load_or_build_cache
+from radssl.data.dicom import DicomSourceConfig, read_dicom_source
+from radssl.data.folder import FolderSourceConfig, list_folder_files, read_folder_source
+from radssl.data.nifti import NiftiSourceConfig, list_nifti_files, read_nifti_source
+from radssl.data.preprocess import PreprocessConfig, preprocess_record
+from radssl.data.records import BadFileLog, Record
+from radssl.data.splits import assign_patient_splits
+from radssl.data.store import ALL_SPLIT_NAMES, ImageStore, TaskInfo
+from radssl.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SourceConfig = Annotated[DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig, Field(discriminator="kind")]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/radssl/preprocessed`` (``~/.cache/...``): never inside the (read-only) data folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "radssl" / "preprocessed"
+
+
+class TaskConfig(BaseModel):
+    """What the labels mean. ``auto`` takes the kind and class names the source implies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["auto", "binary", "multiclass", "multilabel", "none"] = "auto"
+    class_names: list[str] | None = None
+
+
+class MedicalDataConfig(BaseModel):
+    """A medical dataset: where it is, how it is preprocessed and cached, how it is split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: SourceConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    on_bad_file: Literal["error", "skip"] = "error"
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    split_seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    external: bool = False
+    """An external (second-site) test set: every image becomes ``test`` and nothing of it is pretrained on."""
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions {value} must be non-negative and sum to 1")
+        return value
+
+
+# ----------------------------------------------------------------------------------------- source
+def source_files(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig) -> list[Path]:
+    """Every file a source reads, without decoding (keys the cache)."""
+    if isinstance(source, NiftiSourceConfig):
+        return list_nifti_files(source)
+    if isinstance(source, FolderSourceConfig):
+        return list_folder_files(source)
+    from radssl.data import dicom
+
+    lister = getattr(dicom, "list_dicom_files", None)
+    if lister is not None:
+        return list(lister(source))
+    # Conservative fallback: every file under the DICOM root (any change there rebuilds the cache).
+    root = Path(source.root)
+    files = [p for p in sorted(root.rglob("*")) if p.is_file()] if root.is_dir() else []
+    extra_csv = getattr(source, "label_csv", None)
+    return files + ([Path(extra_csv)] if extra_csv else [])
+
+
+def read_source(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig, log: BadFileLog) -> list[Record]:
+    """Decode a source into records (the reader matching its ``kind``)."""
+    if isinstance(source, NiftiSourceConfig):
+        return read_nifti_source(source, log)
+    if isinstance(source, FolderSourceConfig):
+        return read_folder_source(source, log)
+    return read_dicom_source(source, log)
+
+
+# ----------------------------------------------------------------------------------------- task
+def resolve_task(inferred: TaskInfo, wanted: TaskConfig, where: str) -> TaskInfo:
+    """Combine what the data imply with what the config declares; contradictions are errors."""
+    if wanted.kind == "none":
+        return TaskInfo("none", 0, ())
+    if wanted.kind == "auto" and wanted.class_names is None:
+        return inferred
+    if inferred.kind == "none":
+        raise DataError(where, f"task '{wanted.kind}' asks for labels but the source gives none", "add labels or set task kind: none")
+    kind = inferred.kind if wanted.kind == "auto" else wanted.kind
+    if (kind == "multilabel") != (inferred.kind == "multilabel"):
+        raise DataError(where, f"task kind '{kind}' does not match the source's {inferred.kind} labels", "fix task.kind")
+    names = list(wanted.class_names or inferred.class_names)
+    data_named = any(not name.isdigit() for name in inferred.class_names)
+    if wanted.class_names is not None and data_named and list(inferred.class_names) != names[: len(inferred.class_names)]:
+        raise DataError(
+            where,
+            f"task.class_names {names} differ from the source's classes {list(inferred.class_names)}",
+            "declare the class order once, in the source's `classes`",
+        )
+    if len(names) < inferred.num_classes:
+        raise DataError(where, f"labels reach class {inferred.num_classes - 1} but only {len(names)} class names are given")
+    if kind == "binary" and len(names) != 2:
+        raise DataError(where, f"a binary task needs 2 classes, the data have {names}", "use task kind: multiclass")
+    return TaskInfo(kind, len(names), tuple(names))  # type: ignore[arg-type]
+
+
+def _stratification_labels(store: ImageStore) -> np.ndarray:
+    if store.task.kind == "multilabel":
+        first = store.labels[:, 0].numpy()
+        return np.where(np.isnan(first), -1, first).astype(np.int64)
+    return store.labels.numpy().astype(np.int64)
+
+
+def _splits(store: ImageStore, config: MedicalDataConfig, where: str) -> np.ndarray:
+    n = len(store)
+    if config.external:
+        return np.full(n, "test", dtype="<U10")
+    given = store.meta["source_split"]
+    has = given != ""
+    if has.all():
+        return given.astype("<U10")
+    if has.any():
+        raise DataError(
+            where,
+            f"the source gives splits for only {int(has.sum())} of {n} images",
+            "fill the split column for every row, or remove it to get patient-level splits",
+        )
+    labels = _stratification_labels(store)
+    split = assign_patient_splits(store.patient_id, labels, config.split_fractions, config.split_seed, where)
+    if store.task.kind != "none":
+        # Unlabelled images of training patients are pretraining-only; those of val/test patients stay there
+        # (label -1, ignored by evaluation), so pretraining never sees a test patient.
+        unlabelled = labels < 0 if store.task.kind != "multilabel" else np.isnan(store.labels.numpy()).all(1)
+        split = np.where(unlabelled & (split == "train"), "unlabelled", split)
+    return split.astype("<U10")
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
+    """Read, preprocess and cache a medical dataset once; later calls memory-map the cache."""
+    source = config.source
+    where = f"{name} ({source.kind} source {source.root})"
+    preprocess_fingerprint = config.preprocess.config_fingerprint()
+    store = load_or_build_cache(
+        cache_dir=config.cache_dir,
+        name=name,
+        files=source_files(source),
+        source_config=source,
+        preprocess_fingerprint=preprocess_fingerprint,
+        read_records=lambda log: read_source(source, log),
+        preprocess=lambda record: preprocess_record(record, config.preprocess),
+        on_bad_file=config.on_bad_file,
+    )
+    task = resolve_task(store.task, config.task, where)
+    labels = store.labels
+    if task.kind == "none":
+        labels = torch.full((len(store),), -1, dtype=torch.int64)
+    store = replace(store, task=task, labels=labels, _fingerprint=None)
+    store = replace(store, split=_splits(store, config, where), _fingerprint=None)
+    report = Path(store.origin) / BAD_FILES_REPORT
+    skipped = _skipped_count(report)
+    if skipped:
+        logger.warning("%s: %d bad files skipped; see %s", name, skipped, report)
+    return store
+
+
+def _skipped_count(report: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads(report.read_text())["skipped"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def bad_files_report(store: ImageStore) -> Path:
+    """Where the bad-file list of a medical store lies."""
+    return Path(store.origin) / BAD_FILES_REPORT
+
+
+def inspect_store(store: ImageStore, out_png: Path, per_split: int = 8) -> str:
+    """Counts per split / class / patient / modality as text, and a montage PNG of sample images.
+
+    What a user checks before spending compute: are the splits patient-disjoint and balanced, did the
+    windowing produce sensible images, are there bad-file skips. 3D images show their middle slice.
+    """
+    lines = [f"dataset {store.name}: {len(store)} images, shape {list(store.image_shape)} x {store.channels} channel(s), "
+             f"dtype {str(store.images.dtype).replace('torch.', '')}, task {store.task.kind}"]
+    if store.task.class_names:
+        lines.append(f"classes: {list(store.task.class_names)}")
+    patients_by_split: dict[str, set[str]] = {}
+    header = f"{'split':<11}{'images':>8}{'patients':>10}"
+    if store.task.kind in ("binary", "multiclass"):
+        header += "".join(f"{name[:12]:>14}" for name in store.task.class_names) + f"{'unlabelled':>12}"
+    elif store.task.kind == "multilabel":
+        header += "".join(f"{name[:12]:>14}" for name in store.task.class_names)
+    lines.append(header)
+    for split in ALL_SPLIT_NAMES:
+        rows = store.indices(split)
+        if len(rows) == 0:
+            continue
+        patients = set(store.patient_id[rows].tolist()) - {""}
+        patients_by_split[split] = patients
+        line = f"{split:<11}{len(rows):>8}{len(patients):>10}"
+        labels = store.labels[torch.from_numpy(rows)]
+        if store.task.kind in ("binary", "multiclass"):
+            counts = torch.bincount(labels[labels >= 0], minlength=store.task.num_classes).tolist()
+            line += "".join(f"{c:>14}" for c in counts) + f"{int((labels < 0).sum()):>12}"
+        elif store.task.kind == "multilabel":
+            line += "".join(f"{int(c):>14}" for c in torch.nan_to_num(labels, nan=0.0).sum(0).tolist())
+        lines.append(line)
+    # train and unlabelled may share patients (both are pretraining data); any other overlap is a leak.
+    split_names = list(patients_by_split)
+    shared = [
+        (a, b, len(patients_by_split[a] & patients_by_split[b]))
+        for i, a in enumerate(split_names)
+        for b in split_names[i + 1 :]
+        if {a, b} != {"train", "unlabelled"}
+    ]
+    leaks = [f"{a}/{b}: {n}" for a, b, n in shared if n]
+    lines.append("patients shared between splits: " + (", ".join(leaks) if leaks else "none"))
+    if "modality" in store.meta:
+        values, counts = np.unique(store.meta["modality"], return_counts=True)
+        lines.append("modality: " + ", ".join(f"{v or '(unknown)'} {c}" for v, c in zip(values, counts)))
+    if "spacing" in store.meta and store.meta["spacing"].size:
+        spacing = store.meta["spacing"]
+        finite = spacing[np.isfinite(spacing).all(1)] if spacing.ndim == 2 else spacing[:0]
+        if len(finite):
+            lines.append(f"source spacing (mm): min {np.round(finite.min(0), 3).tolist()}, max {np.round(finite.max(0), 3).tolist()}")
+    report = Path(store.origin) / BAD_FILES_REPORT if store.origin else None
+    if report is not None and report.is_file():
+        lines.append(f"bad files skipped: {_skipped_count(report)} (see {report})")
+    _write_montage(store, Path(out_png), per_split)
+    lines.append(f"montage: {out_png}")
+    return "\n".join(lines)
+
+
+def _write_montage(store: ImageStore, out_png: Path, per_split: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    picks: list[tuple[str, int]] = []
+    for split in ALL_SPLIT_NAMES:
+        rows = store.indices(split)
+        if len(rows):
+            chosen = np.sort(rng.choice(rows, size=min(per_split, len(rows)), replace=False))
+            picks += [(split, int(r)) for r in chosen]
+    columns = min(per_split, max(1, len(picks)))
+    rows_n = int(np.ceil(len(picks) / columns))
+    figure, axes = plt.subplots(rows_n, columns, figsize=(1.6 * columns, 1.8 * rows_n), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (split, row) in zip(axes.flat, picks):
+        image = store.images[row, 0].float().numpy()
+        if image.ndim == 3:
+            image = image[image.shape[0] // 2]
+        axis.imshow(image, cmap="gray", vmin=float(image.min()), vmax=float(image.max()) or 1.0)
+        title = split
+        if store.task.kind in ("binary", "multiclass") and int(store.labels[row]) >= 0:
+            title += f"\n{store.task.class_names[int(store.labels[row])]}"
+        axis.set_title(title, fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_bytes_atomic(out_png, buffer.getvalue())

@@ -1,0 +1,356 @@
+"""NIfTI source: 3D/4D volumes (``.nii``/``.nii.gz``) via nibabel, with paired masks and multi-sequence cases.
+
+Orientation: every volume is first reoriented to RAS with ``nib.as_closest_canonical`` (axis flips/permutations
+only, no resampling), so files saved in LPS, LAS, ... line up. The RAS array ``data[x, y, z]`` is then laid out
+as ``pixels[d, h, w] = data[X-1-w, Y-1-h, d]``: depth runs inferior → superior, rows anterior → posterior,
+columns patient-right → patient-left. That is how a DICOM axial series displays (radiological convention), so
+NIfTI and DICOM records of the same anatomy have the same layout, and ``pixels[d]`` is an axial slice.
+``spacing`` (mm) follows that (D, H, W) order, from the canonical header's zooms (converted from m/µm if the
+header says so). ``extra["affine"]`` maps (d, h, w) voxel indices to RAS mm, for writing predictions back.
+
+4D files (x, y, z, t): ``fourth_axis: frames`` (default) gives one record per time point with ``index`` = frame
+(fMRI/cine/DCE series: frame-pair positive policies use it); ``fourth_axis: channels`` stacks the 4th axis as
+channels (C, D, H, W) (e.g. multi-echo or pre-stacked sequences).
+
+Multi-sequence cases (``sequences: [_flair, _t1, _t1ce, _t2]``, BraTS-style ``<case><sequence>.nii.gz``) are
+stacked as channels (C, D, H, W) in the listed order; every sequence must be present with the same grid.
+A mask (``mask_suffix: seg`` → ``<case>_seg.nii.gz``) is read with the same orientation into
+``extra["mask"]`` (integer array shaped like one channel of the image).
+"""
+
+from __future__ import annotations
+
+import csv as csv_module
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from radssl.data.folder import class_index, derive_classes
+from radssl.data.records import BadFileLog, Record
+from radssl.errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_UNIT_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}
+
+
+class NiftiSourceConfig(BaseModel):
+    """Where the NIfTI files are and how cases, masks, labels and patients are found."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["nifti"] = "nifti"
+    root: Path
+    pattern: str = "**/*.nii*"
+    mask_suffix: str | None = None
+    """Masks are ``<case>_<mask_suffix>.nii[.gz]`` beside the image; they are not read as images."""
+    sequences: list[str] | None = None
+    """File-name endings of the sequences of one case, stacked as channels in this order."""
+    fourth_axis: Literal["frames", "channels"] = "frames"
+    layout: Literal["volume", "axial_slices"] = "volume"
+    """``axial_slices`` turns each volume into 2D records (one per depth index) for 2D pretraining."""
+    label_csv: Path | None = None
+    label_key: str = "case_id"
+    """CSV column holding the case id (file name without sequence/extension) or, failing that, the patient id."""
+    label_column: str = "label"
+    classes: list[str] | None = None
+    patient_from: Literal["folder", "file"] = "folder"
+    """Patient id from the parent folder's name (one folder per patient) or from the case id."""
+    modality: str = ""
+    """NIfTI stores no modality: ``MR``, ``CT``, ... here lets ``preprocess.modality: auto`` pick windows."""
+
+    @field_validator("sequences")
+    @classmethod
+    def _sequences_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("`sequences` must be a non-empty list of distinct file-name endings")
+        return value
+
+
+# ----------------------------------------------------------------------------------------- naming
+def nifti_stem(path: Path) -> str:
+    """File name without ``.nii`` / ``.nii.gz``."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _mask_ending(config: NiftiSourceConfig) -> str | None:
+    if config.mask_suffix is None:
+        return None
+    return "_" + config.mask_suffix.lstrip("_")
+
+
+def _sequence_of(stem: str, sequences: list[str]) -> str | None:
+    """The longest listed ending that ``stem`` ends with (``_t1ce`` wins over ``_t1``)."""
+    matches = [s for s in sequences if stem.endswith(s)]
+    return max(matches, key=len) if matches else None
+
+
+def list_nifti_files(config: NiftiSourceConfig) -> list[Path]:
+    """Every file this source reads (images, masks, label CSV), without decoding: the cache's change detector."""
+    files = _matching_files(config)
+    if config.label_csv is not None:
+        files.append(config.label_csv)
+    return files
+
+
+def _matching_files(config: NiftiSourceConfig) -> list[Path]:
+    if not config.root.is_dir():
+        raise DataError(str(config.root), "NIfTI folder not found", "check `root` in the source config")
+    return sorted(
+        p
+        for p in config.root.glob(config.pattern)
+        if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+    )
+
+
+# ----------------------------------------------------------------------------------------- decoding
+def load_canonical(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Load a NIfTI file reoriented to RAS: (array x,y,z[,t], spacing mm of x,y,z, canonical affine).
+
+    Raises a DataError naming the file for unreadable files and for NaN/inf voxels (with their count).
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        canonical = nib.as_closest_canonical(image)
+        data = np.asanyarray(canonical.dataobj)
+    except DataError:
+        raise
+    except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise DataError(str(path), f"cannot read NIfTI file ({type(error).__name__}: {error})") from error
+    if data.ndim == 2:  # a single 2D slice saved as NIfTI
+        data = data[:, :, None]
+    while data.ndim > 4 and 1 in data.shape[3:]:  # NIfTI keeps unit dims for (x, y, z, t, component)
+        data = np.squeeze(data, axis=3 + data.shape[3:].index(1))
+    if data.ndim not in (3, 4):
+        raise DataError(str(path), f"volume has shape {data.shape}; expected 3D (x, y, z) or 4D (x, y, z, t)")
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise DataError(
+                str(path),
+                f"{bad} of {data.size} voxels are NaN or inf",
+                "fix the file (e.g. replace them with the background value) or drop it with on_bad_file: skip",
+            )
+    spatial_unit = canonical.header.get_xyzt_units()[0]
+    scale = _UNIT_TO_MM.get(spatial_unit, 1.0)
+    zooms = tuple(float(z) * scale for z in canonical.header.get_zooms()[:3])
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(str(path), f"header voxel sizes {zooms} are not positive numbers", "fix the header pixdim")
+    return data, zooms, np.asarray(canonical.affine, dtype=np.float64)
+
+
+def ras_to_dhw(data: np.ndarray) -> np.ndarray:
+    """RAS ``data[x, y, z(, t)]`` → ``(D, H, W)`` (or ``(T, D, H, W)``): see the module docstring."""
+    flipped = data[::-1, ::-1]  # x: R→L, y: A→P
+    axes = (2, 1, 0) if data.ndim == 3 else (3, 2, 1, 0)
+    return np.ascontiguousarray(np.transpose(flipped, axes))
+
+
+def dhw_affine(ras_affine: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.ndarray:
+    """Affine from (d, h, w) indices to RAS mm, for arrays laid out by :func:`ras_to_dhw`."""
+    nx, ny, _ = shape_xyz
+    # (x, y, z) = (nx-1-w, ny-1-h, d)
+    index_map = np.array(
+        [[0, 0, -1, nx - 1], [0, -1, 0, ny - 1], [1, 0, 0, 0], [0, 0, 0, 1]],
+        dtype=np.float64,
+    )
+    return ras_affine @ index_map
+
+
+# ----------------------------------------------------------------------------------------- cases
+def _case_groups(config: NiftiSourceConfig, files: list[Path]) -> tuple[dict, dict]:
+    """Group image files into cases {(folder, case_id): {sequence: path}} and find masks {(folder, case_id): path}."""
+    mask_ending = _mask_ending(config)
+    cases: dict[tuple[Path, str], dict[str, Path]] = defaultdict(dict)
+    masks: dict[tuple[Path, str], Path] = {}
+    for path in files:
+        stem = nifti_stem(path)
+        if mask_ending and stem.endswith(mask_ending):
+            masks[(path.parent, stem[: -len(mask_ending)])] = path
+            continue
+        if config.sequences:
+            sequence = _sequence_of(stem, config.sequences)
+            if sequence is None:
+                continue  # not one of the listed sequences (e.g. a mask when no mask_suffix is set)
+            cases[(path.parent, stem[: -len(sequence)])][sequence] = path
+        else:
+            cases[(path.parent, stem)][""] = path
+    return dict(cases), masks
+
+
+def _patient_id(config: NiftiSourceConfig, folder: Path, case_id: str) -> str:
+    if config.patient_from == "file" or folder.resolve() == config.root.resolve():
+        return case_id
+    return folder.name
+
+
+def _read_labels(config: NiftiSourceConfig) -> tuple[dict[str, tuple[str, int]], list[str] | None]:
+    """{key: (line text label, csv line)} and the class list, from ``label_csv``."""
+    if config.label_csv is None:
+        return {}, config.classes
+    path = config.label_csv
+    if not path.is_file():
+        raise DataError(str(path), "label CSV not found", "check `label_csv` in the source config")
+    with open(path, newline="", encoding="utf-8-sig") as stream:
+        reader = csv_module.DictReader(stream)
+        header = list(reader.fieldnames or [])
+        missing = [c for c in (config.label_key, config.label_column) if c not in header]
+        if missing:
+            raise DataError(str(path), f"columns {missing} not found; the CSV has {header}", "fix label_key/label_column")
+        labels: dict[str, tuple[str, int]] = {}
+        for row in reader:
+            key = (row[config.label_key] or "").strip()
+            if key in labels:
+                raise DataError(
+                    str(path),
+                    f"line {reader.line_num}: case '{key}' repeats line {labels[key][1]}",
+                    "list each case once",
+                )
+            labels[key] = ((row[config.label_column] or "").strip(), reader.line_num)
+    classes = config.classes or derive_classes([value for value, _ in labels.values()])
+    return labels, classes
+
+
+def _load_case(config: NiftiSourceConfig, case_id: str, paths: dict[str, Path]) -> tuple[np.ndarray, tuple, np.ndarray, list[str], np.ndarray]:
+    """(array (D,H,W) / (C,D,H,W) / (T,D,H,W), spacing DHW, affine DHW→RAS, channel names, raw xyz shape)."""
+    order = config.sequences or [""]
+    missing = [s for s in order if s not in paths]
+    if missing:
+        some = next(iter(paths.values()))
+        raise DataError(
+            str(some.parent / case_id),
+            f"case is missing sequences {missing} (found {sorted(paths)})",
+            "add the files or drop the case with on_bad_file: skip",
+        )
+    arrays, first_spacing, first_affine, first_path = [], None, None, None
+    for sequence in order:
+        data, zooms, affine = load_canonical(paths[sequence])
+        if config.sequences and data.ndim == 4:
+            raise DataError(str(paths[sequence]), f"4D volume {data.shape} inside a multi-sequence case; expected 3D")
+        if first_path is None:
+            first_spacing, first_affine, first_path = zooms, affine, paths[sequence]
+        elif data.shape != arrays[0].shape or not np.allclose(affine, first_affine, atol=1e-3):
+            raise DataError(
+                str(paths[sequence]),
+                f"grid {data.shape} / affine differs from {first_path.name} {arrays[0].shape}",
+                "resample the sequences of a case onto one grid (co-register) before loading",
+            )
+        arrays.append(data)
+    assert first_spacing is not None and first_affine is not None
+    shape_xyz = tuple(int(s) for s in arrays[0].shape[:3])
+    affine = dhw_affine(first_affine, shape_xyz)  # type: ignore[arg-type]
+    spacing = (first_spacing[2], first_spacing[1], first_spacing[0])
+    if config.sequences:
+        stacked = np.stack([ras_to_dhw(a) for a in arrays])
+        return stacked, spacing, affine, list(order), np.asarray(shape_xyz)
+    return ras_to_dhw(arrays[0]), spacing, affine, [], np.asarray(shape_xyz)
+
+
+def _load_mask(path: Path, shape_dhw: tuple[int, ...]) -> np.ndarray:
+    data, _, _ = load_canonical(path)
+    if data.ndim != 3:
+        raise DataError(str(path), f"mask has shape {data.shape}; expected a 3D label volume")
+    mask = ras_to_dhw(data)
+    if mask.shape != tuple(shape_dhw):
+        raise DataError(str(path), f"mask grid {mask.shape} (D, H, W) differs from its image {tuple(shape_dhw)}")
+    if not np.all(mask == np.round(mask)):
+        raise DataError(str(path), "mask holds non-integer values", "save label masks with integer voxels")
+    return mask.astype(np.uint8 if mask.min() >= 0 and mask.max() < 256 else np.int32)
+
+
+def read_nifti_source(config: NiftiSourceConfig, log: BadFileLog) -> list[Record]:
+    """Read every case under ``root`` into ``Record``s (see the module docstring for layout and 4D rules)."""
+    files = _matching_files(config)
+    cases, masks = _case_groups(config, files)
+    if not cases:
+        raise DataError(
+            str(config.root),
+            f"no NIfTI images match pattern '{config.pattern}'" + (f" and sequences {config.sequences}" if config.sequences else ""),
+            "check `root`, `pattern` and `sequences`",
+        )
+    labels, classes = _read_labels(config)
+    records: list[Record] = []
+    for (folder, case_id), paths in sorted(cases.items()):
+        patient_id = _patient_id(config, folder, case_id)
+        first_path = paths.get((config.sequences or [""])[0]) or next(iter(paths.values()))
+        try:
+            pixels, spacing, affine, channel_names, _ = _load_case(config, case_id, paths)
+            mask = None
+            if config.mask_suffix is not None:
+                mask_path = masks.get((folder, case_id))
+                if mask_path is None:
+                    raise DataError(
+                        str(first_path),
+                        f"no mask '{case_id}{_mask_ending(config)}.nii[.gz]' beside the image",
+                        "add the mask, unset mask_suffix, or drop the case with on_bad_file: skip",
+                    )
+                mask = _load_mask(mask_path, pixels.shape[-3:])
+            label, class_name = None, ""
+            if config.label_csv is not None:
+                entry = labels.get(case_id) or labels.get(patient_id)
+                if entry is not None and entry[0] != "":
+                    class_name = entry[0]
+                    label = class_index(class_name, classes or [], f"{config.label_csv}: line {entry[1]}", config.label_column)
+        except DataError as error:
+            log.handle(error)
+            continue
+        extra: dict[str, Any] = {
+            "case_id": case_id,
+            "affine": affine.tolist(),
+            "files": [str(paths[s]) for s in (config.sequences or [""])],
+        }
+        if channel_names:
+            extra["channel_names"] = channel_names
+        if classes:
+            extra["class_names"] = tuple(classes)
+            extra["class_name"] = class_name
+        common = dict(
+            patient_id=patient_id,
+            study_id=case_id,
+            series_id=case_id,
+            modality=config.modality,
+            label=label,
+        )
+        is_4d_frames = not config.sequences and pixels.ndim == 4 and config.fourth_axis == "frames"
+        volumes = [(t, pixels[t]) for t in range(pixels.shape[0])] if is_4d_frames else [(None, pixels)]
+        for frame, volume in volumes:
+            base_extra = dict(extra)
+            if frame is not None:
+                base_extra["frame_index"] = frame
+            if config.layout == "volume":
+                volume_extra = dict(base_extra, layout="CDHW" if volume.ndim == 4 else "DHW")
+                if mask is not None:
+                    volume_extra["mask"] = mask
+                records.append(
+                    Record(pixels=volume, path=str(first_path), spacing=spacing, index=frame, extra=volume_extra, **common)
+                )
+                continue
+            depth = volume.shape[-3]
+            for d in range(depth):
+                slice_pixels = volume[..., d, :, :]
+                slice_extra = dict(base_extra, layout="CHW" if slice_pixels.ndim == 3 else "HW", slice_index=d, slice_thickness=spacing[0])
+                if mask is not None:
+                    slice_extra["mask"] = mask[d]
+                series = case_id if frame is None else f"{case_id}/frame{frame}"
+                records.append(
+                    Record(
+                        pixels=np.ascontiguousarray(slice_pixels),
+                        path=str(first_path),
+                        spacing=spacing[1:],
+                        index=d,
+                        extra=slice_extra,
+                        **dict(common, series_id=series),
+                    )
+                )
+    if not records:
+        raise DataError(str(config.root), "no NIfTI case could be read (all were skipped)", "see bad_files.json")
+    return records

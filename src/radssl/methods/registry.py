@@ -1,0 +1,37 @@
+"""Method registry: adding a method = one module + one line in ``METHODS``.
+
+Entries are import paths so that importing the registry stays cheap and a broken optional method cannot break
+the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from radssl.methods.base import MethodParams, SSLMethod
+from radssl.models.backbones import Backbone
+
+METHODS: dict[str, str] = {
+    "simclr": "radssl.methods.simclr:SimCLR",
+    "byol": "radssl.methods.byol:BYOL",
+}
+
+
+def method_class(name: str) -> type[SSLMethod]:
+    """The class registered under ``name``; a clear error listing the choices otherwise."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method '{name}'; choose one of {sorted(METHODS)}")
+    module_name, class_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def validate_params(name: str, params: dict) -> MethodParams:
+    """Validate a method's hyper-parameters (raises pydantic.ValidationError naming bad keys)."""
+    return method_class(name).Params(**params)
+
+
+def build_method(name: str, backbone: Backbone, params: dict | MethodParams) -> SSLMethod:
+    cls = method_class(name)
+    if not isinstance(params, MethodParams):
+        params = cls.Params(**params)
+    return cls(backbone, params)

@@ -1,0 +1,472 @@
+"""Statistics for label-efficiency studies: bootstrap CIs, paired AUC tests, seed summaries.
+
+Why this module exists: a study compares initialisations on the *same* test cases, so the honest
+uncertainty of a difference is a *paired* one (DeLong for AUC, a paired bootstrap otherwise), and the
+honest uncertainty of a single number is a bootstrap over test cases. Everything here is numpy/scipy;
+scikit-learn is only used as the reference AUC in tests.
+
+References
+----------
+- DeLong, DeLong & Clarke-Pearson (1988), "Comparing the areas under two or more correlated receiver
+  operating characteristic curves: a nonparametric approach", Biometrics 44:837-845.
+- Sun & Xu (2014), "Fast implementation of DeLong's algorithm for comparing the areas under correlated
+  receiver operating characteristic curves", IEEE Signal Processing Letters 21(11):1389-1393.
+- Efron & Tibshirani (1993), "An Introduction to the Bootstrap", ch. 13 (percentile intervals) and 16.
+- Hall & Wilson (1991), "Two guidelines for bootstrap hypothesis testing", Biometrics 47:757-762.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from radssl.errors import DataError
+
+__all__ = [
+    "DeLongResult",
+    "PairedResult",
+    "accuracy",
+    "binary_auc",
+    "bootstrap_ci",
+    "delong_covariance",
+    "delong_seed_averaged",
+    "delong_test",
+    "fraction_matching_baseline",
+    "macro_auc",
+    "mean_std_over_seeds",
+    "paired_bootstrap",
+]
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics (each carries a ``batched`` twin that scores many bootstrap resamples at once)
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_binary_labels(y_true: np.ndarray, source: str) -> np.ndarray:
+    """Validate binary labels and return them as a boolean array (True = positive class)."""
+    y = np.asarray(y_true)
+    if y.ndim != 1:
+        raise DataError(source, f"expected 1-D binary labels, got shape {y.shape}", "pass one label per case")
+    values = np.unique(y)
+    if not np.all(np.isin(values, [0, 1])):
+        raise DataError(
+            source,
+            f"binary labels must be 0/1 (or bool), got values {values[:10].tolist()}",
+            "map the positive class to 1 and the negative class to 0",
+        )
+    if values.size < 2:
+        present = "positive" if values.size and values[0] == 1 else "negative"
+        raise DataError(
+            source,
+            f"AUC is undefined: only the {present} class is present in y_true ({y.size} cases)",
+            "evaluate on a test set that contains both classes",
+        )
+    return y.astype(bool)
+
+
+def _batched_auc(positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUC of many resamples at once via midranks (Mann-Whitney U); rows without both classes -> NaN.
+
+    Own code rather than a loop over ``roc_auc_score`` because one ``rankdata(axis=1)`` over a
+    (n_boot, n) matrix is ~100x faster than 1000 sklearn calls.
+    """
+    ranks = stats.rankdata(scores, axis=-1)
+    n_pos = positive.sum(axis=-1).astype(np.float64)
+    n_neg = positive.shape[-1] - n_pos
+    rank_sum = np.where(positive, ranks, 0.0).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Area under the ROC curve for binary labels (ties count one half), with a clear error if a class is absent."""
+    positive = _as_binary_labels(y_true, "binary_auc y_true")
+    score = np.asarray(y_score, dtype=np.float64)
+    if score.shape != positive.shape:
+        raise DataError("binary_auc y_score", f"shape {score.shape} does not match y_true {positive.shape}",
+                        "pass one score per case (probability of the positive class)")
+    return float(_batched_auc(positive[None], score[None])[0])
+
+
+def _binary_auc_batched(y_true_b: np.ndarray, y_score_b: np.ndarray) -> np.ndarray:
+    return _batched_auc(np.asarray(y_true_b).astype(bool), np.asarray(y_score_b, dtype=np.float64))
+
+
+binary_auc.batched = _binary_auc_batched  # type: ignore[attr-defined]
+
+
+def _check_multiclass(y_true: np.ndarray, y_score: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Return (y_true, y_score, multilabel) after checking shapes; y_score must be (N, K)."""
+    y = np.asarray(y_true)
+    s = np.asarray(y_score, dtype=np.float64)
+    if s.ndim != 2:
+        raise DataError(source, f"expected scores of shape (N, K), got {s.shape}",
+                        "pass one column per class (softmax probabilities or logits)")
+    if y.shape[0] != s.shape[0]:
+        raise DataError(source, f"y_true has {y.shape[0]} cases but y_score has {s.shape[0]}",
+                        "pass the scores of the same test cases")
+    if y.ndim == 2:
+        if y.shape != s.shape:
+            raise DataError(source, f"multi-label y_true shape {y.shape} != y_score shape {s.shape}",
+                            "pass one 0/1 column per label")
+        return y, s, True
+    if y.ndim != 1:
+        raise DataError(source, f"y_true must be 1-D class ids or 2-D 0/1 labels, got shape {y.shape}")
+    if not np.all((y >= 0) & (y < s.shape[1]) & (y == np.round(y))):
+        raise DataError(source, f"class ids must be integers in [0, {s.shape[1]}), got {np.unique(y)[:10].tolist()}",
+                        "encode classes as 0..K-1 matching the score columns")
+    return y.astype(np.int64), s, False
+
+
+def macro_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Macro one-vs-rest AUC for multi-class (y_true: class ids) or multi-label (y_true: (N, K) 0/1).
+
+    Every class must be present (and, one-vs-rest, absent) in y_true: a class with no positives has no
+    AUC, and silently dropping it would make numbers from different test sets incomparable.
+    """
+    y, s, multilabel = _check_multiclass(y_true, y_score, "macro_auc")
+    positive = (y != 0) if multilabel else (y[:, None] == np.arange(s.shape[1])[None, :])
+    n_pos = positive.sum(axis=0)
+    bad = np.flatnonzero((n_pos == 0) | (n_pos == positive.shape[0]))
+    if bad.size:
+        what = "no positive" if n_pos[bad[0]] == 0 else "only positive"
+        raise DataError(
+            "macro_auc y_true",
+            f"class/label {bad.tolist()} has {what} cases, so its one-vs-rest AUC is undefined",
+            "evaluate on a test set where every class is present, or drop that class from the task",
+        )
+    return float(np.mean(_batched_auc(positive.T, s.T)))
+
+
+def _macro_auc_batched(y_true_b: np.ndarray, y_score_b: np.ndarray) -> np.ndarray:
+    y_true_b = np.asarray(y_true_b)
+    n_classes = y_score_b.shape[-1]
+    per_class = []
+    for k in range(n_classes):
+        positive = (y_true_b[..., k] != 0) if y_true_b.ndim == 3 else (y_true_b == k)
+        per_class.append(_batched_auc(positive, y_score_b[..., k]))
+    return np.mean(np.stack(per_class, axis=0), axis=0)
+
+
+macro_auc.batched = _macro_auc_batched  # type: ignore[attr-defined]
+
+
+def accuracy(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Accuracy from scores: argmax for (N, K) multi-class, 0.5 threshold for binary (N,) or multi-label (N, K).
+
+    Multi-label accuracy is the mean over all (case, label) decisions (Hamming accuracy).
+    """
+    s = np.asarray(y_score, dtype=np.float64)
+    y = np.asarray(y_true)
+    if s.ndim == 1:
+        if y.shape != s.shape:
+            raise DataError("accuracy", f"y_true shape {y.shape} != y_score shape {s.shape}")
+        return float(np.mean((s >= 0.5) == (y != 0)))
+    y, s, multilabel = _check_multiclass(y, s, "accuracy")
+    if multilabel:
+        return float(np.mean((s >= 0.5) == (y != 0)))
+    return float(np.mean(np.argmax(s, axis=1) == y))
+
+
+def _accuracy_batched(y_true_b: np.ndarray, y_score_b: np.ndarray) -> np.ndarray:
+    y_true_b = np.asarray(y_true_b)
+    if y_score_b.ndim == 2 or y_true_b.ndim == 3:  # binary (B, n) or multi-label (B, n, K)
+        correct = (y_score_b >= 0.5) == (y_true_b != 0)
+        return correct.reshape(correct.shape[0], -1).mean(axis=1)
+    return np.mean(np.argmax(y_score_b, axis=-1) == y_true_b, axis=1)
+
+
+accuracy.batched = _accuracy_batched  # type: ignore[attr-defined]
+
+
+def _batched_version(metric: Metric, y_true: np.ndarray, y_score: np.ndarray) -> Callable[..., np.ndarray] | None:
+    """A vectorised twin of ``metric`` if one is known (own metrics, or sklearn's binary roc_auc_score)."""
+    batched = getattr(metric, "batched", None)
+    if callable(batched):
+        return batched
+    try:
+        from sklearn.metrics import roc_auc_score
+    except ImportError:  # pragma: no cover - sklearn is a dependency
+        return None
+    if metric is roc_auc_score and np.ndim(y_true) == 1 and np.ndim(y_score) == 1:
+        return _binary_auc_batched
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------------
+
+
+def _resample_indices(y_true: np.ndarray, n_boot: int, rng: np.random.Generator, stratified: bool) -> np.ndarray:
+    """(n_boot, n) case indices; stratified resampling keeps every class's count fixed.
+
+    Stratification applies to 1-D labels (binary or multi-class) — every resample then contains every
+    class, so AUC is always defined. Multi-label (2-D) targets are resampled plainly.
+    """
+    y = np.asarray(y_true)
+    n = y.shape[0]
+    if not stratified or y.ndim != 1:
+        return rng.integers(0, n, size=(n_boot, n))
+    blocks = []
+    for value in np.unique(y):
+        members = np.flatnonzero(y == value)
+        blocks.append(members[rng.integers(0, members.size, size=(n_boot, members.size))])
+    return np.concatenate(blocks, axis=1)
+
+
+def _metric_on_resamples(metric: Metric, y_true: np.ndarray, y_score: np.ndarray, idx: np.ndarray,
+                         chunk: int = 250) -> np.ndarray:
+    """Metric value per resample row (NaN where the metric is undefined for that resample)."""
+    batched = _batched_version(metric, y_true, y_score)
+    if batched is not None:
+        # Chunked so a 10k-case test set does not build a 10k x 1000 x K float array at once.
+        return np.concatenate([batched(y_true[idx[i:i + chunk]], y_score[idx[i:i + chunk]])
+                               for i in range(0, idx.shape[0], chunk)])
+    values = np.empty(idx.shape[0])
+    for b, rows in enumerate(idx):
+        try:
+            values[b] = metric(y_true[rows], y_score[rows])
+        except (ValueError, DataError):
+            values[b] = np.nan
+    return values
+
+
+def _check_pair(y_true: Any, *scores: Any) -> tuple[np.ndarray, ...]:
+    y = np.asarray(y_true)
+    out = [y]
+    for s in scores:
+        s = np.asarray(s, dtype=np.float64)
+        if s.shape[0] != y.shape[0]:
+            raise DataError("scores", f"{s.shape[0]} scores for {y.shape[0]} labels",
+                            "pass one score (row) per test case, in the same order as y_true")
+        out.append(s)
+    if y.shape[0] < 2:
+        raise DataError("y_true", f"need at least 2 test cases to bootstrap, got {y.shape[0]}")
+    return tuple(out)
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    dropped = values.size - finite.size
+    if finite.size == 0:
+        raise DataError(what, "the metric was undefined on every bootstrap resample",
+                        "check that the test set contains every class (use stratified=True)")
+    if dropped:
+        warnings.warn(f"{what}: metric undefined on {dropped}/{values.size} resamples; they were dropped",
+                      RuntimeWarning, stacklevel=3)
+    return finite
+
+
+def bootstrap_ci(y_true: Any, y_score: Any, metric: Metric, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0, stratified: bool = True) -> tuple[float, float, float]:
+    """Point estimate and percentile-bootstrap ``(1 - alpha)`` CI of ``metric`` over test cases.
+
+    The estimate is the metric on the full test set; the interval is the (alpha/2, 1-alpha/2) quantile
+    pair of the metric over ``n_boot`` case resamples (Efron & Tibshirani 1993, ch. 13). Resampling is
+    stratified by class for 1-D labels, so every resample has every class. Known metrics (``binary_auc``,
+    ``macro_auc``, ``accuracy``, sklearn's binary ``roc_auc_score``) are evaluated on all resamples at once.
+    """
+    y, s = _check_pair(y_true, y_score)
+    estimate = float(metric(y, s))
+    rng = np.random.default_rng(seed)
+    idx = _resample_indices(y, n_boot, rng, stratified)
+    boots = _finite(_metric_on_resamples(metric, y, s, idx), "bootstrap_ci")
+    low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return estimate, float(low), float(high)
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """Paired-bootstrap comparison of one metric between two score sets on the same cases (a minus b)."""
+
+    difference: float
+    low: float
+    high: float
+    p_value: float
+
+
+def paired_bootstrap(y_true: Any, scores_a: Any, scores_b: Any, metric: Metric, n_boot: int = 1000,
+                     seed: int = 0, alpha: float = 0.05, stratified: bool = True) -> PairedResult:
+    """Paired bootstrap of ``metric(a) - metric(b)``: the same resampled cases score both models.
+
+    CI: percentile interval of the resampled differences. Two-sided p: the bootstrap distribution of
+    the difference is shifted to the null (centred on zero) and p = (1 + #{|d* - d| >= |d|}) / (B + 1)
+    (Hall & Wilson 1991, guideline 1; the +1 keeps p > 0 for a finite number of resamples).
+    """
+    y, a, b = _check_pair(y_true, scores_a, scores_b)
+    difference = float(metric(y, a) - metric(y, b))
+    idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified)
+    deltas = _metric_on_resamples(metric, y, a, idx) - _metric_on_resamples(metric, y, b, idx)
+    deltas = _finite(deltas, "paired_bootstrap")
+    low, high = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
+    extreme = np.count_nonzero(np.abs(deltas - difference) >= abs(difference) - 1e-12)
+    p_value = min(1.0, (1 + extreme) / (deltas.size + 1))
+    return PairedResult(difference, float(low), float(high), float(p_value))
+
+
+# --------------------------------------------------------------------------------------------------
+# DeLong
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeLongResult:
+    """DeLong paired comparison of two AUCs on the same cases (difference = auc_a - auc_b).
+
+    ``var_a``, ``var_b`` and ``cov_ab`` are DeLong's (co)variance estimates of the two AUCs.
+    """
+
+    auc_a: float
+    auc_b: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    z: float
+    p_value: float
+    var_a: float = math.nan
+    var_b: float = math.nan
+    cov_ab: float = math.nan
+
+
+def delong_covariance(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of k score vectors on the same cases and their DeLong covariance matrix (k, k).
+
+    Fast midrank algorithm of Sun & Xu (2014): with m positives X and n negatives Y, and midranks
+    T_Z (within all cases), T_X (within positives), T_Y (within negatives),
+    AUC = (sum T_Z[X] - m(m+1)/2) / (mn), V10 = (T_Z[X] - T_X)/n, V01 = 1 - (T_Z[Y] - T_Y)/m, and
+    S = cov(V10)/m + cov(V01)/n (DeLong 1988, eq. 5). O(k N log N) instead of O(k m n).
+    """
+    positive = _as_binary_labels(y_true, "delong y_true")
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    if s.shape[1] != positive.size:
+        raise DataError("delong scores", f"{s.shape[1]} scores for {positive.size} labels",
+                        "pass one score per test case, in the same order as y_true")
+    x, y = s[:, positive], s[:, ~positive]
+    m, n = x.shape[1], y.shape[1]
+    tx = stats.rankdata(x, axis=1)
+    ty = stats.rankdata(y, axis=1)
+    tz = stats.rankdata(np.concatenate([x, y], axis=1), axis=1)
+    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    v10 = (tz[:, :m] - tx) / n
+    v01 = 1.0 - (tz[:, m:] - ty) / m
+    # ddof=1 as in DeLong's S10/S01; a single positive or negative leaves that term undefined -> 0.
+    s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((s.shape[0], s.shape[0]))
+    s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((s.shape[0], s.shape[0]))
+    return aucs, s10 / m + s01 / n
+
+
+def _contrast_test(aucs: np.ndarray, cov: np.ndarray, contrast: np.ndarray, alpha: float) -> tuple[float, ...]:
+    difference = float(contrast @ aucs)
+    variance = float(contrast @ cov @ contrast)
+    sd = math.sqrt(max(variance, 0.0))
+    if sd <= 1e-15:  # identical scores (or both perfect): no evidence of a difference unless one exists
+        z = 0.0 if abs(difference) <= 1e-15 else math.copysign(math.inf, difference)
+        p = 1.0 if z == 0.0 else 0.0
+    else:
+        z = difference / sd
+        p = float(2 * stats.norm.sf(abs(z)))
+    half = float(stats.norm.ppf(1 - alpha / 2)) * sd
+    return difference, difference - half, difference + half, z, p
+
+
+def delong_test(y_true: Any, scores_a: Any, scores_b: Any, alpha: float = 0.05) -> DeLongResult:
+    """DeLong (1988) two-sided test of AUC(a) = AUC(b) for two models scored on the same cases.
+
+    z = (AUC_a - AUC_b) / sqrt(var_a + var_b - 2 cov_ab); Wald CI of the difference.
+    """
+    y, a, b = _check_pair(y_true, scores_a, scores_b)
+    aucs, cov = delong_covariance(y, np.stack([a, b]))
+    difference, low, high, z, p = _contrast_test(aucs, cov, np.array([1.0, -1.0]), alpha)
+    return DeLongResult(float(aucs[0]), float(aucs[1]), difference, low, high, z, p,
+                        float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1]))
+
+
+def delong_seed_averaged(y_true: Any, scores_a: Sequence[Any], scores_b: Sequence[Any],
+                         alpha: float = 0.05) -> DeLongResult:
+    """DeLong test of the *seed-averaged* AUC of model a vs model b on one shared test set.
+
+    Why not pool the seeds' predictions into one long vector: the same test case would then appear
+    once per seed and DeLong would treat those copies as independent cases, shrinking the variance.
+    Instead all 2S AUCs are estimated with their joint DeLong covariance and the contrast
+    mean_s AUC_a,s - mean_s AUC_b,s is tested (DeLong 1988 allow any contrast L·theta). This treats the
+    trained models as fixed and the test cases as the random sample; seed-to-seed spread is reported
+    separately. With one seed per side it equals :func:`delong_test`.
+    """
+    if not scores_a or not scores_b:
+        raise DataError("delong_seed_averaged", "need at least one score vector per model")
+    y = np.asarray(y_true)
+    stacked = np.stack([np.asarray(s, dtype=np.float64) for s in (*scores_a, *scores_b)])
+    aucs, cov = delong_covariance(y, stacked)
+    ka, kb = len(scores_a), len(scores_b)
+    contrast = np.concatenate([np.full(ka, 1.0 / ka), np.full(kb, -1.0 / kb)])
+    difference, low, high, z, p = _contrast_test(aucs, cov, contrast, alpha)
+    wa = np.concatenate([np.full(ka, 1.0 / ka), np.zeros(kb)])
+    wb = np.concatenate([np.zeros(ka), np.full(kb, 1.0 / kb)])
+    return DeLongResult(float(wa @ aucs), float(wb @ aucs), difference, low, high, z, p,
+                        float(wa @ cov @ wa), float(wb @ cov @ wb), float(wa @ cov @ wb))
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and label-efficiency curves
+# --------------------------------------------------------------------------------------------------
+
+
+def mean_std_over_seeds(values: Any) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1) and count of a metric over seeds.
+
+    Non-finite values (a failed cell) are ignored and not counted. With one seed the std is NaN, not 0:
+    a single run says nothing about seed-to-seed spread.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    std = float(np.std(v, ddof=1)) if v.size > 1 else math.nan
+    return float(np.mean(v)), std, int(v.size)
+
+
+def fraction_matching_baseline(curve: dict[float, float], baseline: float, tolerance: float = 0.0,
+                               higher_is_better: bool = True) -> float | None:
+    """Smallest label fraction at which a label-efficiency curve reaches ``baseline - tolerance``.
+
+    ``curve`` maps label fraction (0, 1] -> mean metric over seeds (e.g. SSL init at 1%, 5%, ... labels);
+    ``baseline`` is typically the fully supervised model trained on 100% of the labels.
+
+    - Fractions are sorted; the first measured fraction whose value reaches the target is found.
+    - If it is the smallest measured fraction, that fraction is returned (no extrapolation below data).
+    - Otherwise the crossing is linearly interpolated between it and the previous fraction on a
+      log10(fraction) axis, because label fractions are sampled roughly geometrically (1%, 5%, 10%, ...)
+      and learning curves are close to linear in log-data.
+    - Returns None if the curve never reaches the target (non-monotone curves: the *first* crossing wins).
+    With ``higher_is_better=False`` (losses, errors) "reaches" means ``value <= baseline + tolerance``.
+    """
+    points = sorted((float(f), float(v)) for f, v in curve.items() if v is not None and math.isfinite(v))
+    if not points:
+        return None
+    if any(f <= 0 for f, _ in points):
+        raise DataError("fraction_matching_baseline", "label fractions must be > 0 for a log axis",
+                        "pass fractions in (0, 1]")
+    sign = 1.0 if higher_is_better else -1.0
+    target = sign * baseline - tolerance
+    previous: tuple[float, float] | None = None
+    for fraction, value in points:
+        value = sign * value
+        if value >= target:
+            if previous is None:
+                return fraction
+            f0, v0 = previous
+            t = (target - v0) / (value - v0)
+            return float(10 ** (math.log10(f0) + t * (math.log10(fraction) - math.log10(f0))))
+        previous = (fraction, value)
+    return None

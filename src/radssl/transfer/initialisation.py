@@ -1,0 +1,268 @@
+"""Backbone initialisations compared in a study: ``random``, ``imagenet:<file.pth>`` and ``ssl:<checkpoint.pt>``.
+
+ImageNet weights on 1-channel radiographs: conv1's RGB kernels are **summed** into one grey kernel. For a
+grey image x the RGB network sees (x, x, x), and Σ_c W_c * x = (Σ_c W_c) * x, so the adapted network gives
+exactly the ImageNet network's response to the grey image replicated to RGB (same normalisation,
+:func:`radssl.transfer.features.normalise_for_backbone`). Averaging instead would scale conv1 by 1/3 and put
+bn1's running statistics off by that factor, which matters for frozen-feature evaluation (eval-mode BN).
+
+Small-input stem and ImageNet weights: the 3×3 stride-1 stem of ``small_input`` backbones cannot hold the
+7×7 stride-2 ImageNet conv1. We keep the **ImageNet 7×7 stem (and its max-pool)** for ``imagenet:``
+initialisation instead of cropping or resizing the kernel: every later ImageNet layer (and every BatchNorm
+running statistic) was learned on the stride-4 output of that stem, so a re-shaped kernel changes the input
+statistics of all frozen layers and degrades exactly the frozen-feature protocols (probe, kNN) that
+compare initialisations. ``small_input=None`` therefore resolves to ``False`` for ``imagenet:``, and an
+explicit ``small_input=True`` is an error. Note for studies: at 28 px this stem leaves a 1×1 map in layer4;
+compare ImageNet against random/SSL at the same stem (or use 64–224 px MedMNIST images) to separate the
+effect of the stem from the effect of the initialisation.
+
+No network access at run time: a missing file raises :class:`~radssl.errors.CheckpointError` that says
+where to download it; :func:`try_download_imagenet_weights` is the explicit, opt-in download.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from radssl.errors import CheckpointError, ConfigError
+from radssl.models.backbones import BACKBONES, Backbone, build_backbone
+
+INIT_KINDS = ("random", "imagenet", "ssl")
+IMAGENET_BACKBONES = ("resnet18", "resnet50")
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``'random'`` → ('random', None); ``'imagenet:/x.pth'`` → ('imagenet', '/x.pth'); same for ``ssl:``."""
+    kind, _, path = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind not in INIT_KINDS:
+        raise ConfigError(
+            f"initialisation '{spec}': unknown kind '{kind}' — use 'random', 'imagenet:<weights.pth>' or "
+            f"'ssl:<checkpoint.pt>'"
+        )
+    if kind == "random":
+        if path:
+            raise ConfigError(f"initialisation '{spec}': 'random' takes no path")
+        return kind, None
+    if not path:
+        raise ConfigError(f"initialisation '{spec}': '{kind}:' needs a file path, e.g. '{kind}:/path/to/file'")
+    return kind, path
+
+
+def imagenet_weights_source(name: str) -> tuple[str, str]:
+    """(file name, URL) of torchvision's default ImageNet weights for a ResNet (static data, no network)."""
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    return weights.url.rsplit("/", 1)[-1], weights.url
+
+
+def _missing_file_error(kind: str, path: Path, name: str) -> CheckpointError:
+    if kind == "imagenet":
+        file_name, url = imagenet_weights_source(name)
+        fix = (
+            f"this machine cannot download weights at run time: on a networked machine download {url} "
+            f"(e.g. radssl.transfer.initialisation.try_download_imagenet_weights('{name}', folder)), copy "
+            f"{file_name} here and pass 'imagenet:/path/to/{file_name}'"
+        )
+    else:
+        fix = "pretrain first (radssl pretrain) and pass 'ssl:/path/to/checkpoint.pt' of that run"
+    return CheckpointError(f"{path}: {kind} weights file not found — {fix}")
+
+
+def _load(path: Path, kind: str, name: str) -> object:
+    if not path.is_file():
+        raise _missing_file_error(kind, path, name)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: cannot read as a weights-only torch file ({type(error).__name__}: {error}) — the file is "
+            f"truncated, not a PyTorch file, or pickles arbitrary objects; re-save it as a plain state dict"
+        ) from error
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Drop a prefix every key carries (``module.`` from DataParallel/DDP checkpoints)."""
+    if state and all(key.startswith(prefix) for key in state):
+        return {key[len(prefix) :]: value for key, value in state.items()}
+    return dict(state)
+
+
+def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with missing, unexpected and mis-shaped keys spelled out."""
+    expected = module.state_dict()
+    # Old torchvision files predate BatchNorm's num_batches_tracked buffer; load_state_dict fills it in.
+    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", … ({len(keys)} in all)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(
+            f"{source}: weights do not fit {type(module).__name__} — " + "; ".join(parts)
+            + " — check that the file matches the backbone name (resnet18 vs resnet50) and stem"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """RGB conv kernel (O, 3, k, k) → ``in_channels`` input channels with identical response to grey input.
+
+    1 channel: the sum over RGB. C ≠ 3 channels: the sum spread evenly over C, so C identical channels again
+    reproduce the RGB response to (x, x, x). 3 channels: unchanged.
+    """
+    if weight.ndim != 4:
+        raise ValueError(f"expected a 4-d conv weight, got shape {tuple(weight.shape)}")
+    if in_channels == weight.shape[1]:
+        return weight.clone()
+    grey = weight.sum(dim=1, keepdim=True)
+    return grey.repeat(1, in_channels, 1, 1) / in_channels
+
+
+def _imagenet_backbone(path: Path, name: str, in_channels: int, small_input: bool | None) -> Backbone:
+    if name not in IMAGENET_BACKBONES:
+        raise ConfigError(f"initialisation 'imagenet:{path}': backbone '{name}' has no ImageNet weights; use one of {list(IMAGENET_BACKBONES)}")
+    if small_input:
+        raise ConfigError(
+            f"initialisation 'imagenet:{path}': small_input=True cannot hold the 7×7 ImageNet conv1 — leave "
+            f"small_input unset (ImageNet init keeps the ImageNet stem; see radssl.transfer.initialisation)"
+        )
+    raw = _load(path, "imagenet", name)
+    if isinstance(raw, Mapping):
+        for wrapper in ("state_dict", "model", "model_state_dict"):  # timm / training-script wrappers
+            if wrapper in raw and isinstance(raw[wrapper], Mapping):
+                raw = raw[wrapper]
+                break
+    if not isinstance(raw, Mapping) or "conv1.weight" not in _strip_prefix(raw, "module."):
+        raise CheckpointError(
+            f"{path}: not a torchvision/timm ResNet state dict (no 'conv1.weight') — pass the .pth file of "
+            f"torchvision's {name} ImageNet weights ({imagenet_weights_source(name)[0]})"
+        )
+    state = _strip_prefix(raw, "module.")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state["conv1.weight"] = adapt_first_conv(state["conv1.weight"], in_channels)
+    backbone = build_backbone(name, in_channels=in_channels, small_input=False)
+    _load_strict(backbone.net, state, str(path))
+    return backbone
+
+
+def _infer_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """Backbone name, input channels and stem read off a Backbone state dict (where recognisable)."""
+    if "net.conv1.weight" in state:
+        conv1 = state["net.conv1.weight"]
+        return {
+            "name": "resnet50" if "net.layer1.0.conv3.weight" in state else "resnet18",
+            "in_channels": int(conv1.shape[1]),
+            "small_input": int(conv1.shape[-1]) == 3,
+        }
+    if "features.0.weight" in state:
+        return {"name": "small_cnn", "in_channels": int(state["features.0.weight"].shape[1])}
+    return {}
+
+
+def _ssl_backbone(
+    path: Path, name: str | None, in_channels: int, small_input: bool | None, image_size: int | None
+) -> Backbone:
+    checkpoint = _load(path, "ssl", name or "resnet18")
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("backbone"), Mapping):
+        raise CheckpointError(
+            f"{path}: no 'backbone' state dict in this checkpoint — pass a checkpoint written by radssl "
+            f"pretraining (keys 'backbone' and 'config'), not a method or optimiser state"
+        )
+    state = _strip_prefix(checkpoint["backbone"], "module.")
+    config = checkpoint.get("config")
+    model_config = config.get("model") if isinstance(config, Mapping) else None
+    model_config = model_config if isinstance(model_config, Mapping) else {}
+    inferred = _infer_architecture(state)
+    resolved_name = model_config.get("name") or model_config.get("backbone") or inferred.get("name") or name
+    if resolved_name is None:
+        raise CheckpointError(f"{path}: cannot tell the backbone architecture — pass backbone_name")
+    if name is not None and name != resolved_name:
+        raise CheckpointError(
+            f"{path}: checkpoint holds a '{resolved_name}' backbone but '{name}' was requested — use "
+            f"backbone '{resolved_name}' for this checkpoint"
+        )
+    if resolved_name not in BACKBONES:
+        raise CheckpointError(f"{path}: backbone '{resolved_name}' is unknown; known: {list(BACKBONES)}")
+    stored_channels = inferred.get("in_channels", model_config.get("in_channels", in_channels))
+    if stored_channels != in_channels:
+        raise CheckpointError(
+            f"{path}: backbone was pretrained on {stored_channels}-channel images but in_channels={in_channels} "
+            f"was requested — use in_channels={stored_channels}"
+        )
+    stored_small = inferred.get("small_input", model_config.get("small_input"))
+    if stored_small is not None and small_input is not None and bool(stored_small) != bool(small_input):
+        raise CheckpointError(
+            f"{path}: checkpoint stem small_input={stored_small} but small_input={small_input} was requested — "
+            f"leave small_input unset to use the checkpoint's stem"
+        )
+    chosen_small = stored_small if stored_small is not None else small_input
+    backbone = build_backbone(resolved_name, in_channels=in_channels, small_input=chosen_small, image_size=image_size)
+    _load_strict(backbone, state, str(path))
+    return backbone
+
+
+def initialise_backbone(
+    spec: str,
+    backbone_name: str | None = None,
+    in_channels: int = 1,
+    small_input: bool | None = None,
+    image_size: int | None = None,
+    seed: int | None = None,
+) -> Backbone:
+    """Build a backbone and initialise it from ``spec`` (``random``, ``imagenet:<pth>``, ``ssl:<pt>``).
+
+    ``backbone_name`` defaults to resnet18 (random/imagenet) or the checkpoint's own (ssl).
+    ``small_input=None`` picks the stem automatically: by ``image_size`` (≤ 64 px → small) for random, the
+    ImageNet stem for imagenet, the checkpoint's stem for ssl. ``seed`` makes a random initialisation
+    reproducible without touching the global RNG.
+    """
+    kind, path = parse_spec(spec)
+    if kind == "ssl":
+        return _ssl_backbone(Path(path), backbone_name, in_channels, small_input, image_size)  # type: ignore[arg-type]
+    name = backbone_name or "resnet18"
+    if kind == "imagenet":
+        return _imagenet_backbone(Path(path), name, in_channels, small_input)  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return build_backbone(name, in_channels=in_channels, small_input=small_input, image_size=image_size)
+
+
+def try_download_imagenet_weights(name: str, dest: str | Path) -> Path:
+    """Download torchvision's default ImageNet weights for ``name`` into folder ``dest`` (hash-checked).
+
+    Opt-in only (never called by radssl itself or its tests). Returns the file path to pass as
+    ``imagenet:<path>``. Offline, raises :class:`CheckpointError` with the URL to fetch elsewhere.
+    """
+    if name not in IMAGENET_BACKBONES:
+        raise ConfigError(f"no ImageNet weights known for backbone '{name}'; use one of {list(IMAGENET_BACKBONES)}")
+    file_name, url = imagenet_weights_source(name)
+    dest = Path(dest)
+    target = dest if dest.suffix in (".pth", ".pt") else dest / file_name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    match = re.search(r"-([a-f0-9]+)\.", file_name)
+    try:
+        # download_url_to_file writes to a temporary file and renames it, and checks the hash prefix.
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=match.group(1) if match else None)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a hash mismatch is a RuntimeError
+        raise CheckpointError(
+            f"{url}: download failed ({type(error).__name__}: {error}) — this machine may be offline: download "
+            f"the file on a networked machine, copy it to {target} and pass 'imagenet:{target}'"
+        ) from error
+    return target

@@ -156,13 +156,12 @@ def _preprocess_all(
 
 def _clean_stale_temps(cache_dir: Path, prefix: str) -> None:
     """Remove half-built ``.tmp-`` folders of this key left by dead processes on this host."""
-    host = socket.gethostname()
+    head = f".tmp-{prefix}-{socket.gethostname()}-"
     for temp in cache_dir.glob(f".tmp-{prefix}-*"):
-        parts = temp.name.rsplit("-", 2)
-        if len(parts) != 3 or parts[1] != host:
-            continue
+        if not temp.name.startswith(head):
+            continue  # another host's build (shared file system): not ours to judge
         try:
-            os.kill(int(parts[2]), 0)
+            os.kill(int(temp.name[len(head) :]), 0)
             alive = True
         except (ValueError, ProcessLookupError):
             alive = False

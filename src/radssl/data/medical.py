@@ -129,14 +129,16 @@ def resolve_task(inferred: TaskInfo, wanted: TaskConfig, where: str) -> TaskInfo
     return TaskInfo(kind, len(names), tuple(names))  # type: ignore[arg-type]
 
 
-def _stratification_labels(store: ImageStore) -> np.ndarray:
-    if store.task.kind == "multilabel":
-        first = store.labels[:, 0].numpy()
+def _stratification_labels(labels: torch.Tensor, task: TaskInfo) -> np.ndarray:
+    if task.kind == "multilabel":
+        first = labels[:, 0].numpy()
         return np.where(np.isnan(first), -1, first).astype(np.int64)
-    return store.labels.numpy().astype(np.int64)
+    return labels.numpy().astype(np.int64)
 
 
-def _splits(store: ImageStore, config: MedicalDataConfig, where: str) -> np.ndarray:
+def _splits(
+    store: ImageStore, labels: torch.Tensor, task: TaskInfo, config: MedicalDataConfig, where: str
+) -> np.ndarray:
     n = len(store)
     if config.external:
         return np.full(n, "test", dtype="<U10")
@@ -150,12 +152,12 @@ def _splits(store: ImageStore, config: MedicalDataConfig, where: str) -> np.ndar
             f"the source gives splits for only {int(has.sum())} of {n} images",
             "fill the split column for every row, or remove it to get patient-level splits",
         )
-    labels = _stratification_labels(store)
-    split = assign_patient_splits(store.patient_id, labels, config.split_fractions, config.split_seed, where)
-    if store.task.kind != "none":
+    strata = _stratification_labels(labels, task)
+    split = assign_patient_splits(store.patient_id, strata, config.split_fractions, config.split_seed, where)
+    if task.kind != "none":
         # Unlabelled images of training patients are pretraining-only; those of val/test patients stay there
         # (label -1, ignored by evaluation), so pretraining never sees a test patient.
-        unlabelled = labels < 0 if store.task.kind != "multilabel" else np.isnan(store.labels.numpy()).all(1)
+        unlabelled = strata < 0 if task.kind != "multilabel" else np.isnan(labels.numpy()).all(1)
         split = np.where(unlabelled & (split == "train"), "unlabelled", split)
     return split.astype("<U10")
 
@@ -180,8 +182,8 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     labels = store.labels
     if task.kind == "none":
         labels = torch.full((len(store),), -1, dtype=torch.int64)
-    store = replace(store, task=task, labels=labels, _fingerprint=None)
-    store = replace(store, split=_splits(store, config, where), _fingerprint=None)
+    split = _splits(store, labels, task, config, where)
+    store = replace(store, task=task, labels=labels, split=split, _fingerprint=None)
     report = Path(store.origin) / BAD_FILES_REPORT
     skipped = _skipped_count(report)
     if skipped:

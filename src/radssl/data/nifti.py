@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv as csv_module
 import math
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,8 +221,8 @@ def _read_labels(config: NiftiSourceConfig) -> tuple[dict[str, tuple[str, int]],
     return labels, classes
 
 
-def _load_case(config: NiftiSourceConfig, case_id: str, paths: dict[str, Path]) -> tuple[np.ndarray, tuple, np.ndarray, list[str], np.ndarray]:
-    """(array (D,H,W) / (C,D,H,W) / (T,D,H,W), spacing DHW, affine DHW→RAS, channel names, raw xyz shape)."""
+def _load_case(config: NiftiSourceConfig, case_id: str, paths: dict[str, Path]) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """(pixels (D,H,W) / (C,D,H,W) / (T,D,H,W), spacing in D,H,W order, affine (d,h,w) → RAS mm)."""
     order = config.sequences or [""]
     missing = [s for s in order if s not in paths]
     if missing:
@@ -231,28 +232,25 @@ def _load_case(config: NiftiSourceConfig, case_id: str, paths: dict[str, Path]) 
             f"case is missing sequences {missing} (found {sorted(paths)})",
             "add the files or drop the case with on_bad_file: skip",
         )
-    arrays, first_spacing, first_affine, first_path = [], None, None, None
-    for sequence in order:
-        data, zooms, affine = load_canonical(paths[sequence])
+    arrays: list[np.ndarray] = []
+    zooms, affine = (), np.eye(4)
+    for position, sequence in enumerate(order):
+        data, seq_zooms, seq_affine = load_canonical(paths[sequence])
         if config.sequences and data.ndim == 4:
             raise DataError(str(paths[sequence]), f"4D volume {data.shape} inside a multi-sequence case; expected 3D")
-        if first_path is None:
-            first_spacing, first_affine, first_path = zooms, affine, paths[sequence]
-        elif data.shape != arrays[0].shape or not np.allclose(affine, first_affine, atol=1e-3):
+        if position == 0:
+            zooms, affine = seq_zooms, seq_affine
+        elif data.shape != arrays[0].shape or not np.allclose(seq_affine, affine, atol=1e-3):
             raise DataError(
                 str(paths[sequence]),
-                f"grid {data.shape} / affine differs from {first_path.name} {arrays[0].shape}",
+                f"grid {data.shape} / affine differs from {paths[order[0]].name} {arrays[0].shape}",
                 "resample the sequences of a case onto one grid (co-register) before loading",
             )
         arrays.append(data)
-    assert first_spacing is not None and first_affine is not None
-    shape_xyz = tuple(int(s) for s in arrays[0].shape[:3])
-    affine = dhw_affine(first_affine, shape_xyz)  # type: ignore[arg-type]
-    spacing = (first_spacing[2], first_spacing[1], first_spacing[0])
-    if config.sequences:
-        stacked = np.stack([ras_to_dhw(a) for a in arrays])
-        return stacked, spacing, affine, list(order), np.asarray(shape_xyz)
-    return ras_to_dhw(arrays[0]), spacing, affine, [], np.asarray(shape_xyz)
+    shape_xyz = (int(arrays[0].shape[0]), int(arrays[0].shape[1]), int(arrays[0].shape[2]))
+    spacing = (zooms[2], zooms[1], zooms[0])
+    pixels = np.stack([ras_to_dhw(a) for a in arrays]) if config.sequences else ras_to_dhw(arrays[0])
+    return pixels, spacing, dhw_affine(affine, shape_xyz)
 
 
 def _load_mask(path: Path, shape_dhw: tuple[int, ...]) -> np.ndarray:
@@ -267,23 +265,48 @@ def _load_mask(path: Path, shape_dhw: tuple[int, ...]) -> np.ndarray:
     return mask.astype(np.uint8 if mask.min() >= 0 and mask.max() < 256 else np.int32)
 
 
+def _case_records(
+    config: NiftiSourceConfig, pixels: np.ndarray, mask: np.ndarray | None, spacing: tuple, base: Record
+) -> list[Record]:
+    """Split one loaded case into records: per 4D frame (``fourth_axis: frames``) and per axial slice."""
+    frames = not config.sequences and pixels.ndim == 4 and config.fourth_axis == "frames"
+    volumes = [(t, pixels[t]) for t in range(pixels.shape[0])] if frames else [(None, pixels)]
+    records = []
+    for frame, volume in volumes:
+        extra = dict(base.extra) if frame is None else dict(base.extra, frame_index=frame)
+        if config.layout == "volume":
+            extra["layout"] = "CDHW" if volume.ndim == 4 else "DHW"
+            if mask is not None:
+                extra["mask"] = mask
+            records.append(replace(base, pixels=volume, spacing=spacing, index=frame, extra=extra))
+            continue
+        series = base.series_id if frame is None else f"{base.series_id}/frame{frame}"
+        for d in range(volume.shape[-3]):
+            pixels_2d = np.ascontiguousarray(volume[..., d, :, :])
+            slice_extra = dict(extra, layout="CHW" if pixels_2d.ndim == 3 else "HW", slice_index=d)
+            slice_extra["slice_thickness"] = spacing[0]
+            if mask is not None:
+                slice_extra["mask"] = mask[d]
+            records.append(
+                replace(base, pixels=pixels_2d, spacing=spacing[1:], index=d, series_id=series, extra=slice_extra)
+            )
+    return records
+
+
 def read_nifti_source(config: NiftiSourceConfig, log: BadFileLog) -> list[Record]:
     """Read every case under ``root`` into ``Record``s (see the module docstring for layout and 4D rules)."""
-    files = _matching_files(config)
-    cases, masks = _case_groups(config, files)
+    cases, masks = _case_groups(config, _matching_files(config))
     if not cases:
-        raise DataError(
-            str(config.root),
-            f"no NIfTI images match pattern '{config.pattern}'" + (f" and sequences {config.sequences}" if config.sequences else ""),
-            "check `root`, `pattern` and `sequences`",
-        )
+        wanted = f"pattern '{config.pattern}'" + (f" and sequences {config.sequences}" if config.sequences else "")
+        raise DataError(str(config.root), f"no NIfTI images match {wanted}", "check `root`, `pattern` and `sequences`")
     labels, classes = _read_labels(config)
+    order = config.sequences or [""]
     records: list[Record] = []
     for (folder, case_id), paths in sorted(cases.items()):
         patient_id = _patient_id(config, folder, case_id)
-        first_path = paths.get((config.sequences or [""])[0]) or next(iter(paths.values()))
+        first_path = paths.get(order[0]) or next(iter(paths.values()))
         try:
-            pixels, spacing, affine, channel_names, _ = _load_case(config, case_id, paths)
+            pixels, spacing, affine = _load_case(config, case_id, paths)
             mask = None
             if config.mask_suffix is not None:
                 mask_path = masks.get((folder, case_id))
@@ -295,62 +318,31 @@ def read_nifti_source(config: NiftiSourceConfig, log: BadFileLog) -> list[Record
                     )
                 mask = _load_mask(mask_path, pixels.shape[-3:])
             label, class_name = None, ""
-            if config.label_csv is not None:
-                entry = labels.get(case_id) or labels.get(patient_id)
-                if entry is not None and entry[0] != "":
-                    class_name = entry[0]
-                    label = class_index(class_name, classes or [], f"{config.label_csv}: line {entry[1]}", config.label_column)
+            entry = labels.get(case_id) or labels.get(patient_id)
+            if entry is not None and entry[0] != "":
+                class_name = entry[0]
+                where = f"{config.label_csv}: line {entry[1]}"
+                label = class_index(class_name, classes or [], where, config.label_column)
         except DataError as error:
             log.handle(error)
             continue
-        extra: dict[str, Any] = {
-            "case_id": case_id,
-            "affine": affine.tolist(),
-            "files": [str(paths[s]) for s in (config.sequences or [""])],
-        }
-        if channel_names:
-            extra["channel_names"] = channel_names
+        extra: dict[str, Any] = {"case_id": case_id, "affine": affine.tolist(), "files": [str(paths[s]) for s in order]}
+        if config.sequences:
+            extra["channel_names"] = list(config.sequences)
         if classes:
             extra["class_names"] = tuple(classes)
             extra["class_name"] = class_name
-        common = dict(
+        base = Record(
+            pixels=pixels,
+            path=str(first_path),
             patient_id=patient_id,
             study_id=case_id,
             series_id=case_id,
             modality=config.modality,
             label=label,
+            extra=extra,
         )
-        is_4d_frames = not config.sequences and pixels.ndim == 4 and config.fourth_axis == "frames"
-        volumes = [(t, pixels[t]) for t in range(pixels.shape[0])] if is_4d_frames else [(None, pixels)]
-        for frame, volume in volumes:
-            base_extra = dict(extra)
-            if frame is not None:
-                base_extra["frame_index"] = frame
-            if config.layout == "volume":
-                volume_extra = dict(base_extra, layout="CDHW" if volume.ndim == 4 else "DHW")
-                if mask is not None:
-                    volume_extra["mask"] = mask
-                records.append(
-                    Record(pixels=volume, path=str(first_path), spacing=spacing, index=frame, extra=volume_extra, **common)
-                )
-                continue
-            depth = volume.shape[-3]
-            for d in range(depth):
-                slice_pixels = volume[..., d, :, :]
-                slice_extra = dict(base_extra, layout="CHW" if slice_pixels.ndim == 3 else "HW", slice_index=d, slice_thickness=spacing[0])
-                if mask is not None:
-                    slice_extra["mask"] = mask[d]
-                series = case_id if frame is None else f"{case_id}/frame{frame}"
-                records.append(
-                    Record(
-                        pixels=np.ascontiguousarray(slice_pixels),
-                        path=str(first_path),
-                        spacing=spacing[1:],
-                        index=d,
-                        extra=slice_extra,
-                        **dict(common, series_id=series),
-                    )
-                )
+        records += _case_records(config, pixels, mask, spacing, base)
     if not records:
         raise DataError(str(config.root), "no NIfTI case could be read (all were skipped)", "see bad_files.json")
     return records

@@ -181,7 +181,7 @@ def _sample_patients(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     rows = np.arange(n)
     params["finding_u"] = cu[rows, pick]
     params["finding_v"] = cv[rows, pick]
-    params["finding_r"] = u(0.025, 0.045, n)
+    params["finding_r"] = u(0.05, 0.09, n)  # radius, half-widths of the image
     params["finding_gain"] = u(0.8, 1.2, n)
     return params
 
@@ -298,7 +298,7 @@ def _attenuation(u: np.ndarray, v: np.ndarray, p: dict[str, np.ndarray]) -> tupl
 def _markings(n: int, side: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Per-patient band-pass noise with a vertical streak bias: bronchovascular lung markings."""
     scale = size / 64.0
-    white = rng.standard_normal((n, side, side)).astype(np.float32)
+    white = rng.standard_normal((n, side, side), dtype=np.float32)
     fine = ndimage.gaussian_filter(white, sigma=(0, 1.4 * scale, 0.9 * scale), mode="reflect")
     coarse = ndimage.gaussian_filter(white, sigma=(0, 3.0 * scale, 3.0 * scale), mode="reflect")
     band = fine - coarse
@@ -371,16 +371,21 @@ def _render_chunk(
     # Detector: characteristic curve with exposure and contrast, then display gamma.
     slope = style.slope * c3(q["contrast"])
     signal = _sigmoid(slope * (attenuation - 0.5 + c3(q["exposure"])))
-    signal = np.clip(signal, 1e-4, 1.0) ** style.gamma
+    if style.gamma != 1.0:
+        signal = np.clip(signal, 1e-4, 1.0) ** style.gamma
     # Field inhomogeneity: heel effect plus a few smooth low-frequency waves.
+    # cos(a·x + b·y + c) = cos(a·x)cos(b·y + c) − sin(a·x)sin(b·y + c): outer products of 1-D profiles,
+    # so no transcendental function runs over the full (M, H, W) array.
     field = 1.0 + c3(q["heel"]) * gx[None]
     for j in range(q["field_amp"].shape[1]):  # 3 terms, each vectorised over the batch
-        phase = np.pi * (c3(q["field_fx"][:, j]) * gx + c3(q["field_fy"][:, j]) * gy) + c3(q["field_phase"][:, j])
-        field += c3(q["field_amp"][:, j]) * np.cos(phase)
+        ax = np.pi * q["field_fx"][:, j, None].astype(np.float32) * axis  # (M, W)
+        by = np.pi * q["field_fy"][:, j, None].astype(np.float32) * axis + q["field_phase"][:, j, None]
+        amp = c3(q["field_amp"][:, j])
+        field += amp * (np.cos(by)[:, :, None] * np.cos(ax)[:, None, :] - np.sin(by)[:, :, None] * np.sin(ax)[:, None, :])
     signal = signal * field
     sigma = style.blur_px * size / 64.0
     signal = ndimage.gaussian_filter(signal, sigma=(0, sigma, sigma), mode="nearest")
-    noise = rng.standard_normal(signal.shape).astype(np.float32)
+    noise = rng.standard_normal(signal.shape, dtype=np.float32)
     signal = signal + style.noise * np.sqrt(np.clip(signal, 0, 1) * 0.8 + 0.05) * noise
     signal = signal + style.offset
 

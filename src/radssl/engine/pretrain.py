@@ -52,6 +52,8 @@ class PretrainResult:
     images_per_s: float
     final_loss: float
     evaluation: dict[str, Any] | None
+    method: SSLMethod | None = None
+    """The trained method (backbone + heads) in memory, for callers that go on to transfer."""
 
 
 def derived_seed(*parts: int) -> int:
@@ -371,4 +373,5 @@ def pretrain(
         images_per_s=throughput,
         final_loss=last_loss,
         evaluation=evaluation,
+        method=core,
     )

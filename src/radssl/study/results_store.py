@@ -357,7 +357,8 @@ class ResultsStore:
             "SELECT c.study, c.cell_key, c.pretrain, c.init, c.protocol, c.label_fraction, c.pretrain_fraction, "
             "c.seed, c.test_set, c.wall_time_s, c.device, c.device_hours, c.versions_json, c.finished_at, "
             "m.metric, m.value, m.ci_low, m.ci_high, "
-            "EXISTS(SELECT 1 FROM predictions p WHERE p.study = c.study AND p.cell_key = c.cell_key) AS has_predictions "
+            "EXISTS(SELECT 1 FROM predictions p WHERE p.study = c.study AND p.cell_key = c.cell_key) "
+            "AS has_predictions "
             "FROM cells c LEFT JOIN metrics m ON m.study = c.study AND m.cell_key = c.cell_key "
             "WHERE c.study = ? ORDER BY c.pretrain, c.init, c.protocol, c.test_set, c.label_fraction, "
             "c.pretrain_fraction, c.seed, m.metric", (study,))

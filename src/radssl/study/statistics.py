@@ -41,6 +41,7 @@ __all__ = [
     "macro_auc",
     "mean_std_over_seeds",
     "paired_bootstrap",
+    "paired_bootstrap_seed_averaged",
 ]
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -304,10 +305,26 @@ def paired_bootstrap(y_true: Any, scores_a: Any, scores_b: Any, metric: Metric, 
     the difference is shifted to the null (centred on zero) and p = (1 + #{|d* - d| >= |d|}) / (B + 1)
     (Hall & Wilson 1991, guideline 1; the +1 keeps p > 0 for a finite number of resamples).
     """
-    y, a, b = _check_pair(y_true, scores_a, scores_b)
-    difference = float(metric(y, a) - metric(y, b))
+    return paired_bootstrap_seed_averaged(y_true, [scores_a], [scores_b], metric, n_boot, seed, alpha, stratified)
+
+
+def paired_bootstrap_seed_averaged(y_true: Any, scores_a: Sequence[Any], scores_b: Sequence[Any], metric: Metric,
+                                   n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                                   stratified: bool = True) -> PairedResult:
+    """Paired bootstrap of mean_s metric(a_s) - mean_s metric(b_s) over seeds sharing one test set.
+
+    Each resample of test cases scores every seed's model of both sides, so the dependence between
+    seeds (same cases) is kept instead of pooling the seeds as if they were extra cases. See
+    :func:`paired_bootstrap` for the CI and p-value.
+    """
+    if not scores_a or not scores_b:
+        raise DataError("paired_bootstrap", "need at least one score vector per model")
+    y, *checked = _check_pair(y_true, *scores_a, *scores_b)
+    side_a, side_b = checked[:len(scores_a)], checked[len(scores_a):]
+    difference = float(np.mean([metric(y, s) for s in side_a]) - np.mean([metric(y, s) for s in side_b]))
     idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified)
-    deltas = _metric_on_resamples(metric, y, a, idx) - _metric_on_resamples(metric, y, b, idx)
+    deltas = (np.mean([_metric_on_resamples(metric, y, s, idx) for s in side_a], axis=0)
+              - np.mean([_metric_on_resamples(metric, y, s, idx) for s in side_b], axis=0))
     deltas = _finite(deltas, "paired_bootstrap")
     low, high = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
     extreme = np.count_nonzero(np.abs(deltas - difference) >= abs(difference) - 1e-12)

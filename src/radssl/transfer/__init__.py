@@ -7,41 +7,41 @@
 - :mod:`~radssl.transfer.metrics` — AUC / accuracy with clear errors where AUC is undefined;
 - :mod:`~radssl.transfer.initialisation` — ``random``, ``imagenet:<pth>`` and ``ssl:<pt>`` backbones.
 
-Names are imported lazily (PEP 562) so that pretraining code importing ``normalise_for_backbone`` does not
-pay for scikit-learn.
+Imported eagerly on purpose: ``linear_probe`` and ``finetune`` name both a module and its main function, and
+only an eager ``from .x import x`` guarantees ``radssl.transfer.finetune`` is the function.
 """
 
-from __future__ import annotations
+from radssl.transfer.features import (
+    NORMALISATION_MEAN,
+    NORMALISATION_STD,
+    FeatureCache,
+    extract_features,
+    normalise_for_backbone,
+)
+from radssl.transfer.finetune import Classifier, FinetuneResult, NonFiniteLossError, finetune, predict_scores
+from radssl.transfer.initialisation import initialise_backbone, try_download_imagenet_weights
+from radssl.transfer.knn import KnnResult, knn_classify, knn_evaluate
+from radssl.transfer.linear_probe import ProbeResult, linear_probe
+from radssl.transfer.metrics import PRIMARY_METRIC, classification_metrics
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "NORMALISATION_MEAN": "features",
-    "NORMALISATION_STD": "features",
-    "FeatureCache": "features",
-    "extract_features": "features",
-    "normalise_for_backbone": "features",
-    "PRIMARY_METRIC": "metrics",
-    "classification_metrics": "metrics",
-    "ProbeResult": "linear_probe",
-    "linear_probe": "linear_probe",
-    "KnnResult": "knn",
-    "knn_classify": "knn",
-    "knn_evaluate": "knn",
-    "Classifier": "finetune",
-    "FinetuneResult": "finetune",
-    "NonFiniteLossError": "finetune",
-    "finetune": "finetune",
-    "predict_scores": "finetune",
-    "initialise_backbone": "initialisation",
-    "try_download_imagenet_weights": "initialisation",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "NORMALISATION_MEAN",
+    "NORMALISATION_STD",
+    "PRIMARY_METRIC",
+    "Classifier",
+    "FeatureCache",
+    "FinetuneResult",
+    "KnnResult",
+    "NonFiniteLossError",
+    "ProbeResult",
+    "classification_metrics",
+    "extract_features",
+    "finetune",
+    "initialise_backbone",
+    "knn_classify",
+    "knn_evaluate",
+    "linear_probe",
+    "normalise_for_backbone",
+    "predict_scores",
+    "try_download_imagenet_weights",
+]

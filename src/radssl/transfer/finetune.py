@@ -281,9 +281,9 @@ def finetune(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(normalise_for_backbone(images))
             loss = loss_function(logits.float(), targets)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss.detach()):
                 raise NonFiniteLossError(
-                    f"{where}: fine-tuning loss became {float(loss)} at epoch {epoch}, step {step + 1} "
+                    f"{where}: fine-tuning loss became {loss.detach().item()} at epoch {epoch}, step {step + 1} "
                     f"(lr {scheduler.get_last_lr()[0]:.3g}) — lower lr, check the initialisation's weights "
                     f"for NaN, or use precision='32'"
                 )
@@ -291,7 +291,7 @@ def finetune(
             loss.backward()
             optimiser.step()
             scheduler.step()
-            running += float(loss) * len(index)
+            running += float(loss.detach()) * len(index)
             seen += len(index)
         val_scores = predict_scores(model, val_images, task, eval_batch_size, device)
         val_metrics = classification_metrics(task, val_y, val_scores, name="validation set")

@@ -1,0 +1,902 @@
+"""One self-contained HTML report of a label-efficiency study, read straight from the results store.
+
+Why one file: a study report gets mailed, attached to tickets and opened years later on machines with
+no internet; so figures are embedded as base64 PNG, the CSS is inline and nothing points outside the
+page. ``results.csv`` (the long-format rows) is written beside it for anyone who wants their own plots.
+
+Statistical choices (also stated in the page):
+- A curve point is the mean over seeds. Its band is the mean of the seeds' bootstrap 95% CIs over test
+  cases when the store has them (test-set sampling uncertainty), else a t-interval over seeds.
+- Gains (A - B) compare seed-averaged metrics on the *same* test cases. For binary AUC with stored
+  predictions the test is DeLong on the contrast mean_s AUC_A,s - mean_s AUC_B,s with the joint DeLong
+  covariance of all seeds' AUCs (:func:`radssl.study.statistics.delong_seed_averaged`): pooling seeds'
+  predictions would count each test case several times and understate the variance. Other metrics use
+  a paired bootstrap of the same contrast; without predictions, a t-test over per-seed differences.
+- "Matches the supervised baseline": the smallest label fraction at which a curve reaches the mean
+  metric of random-init fine-tuning with 100% labels (log-fraction interpolation,
+  :func:`radssl.study.statistics.fraction_matching_baseline`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from radssl.atomic import write_text_atomic
+from radssl.study.results_store import CellKey, ResultsStore
+from radssl.study.statistics import (
+    accuracy,
+    binary_auc,
+    delong_seed_averaged,
+    fraction_matching_baseline,
+    macro_auc,
+    mean_std_over_seeds,
+    paired_bootstrap_seed_averaged,
+)
+
+__all__ = ["render_report"]
+
+INTERNAL_TEST_SET = "test"
+SUPERVISED_INIT = "random"
+SUPERVISED_PROTOCOL = "finetune"
+_PROTOCOL_ORDER = ("linear", "finetune", "knn")
+_INIT_ORDER = ("random", "imagenet", "ssl", "imagenet+ssl")
+_INIT_NAMES = {"random": "Random", "imagenet": "ImageNet", "ssl": "SSL", "imagenet+ssl": "ImageNet+SSL"}
+_PROTOCOL_NAMES = {"linear": "linear probe", "knn": "kNN", "finetune": "fine-tune"}
+_METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "macro_auc": "macro AUC", "f1": "F1"}
+_AUC_METRICS = {"auc", "roc_auc", "auroc", "macro_auc"}
+# Okabe & Ito (2008) colour-blind-safe palette; random stays neutral grey.
+_INIT_COLOURS = {"random": "#7a7a7a", "imagenet": "#0072B2", "ssl": "#E69F00", "imagenet+ssl": "#009E73"}
+_SPARE_COLOURS = ("#D55E00", "#CC79A7", "#56B4E9", "#8E6C8A", "#F0E442", "#332288", "#44AA99")
+_NO_PRETRAIN = {"", "none", "-", "null"}
+_N_BOOT = 1000
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data model
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Line:
+    """One curve: an encoder initialisation (+ the pretraining run it came from) read out by one protocol."""
+
+    init: str
+    pretrain: str
+    protocol: str
+
+    @property
+    def encoder(self) -> tuple[str, str]:
+        return self.init, self.pretrain
+
+
+@dataclass
+class _Cell:
+    key: CellKey
+    value: float
+    ci_low: float | None
+    ci_high: float | None
+    has_predictions: bool
+
+
+@dataclass
+class _Gain:
+    treatment: Line
+    baseline: Line
+    test_set: str
+    label_fraction: float
+    difference: float
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    method: str
+    n_a: int
+    n_b: int
+    seed_sd: float
+
+
+@dataclass
+class _Analysis:
+    study: str
+    metric: str
+    rows: list[dict[str, Any]]
+    cells: dict[Line, dict[tuple[str, float], list[_Cell]]] = field(default_factory=dict)
+    size_cells: dict[Line, dict[tuple[str, float, float], list[_Cell]]] = field(default_factory=dict)
+    lines: list[Line] = field(default_factory=list)
+    test_sets: list[str] = field(default_factory=list)
+    protocols: list[str] = field(default_factory=list)
+    fractions: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
+    values = set(values)
+    return [v for v in preferred if v in values] + sorted(values - set(preferred))
+
+
+def _analyse(store: ResultsStore, study: str, metric: str) -> _Analysis:
+    rows = store.cells(study)
+    analysis = _Analysis(study, metric, rows)
+    chosen = [r for r in rows if r["metric"] == metric and r["value"] is not None]
+    if rows and not chosen:
+        available = sorted({r["metric"] for r in rows if r["metric"]})
+        analysis.notes.append(f"No cell has the metric “{metric}”; available: {', '.join(available) or 'none'}.")
+    by_line: dict[Line, list[_Cell]] = defaultdict(list)
+    for r in chosen:
+        cell = _Cell(CellKey.from_row(r), float(r["value"]), r["ci_low"], r["ci_high"], bool(r["has_predictions"]))
+        by_line[Line(r["init"], r["pretrain"], r["protocol"])].append(cell)
+    for line, cells in by_line.items():
+        # Curves use the full pretraining set (largest pretraining fraction); smaller ones feed the
+        # pretraining-set-size section.
+        full = max(c.key.pretrain_fraction for c in cells)
+        curve: dict[tuple[str, float], list[_Cell]] = defaultdict(list)
+        sizes: dict[tuple[str, float, float], list[_Cell]] = defaultdict(list)
+        for c in cells:
+            if c.key.pretrain_fraction == full:
+                curve[(c.key.test_set, c.key.label_fraction)].append(c)
+            sizes[(c.key.test_set, c.key.label_fraction, c.key.pretrain_fraction)].append(c)
+        analysis.cells[line] = dict(curve)
+        if len({c.key.pretrain_fraction for c in cells}) > 1:
+            analysis.size_cells[line] = dict(sizes)
+    init_rank = {init: i for i, init in enumerate(_order({l.init for l in by_line}, _INIT_ORDER))}
+    proto_rank = {p: i for i, p in enumerate(_order({l.protocol for l in by_line}, _PROTOCOL_ORDER))}
+    analysis.lines = sorted(by_line, key=lambda l: (proto_rank[l.protocol], init_rank[l.init], l.pretrain))
+    test_sets = {r["test_set"] for r in chosen}
+    analysis.test_sets = ([INTERNAL_TEST_SET] if INTERNAL_TEST_SET in test_sets else []) + sorted(
+        test_sets - {INTERNAL_TEST_SET})
+    analysis.protocols = list(proto_rank)
+    analysis.fractions = sorted({float(r["label_fraction"]) for r in chosen})
+    analysis.seeds = sorted({int(r["seed"]) for r in chosen})
+    return analysis
+
+
+# ------------------------------------------------------------------------------------------------------
+# Formatting
+# ------------------------------------------------------------------------------------------------------
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:+.{digits}f}".replace("-", "−")
+
+
+def _p(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    if value < 0.001:
+        return "p<0.001"
+    return f"p={value:.3f}" if value < 0.1 else f"p={value:.2f}"
+
+
+def _matched_pct(analysis: _Analysis, fraction: float) -> str:
+    """'≤1%' when reached at the smallest measured fraction (no extrapolation), else '≈7.3%'."""
+    if analysis.fractions and fraction <= analysis.fractions[0]:
+        return f"≤{_pct(fraction)}"
+    if fraction in analysis.fractions:
+        return _pct(fraction)
+    return f"≈{100 * fraction:.2g}%"
+
+
+def _metric_name(metric: str) -> str:
+    return _METRIC_NAMES.get(metric, metric)
+
+
+def _init_name(init: str) -> str:
+    return _INIT_NAMES.get(init, init)
+
+
+def _protocol_name(protocol: str) -> str:
+    return _PROTOCOL_NAMES.get(protocol, protocol)
+
+
+def _test_set_name(test_set: str) -> str:
+    return f"{test_set} (internal)" if test_set == INTERNAL_TEST_SET else f"{test_set} (external)"
+
+
+class _Names:
+    """Readable, unambiguous labels and stable colours for encoders and lines."""
+
+    def __init__(self, lines: Sequence[Line]) -> None:
+        pretrains: dict[str, set[str]] = defaultdict(set)
+        for line in lines:
+            pretrains[line.init].add(line.pretrain)
+        self._ambiguous = {init for init, runs in pretrains.items() if len(runs) > 1}
+        self.colours: dict[tuple[str, str], str] = {}
+        spare = iter(_SPARE_COLOURS * 4)
+        for line in lines:
+            if line.encoder in self.colours:
+                continue
+            own = _INIT_COLOURS.get(line.init)
+            self.colours[line.encoder] = own if own and own not in self.colours.values() else next(spare)
+
+    def encoder(self, line: Line) -> str:
+        name = _init_name(line.init)
+        return f"{name} ({line.pretrain})" if line.init in self._ambiguous else name
+
+    def line(self, line: Line) -> str:
+        return f"{self.encoder(line)}, {_protocol_name(line.protocol)}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = (),
+           caption: str | None = None) -> str:
+    """An HTML table; cells are pre-escaped HTML; ``numeric`` column indices are right-aligned."""
+    numeric = set(numeric)
+    head = "".join(f'<th class="num">{h}</th>' if i in numeric else f"<th>{h}</th>" for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>" for r in rows)
+    cap = f"<caption>{caption}</caption>" if caption else ""
+    return f'<div class="table-wrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{text}</p>'
+
+
+# ------------------------------------------------------------------------------------------------------
+# Numbers
+# ------------------------------------------------------------------------------------------------------
+
+
+def _point(cells: Sequence[_Cell]) -> tuple[float, float, float, int]:
+    """Mean over seeds and its band (mean of the seeds' CIs, else a t-interval over seeds)."""
+    mean, std, n = mean_std_over_seeds([c.value for c in cells])
+    lows = [c.ci_low for c in cells if c.ci_low is not None]
+    highs = [c.ci_high for c in cells if c.ci_high is not None]
+    if lows and len(lows) == len(highs) == len(cells):
+        return mean, float(np.mean(lows)), float(np.mean(highs)), n
+    if n >= 2:
+        half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+        return mean, mean - half, mean + half, n
+    return mean, math.nan, math.nan, n
+
+
+def _curve(analysis: _Analysis, line: Line, test_set: str) -> dict[float, float]:
+    return {lf: _point(cells)[0] for (ts, lf), cells in analysis.cells.get(line, {}).items() if ts == test_set}
+
+
+def _matching_line(analysis: _Analysis, treatment: Line, baseline_init: str) -> Line | None:
+    """The baseline curve compared with ``treatment``: same protocol, same pretraining run if it has one."""
+    candidates = [l for l in analysis.lines if l.init == baseline_init and l.protocol == treatment.protocol]
+    if not candidates:
+        return None
+    same_run = [l for l in candidates if l.pretrain == treatment.pretrain]
+    return (same_run or sorted(candidates))[0]
+
+
+class _Predictions:
+    """Loads per-case predictions lazily, once per cell."""
+
+    def __init__(self, store: ResultsStore, study: str) -> None:
+        self._store, self._study, self._cache = store, study, {}
+
+    def get(self, cell: _Cell) -> tuple[np.ndarray, np.ndarray] | None:
+        if not cell.has_predictions:
+            return None
+        if cell.key.key not in self._cache:
+            self._cache[cell.key.key] = self._store.predictions(self._study, cell.key)
+        return self._cache[cell.key.key]
+
+
+def _binary_scores(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray | None:
+    """The positive-class score of a binary task (1-D, or column 1 of two), else None."""
+    if y_true.ndim != 1 or not np.all(np.isin(np.unique(y_true), [0, 1])):
+        return None
+    if y_score.ndim == 1:
+        return y_score
+    if y_score.ndim == 2 and y_score.shape[1] == 2:
+        return y_score[:, 1]
+    if y_score.ndim == 2 and y_score.shape[1] == 1:
+        return y_score[:, 0]
+    return None
+
+
+def _compare(analysis: _Analysis, predictions: _Predictions, a: Line, b: Line, test_set: str,
+             fraction: float) -> _Gain | None:
+    """Seed-averaged difference A - B with a paired test on the shared test cases (see module doc)."""
+    cells_a = analysis.cells.get(a, {}).get((test_set, fraction), [])
+    cells_b = analysis.cells.get(b, {}).get((test_set, fraction), [])
+    if not cells_a or not cells_b:
+        return None
+    by_seed_b = {c.key.seed: c.value for c in cells_b}
+    paired = [c.value - by_seed_b[c.key.seed] for c in cells_a if c.key.seed in by_seed_b]
+    seed_sd = mean_std_over_seeds(paired)[1]
+    difference = float(np.mean([c.value for c in cells_a]) - np.mean([c.value for c in cells_b]))
+    gain = _Gain(a, b, test_set, fraction, difference, None, None, None, "–", len(cells_a), len(cells_b), seed_sd)
+
+    loaded_a = [predictions.get(c) for c in cells_a]
+    loaded_b = [predictions.get(c) for c in cells_b]
+    metric = analysis.metric
+    if all(p is not None for p in loaded_a + loaded_b) and metric in (_AUC_METRICS | {"accuracy"}):
+        y_true = loaded_a[0][0]
+        aligned = all(p[0].shape == y_true.shape and np.array_equal(p[0], y_true) for p in loaded_a + loaded_b)
+        if aligned:
+            binary = [_binary_scores(y_true, p[1]) for p in loaded_a + loaded_b]
+            if metric in _AUC_METRICS and all(s is not None for s in binary):
+                r = delong_seed_averaged(y_true, binary[:len(loaded_a)], binary[len(loaded_a):])
+                gain.difference, gain.ci_low, gain.ci_high, gain.p_value = r.difference, r.ci_low, r.ci_high, r.p_value
+                gain.method = "DeLong"
+                return gain
+            if metric in _AUC_METRICS:
+                fn = macro_auc if y_true.ndim == 2 or loaded_a[0][1].ndim == 2 else binary_auc
+            else:
+                fn = accuracy
+            try:
+                r = paired_bootstrap_seed_averaged(y_true, [p[1] for p in loaded_a], [p[1] for p in loaded_b], fn,
+                                                   n_boot=_N_BOOT, seed=0)
+            except Exception as error:  # a metric undefined on this test set: report without a test
+                analysis.notes.append(f"Paired bootstrap skipped for {test_set} at {_pct(fraction)}: {error}")
+            else:
+                gain.difference, gain.ci_low, gain.ci_high, gain.p_value = r.difference, r.low, r.high, r.p_value
+                gain.method = "paired bootstrap"
+                return gain
+    if len(paired) >= 2:  # no usable predictions: the seeds are the only replicates
+        mean, std, n = mean_std_over_seeds(paired)
+        half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+        gain.ci_low, gain.ci_high = mean - half, mean + half
+        gain.p_value = float(stats.ttest_1samp(paired, 0.0).pvalue) if std > 0 else (1.0 if mean == 0 else 0.0)
+        gain.method = "seed t-test"
+    return gain
+
+
+def _gains(analysis: _Analysis, predictions: _Predictions, baseline_init: str,
+           treatments: Sequence[Line]) -> list[_Gain]:
+    out = []
+    for line in treatments:
+        base = _matching_line(analysis, line, baseline_init)
+        if base is None:
+            continue
+        for test_set in analysis.test_sets:
+            for fraction in analysis.fractions:
+                gain = _compare(analysis, predictions, line, base, test_set, fraction)
+                if gain is not None:
+                    out.append(gain)
+    return out
+
+
+def _primary_protocol(analysis: _Analysis) -> str | None:
+    return analysis.protocols[0] if analysis.protocols else None
+
+
+def _supervised_baseline(analysis: _Analysis, test_set: str, protocol: str) -> tuple[Line, float] | None:
+    """Random-init fine-tuning with 100% labels (or the line's own protocol when nobody fine-tuned)."""
+    for proto in (SUPERVISED_PROTOCOL, protocol):
+        for line in analysis.lines:
+            if line.init == SUPERVISED_INIT and line.protocol == proto:
+                cells = analysis.cells[line].get((test_set, 1.0))
+                if cells:
+                    return line, _point(cells)[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------------
+
+_RC = {
+    "font.size": 9.5, "axes.titlesize": 10.5, "axes.titleweight": "bold", "axes.labelsize": 9.5,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": "#9aa5b1", "axes.linewidth": 0.8,
+    "axes.grid": True, "grid.color": "#e4e7eb", "grid.linewidth": 0.8, "xtick.color": "#52606d",
+    "ytick.color": "#52606d", "axes.labelcolor": "#323f4b", "text.color": "#1f2933", "legend.frameon": False,
+    "font.family": "DejaVu Sans",
+}
+
+
+def _figure_html(fig: Any, alt: str, caption: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130, facecolor="white", metadata={"Software": None})
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _fraction_axis(ax: Any, fractions: Sequence[float]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(fractions)
+    ax.set_xticklabels([_pct(f) for f in fractions])
+    ax.minorticks_off()
+
+
+def _panel_grid(analysis: _Analysis, height: float) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    rows, cols = len(analysis.protocols), len(analysis.test_sets)
+    fig = Figure(figsize=(min(4.6 * cols, 13.5), height * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey="row")
+    return fig, axes
+
+
+def _curves_figure(analysis: _Analysis, names: _Names) -> str:
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig, axes = _panel_grid(analysis, 3.1)
+        handles: dict[str, Any] = {}
+        for r, protocol in enumerate(analysis.protocols):
+            for c, test_set in enumerate(analysis.test_sets):
+                ax = axes[r][c]
+                for line in (l for l in analysis.lines if l.protocol == protocol):
+                    points = sorted((lf, _point(cells), cells) for (ts, lf), cells in analysis.cells[line].items()
+                                    if ts == test_set)
+                    if not points:
+                        continue
+                    x = np.array([p[0] for p in points])
+                    mean, low, high = (np.array([p[1][i] for p in points]) for i in range(3))
+                    colour = names.colours[line.encoder]
+                    (handle,) = ax.plot(x, mean, "-o", color=colour, lw=2, ms=4.5, zorder=3)
+                    ax.fill_between(x, low, high, color=colour, alpha=0.16, lw=0, zorder=1)
+                    seeds_x = [lf for lf, _, cells in points for _ in cells]
+                    seeds_y = [cell.value for _, _, cells in points for cell in cells]
+                    ax.scatter(seeds_x, seeds_y, s=9, color=colour, alpha=0.45, lw=0, zorder=2)
+                    handles.setdefault(names.encoder(line), handle)
+                _fraction_axis(ax, analysis.fractions)
+                ax.set_title(f"{_test_set_name(test_set)} · {_protocol_name(protocol)}")
+                if c == 0:
+                    ax.set_ylabel(_metric_name(analysis.metric))
+                if r == len(analysis.protocols) - 1:
+                    ax.set_xlabel("labelled training data (log scale)")
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 6))
+        return _figure_html(fig, f"{_metric_name(analysis.metric)} versus label fraction",
+                            f"{_metric_name(analysis.metric)} versus the fraction of labelled training data. Lines: "
+                            "mean over seeds; dots: single seeds; bands: mean of the seeds’ bootstrap 95% CIs over "
+                            "test cases (a t-interval over seeds where no CI was stored).")
+
+
+def _gains_figure(analysis: _Analysis, gains: Sequence[_Gain], names: _Names, title: str) -> str:
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig, axes = _panel_grid(analysis, 2.5)
+        handles: dict[str, Any] = {}
+        groups: dict[tuple[Line, Line], list[_Gain]] = defaultdict(list)
+        for g in gains:
+            groups[(g.treatment, g.baseline)].append(g)
+        for r, protocol in enumerate(analysis.protocols):
+            for c, test_set in enumerate(analysis.test_sets):
+                ax = axes[r][c]
+                ax.axhline(0, color="#52606d", lw=1, zorder=1)
+                for k, ((a, b), items) in enumerate(groups.items()):
+                    items = sorted((g for g in items if g.test_set == test_set and a.protocol == protocol),
+                                   key=lambda g: g.label_fraction)
+                    if not items:
+                        continue
+                    x = np.array([g.label_fraction for g in items]) * (1 + 0.04 * (k - (len(groups) - 1) / 2))
+                    y = np.array([g.difference for g in items])
+                    low = np.array([g.ci_low if g.ci_low is not None else np.nan for g in items])
+                    high = np.array([g.ci_high if g.ci_high is not None else np.nan for g in items])
+                    colour = names.colours[a.encoder]
+                    err = np.vstack([y - low, high - y])
+                    handle = ax.errorbar(x, y, yerr=np.where(np.isfinite(err), err, 0), fmt="-o", color=colour,
+                                         ms=4.5, lw=1.8, capsize=2.5, zorder=3)
+                    handles.setdefault(f"{names.encoder(a)} − {names.encoder(b)}", handle)
+                _fraction_axis(ax, analysis.fractions)
+                ax.set_title(f"{_test_set_name(test_set)} · {_protocol_name(protocol)}")
+                if c == 0:
+                    ax.set_ylabel(f"Δ {_metric_name(analysis.metric)}")
+                if r == len(analysis.protocols) - 1:
+                    ax.set_xlabel("labelled training data (log scale)")
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 4))
+        return _figure_html(fig, title, f"{_esc(title)}: seed-averaged difference with its 95% CI (method per row in "
+                                        "the table).")
+
+
+def _size_figure(analysis: _Analysis, names: _Names) -> str:
+    import matplotlib
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    lines = [l for l in analysis.lines if l in analysis.size_cells][:6]
+    cols = len(analysis.test_sets)
+    cmap = colormaps["viridis"]
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(min(4.6 * cols, 13.5), 2.8 * len(lines) + 0.6), layout="constrained")
+        axes = fig.subplots(len(lines), cols, squeeze=False, sharey="row")
+        for r, line in enumerate(lines):
+            sizes = analysis.size_cells[line]
+            pfs = sorted({pf for (_, _, pf) in sizes})
+            for c, test_set in enumerate(analysis.test_sets):
+                ax = axes[r][c]
+                for k, lf in enumerate(analysis.fractions):
+                    pts = [(pf, _point(sizes[(test_set, lf, pf)])[0]) for pf in pfs if (test_set, lf, pf) in sizes]
+                    if pts:
+                        colour = cmap(0.1 + 0.75 * k / max(1, len(analysis.fractions) - 1))
+                        ax.plot(*zip(*pts), "-o", color=colour, lw=1.8, ms=4, label=f"{_pct(lf)} labels")
+                _fraction_axis(ax, pfs)
+                ax.set_title(f"{names.line(line)} · {test_set}")
+                ax.set_xlabel("pretraining data used (log scale)")
+                if c == 0:
+                    ax.set_ylabel(_metric_name(analysis.metric))
+            axes[r][0].legend(fontsize=8)
+        return _figure_html(fig, "metric versus pretraining-set size",
+                            "Effect of the pretraining-set size: mean over seeds at each label fraction.")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------------
+
+
+def _verb(g: _Gain) -> str:
+    if g.ci_low is not None and g.ci_low > 0:
+        return "beats"
+    if g.ci_high is not None and g.ci_high < 0:
+        return "trails"
+    return "is on par with"
+
+
+def _gain_phrase(g: _Gain, names: _Names, metric: str) -> str:
+    ci = (f"95% CI {_signed(g.ci_low)} to {_signed(g.ci_high)}, {g.method} {_p(g.p_value)}; "
+          if g.ci_low is not None else "")
+    return (f"<strong>{_esc(names.encoder(g.treatment))}</strong> {_verb(g)} {_esc(names.encoder(g.baseline))} "
+            f"by <strong>{_signed(g.difference)} {_esc(_metric_name(metric))}</strong> "
+            f"({ci}{g.n_a} vs {g.n_b} seeds)")
+
+
+def _headline(analysis: _Analysis, names: _Names, gains_random: Sequence[_Gain], gains_imagenet: Sequence[_Gain],
+              matches: dict[tuple[Line, str], tuple[float | None, float, Line]], cost: tuple[float, float, int]) -> str:
+    protocol = _primary_protocol(analysis)
+    if protocol is None:
+        return _note("No finished cells with this metric yet: the report will fill in as the study runs.")
+    test_set = analysis.test_sets[0]
+    smallest = analysis.fractions[0]
+    place = "internal test set" if test_set == INTERNAL_TEST_SET else f"test set “{_esc(test_set)}”"
+    where = f"At <strong>{_pct(smallest)} labels</strong> ({_esc(_protocol_name(protocol))}, {place}):"
+    sentences = []
+    picked = [g for gains in (gains_random, gains_imagenet) for g in gains
+              if g.treatment.protocol == protocol and g.test_set == test_set and g.label_fraction == smallest
+              and "ssl" in g.treatment.init]
+    if picked:
+        items = "".join(f"<li>{_gain_phrase(g, names, analysis.metric)}.</li>" for g in picked[:6])
+        sentences.append(f'{where}<ul class="sub">{items}</ul>')
+    for (line, ts), (fraction, base_value, base_line) in matches.items():
+        if ts != test_set or line.protocol != protocol or "ssl" not in line.init:
+            continue
+        baseline = (f"{_esc(names.line(base_line))} with 100% labels, {_esc(_metric_name(analysis.metric))} "
+                    f"{_num(base_value)}")
+        if fraction is None:
+            sentences.append(f"{_esc(names.line(line))} does <strong>not reach</strong> the supervised baseline "
+                             f"({baseline}) within the measured label fractions.")
+        else:
+            sentences.append(f"{_esc(names.line(line))} <strong>matches the supervised baseline</strong> "
+                             f"({baseline}) with <strong>{_matched_pct(analysis, fraction)}</strong> of the labels.")
+    external = [t for t in analysis.test_sets if t != INTERNAL_TEST_SET]
+    if external and INTERNAL_TEST_SET in analysis.test_sets:
+        parts = []
+        for line in (l for l in analysis.lines if l.protocol == protocol):
+            inside = analysis.cells[line].get((INTERNAL_TEST_SET, smallest))
+            outside = analysis.cells[line].get((external[0], smallest))
+            if inside and outside:
+                parts.append(f"{_esc(names.encoder(line))} {_signed(_point(outside)[0] - _point(inside)[0])}")
+        if parts:
+            sentences.append(f"Moving from the internal test set to the external set “{_esc(external[0])}” at "
+                             f"{_pct(smallest)} labels changes {_esc(_metric_name(analysis.metric))} by: "
+                             + ", ".join(parts) + ".")
+    cell_hours, pretrain_hours, n_runs = cost
+    sentences.append(f"The {len({r['cell_key'] for r in analysis.rows})} finished cells used "
+                     f"{cell_hours:.2f} device-hours; {n_runs} pretraining run(s) used {pretrain_hours:.2f}.")
+    return '<ul class="headline">' + "".join(f"<li>{s}</li>" for s in sentences) + "</ul>"
+
+
+def _gains_section(analysis: _Analysis, names: _Names, gains: Sequence[_Gain], baseline_init: str) -> str:
+    title = f"Gain over {_init_name(baseline_init)}"
+    if not gains:
+        present = any(l.init == baseline_init for l in analysis.lines)
+        reason = ("no other initialisation shares its protocol" if present
+                  else f"the study has no “{baseline_init}” initialisation")
+        return _note(f"{_esc(title)} skipped: {_esc(reason)}.")
+    # Wide table: one row per (test set, protocol, comparison), one column per label fraction.
+    grouped: dict[tuple[str, str, Line, Line], dict[float, _Gain]] = defaultdict(dict)
+    for g in gains:
+        grouped[(g.test_set, g.treatment.protocol, g.treatment, g.baseline)][g.label_fraction] = g
+    order = {t: i for i, t in enumerate(analysis.test_sets)}
+    rows = []
+    for (test_set, protocol, a, b) in sorted(grouped, key=lambda k: (order[k[0]], analysis.protocols.index(k[1]),
+                                                                       analysis.lines.index(k[2]))):
+        cells = grouped[(test_set, protocol, a, b)]
+        methods = sorted({g.method for g in cells.values()})
+        seeds = sorted({f"{g.n_a}/{g.n_b}" for g in cells.values()})
+        row = [_esc(test_set), _esc(_protocol_name(protocol)),
+               f"<strong>{_esc(names.encoder(a))}</strong> − {_esc(names.encoder(b))}"]
+        for lf in analysis.fractions:
+            g = cells.get(lf)
+            if g is None:
+                row.append("–")
+                continue
+            cls = "pos" if (g.ci_low is not None and g.ci_low > 0) else \
+                "neg" if (g.ci_high is not None and g.ci_high < 0) else ""
+            ci = (f"<small>{_signed(g.ci_low, 2)} … {_signed(g.ci_high, 2)}<br>{_p(g.p_value)}</small>"
+                  if g.ci_low is not None else "<small>no test</small>")
+            tooltip = f"seed SD of the difference: {_num(g.seed_sd)}"
+            tint = f" {cls}-bg" if cls else ""
+            row.append(f'<div class="cell{tint}" title="{tooltip}"><span class="{cls}">{_signed(g.difference)}</span>'
+                       f"<br>{ci}</div>")
+        row += [_esc(", ".join(methods)), _esc(", ".join(seeds))]
+        rows.append(row)
+    headers = ["Test set", "Protocol", "Comparison"] + [f"{_pct(f)} labels" for f in analysis.fractions] + [
+        "Test", "Seeds"]
+    table = _table(headers, rows, numeric=tuple(range(3, 3 + len(analysis.fractions))))
+    legend = (f'<p class="muted">Each cell: Δ {_esc(_metric_name(analysis.metric))} (A − B, seed-averaged), '
+              "its 95% CI and p. Green / red: the CI excludes zero. Hover a cell for the seed SD of the difference.</p>")
+    return _gains_figure(analysis, gains, names, title) + legend + table
+
+
+def _generalisation_section(analysis: _Analysis, names: _Names) -> str:
+    external = [t for t in analysis.test_sets if t != INTERNAL_TEST_SET]
+    if INTERNAL_TEST_SET not in analysis.test_sets or not external:
+        return _note("Skipped: needs the internal test set “test” and at least one external test set.")
+    out = (f"<p>Mean {_esc(_metric_name(analysis.metric))} over seeds on the internal test set → on each external "
+           "set, and the change Δ = external − internal (red: the model loses performance on data from elsewhere)."
+           "</p>")
+    for t in external:
+        rows = []
+        for line in analysis.lines:
+            row = [_esc(names.encoder(line)), _esc(_protocol_name(line.protocol))]
+            for lf in analysis.fractions:
+                inside = analysis.cells[line].get((INTERNAL_TEST_SET, lf))
+                outside = analysis.cells[line].get((t, lf))
+                if not inside or not outside:
+                    row.append("–")
+                    continue
+                m_in, m_out = _point(inside)[0], _point(outside)[0]
+                cls = "neg" if m_out < m_in else "pos"
+                row.append(f'<span class="{cls}">{_signed(m_out - m_in)}</span><br>'
+                           f"<small>{_num(m_in)} → {_num(m_out)}</small>")
+            rows.append(row)
+        out += f"<h3>internal → {_esc(t)}</h3>" + _table(
+            ["Initialisation", "Protocol"] + [f"{_pct(f)} labels" for f in analysis.fractions], rows,
+            numeric=tuple(range(2, 2 + len(analysis.fractions))))
+    return out
+
+
+def _matches(analysis: _Analysis) -> dict[tuple[Line, str], tuple[float | None, float, Line]]:
+    out = {}
+    for test_set in analysis.test_sets:
+        for line in analysis.lines:
+            base = _supervised_baseline(analysis, test_set, line.protocol)
+            if base is None or base[0] == line:
+                continue
+            curve = _curve(analysis, line, test_set)
+            if curve:
+                out[(line, test_set)] = (fraction_matching_baseline(curve, base[1]), base[1], base[0])
+    return out
+
+
+def _matching_section(analysis: _Analysis, names: _Names,
+                      matches: dict[tuple[Line, str], tuple[float | None, float, Line]]) -> str:
+    if not matches:
+        return _note(f"Skipped: needs “{SUPERVISED_INIT}” cells with 100% labels (the fully supervised baseline).")
+    headers = ["Initialisation", "Protocol"] + [_esc(t) for t in analysis.test_sets]
+    rows = []
+    for line in analysis.lines:
+        if not any((line, t) in matches for t in analysis.test_sets):
+            continue
+        row = [_esc(names.encoder(line)), _esc(_protocol_name(line.protocol))]
+        for t in analysis.test_sets:
+            if (line, t) not in matches:
+                row.append("–")
+                continue
+            fraction, _, _ = matches[(line, t)]
+            if fraction is None:
+                best = max(_curve(analysis, line, t).values())
+                row.append(f'<span class="muted">not reached (best {_num(best)})</span>')
+            else:
+                row.append(f"<strong>{_matched_pct(analysis, fraction)}</strong>")
+        rows.append(row)
+    baselines = sorted({(t, names.line(b), v) for (_, t), (_, v, b) in matches.items()})
+    described = "; ".join(f"{_esc(t)}: {_esc(n)} = {_num(v)}" for t, n, v in baselines)
+    return (f"<p>Smallest label fraction at which the mean {_esc(_metric_name(analysis.metric))} reaches the fully "
+            f"supervised baseline trained on 100% of the labels ({described}). Crossings are interpolated "
+            "linearly on the log-fraction axis; a curve that starts above the baseline reports its smallest "
+            "measured fraction.</p>" + _table(headers, rows, numeric=tuple(range(2, len(headers)))))
+
+
+def _cost_section(analysis: _Analysis, names: _Names, pretrain_runs: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    seen: set[str] = set()
+    for r in analysis.rows:
+        if r["cell_key"] in seen:  # rows are per metric; count each cell once
+            continue
+        seen.add(r["cell_key"])
+        g = groups.setdefault((r["init"], r["pretrain"], r["protocol"]),
+                              {"n": 0, "wall": 0.0, "hours": 0.0, "devices": set()})
+        g["n"] += 1
+        g["wall"] += r["wall_time_s"] or 0.0
+        g["hours"] += r["device_hours"] or 0.0
+        g["devices"].add(r["device"] or "?")
+    rows = []
+    lines_named = _Names([Line(*k) for k in groups])
+    init_rank = {v: i for i, v in enumerate(_order({k[0] for k in groups}, _INIT_ORDER))}
+    proto_rank = {v: i for i, v in enumerate(_order({k[2] for k in groups}, _PROTOCOL_ORDER))}
+    for (init, pretrain, protocol), g in sorted(groups.items(), key=lambda kv: (
+            proto_rank[kv[0][2]], init_rank[kv[0][0]], kv[0][1])):
+        rows.append([_esc(lines_named.encoder(Line(init, pretrain, protocol))),
+                     "–" if pretrain.lower() in _NO_PRETRAIN else _esc(pretrain),
+                     _esc(_protocol_name(protocol)), str(g["n"]), f"{g['wall'] / 3600:.2f}", f"{g['hours']:.2f}",
+                     f"{g['wall'] / max(g['n'], 1) / 60:.1f}", _esc(", ".join(sorted(g["devices"])))])
+    total_wall = sum(g["wall"] for g in groups.values())
+    total_hours = sum(g["hours"] for g in groups.values())
+    rows.append(["<strong>Total</strong>", "", "", f"<strong>{len(seen)}</strong>",
+                 f"<strong>{total_wall / 3600:.2f}</strong>", f"<strong>{total_hours:.2f}</strong>", "", ""])
+    html_out = "<h3>Transfer cells</h3>" + _table(
+        ["Initialisation", "Pretraining run", "Protocol", "Cells", "Wall time (h)", "Device-hours",
+         "Mean per cell (min)", "Devices"], rows, numeric=(3, 4, 5, 6))
+    html_out += "<h3>Pretraining runs</h3>"
+    if not pretrain_runs:
+        return html_out + _note("No pretraining runs recorded.")
+    run_rows = []
+    for run in pretrain_runs:
+        wall = run["wall_time_s"] or 0.0
+        seen_images = run["images_seen"]
+        rate = f"{seen_images / wall:,.0f}" if seen_images and wall > 0 else "–"
+        run_rows.append([_esc(run["run_name"]), _esc(run["device"] or "?"), f"{wall / 3600:.2f}",
+                         f"{(run['device_hours'] or 0.0):.2f}", f"{seen_images:,}" if seen_images else "–", rate,
+                         f"<code>{_esc(run['checkpoint'] or '–')}</code>"])
+    return html_out + _table(["Run", "Device", "Wall time (h)", "Device-hours", "Images seen", "Images/s",
+                              "Checkpoint"], run_rows, numeric=(2, 3, 4, 5))
+
+
+def _provenance_section(analysis: _Analysis, config: dict[str, Any] | None) -> str:
+    versions: dict[str, set[str]] = defaultdict(set)
+    for r in analysis.rows:
+        for name, value in json.loads(r["versions_json"] or "{}").items():
+            versions[name].add(str(value))
+    out = ""
+    if versions:
+        out += "<h3>Software versions recorded with the cells</h3>" + _table(
+            ["Package", "Version(s)"], [[_esc(k), _esc(", ".join(sorted(v)))] for k, v in sorted(versions.items())])
+    out += "<h3>Exact study configuration</h3>"
+    if config is None:
+        return out + _note("No configuration was saved for this study (ResultsStore.save_study_config).")
+    try:
+        import yaml
+
+        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    except Exception:  # PyYAML missing or an unrepresentable value: JSON is always possible
+        text = json.dumps(config, indent=2, sort_keys=False)
+    return out + f'<pre class="config">{_esc(text)}</pre>'
+
+
+_CSS = """
+:root{--ink:#1f2933;--muted:#616e7c;--line:#e4e7eb;--bg:#f5f7fa;--card:#fff;--accent:#0072B2;
+--pos:#1a7f37;--neg:#b42318;--zebra:#f7f9fc}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);font:15px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",Arial,sans-serif;-webkit-font-smoothing:antialiased}
+main{max-width:1180px;margin:0 auto;padding:28px 22px 60px}
+header{background:linear-gradient(120deg,#0b3d5c,#0072B2);color:#fff;border-radius:14px;padding:26px 30px;
+margin-bottom:22px;box-shadow:0 6px 20px rgba(11,61,92,.18)}
+header h1{margin:0 0 4px;font-size:28px;letter-spacing:-.01em}
+header p{margin:0;opacity:.85}
+.kpis{display:flex;flex-wrap:wrap;gap:12px;margin-top:18px}
+.kpi{background:rgba(255,255,255,.12);border-radius:10px;padding:8px 14px;min-width:120px}
+.kpi b{display:block;font-size:21px;font-variant-numeric:tabular-nums}
+.kpi span{font-size:12px;text-transform:uppercase;letter-spacing:.06em;opacity:.85}
+nav{margin:0 0 18px;font-size:14px;display:flex;flex-wrap:wrap;gap:4px 18px}
+nav a{color:var(--accent);text-decoration:none;white-space:nowrap}
+nav a:hover{text-decoration:underline}
+section{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:20px 26px;margin:0 0 20px;
+box-shadow:0 1px 3px rgba(31,41,51,.05)}
+h2{margin:0 0 12px;font-size:20px;letter-spacing:-.01em}
+h3{margin:22px 0 8px;font-size:15px;color:var(--muted);text-transform:uppercase;letter-spacing:.05em}
+ul.headline{margin:0;padding-left:20px}
+ul.headline li{margin:6px 0;font-size:16px}
+ul.headline ul.sub{margin:4px 0 0;padding-left:20px}
+ul.headline ul.sub li{margin:3px 0;font-size:15px}
+figure{margin:10px 0 18px}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto}
+figcaption{color:var(--muted);font-size:13px;margin-top:6px;text-align:center}
+.table-wrap{overflow-x:auto;margin:8px 0}
+table{border-collapse:collapse;width:100%;font-size:13.5px}
+th{background:#eef2f7;text-align:left;font-weight:600;padding:7px 10px;border-bottom:2px solid #cbd2d9;
+white-space:nowrap}
+td{padding:6px 10px;border-bottom:1px solid var(--line)}
+tbody tr:nth-child(even){background:var(--zebra)}
+tbody tr:hover{background:#eaf3fb}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td .cell{margin:-3px -6px;padding:3px 6px;border-radius:6px;line-height:1.3}
+.pos-bg{background:#e7f5ec}.neg-bg{background:#fdecea}
+.pos{color:var(--pos);font-weight:600}.neg{color:var(--neg);font-weight:600}.muted{color:var(--muted)}
+small{color:var(--muted)}
+.note{background:#fff8e6;border-left:4px solid #E69F00;padding:8px 12px;border-radius:6px;color:#5c4400;
+font-size:14px}
+details summary{cursor:pointer;color:var(--muted);font-size:14px;margin:6px 0}
+pre.config{background:#0f1b26;color:#d9e2ec;padding:16px 18px;border-radius:10px;overflow:auto;font-size:12.5px;
+line-height:1.5}
+code{font-size:12.5px}
+footer{color:var(--muted);font-size:12.5px;text-align:center;margin-top:26px}
+"""
+
+
+def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric: str = "auc") -> Path:
+    """Write ``out_dir/report.html`` (self-contained) and ``out_dir/results.csv``; return the HTML path."""
+    from radssl import __version__
+
+    out_dir = Path(out_dir)
+    analysis = _analyse(store, study, primary_metric)
+    names = _Names(analysis.lines)
+    predictions = _Predictions(store, study)
+    pretrain_runs = store.pretrain_runs(study)
+    config = store.study_config(study)
+
+    vs_random = _gains(analysis, predictions, "random", [l for l in analysis.lines if l.init != "random"])
+    vs_imagenet = _gains(analysis, predictions, "imagenet",
+                         [l for l in analysis.lines if l.init not in ("random", "imagenet")])
+    matches = _matches(analysis)
+    unique_cells = {r["cell_key"]: r for r in analysis.rows}
+    cell_hours = sum((r["device_hours"] or 0.0) for r in unique_cells.values())
+    pretrain_hours = sum((r["device_hours"] or 0.0) for r in pretrain_runs)
+
+    metric = _esc(_metric_name(primary_metric))
+    sections: list[tuple[str, str, str]] = []
+    sections.append(("summary", "Headline", _headline(analysis, names, vs_random, vs_imagenet, matches,
+                                                      (cell_hours, pretrain_hours, len(pretrain_runs)))))
+    if analysis.lines:
+        sections.append(("curves", "Label efficiency", _curves_figure(analysis, names)))
+        sections.append(("gain-random", "Gain over random initialisation",
+                         _gains_section(analysis, names, vs_random, "random")))
+        sections.append(("gain-imagenet", "Gain over ImageNet initialisation",
+                         _gains_section(analysis, names, vs_imagenet, "imagenet")))
+        sections.append(("generalisation", "Internal vs external test sets",
+                         _generalisation_section(analysis, names)))
+        sections.append(("matching", "Labels needed to match full supervision",
+                         _matching_section(analysis, names, matches)))
+        if analysis.size_cells:
+            sections.append(("pretrain-size", "Pretraining-set size", _size_figure(analysis, names)))
+    sections.append(("cost", "Compute cost", _cost_section(analysis, names, pretrain_runs)))
+    sections.append(("config", "Provenance", _provenance_section(analysis, config)))
+
+    method_note = (
+        "<p class=\"muted\">How to read the tests: a gain is the seed-averaged difference A − B on the same "
+        "test cases. For binary AUC with stored predictions, DeLong’s test is applied to the contrast of the "
+        "seed-averaged AUCs using the joint DeLong covariance of every seed’s AUC (pooling the seeds’ "
+        "predictions would count each test case once per seed and understate the variance); other metrics use a "
+        "paired bootstrap over test cases of the same contrast; without predictions, a t-test over per-seed "
+        "differences. Training randomness is shown as the seed SD, not folded into the test.</p>")
+    body = []
+    for anchor, title, content in sections:
+        extra = method_note if anchor == "gain-random" else ""
+        body.append(f'<section id="{anchor}"><h2>{_esc(title)}</h2>{extra}{content}</section>')
+    notes = "".join(_note(_esc(n)) for n in dict.fromkeys(analysis.notes))
+    nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t, _ in sections)
+    kpis = [(str(len(unique_cells)), "cells"), (str(len(analysis.seeds)), "seeds"),
+            (str(len(analysis.test_sets)), "test sets"),
+            (str(len({l.encoder for l in analysis.lines})), "initialisations"),
+            (f"{cell_hours + pretrain_hours:.1f}", "device-hours")]
+    kpi_html = "".join(f'<div class="kpi"><b>{v}</b><span>{_esc(k)}</span></div>' for v, k in kpis)
+    generated = time.strftime("%Y-%m-%d %H:%M")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(study)} — radssl study report</title><style>{_CSS}</style></head><body><main>"
+        f"<header><h1>{_esc(study)}</h1><p>Label-efficiency study · primary metric {metric} · generated "
+        f"{generated}</p><div class=\"kpis\">{kpi_html}</div></header>"
+        f"<nav>{nav}</nav>{notes}{''.join(body)}"
+        f"<footer>radssl {_esc(__version__)} · data: results.csv beside this file</footer></main></body></html>\n")
+    store.export_csv(study, out_dir / "results.csv")
+    path = out_dir / "report.html"
+    write_text_atomic(path, page)
+    return path

@@ -1,0 +1,277 @@
+"""Preprocessing cache (build once, memory-map later, rebuild on change, atomic) and the medical-store glue."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radssl.data.cache import load_or_build_cache
+from radssl.data.folder import FolderSourceConfig, list_folder_files, read_folder_source
+from radssl.data.records import BadFileLog, Record
+from radssl.errors import DataError
+
+
+def _dataset(root: Path, n_per_class: int = 4, size: int = 8) -> FolderSourceConfig:
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["normal", "pneumonia"]):
+        for i in range(n_per_class):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size)).astype(np.uint8)).save(root / name / f"{i}.png")
+    return FolderSourceConfig(root=root)
+
+
+def _to_chw(record: Record) -> np.ndarray:
+    return np.asarray(record.pixels, dtype=np.uint8)[None]
+
+
+class Counter:
+    """A reader that counts how often it decodes."""
+
+    def __init__(self, config: FolderSourceConfig) -> None:
+        self.config, self.calls = config, 0
+
+    def __call__(self, log: BadFileLog) -> list[Record]:
+        self.calls += 1
+        return read_folder_source(self.config, log)
+
+
+def _load(cache_dir: Path, config: FolderSourceConfig, reader, preprocess=_to_chw, fingerprint="p1", policy="error"):
+    return load_or_build_cache(
+        cache_dir, "toy", list_folder_files(config), config, fingerprint, reader, preprocess, on_bad_file=policy
+    )
+
+
+def _mapped_files(pointer: int) -> list[str]:
+    with open("/proc/self/maps") as stream:
+        for line in stream:
+            span, *rest = line.split()
+            low, high = (int(x, 16) for x in span.split("-"))
+            if low <= pointer < high:
+                return rest[4:]
+    return []
+
+
+def test_second_load_memory_maps_without_decoding(tmp_path):
+    config = _dataset(tmp_path / "data")
+    reader = Counter(config)
+    first = _load(tmp_path / "cache", config, reader)
+    assert reader.calls == 1
+    assert first.images.shape == (8, 1, 8, 8) and first.images.dtype == torch.uint8
+    assert first.task.kind == "binary" and first.task.class_names == ("normal", "pneumonia")
+    assert first.labels.tolist() == [0] * 4 + [1] * 4
+    assert set(first.split.tolist()) == {"unlabelled"}  # the source gave no splits
+
+    def explode(log: BadFileLog) -> list[Record]:
+        raise AssertionError("the cache hit must not decode any file")
+
+    second = _load(tmp_path / "cache", config, explode)
+    assert torch.equal(first.images, second.images)
+    assert second.fingerprint() == first.fingerprint()
+    assert list(second.meta["path"]) == list(first.meta["path"])
+    assert Path(second.origin).parent == tmp_path / "cache"
+    if Path("/proc/self/maps").is_file():  # zero copy: the tensor's memory is the mapped images.npy
+        assert any(name.endswith("images.npy") for name in _mapped_files(second.images.data_ptr()))
+    # copy-on-write: writing into the tensor never changes the file
+    second.images[0].fill_(7)
+    third = _load(tmp_path / "cache", config, explode)
+    assert torch.equal(third.images[0], first.images[0]) and not bool((third.images[0] == 7).all())
+
+
+def test_changed_preprocess_config_or_touched_file_rebuilds(tmp_path):
+    config = _dataset(tmp_path / "data")
+    reader = Counter(config)
+    _load(tmp_path / "cache", config, reader)
+    _load(tmp_path / "cache", config, reader)
+    assert reader.calls == 1
+    _load(tmp_path / "cache", config, reader, fingerprint="p2")  # another preprocessing
+    assert reader.calls == 2
+    target = config.root / "normal" / "0.png"
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched
+    _load(tmp_path / "cache", config, reader)
+    assert reader.calls == 3
+    _load(tmp_path / "cache", config.model_copy(update={"modality": "DX"}), reader)  # source config changed
+    assert reader.calls == 4
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(config.root / "normal" / "new.png")  # file added
+    store = _load(tmp_path / "cache", config, reader)
+    assert reader.calls == 5 and len(store) == 9
+    entries = [p for p in (tmp_path / "cache").iterdir()]
+    assert len(entries) == 5 and not [p for p in entries if p.name.startswith(".tmp-")]
+
+
+def test_different_shapes_are_an_error_and_write_nothing(tmp_path):
+    config = _dataset(tmp_path / "data")
+    Image.fromarray(np.zeros((12, 8), np.uint8)).save(config.root / "normal" / "tall.png")
+    with pytest.raises(DataError, match=r"differ in shape.*tall\.png.*target_size"):
+        _load(tmp_path / "cache", config, Counter(config))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_half_built_and_damaged_entries_are_rebuilt(tmp_path):
+    config = _dataset(tmp_path / "data")
+    reader = Counter(config)
+    good = _load(tmp_path / "cache", config, reader)
+    entry = Path(good.origin)
+    expected = good.images.clone()
+    del good
+    # a killed build: a temp folder of a dead process, and a final folder whose sidecar never got written
+    stale = tmp_path / "cache" / f".tmp-{entry.name}-{socket.gethostname()}-999999999"
+    stale.mkdir()
+    (stale / "images.npy").write_bytes(b"half")
+    (entry / "meta.json").unlink()
+    store = _load(tmp_path / "cache", config, reader)
+    assert reader.calls == 2
+    assert torch.equal(store.images, expected)
+    assert not stale.exists()
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["complete"] and meta["shape"] == [8, 1, 8, 8]
+    # a truncated images.npy (sidecar intact) is detected too
+    (entry / "images.npy").write_bytes((entry / "images.npy").read_bytes()[:100])
+    _load(tmp_path / "cache", config, reader)
+    assert reader.calls == 3
+
+
+def test_skip_policy_lists_preprocessing_failures(tmp_path):
+    config = _dataset(tmp_path / "data")
+
+    def picky(record: Record) -> np.ndarray:
+        if record.path.endswith("pneumonia/2.png"):
+            raise DataError(record.path, "window cannot be applied")
+        return _to_chw(record)
+
+    with pytest.raises(DataError, match="window cannot be applied"):
+        _load(tmp_path / "cache", config, Counter(config), preprocess=picky)
+    store = _load(tmp_path / "cache", config, Counter(config), preprocess=picky, policy="skip")
+    assert len(store) == 7
+    report = json.loads((Path(store.origin) / "bad_files.json").read_text())
+    assert report["skipped"] == 1 and report["files"][0]["path"].endswith("pneumonia/2.png")
+
+
+def test_float16_volumes_and_multilabel(tmp_path):
+    files = []
+    for i in range(3):
+        path = tmp_path / f"v{i}.bin"
+        path.write_bytes(bytes([i]))
+        files.append(path)
+
+    def reader(log: BadFileLog) -> list[Record]:
+        return [
+            Record(
+                pixels=np.full((2, 3, 4), i, np.float32),
+                path=str(path),
+                patient_id=f"p{i}",
+                spacing=(2.0, 1.0, 1.0),
+                index=i,
+                label=[1, 0] if i else [0, -1],
+                extra={"class_names": ("effusion", "nodule")},
+            )
+            for i, path in enumerate(files)
+        ]
+
+    store = load_or_build_cache(
+        tmp_path / "cache", "vol", files, {"kind": "test"}, "f16", reader,
+        lambda r: (r.pixels[None] / 10).astype(np.float16),
+    )
+    assert store.images.shape == (3, 1, 2, 3, 4) and store.images.dtype == torch.float16
+    assert store.task.kind == "multilabel" and store.task.class_names == ("effusion", "nodule")
+    assert store.labels[0, 0] == 0 and torch.isnan(store.labels[0, 1]) and store.labels[1].tolist() == [1.0, 0.0]
+    assert store.meta["index"].tolist() == [0, 1, 2]
+    assert store.meta["spacing"].shape == (3, 3) and store.meta["spacing"][0].tolist() == [2.0, 1.0, 1.0]
+    assert float(store.images[2].float().mean()) == pytest.approx(0.2, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------- medical glue
+@pytest.fixture
+def medical():
+    return pytest.importorskip("radssl.data.medical", reason="needs radssl.data.dicom and radssl.data.preprocess")
+
+
+def _medical_config(medical, tmp_path: Path, source: dict, **kwargs):
+    return medical.MedicalDataConfig.model_validate(
+        {"source": source, "cache_dir": str(tmp_path / "cache"), "preprocess": {"target_size": [8, 8]}, **kwargs}
+    )
+
+
+def test_medical_store_patient_splits_cache_hit_and_inspect(medical, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    rows = ["path,label,patient"]
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{['normal', 'pneumonia'][i % 2]},pt{i // 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    source = {
+        "kind": "folder", "root": str(tmp_path), "csv": str(tmp_path / "labels.csv"), "label_columns": ["label"],
+        "classes": ["normal", "pneumonia"], "patient_column": "patient", "modality": "DX",
+    }
+    config = _medical_config(medical, tmp_path, source, split_seed=3)
+    store = medical.load_medical_store(config, "toy")
+    assert len(store) == 40 and store.task.class_names == ("normal", "pneumonia")
+    assert set(store.split.tolist()) == {"train", "val", "test"}
+    for patient in set(store.patient_id.tolist()):  # patient-level: one split per patient
+        assert len(set(store.split[store.patient_id == patient].tolist())) == 1
+    assert set(store.meta["modality"].tolist()) == {"DX"}
+    assert json.loads(medical.bad_files_report(store).read_text())["skipped"] == 0
+
+    monkeypatch.setattr(medical, "read_folder_source", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    again = medical.load_medical_store(config, "toy")
+    assert again.fingerprint() == store.fingerprint()
+    external = medical.load_medical_store(_medical_config(medical, tmp_path, source, external=True), "toy")
+    assert set(external.split.tolist()) == {"test"}
+    with pytest.raises(AssertionError, match="decoded"):  # another preprocessing → rebuild → decode
+        medical.load_medical_store(_medical_config(medical, tmp_path, source) .model_copy(
+            update={"preprocess": config.preprocess.model_copy(update={"target_size": (4, 4)})}), "toy")
+
+    text = medical.inspect_store(store, tmp_path / "montage.png")
+    assert "train" in text and "pneumonia" in text and "patients shared between splits: none" in text
+    assert "DX 40" in text
+    with Image.open(tmp_path / "montage.png") as montage:
+        assert montage.size[0] > 100
+
+
+def test_medical_config_rejects_unknown_keys(medical, tmp_path):
+    with pytest.raises(ValueError):
+        _medical_config(medical, tmp_path, {"kind": "folder", "root": str(tmp_path)}, shuffle=True)
+    with pytest.raises(ValueError):
+        _medical_config(medical, tmp_path, {"kind": "png", "root": str(tmp_path)})
+
+
+def test_medical_split_rules_and_task_resolution(medical, tmp_path):
+    rng = np.random.default_rng(1)
+    rows = ["path,label,patient,split"]
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        label = "" if i % 4 == 3 else ["a", "b"][i % 2]
+        rows.append(f"{i}.png,{label},pt{i // 2},{['train', 'val', 'test'][i % 3]}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    source = {
+        "kind": "folder", "root": str(tmp_path), "csv": str(tmp_path / "labels.csv"), "label_columns": ["label"],
+        "patient_column": "patient",
+    }
+    given = medical.load_medical_store(_medical_config(medical, tmp_path, dict(source, split_column="split")), "s")
+    assert given.split.tolist() == [["train", "val", "test"][i % 3] for i in range(12)]  # the source's splits
+
+    store = medical.load_medical_store(_medical_config(medical, tmp_path, source, split_seed=0), "s")
+    unlabelled = store.labels < 0
+    assert unlabelled.sum() == 3
+    # unlabelled images of training patients are pretraining-only; none of them sits in train
+    assert not bool(((torch.from_numpy(store.split == "train")) & unlabelled).any())
+    assert set(store.split[(~unlabelled).numpy()].tolist()) <= {"train", "val", "test"}
+
+    none = medical.load_medical_store(_medical_config(medical, tmp_path, source, task={"kind": "none"}), "s")
+    assert none.task.kind == "none" and bool((none.labels == -1).all())
+    with pytest.raises(DataError, match="class_names"):
+        medical.load_medical_store(_medical_config(medical, tmp_path, source, task={"class_names": ["b", "a"]}), "s")
+    with pytest.raises(DataError, match="multilabel"):
+        medical.load_medical_store(_medical_config(medical, tmp_path, source, task={"kind": "multilabel"}), "s")
+
+    partial = "\n".join(r if i != 2 else r.rsplit(",", 1)[0] + "," for i, r in enumerate(rows)) + "\n"
+    (tmp_path / "labels.csv").write_text(partial)
+    with pytest.raises(DataError, match="splits for only 11 of 12 images"):
+        medical.load_medical_store(_medical_config(medical, tmp_path, dict(source, split_column="split")), "s")

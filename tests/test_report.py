@@ -1,0 +1,177 @@
+"""Tests of the self-contained HTML study report (and, when Chromium is installed, how a browser renders it)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from radssl.study.report import render_report
+from radssl.study.results_store import CellKey, ResultsStore
+from radssl.study.statistics import accuracy, bootstrap_ci, binary_auc
+
+STUDY = "synthetic"
+INITS = {"random": ("none", 0.2), "ssl": ("simclr", 0.9)}  # init -> (pretraining run, skill)
+FRACTIONS = (0.05, 0.25, 1.0)
+SEEDS = (0, 1)
+TEST_SETS = {"test": 240, "site_b": 160}
+
+
+def _scores(init: str, fraction: float, seed: int, test_set: str, pretrain_fraction: float = 1.0) -> np.ndarray:
+    y = _labels(test_set)
+    skill = INITS[init][1] + 0.6 * math.log10(fraction * 100) - (0.3 if test_set != "test" else 0.0)
+    skill -= 0.4 * (1.0 - pretrain_fraction)
+    rng = np.random.default_rng([list(INITS).index(init), FRACTIONS.index(fraction), seed,
+                                 list(TEST_SETS).index(test_set), int(pretrain_fraction * 10)])
+    return 1 / (1 + np.exp(-(skill * y + rng.normal(size=y.size) - 0.5 * skill)))
+
+
+def _labels(test_set: str) -> np.ndarray:
+    return np.random.default_rng(list(TEST_SETS).index(test_set) + 100).integers(0, 2, TEST_SETS[test_set])
+
+
+def _record(store: ResultsStore, init: str, fraction: float, seed: int, test_set: str, pf: float = 1.0) -> None:
+    y, s = _labels(test_set), _scores(init, fraction, seed, test_set, pf)
+    auc = bootstrap_ci(y, s, binary_auc, n_boot=100, seed=seed)
+    key = CellKey(INITS[init][0], init, "finetune", fraction, pf, seed, test_set)
+    store.record_cell(STUDY, key, {"auc": auc, "accuracy": accuracy(y, s)}, wall_time_s=30.0 + 300 * fraction,
+                      device="cpu", versions={"radssl": "0.1.0"}, y_true=y, y_score=s)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ResultsStore]:
+    root = tmp_path_factory.mktemp("report")
+    store = ResultsStore(root / "results.sqlite")
+    store.save_study_config(STUDY, {"label_fractions": list(FRACTIONS), "seeds": list(SEEDS),
+                                    "marker": "config-marker-7f3a"})
+    store.record_pretrain_run(STUDY, "simclr", "runs/simclr.ckpt", 3600.0, "cpu", images_seen=720_000)
+    for init in INITS:
+        for fraction in FRACTIONS:
+            for seed in SEEDS:
+                for test_set in TEST_SETS:
+                    _record(store, init, fraction, seed, test_set)
+                if init == "ssl":  # a half-size pretraining set: must stay out of the main curves
+                    _record(store, init, fraction, seed, "test", pf=0.5)
+    path = render_report(store, STUDY, root / "out")
+    return path, store
+
+
+def _mean_auc(init: str, fraction: float, test_set: str) -> float:
+    return float(np.mean([roc_auc_score(_labels(test_set), _scores(init, fraction, s, test_set)) for s in SEEDS]))
+
+
+def test_report_is_self_contained_with_figures_and_tables(report: tuple[Path, ResultsStore]) -> None:
+    path, store = report
+    page = path.read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) >= 3  # curves, gain over random, pretraining-set size
+    for encoded in images:
+        image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert image.format == "PNG" and image.width > 400 and image.height > 200
+    assert page.count("<table") >= 5
+    assert "<tbody><tr>" in page
+    # Nothing is fetched from elsewhere: every src/href is inline data or an in-page anchor.
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', page)
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert "config-marker-7f3a" in page and "<pre" in page
+    assert not list(path.parent.glob(".*.tmp"))
+
+    with (path.parent / "results.csv").open() as stream:
+        assert len(list(csv.DictReader(stream))) == len(store.cells(STUDY))
+
+
+def test_headline_numbers_come_from_the_data(report: tuple[Path, ResultsStore]) -> None:
+    page = report[0].read_text()
+    headline = page[page.index('id="summary"'):page.index('id="curves"')]
+    gain = _mean_auc("ssl", 0.05, "test") - _mean_auc("random", 0.05, "test")
+    assert gain > 0.05
+    assert f"+{gain:.3f} AUC" in headline
+    assert "SSL</strong> beats Random" in headline and "DeLong" in headline
+    # Internal -> external change of each init at 5% labels.
+    for init, name in (("random", "Random"), ("ssl", "SSL")):
+        change = _mean_auc(init, 0.05, "site_b") - _mean_auc(init, 0.05, "test")
+        assert f"{name} {change:+.3f}".replace("-", "−") in headline
+
+
+def test_label_fraction_matching_the_supervised_baseline(report: tuple[Path, ResultsStore]) -> None:
+    page = report[0].read_text()
+    section = page[page.index('id="matching"'):page.index('id="pretrain-size"')]
+    baseline = _mean_auc("random", 1.0, "test")
+    curve = [(f, _mean_auc("ssl", f, "test")) for f in FRACTIONS]
+    (f0, v0), (f1, v1) = next((a, b) for a, b in zip(curve, curve[1:]) if a[1] < baseline <= b[1])
+    expected = 10 ** (math.log10(f0) + (baseline - v0) / (v1 - v0) * (math.log10(f1) - math.log10(f0)))
+    assert f"≈{100 * expected:.2g}%" in section
+    assert f"{baseline:.3f}" in section
+
+
+def test_missing_imagenet_is_skipped_with_a_note(report: tuple[Path, ResultsStore]) -> None:
+    page = report[0].read_text()
+    section = page[page.index('id="gain-imagenet"'):page.index('id="generalisation"')]
+    assert 'class="note"' in section and "no “imagenet” initialisation" in section
+    assert "<img" not in section
+
+
+def test_empty_study_renders_a_placeholder(tmp_path: Path) -> None:
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        path = render_report(store, "nothing-yet", tmp_path / "out")
+    page = path.read_text()
+    assert "No finished cells" in page and "No configuration was saved" in page
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("study,cell_key,")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _run_chromium(binary: str, args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
+    """Run headless Chromium in its own process group so a hang never leaves helpers behind."""
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"headless Chromium did not finish within 120 s: {' '.join(command)}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium binary on PATH (apt-get install chromium to run this)")
+def test_report_renders_in_headless_chromium(report: tuple[Path, ResultsStore], tmp_path: Path) -> None:
+    binary = _chromium()
+    assert binary is not None
+    url = report[0].resolve().as_uri()
+    dom = _run_chromium(binary, ["--dump-dom", url], tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert len(re.findall(r"<img[^>]+src=\"data:image/png;base64,", dom.stdout)) >= 3
+    assert dom.stdout.count("<table") >= 5
+    assert "Labels needed to match full supervision" in dom.stdout
+
+    shot = tmp_path / "report.png"
+    result = _run_chromium(binary, [f"--screenshot={shot}", "--window-size=1280,2400", url],
+                           tmp_path / "profile-shot")
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (2400, 1280)
+    assert shot.stat().st_size > 50_000  # a blank page compresses to a few kB
+    assert pixels.std() > 20  # text, plots and the header band, not a uniform page
+    colours = {tuple(c) for c in pixels[::8, ::8].reshape(-1, 3).astype(int)}
+    assert len(colours) > 200  # anti-aliased plots and text produce many distinct colours
+    keep = os.environ.get("RADSSL_KEEP_SCREENSHOT")
+    if keep:  # lets a developer look at the rendering
+        shutil.copy(shot, keep)

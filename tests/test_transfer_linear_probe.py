@@ -1,0 +1,92 @@
+"""Linear probe: C chosen on validation AUC, good on separable features, chance on noise, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radssl.data.store import TaskInfo
+from radssl.errors import DataError
+from radssl.transfer.linear_probe import linear_probe
+from radssl.transfer.metrics import classification_metrics
+
+CS = (1e-3, 1e-1, 10.0)
+
+
+def _clusters(n: int, k: int, d: int, shift: float, seed: int, centres_seed: int = 99):
+    centres = np.random.default_rng(centres_seed).normal(size=(k, d)) * shift
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    return (rng.normal(size=(n, d)) + centres[y]).astype(np.float32), y
+
+
+def test_binary_probe_selects_C_on_validation_and_separates():
+    train_x, train_y = _clusters(300, 2, 32, 0.5, seed=0)
+    val_x, val_y = _clusters(100, 2, 32, 0.5, seed=1)
+    test_x, test_y = _clusters(200, 2, 32, 0.5, seed=2)
+    result = linear_probe(train_x, train_y, val_x, val_y, {"test": (test_x, test_y)}, TaskInfo("binary", 2), Cs=CS)
+    assert set(result.val_metric_per_C) == set(CS)
+    assert result.val_metric == max(result.val_metric_per_C.values())
+    assert result.best_C == min(c for c, m in result.val_metric_per_C.items() if m == result.val_metric)
+    assert result.metrics["test"]["auc"] > 0.95
+    assert result.scores["test"].shape == (200,)
+    # The returned validation scores come from the chosen C.
+    val_auc = classification_metrics(TaskInfo("binary", 2), val_y, result.val_scores)["auc"]
+    assert val_auc == pytest.approx(result.val_metric)
+
+
+def test_probe_is_at_chance_on_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    y = rng.integers(0, 2, 600)
+    result = linear_probe(x[:300], y[:300], x[300:400], y[300:400], {"test": (x[400:], y[400:])}, TaskInfo("binary", 2), Cs=CS)
+    assert abs(result.metrics["test"]["auc"] - 0.5) < 0.12
+
+
+def test_validation_choice_depends_on_validation_labels():
+    """Swap in validation labels that reward the other end of the C grid: the choice must follow."""
+    train_x, train_y = _clusters(200, 2, 64, 0.3, seed=3)
+    val_x, val_y = _clusters(100, 2, 64, 0.3, seed=4)
+    task = TaskInfo("binary", 2)
+    result = linear_probe(train_x, train_y, val_x, val_y, {}, task, Cs=CS)
+    flipped = linear_probe(train_x, train_y, val_x, 1 - val_y, {}, task, Cs=CS)
+    for C, metric in result.val_metric_per_C.items():
+        assert flipped.val_metric_per_C[C] == pytest.approx(1 - metric)
+    assert len(set(result.val_metric_per_C.values())) == len(CS)  # the grid really matters here
+    assert flipped.best_C == min(result.val_metric_per_C, key=result.val_metric_per_C.get)
+
+
+def test_multiclass_and_multilabel_probes_give_metrics():
+    x, y = _clusters(400, 3, 16, 1.0, seed=5)
+    result = linear_probe(x[:200], y[:200], x[200:300], y[200:300], {"test": (x[300:], y[300:])}, TaskInfo("multiclass", 3), Cs=CS)
+    assert result.scores["test"].shape == (100, 3)
+    np.testing.assert_allclose(result.scores["test"].sum(1), 1.0, atol=1e-6)
+    assert result.metrics["test"]["auc"] > 0.9
+
+    labels = np.stack([y == 0, y == 1], axis=1).astype(np.float32)
+    labels[::7, 1] = np.nan  # unknown labels are skipped per label
+    result = linear_probe(
+        x[:200], labels[:200], x[200:300], labels[200:300], {"test": (x[300:], labels[300:])},
+        TaskInfo("multilabel", 2), Cs=CS,
+    )
+    assert result.scores["test"].shape == (100, 2)
+    assert result.metrics["test"]["auc"] > 0.9
+
+
+def test_test_set_with_class_unseen_in_training_is_an_error():
+    x, y = _clusters(300, 3, 8, 1.0, seed=6)
+    train, val = y[:200] != 2, y[200:250] != 2
+    with pytest.raises(DataError, match=r"hospital-B: class 2 occurs in this evaluation set but has no example"):
+        linear_probe(
+            x[:200][train], y[:200][train], x[200:250][val], y[200:250][val], {"hospital-B": (x[250:], y[250:])},
+            TaskInfo("multiclass", 3), Cs=CS,
+        )
+
+
+def test_unlabelled_training_rows_are_ignored():
+    x, y = _clusters(300, 2, 8, 1.0, seed=7)
+    noisy = y.copy()
+    noisy[:100] = -1
+    a = linear_probe(x[:200], noisy[:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS)
+    b = linear_probe(x[100:200], y[100:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS)
+    assert a.val_metric_per_C == pytest.approx(b.val_metric_per_C)

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from radssl.study.report import render_report
 from radssl.study.results_store import CellKey, ResultsStore
-from radssl.study.statistics import accuracy, bootstrap_ci, binary_auc
+from radssl.study.statistics import accuracy, binary_auc, bootstrap_ci
 
 STUDY = "synthetic"
 INITS = {"random": ("none", 0.2), "ssl": ("simclr", 0.9)}  # init -> (pretraining run, skill)
@@ -68,6 +69,27 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ResultsStore
     return path, store
 
 
+class _TagBalance(HTMLParser):
+    """Counts container tags left open (a cheap well-formedness check of the generated page)."""
+
+    TAGS = {"section", "table", "thead", "tbody", "tr", "td", "th", "div", "figure", "ul", "li", "pre", "details",
+            "header", "main", "nav", "span", "p", "small", "strong"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: dict[str, int] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.TAGS:
+            self.open[tag] = self.open.get(tag, 0) + 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.TAGS:
+            self.open[tag] = self.open.get(tag, 0) - 1
+            if self.open[tag] == 0:
+                del self.open[tag]
+
+
 def _mean_auc(init: str, fraction: float, test_set: str) -> float:
     return float(np.mean([roc_auc_score(_labels(test_set), _scores(init, fraction, s, test_set)) for s in SEEDS]))
 
@@ -86,6 +108,10 @@ def test_report_is_self_contained_with_figures_and_tables(report: tuple[Path, Re
     assert not re.findall(r'(?:src|href)="(?!data:|#)', page)
     assert "http://" not in page and "https://" not in page and "<link" not in page
     assert "config-marker-7f3a" in page and "<pre" in page
+    assert "p<0" not in page  # "<" in text is escaped
+    parser = _TagBalance()
+    parser.feed(page)
+    assert parser.open == {}, f"unbalanced tags: {parser.open}"
     assert not list(path.parent.glob(".*.tmp"))
 
     with (path.parent / "results.csv").open() as stream:
@@ -110,7 +136,7 @@ def test_label_fraction_matching_the_supervised_baseline(report: tuple[Path, Res
     section = page[page.index('id="matching"'):page.index('id="pretrain-size"')]
     baseline = _mean_auc("random", 1.0, "test")
     curve = [(f, _mean_auc("ssl", f, "test")) for f in FRACTIONS]
-    (f0, v0), (f1, v1) = next((a, b) for a, b in zip(curve, curve[1:]) if a[1] < baseline <= b[1])
+    (f0, v0), (f1, v1) = next((a, b) for a, b in zip(curve[:-1], curve[1:], strict=True) if a[1] < baseline <= b[1])
     expected = 10 ** (math.log10(f0) + (baseline - v0) / (v1 - v0) * (math.log10(f1) - math.log10(f0)))
     assert f"≈{100 * expected:.2g}%" in section
     assert f"{baseline:.3f}" in section

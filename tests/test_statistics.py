@@ -22,6 +22,7 @@ from radssl.study.statistics import (
     macro_auc,
     mean_std_over_seeds,
     paired_bootstrap,
+    paired_bootstrap_seed_averaged,
 )
 
 
@@ -43,7 +44,7 @@ def _delong_reference(y: np.ndarray, scores: list[np.ndarray]) -> tuple[np.ndarr
     neg = [s[y == 0] for s in scores]
     m, n = pos[0].size, neg[0].size
     v10, v01, aucs = [], [], []
-    for x, z in zip(pos, neg):
+    for x, z in zip(pos, neg, strict=True):
         psi = (x[:, None] > z[None, :]).astype(float) + 0.5 * (x[:, None] == z[None, :])
         aucs.append(psi.mean())
         v10.append(psi.mean(axis=1))  # V10(X_i) = 1/n sum_j psi(X_i, Y_j)
@@ -214,3 +215,17 @@ def test_multiclass_and_multilabel_auc_and_accuracy() -> None:
         macro_auc(np.where(y == 2, 0, y), prob)
     with pytest.raises(DataError, match="class ids"):
         macro_auc(y + 1, prob)
+
+
+def test_paired_bootstrap_seed_averaged_keeps_cases_paired_across_seeds() -> None:
+    y, a1, b1 = _scores(n=200, seed=6)
+    rng = np.random.default_rng(1)
+    a2, b2 = a1 + rng.normal(size=y.size), b1 + rng.normal(size=y.size)
+    result = paired_bootstrap_seed_averaged(y, [a1, a2], [b1, b2], binary_auc, n_boot=400, seed=0)
+    expected = (roc_auc_score(y, a1) + roc_auc_score(y, a2) - roc_auc_score(y, b1) - roc_auc_score(y, b2)) / 2
+    assert result.difference == pytest.approx(expected)
+    delong = delong_seed_averaged(y, [a1, a2], [b1, b2])
+    assert result.low == pytest.approx(delong.ci_low, abs=0.03)
+    assert result.high == pytest.approx(delong.ci_high, abs=0.03)
+    assert paired_bootstrap_seed_averaged(y, [a1], [b1], binary_auc, n_boot=50, seed=2) == paired_bootstrap(
+        y, a1, b1, binary_auc, n_boot=50, seed=2)

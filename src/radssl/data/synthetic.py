@@ -181,7 +181,7 @@ def _sample_patients(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     rows = np.arange(n)
     params["finding_u"] = cu[rows, pick]
     params["finding_v"] = cv[rows, pick]
-    params["finding_r"] = u(0.05, 0.09, n)  # radius, half-widths of the image
+    params["finding_r"] = u(0.08, 0.14, n)  # radius, half-widths of the image
     params["finding_gain"] = u(0.8, 1.2, n)
     return params
 

@@ -151,9 +151,9 @@ def _analyse(store: ResultsStore, study: str, metric: str) -> _Analysis:
         analysis.cells[line] = dict(curve)
         if len({c.key.pretrain_fraction for c in cells}) > 1:
             analysis.size_cells[line] = dict(sizes)
-    init_rank = {init: i for i, init in enumerate(_order({l.init for l in by_line}, _INIT_ORDER))}
-    proto_rank = {p: i for i, p in enumerate(_order({l.protocol for l in by_line}, _PROTOCOL_ORDER))}
-    analysis.lines = sorted(by_line, key=lambda l: (proto_rank[l.protocol], init_rank[l.init], l.pretrain))
+    init_rank = {init: i for i, init in enumerate(_order({ln.init for ln in by_line}, _INIT_ORDER))}
+    proto_rank = {p: i for i, p in enumerate(_order({ln.protocol for ln in by_line}, _PROTOCOL_ORDER))}
+    analysis.lines = sorted(by_line, key=lambda ln: (proto_rank[ln.protocol], init_rank[ln.init], ln.pretrain))
     test_sets = {r["test_set"] for r in chosen}
     analysis.test_sets = ([INTERNAL_TEST_SET] if INTERNAL_TEST_SET in test_sets else []) + sorted(
         test_sets - {INTERNAL_TEST_SET})
@@ -188,7 +188,7 @@ def _p(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "–"
     if value < 0.001:
-        return "p<0.001"
+        return "p&lt;0.001"  # HTML context
     return f"p={value:.3f}" if value < 0.1 else f"p={value:.2f}"
 
 
@@ -281,10 +281,10 @@ def _curve(analysis: _Analysis, line: Line, test_set: str) -> dict[float, float]
 
 def _matching_line(analysis: _Analysis, treatment: Line, baseline_init: str) -> Line | None:
     """The baseline curve compared with ``treatment``: same protocol, same pretraining run if it has one."""
-    candidates = [l for l in analysis.lines if l.init == baseline_init and l.protocol == treatment.protocol]
+    candidates = [ln for ln in analysis.lines if ln.init == baseline_init and ln.protocol == treatment.protocol]
     if not candidates:
         return None
-    same_run = [l for l in candidates if l.pretrain == treatment.pretrain]
+    same_run = [ln for ln in candidates if ln.pretrain == treatment.pretrain]
     return (same_run or sorted(candidates))[0]
 
 
@@ -439,7 +439,7 @@ def _curves_figure(analysis: _Analysis, names: _Names) -> str:
         for r, protocol in enumerate(analysis.protocols):
             for c, test_set in enumerate(analysis.test_sets):
                 ax = axes[r][c]
-                for line in (l for l in analysis.lines if l.protocol == protocol):
+                for line in (ln for ln in analysis.lines if ln.protocol == protocol):
                     points = sorted((lf, _point(cells), cells) for (ts, lf), cells in analysis.cells[line].items()
                                     if ts == test_set)
                     if not points:
@@ -509,7 +509,7 @@ def _size_figure(analysis: _Analysis, names: _Names) -> str:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    lines = [l for l in analysis.lines if l in analysis.size_cells][:6]
+    lines = [ln for ln in analysis.lines if ln in analysis.size_cells][:6]
     cols = len(analysis.test_sets)
     cmap = colormaps["viridis"]
     with matplotlib.rc_context(_RC):
@@ -524,7 +524,7 @@ def _size_figure(analysis: _Analysis, names: _Names) -> str:
                     pts = [(pf, _point(sizes[(test_set, lf, pf)])[0]) for pf in pfs if (test_set, lf, pf) in sizes]
                     if pts:
                         colour = cmap(0.1 + 0.75 * k / max(1, len(analysis.fractions) - 1))
-                        ax.plot(*zip(*pts), "-o", color=colour, lw=1.8, ms=4, label=f"{_pct(lf)} labels")
+                        ax.plot(*zip(*pts, strict=True), "-o", color=colour, lw=1.8, ms=4, label=f"{_pct(lf)} labels")
                 _fraction_axis(ax, pfs)
                 ax.set_title(f"{names.line(line)} · {test_set}")
                 ax.set_xlabel("pretraining data used (log scale)")
@@ -586,7 +586,7 @@ def _headline(analysis: _Analysis, names: _Names, gains_random: Sequence[_Gain],
     external = [t for t in analysis.test_sets if t != INTERNAL_TEST_SET]
     if external and INTERNAL_TEST_SET in analysis.test_sets:
         parts = []
-        for line in (l for l in analysis.lines if l.protocol == protocol):
+        for line in (ln for ln in analysis.lines if ln.protocol == protocol):
             inside = analysis.cells[line].get((INTERNAL_TEST_SET, smallest))
             outside = analysis.cells[line].get((external[0], smallest))
             if inside and outside:
@@ -596,15 +596,17 @@ def _headline(analysis: _Analysis, names: _Names, gains_random: Sequence[_Gain],
                              f"{_pct(smallest)} labels changes {_esc(_metric_name(analysis.metric))} by: "
                              + ", ".join(parts) + ".")
     cell_hours, pretrain_hours, n_runs = cost
+    runs = (f"{n_runs} pretraining run{'s' if n_runs != 1 else ''} used {pretrain_hours:.2f}" if n_runs
+            else "no pretraining run was recorded")
     sentences.append(f"The {len({r['cell_key'] for r in analysis.rows})} finished cells used "
-                     f"{cell_hours:.2f} device-hours; {n_runs} pretraining run(s) used {pretrain_hours:.2f}.")
+                     f"{cell_hours:.2f} device-hours; {runs}.")
     return '<ul class="headline">' + "".join(f"<li>{s}</li>" for s in sentences) + "</ul>"
 
 
 def _gains_section(analysis: _Analysis, names: _Names, gains: Sequence[_Gain], baseline_init: str) -> str:
     title = f"Gain over {_init_name(baseline_init)}"
     if not gains:
-        present = any(l.init == baseline_init for l in analysis.lines)
+        present = any(ln.init == baseline_init for ln in analysis.lines)
         reason = ("no other initialisation shares its protocol" if present
                   else f"the study has no “{baseline_init}” initialisation")
         return _note(f"{_esc(title)} skipped: {_esc(reason)}.")
@@ -640,7 +642,8 @@ def _gains_section(analysis: _Analysis, names: _Names, gains: Sequence[_Gain], b
         "Test", "Seeds"]
     table = _table(headers, rows, numeric=tuple(range(3, 3 + len(analysis.fractions))))
     legend = (f'<p class="muted">Each cell: Δ {_esc(_metric_name(analysis.metric))} (A − B, seed-averaged), '
-              "its 95% CI and p. Green / red: the CI excludes zero. Hover a cell for the seed SD of the difference.</p>")
+              "its 95% CI and p. Green / red: the CI excludes zero. Hover a cell for the seed SD of the "
+              "difference.</p>")
     return _gains_figure(analysis, gains, names, title) + legend + table
 
 
@@ -842,9 +845,9 @@ def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric
     pretrain_runs = store.pretrain_runs(study)
     config = store.study_config(study)
 
-    vs_random = _gains(analysis, predictions, "random", [l for l in analysis.lines if l.init != "random"])
+    vs_random = _gains(analysis, predictions, "random", [ln for ln in analysis.lines if ln.init != "random"])
     vs_imagenet = _gains(analysis, predictions, "imagenet",
-                         [l for l in analysis.lines if l.init not in ("random", "imagenet")])
+                         [ln for ln in analysis.lines if ln.init not in ("random", "imagenet")])
     matches = _matches(analysis)
     unique_cells = {r["cell_key"]: r for r in analysis.rows}
     cell_hours = sum((r["device_hours"] or 0.0) for r in unique_cells.values())
@@ -884,7 +887,7 @@ def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t, _ in sections)
     kpis = [(str(len(unique_cells)), "cells"), (str(len(analysis.seeds)), "seeds"),
             (str(len(analysis.test_sets)), "test sets"),
-            (str(len({l.encoder for l in analysis.lines})), "initialisations"),
+            (str(len({ln.encoder for ln in analysis.lines})), "initialisations"),
             (f"{cell_hours + pretrain_hours:.1f}", "device-hours")]
     kpi_html = "".join(f'<div class="kpi"><b>{v}</b><span>{_esc(k)}</span></div>' for v, k in kpis)
     generated = time.strftime("%Y-%m-%d %H:%M")

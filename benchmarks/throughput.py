@@ -1,0 +1,237 @@
+"""Pretraining throughput: is the model step, not data loading, the bottleneck?
+
+Measures, for the same backbone, batch size and SimCLR objective, in one process run:
+  (a) radssl end to end — the real engine (``radssl.engine.pretrain``): store on device → batched on-device
+      augmentation → model step, with the step settings chosen here (channels_last, threads, optional compile);
+  (b) model only — the same model and optimiser on pre-made view tensors (the ceiling for (a));
+  (c) lightly's standard pipeline — ``lightly.transforms.SimCLRTransform`` (1-channel settings) on PIL images in
+      ``DataLoader`` worker processes, feeding the same model with default torch settings.
+Targets on a 2-core CPU: (a) ≥ 0.9 × (b) and (a) ≥ 1.5 × (c). Writes ``benchmarks/results/throughput.json``.
+
+Usage: python benchmarks/throughput.py [--data-root DIR] [--dataset pneumoniamnist] [--backbone resnet18]
+       [--batch-size 128] [--steps 12] [--warmup 3] [--workers 2] [--compile]
+Without ``--data-root``/``$RADSSL_DATA_DIR`` (or with ``--synthetic``) it uses the embedded synthetic images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radssl.atomic import write_text_atomic
+from radssl.config import load_config
+from radssl.data.store import ImageStore
+from radssl.engine.optim import build_optimizer
+from radssl.engine.pretrain import build_pretraining_method, pretrain
+from radssl.provenance import package_versions
+
+RESULTS = Path(__file__).parent / "results" / "throughput.json"
+
+
+def load_store(args: argparse.Namespace) -> ImageStore:
+    root = args.data_root or os.environ.get("RADSSL_DATA_DIR")
+    if root and not args.synthetic:
+        from radssl.data.medmnist import load_medmnist
+
+        return load_medmnist(args.dataset, size=args.size, root=Path(root), allow_download=False)
+    from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
+
+    return make_synthetic_store(SyntheticSpec(n_patients=400, images_per_patient=4, image_size=args.size))
+
+
+def make_config(args: argparse.Namespace, output_dir: Path, steps: int, channels_last: bool, compile_: bool):
+    return load_config(
+        None,
+        [
+            f"output_dir={output_dir}",
+            f"model.backbone={args.backbone}",
+            "method.name=simclr",
+            "train.accelerator=cpu" if not torch.cuda.is_available() else "train.accelerator=cuda",
+            "train.devices=1",
+            f"train.steps={steps}",
+            f"train.batch_size={args.batch_size}",
+            f"train.channels_last={str(channels_last).lower()}",
+            f"train.compile={str(compile_).lower()}",
+            f"train.threads={args.threads}",
+            "train.log_every=1",
+            "train.checkpoint_every=100000",
+            "train.progress_bar=false",
+            "eval.enabled=false",
+            "optim.optimizer=sgd",
+        ],
+    )
+
+
+def steady_rate(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def bench_engine(args: argparse.Namespace, store: ImageStore) -> dict:
+    """(a) the real engine; per-step img/s read from its metrics log, warm-up steps dropped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = make_config(args, Path(tmp) / "run", args.steps + args.warmup, args.channels_last, args.compile)
+        start = time.perf_counter()
+        pretrain(config, store=store)
+        total = time.perf_counter() - start
+        rows = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        column = header.index("images_per_s")
+        rates = [float(r.split(",")[column]) for r in rows[1 + args.warmup :]]
+    return {"images_per_s": steady_rate(rates), "per_step": rates, "wall_s_including_setup": total}
+
+
+def _timed_model_steps(model, optimizer, batches, warmup: int, batch_size: int) -> list[float]:  # noqa: ANN001
+    rates = []
+    for index, views in enumerate(batches):
+        start = time.perf_counter()
+        loss = model(views)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())
+        if index >= warmup:
+            rates.append(batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def bench_model_only(args: argparse.Namespace, store: ImageStore) -> dict:
+    """(b) model + optimiser on pre-made normalised views (no data path at all)."""
+    config = make_config(args, Path("unused"), args.steps, args.channels_last, args.compile)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    method = build_pretraining_method(config, store)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    method = method.to(memory_format=memory_format)
+    optimizer = build_optimizer(method, config.optim, 0.01)
+    model = torch.compile(method) if args.compile else method
+    shape = (args.batch_size, store.channels, *store.image_shape)
+    views = [torch.randn(shape).contiguous(memory_format=memory_format) for _ in range(2)]
+    rates = _timed_model_steps(model, optimizer, (views for _ in range(args.steps + args.warmup)), args.warmup, args.batch_size)
+    return {"images_per_s": steady_rate(rates), "per_step": rates}
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """Stored uint8 images as PIL greyscale images through a transform, as a torchvision dataset would."""
+
+    def __init__(self, images: np.ndarray, transform) -> None:  # noqa: ANN001
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):  # noqa: ANN204
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index], mode="L"))
+
+
+def bench_lightly(args: argparse.Namespace, store: ImageStore) -> dict:
+    """(c) lightly's SimCLRTransform in DataLoader workers + the same model with default torch settings."""
+    from lightly.transforms import SimCLRTransform
+
+    torch.set_num_threads(args.default_threads)
+    transform = SimCLRTransform(
+        input_size=store.image_shape[-1],
+        cj_prob=0.8, cj_bright=0.4, cj_contrast=0.4, cj_sat=0.0, cj_hue=0.0,  # no colour ops on 1 channel
+        min_scale=0.35, random_gray_scale=0.0, gaussian_blur=0.5, rr_prob=1.0, rr_degrees=10.0,
+        normalize={"mean": [0.449], "std": [0.226]},
+    )
+    rows = store.pretrain_indices()
+    dataset = _PILDataset(store.images[rows, 0].numpy(), transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0),
+    )
+    config = make_config(args, Path("unused"), args.steps, False, False)
+    torch.manual_seed(0)
+    method = build_pretraining_method(config, store)
+    optimizer = build_optimizer(method, config.optim, 0.01)
+    needed = args.steps + args.warmup
+
+    def batches():  # noqa: ANN202
+        produced = 0
+        while produced < needed:
+            for views in loader:
+                yield views
+                produced += 1
+                if produced >= needed:
+                    return
+
+    rates = []
+    iterator = batches()
+    for index in range(needed):
+        start = time.perf_counter()
+        views = next(iterator)  # includes waiting for the workers: that is the point of (c)
+        loss = method(views)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())
+        if index >= args.warmup:
+            rates.append(args.batch_size / (time.perf_counter() - start))
+    return {"images_per_s": steady_rate(rates), "per_step": rates, "workers": args.workers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root")
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--dataset", default="pneumoniamnist")
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (c)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for (a)/(b)")
+    parser.add_argument("--default-threads", type=int, default=torch.get_num_threads(), help="torch threads for (c)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in (a)/(b)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    store = load_store(args)
+    results = {
+        "a_radssl_end_to_end": bench_engine(args, store),
+        "b_model_only": bench_model_only(args, store),
+        "c_lightly_dataloader": bench_lightly(args, store),
+    }
+    a, b, c = (results[k]["images_per_s"] for k in ("a_radssl_end_to_end", "b_model_only", "c_lightly_dataloader"))
+    ratios = {"a_over_b": a / b, "a_over_c": a / c}
+    targets = {"a_over_b >= 0.9": ratios["a_over_b"] >= 0.9, "a_over_c >= 1.5": ratios["a_over_c"] >= 1.5}
+    record = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "dataset": store.name,
+        "image_shape": list(store.image_shape),
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "versions": package_versions(),
+        "results": results,
+        "ratios": ratios,
+        "targets_met": targets,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.output, json.dumps(record, indent=2))
+    print(f"{'pipeline':<34}{'img/s':>10}")
+    for name, value in (("(a) radssl end-to-end", a), ("(b) model only, pre-made tensors", b), ("(c) lightly + DataLoader workers", c)):
+        print(f"{name:<34}{value:>10.1f}")
+    print(f"a/b = {ratios['a_over_b']:.2f} (target ≥ 0.9)   a/c = {ratios['a_over_c']:.2f} (target ≥ 1.5)")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

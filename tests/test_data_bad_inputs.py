@@ -118,8 +118,8 @@ def test_nifti_skip_keeps_the_good_volume(tmp_path):
 # ----------------------------------------------------------------------------------------- DICOM
 DICOM_CASES = [
     # (folder, file named in the error, pattern the problem must match)
-    ("dicom_corrupt", "corrupt.dcm", r"dicom|dicm|read|invalid|corrupt|header"),
-    ("dicom_truncated", "truncated.dcm", r"truncat|incomplete|less than expected|short|end of file|corrupt|pixel data"),
+    ("dicom_corrupt", "corrupt.dcm", r"not a (readable )?dicom|dicm|invalid dicom|corrupt"),
+    ("dicom_truncated", "truncated.dcm", r"truncat|incomplete|less than expected|end of file"),
     ("dicom_no_pixels", "no_pixel_data.dcm", r"pixel ?data"),
     ("dicom_unsupported_syntax", "jpeg2000_declared.dcm", r"transfer syntax|jpeg ?2000|1\.2\.840\.10008\.1\.2\.4\.90|decod"),
     ("dicom_inconsistent_spacing", "slice_", r"spacing|gap|position"),
@@ -171,3 +171,24 @@ def test_medical_skip_writes_bad_files_report(tmp_path):
     assert len(store) == 2
     report = json.loads(medical.bad_files_report(store).read_text())
     assert report["skipped"] == 1 and report["files"][0]["path"].endswith("missing.png")
+
+
+def test_medical_dicom_skip_lists_bad_files(dicom, tmp_path):
+    medical = pytest.importorskip("radssl.data.medical")
+    root = tmp_path / "dicom"
+    shutil.copytree(BAD / "dicom_good", root / "good")
+    for name in ("dicom_truncated/truncated.dcm", "dicom_no_pixels/no_pixel_data.dcm"):
+        shutil.copy(BAD / name, root / Path(name).name)
+    base = {
+        "source": {"kind": "dicom", "root": str(root), "assemble": "series"},
+        "cache_dir": str(tmp_path / "cache"),
+        "preprocess": {"modality": "ct", "target_size": [3, 8, 8]},
+    }
+    with pytest.raises(DataError, match=r"truncated\.dcm|no_pixel_data\.dcm"):
+        medical.load_medical_store(medical.MedicalDataConfig.model_validate(base), "ct")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    store = medical.load_medical_store(medical.MedicalDataConfig.model_validate(dict(base, on_bad_file="skip")), "ct")
+    assert store.images.shape == (1, 1, 3, 8, 8)
+    assert store.meta["modality"].tolist() == ["CT"]
+    report = json.loads(medical.bad_files_report(store).read_text())
+    assert sorted(Path(f["path"]).name for f in report["files"]) == ["no_pixel_data.dcm", "truncated.dcm"]

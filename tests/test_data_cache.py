@@ -106,6 +106,25 @@ def test_changed_preprocess_config_or_touched_file_rebuilds(tmp_path):
     assert len(entries) == 5 and not [p for p in entries if p.name.startswith(".tmp-")]
 
 
+def test_csv_source_keys_on_the_csv_and_the_images_it_names(tmp_path):
+    outside = tmp_path / "elsewhere" / "x.png"  # named by absolute path, outside root
+    outside.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside)
+    (tmp_path / "root").mkdir()
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "root" / "a.png")
+    (tmp_path / "root" / "list.csv").write_text(f"path\na.png\n{outside}\n")
+    config = FolderSourceConfig(root=tmp_path / "root", csv=tmp_path / "root" / "list.csv")
+    assert set(list_folder_files(config)) == {config.csv, tmp_path / "root" / "a.png", outside}
+    reader = Counter(config)
+    _load(tmp_path / "cache", config, reader)
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(outside)
+    os.utime(outside, ns=(0, outside.stat().st_mtime_ns + 10**9))
+    store = _load(tmp_path / "cache", config, reader)
+    assert reader.calls == 2 and int(store.images[1].max()) == 9
+    (tmp_path / "root" / "list.csv").write_text("path\na.png\n")  # edited CSV
+    assert len(_load(tmp_path / "cache", config, reader)) == 1 and reader.calls == 3
+
+
 def test_different_shapes_are_an_error_and_write_nothing(tmp_path):
     config = _dataset(tmp_path / "data")
     Image.fromarray(np.zeros((12, 8), np.uint8)).save(config.root / "normal" / "tall.png")
@@ -225,8 +244,8 @@ def test_medical_store_patient_splits_cache_hit_and_inspect(medical, tmp_path, m
     external = medical.load_medical_store(_medical_config(medical, tmp_path, source, external=True), "toy")
     assert set(external.split.tolist()) == {"test"}
     with pytest.raises(AssertionError, match="decoded"):  # another preprocessing → rebuild → decode
-        medical.load_medical_store(_medical_config(medical, tmp_path, source) .model_copy(
-            update={"preprocess": config.preprocess.model_copy(update={"target_size": (4, 4)})}), "toy")
+        smaller = config.preprocess.model_copy(update={"target_size": (4, 4)})
+        medical.load_medical_store(config.model_copy(update={"preprocess": smaller}), "toy")
 
     text = medical.inspect_store(store, tmp_path / "montage.png")
     assert "train" in text and "pneumonia" in text and "patients shared between splits: none" in text
@@ -275,3 +294,32 @@ def test_medical_split_rules_and_task_resolution(medical, tmp_path):
     (tmp_path / "labels.csv").write_text(partial)
     with pytest.raises(DataError, match="splits for only 11 of 12 images"):
         medical.load_medical_store(_medical_config(medical, tmp_path, dict(source, split_column="split")), "s")
+
+
+def test_medical_nifti_volumes_with_cached_masks(medical, tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        volume = rng.normal(100, 5, size=(12, 10, 6)).astype(np.float32)  # (x, y, z)
+        mask = np.zeros(volume.shape, np.uint8)
+        mask[2 + i : 6 + i, 3:7, 1:4] = 1 + i % 2  # labels 1/2 over a bright block
+        volume[mask > 0] += 400
+        (tmp_path / f"p{i}").mkdir()
+        for data, name in ((volume, f"case{i}.nii.gz"), (mask, f"case{i}_seg.nii.gz")):
+            nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), str(tmp_path / f"p{i}" / name))
+    source = {"kind": "nifti", "root": str(tmp_path), "mask_suffix": "seg", "modality": "MR"}
+    config = medical.MedicalDataConfig.model_validate(
+        {"source": source, "cache_dir": str(tmp_path / "cache"), "preprocess": {"target_size": [6, 10, 12]}}
+    )
+    store = medical.load_medical_store(config, "seg")
+    assert store.images.shape == (3, 1, 6, 10, 12) and store.spatial_dims == 3
+    masks = store.meta["mask"]
+    assert masks.shape == (3, 6, 10, 12) and set(np.unique(masks).tolist()) == {0, 1, 2}
+    for i in range(3):  # masks stay on the bright blocks after reorientation and preprocessing
+        image = store.images[i, 0].numpy()
+        assert image[masks[i] > 0].min() > image[masks[i] == 0].max()
+    assert store.meta["spacing"][0].tolist() == [2.0, 1.0, 1.0]
+    assert set(store.patient_id.tolist()) == {"p0", "p1", "p2"}
+    again = medical.load_medical_store(config, "seg")
+    np.testing.assert_array_equal(again.meta["mask"], masks)

@@ -11,7 +11,11 @@ from radssl.models.backbones import build_backbone
 from radssl.transfer.features import normalise_for_backbone
 from radssl.transfer.initialisation import adapt_first_conv, initialise_backbone, parse_spec
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tiny tensors: one thread beats two on a shared 2-core machine (overrides conftest's setting)."""
+    torch.set_num_threads(1)
 
 
 def _grey_batch(seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -96,7 +100,8 @@ def test_ssl_checkpoint_round_trip_with_and_without_config(tmp_path):
     with torch.no_grad():
         expected = trained(x)
     for payload in (
-        {"backbone": trained.state_dict(), "config": {"model": {"name": "resnet18", "small_input": True}}},
+        # radssl pretraining's format: config.to_dict() with model.backbone and small_input (None = automatic).
+        {"backbone": trained.state_dict(), "config": {"model": {"backbone": "resnet18", "small_input": None}}},
         {"backbone": trained.state_dict()},  # architecture inferred from the weights
     ):
         path = tmp_path / "ssl.pt"
@@ -109,7 +114,7 @@ def test_ssl_checkpoint_round_trip_with_and_without_config(tmp_path):
 
 def test_ssl_checkpoint_mismatches_are_errors(tmp_path):
     path = tmp_path / "ssl.pt"
-    torch.save({"backbone": build_backbone("small_cnn").state_dict(), "config": {"model": {"name": "small_cnn"}}}, path)
+    torch.save({"backbone": build_backbone("small_cnn").state_dict(), "config": {"model": {"backbone": "small_cnn"}}}, path)
     assert initialise_backbone(f"ssl:{path}").name == "small_cnn"
     with pytest.raises(CheckpointError, match="'small_cnn' backbone but 'resnet18' was requested"):
         initialise_backbone(f"ssl:{path}", "resnet18")

@@ -11,6 +11,13 @@ from radssl.errors import DataError
 from radssl.transfer.knn import knn_classify, knn_evaluate
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tiny tensors: one thread beats two on a shared 2-core machine (overrides conftest's setting)."""
+    torch.set_num_threads(1)
+
+
+
 def _reference(train, labels, query, k, temperature, classes):
     """Direct per-query loop of Wu et al. 2018's weighted vote."""
     train = train / np.linalg.norm(train, axis=1, keepdims=True)

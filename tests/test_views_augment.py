@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,7 +12,15 @@ from pydantic import ValidationError
 from radssl.errors import ConfigError, DataError
 from radssl.views.augment import AugmentationParams, BatchAugmenter
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: threading only costs here, and the machine is shared. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 IDENTITY = dict(
     crop_scale=(1.0, 1.0),

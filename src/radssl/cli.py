@@ -66,6 +66,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from radssl.config import load_data_section
+    from radssl.data.build import build_store
+    from radssl.data.medical import inspect_store
+
+    section = load_data_section(args.config, list(args.overrides))
+    store = build_store(section)
+    out = Path(args.out) if args.out else Path(args.config).with_suffix(".montage.png")
+    print(inspect_store(store, out))
+    return 0
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where checkpoints, metrics and results go (config: output_dir)")
     parser.add_argument("--seed", type=int, help="run seed (config: seed)")
@@ -88,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--data-root", help="folder with dataset files (config: data.root; env RADSSL_DATA_DIR)")
     _add_run_options(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    data = sub.add_parser("data", help="inspect a dataset declared in a config")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="counts per split/class/patient/modality and a montage PNG")
+    inspect.add_argument("config", type=Path, help="any radssl YAML with a data section")
+    inspect.add_argument("--out", help="montage PNG path (default: <config>.montage.png)")
+    inspect.add_argument("overrides", nargs="*", help="overrides of the data section, e.g. data.size=64")
+    inspect.set_defaults(func=cmd_data_inspect)
     return parser
 
 

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from radssl.data.medical import MedicalDataConfig
 from radssl.errors import ConfigError
 from radssl.models.backbones import BACKBONES
 from radssl.views.augment import AugmentationParams
@@ -57,15 +58,27 @@ class SyntheticData(Section):
     data_seed: int = 0
 
 
+class FilesData(MedicalDataConfig):
+    """A user's own files: DICOM, NIfTI or an image folder (+ CSV), preprocessed once into a cache.
+
+    ``source`` is then a mapping with ``kind: dicom | nifti | folder`` (see ``radssl.data.medical``).
+    """
+
+    name: str = "dataset"
+
+
 def _data_source_tag(value: Any) -> str:
-    """The ``source`` tag of a data section; a section without one is MedMNIST (the documented default)."""
-    if isinstance(value, dict):
-        return str(value.get("source", "medmnist"))
-    return str(getattr(value, "source", "medmnist"))
+    """``medmnist`` / ``synthetic`` by name; a mapping under ``source`` describes files; default MedMNIST."""
+    source = value.get("source", "medmnist") if isinstance(value, dict) else getattr(value, "source", "medmnist")
+    if isinstance(source, (dict, BaseModel)):
+        return "files"
+    return str(source)
 
 
 DataSection = Annotated[
-    Annotated[MedMNISTData, Tag("medmnist")] | Annotated[SyntheticData, Tag("synthetic")],
+    Annotated[MedMNISTData, Tag("medmnist")]
+    | Annotated[SyntheticData, Tag("synthetic")]
+    | Annotated[FilesData, Tag("files")],
     Discriminator(_data_source_tag),
 ]
 
@@ -209,6 +222,15 @@ def _union_members(annotation: Any) -> list[Any]:
     return [m for a in args for m in _union_members(a)]
 
 
+def _source_tag_of(model: Any) -> str:
+    """The tag a union member is selected by: its ``source`` or ``kind`` default, else ``files``."""
+    for name in ("source", "kind"):
+        field = model.model_fields.get(name)
+        if field is not None and isinstance(field.default, str):
+            return field.default
+    return "files"
+
+
 def _allowed_keys(model: type[BaseModel], location: tuple[str, ...], raw: dict[str, Any]) -> list[str]:
     """Field names valid at ``location`` (a raw pydantic location, union tags included), for 'did you mean'."""
     current: Any = model
@@ -221,7 +243,7 @@ def _allowed_keys(model: type[BaseModel], location: tuple[str, ...], raw: dict[s
         members = _union_members(fields[part].annotation)
         if len(members) > 1 and parts:  # tagged union: the next location element names the member
             tag = parts.pop(0)
-            members = [m for m in members if m.model_fields.get("source") and m.model_fields["source"].default == tag]
+            members = [m for m in members if _source_tag_of(m) == tag]
         if not members:
             return []
         current = members[0]
@@ -238,7 +260,7 @@ def _allowed_keys(model: type[BaseModel], location: tuple[str, ...], raw: dict[s
 def format_validation_error(error: ValidationError, source: str, model: type[BaseModel], raw: dict[str, Any]) -> str:
     """Readable, one line per problem: file, dotted key, what is wrong, and close valid keys."""
     lines = [f"{source}: invalid configuration"]
-    tags = {"medmnist", "synthetic", "files"}
+    tags = {"medmnist", "synthetic", "files", "dicom", "nifti", "folder"}
     for item in error.errors():
         location = tuple(str(p) for p in item["loc"] if not isinstance(p, int))
         shown = tuple(p for p in location if p not in tags)  # union tags are noise for the user
@@ -277,6 +299,22 @@ def load_config(
         return model.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error, source, model, raw)) from None
+
+
+def load_data_section(path: Path, overrides: list[str] | None = None) -> Any:
+    """Only the ``data`` section of any radssl YAML (pretrain or study), validated like in a full config."""
+    from pydantic import TypeAdapter
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict) or "data" not in raw:
+        raise ConfigError(f"{path}: no 'data' section to inspect")
+    wrapped = apply_overrides({"data": raw["data"]}, overrides or [])
+    try:
+        return TypeAdapter(DataSection).validate_python(wrapped["data"])
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, str(path), PretrainConfig, wrapped)) from None
 
 
 def dump_config(config: BaseModel) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from radssl.config import MedMNISTData, SyntheticData
+from radssl.config import FilesData, MedMNISTData, SyntheticData
 from radssl.data.store import ImageStore
 
 
-def build_store(section: MedMNISTData | SyntheticData) -> ImageStore:
+def build_store(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
     """Load or generate the dataset a config names, validated before any training starts."""
     if isinstance(section, MedMNISTData):
         from radssl.data.medmnist import load_medmnist
@@ -24,4 +24,8 @@ def build_store(section: MedMNISTData | SyntheticData) -> ImageStore:
             seed=section.data_seed,
         )
         return make_synthetic_store(spec)
+    if isinstance(section, FilesData):
+        from radssl.data.medical import load_medical_store
+
+        return load_medical_store(section, name=section.name)
     raise TypeError(f"unsupported data section {type(section).__name__}")

@@ -1,10 +1,11 @@
 """Preprocessing cache: decode + preprocess once, then every later run memory-maps the result.
 
 Why: decoding DICOM/NIfTI/PNG and resampling costs far more than an SSL epoch reading compact uint8 pixels.
-The cache is one ``images.npy`` (``np.lib.format.open_memmap``; (N, C, H, W) or (N, C, D, H, W)) plus a JSON
-sidecar ``meta.json`` (per-image metadata columns, labels, class names, how it was built) in a folder named
-``<name>-<fingerprint>``. The fingerprint hashes every source file's path, size and mtime, the source config,
-the preprocessing fingerprint and the bad-file policy, so changing any of them builds a new entry.
+The cache is one ``images.npy`` (``np.lib.format.open_memmap``; (N, C, H, W) or (N, C, D, H, W)), optionally
+``masks.npy`` (segmentation labels on the same grid), plus a JSON sidecar ``meta.json`` (per-image metadata
+columns, labels, class names, how it was built) in a folder named ``<name>-<fingerprint>``. The fingerprint
+hashes every source file's path, size and mtime, the source config, the preprocessing fingerprint and the
+bad-file policy, so changing any of them builds a new entry.
 
 Atomicity: an entry is built in ``.tmp-<name>-<fingerprint>-<host>-<pid>/`` and renamed into place only when
 complete (``os.rename`` of a folder is atomic on POSIX). A run killed mid-build leaves only a ``.tmp-`` folder,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -37,8 +39,11 @@ from radssl.data.records import BadFileLog, BadFilePolicy, Record
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 CACHE_FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
+MASKS_FILE = "masks.npy"
 META_FILE = "meta.json"
 BAD_FILES_REPORT = "bad_files.json"
 _ALLOWED_DTYPES = (np.uint8, np.float16, np.float32)
@@ -124,11 +129,19 @@ class CacheTable:
 
 # ----------------------------------------------------------------------------------------- build
 def _preprocess_all(
-    records: Sequence[Record], preprocess: Callable[[Record], np.ndarray], log: BadFileLog, source: str
-) -> tuple[list[Record], list[np.ndarray]]:
-    """Preprocess every record; a bad record goes through ``log``; shapes/dtypes must agree."""
+    records: Sequence[Record],
+    preprocess: Callable[[Record], np.ndarray],
+    log: BadFileLog,
+    source: str,
+    preprocess_mask: Callable[[Record], np.ndarray | None] | None = None,
+) -> tuple[list[Record], list[np.ndarray], list[np.ndarray] | None]:
+    """Preprocess every record (and its mask); a bad record goes through ``log``; shapes/dtypes must agree.
+
+    Masks are kept only when every kept record has one (segmentation data); otherwise none are kept.
+    """
     kept: list[Record] = []
     arrays: list[np.ndarray] = []
+    masks: list[np.ndarray | None] = []
     for record in records:
         try:
             array = np.asarray(preprocess(record))
@@ -136,6 +149,9 @@ def _preprocess_all(
                 raise DataError(record.path, f"preprocessing returned shape {array.shape}; expected (C,H,W) or (C,D,H,W)")
             if array.dtype not in _ALLOWED_DTYPES:
                 raise DataError(record.path, f"preprocessing returned dtype {array.dtype}; expected uint8 or float16")
+            mask = preprocess_mask(record) if preprocess_mask is not None else None
+            if mask is not None and tuple(mask.shape) != tuple(array.shape[1:]):
+                raise DataError(record.path, f"preprocessed mask {mask.shape} does not match the image {array.shape[1:]}")
         except DataError as error:
             log.handle(error)
             continue
@@ -148,10 +164,17 @@ def _preprocess_all(
             )
         kept.append(record)
         arrays.append(array)
+        masks.append(None if mask is None else np.asarray(mask))
         record.pixels = np.empty(0)  # free the raw pixels early; the cache keeps the compact copy
+        record.extra.pop("mask", None)
     if not arrays:
         raise DataError(source, "no image survived reading and preprocessing", "see bad_files.json for the reasons")
-    return kept, arrays
+    if masks and all(m is not None for m in masks):
+        return kept, arrays, masks  # type: ignore[return-value]
+    if any(m is not None for m in masks):
+        logger.warning("%s: only %d of %d images have masks; masks are not cached", source,
+                       sum(m is not None for m in masks), len(masks))
+    return kept, arrays, None
 
 
 def _clean_stale_temps(cache_dir: Path, prefix: str) -> None:
@@ -174,6 +197,7 @@ def _clean_stale_temps(cache_dir: Path, prefix: str) -> None:
 def _write_entry(
     final: Path,
     arrays: list[np.ndarray],
+    masks: list[np.ndarray] | None,
     table: CacheTable,
     log: BadFileLog,
     build_info: dict[str, Any],
@@ -191,6 +215,13 @@ def _write_entry(
             images[i] = array
         images.flush()
         del images
+        if masks is not None:
+            dtype = np.result_type(*[m.dtype for m in masks])
+            stored = np.lib.format.open_memmap(temp / MASKS_FILE, mode="w+", dtype=dtype, shape=(len(masks), *masks[0].shape))
+            for i, mask in enumerate(masks):
+                stored[i] = mask
+            stored.flush()
+            del stored
         log.write_report(temp / BAD_FILES_REPORT)
         meta = {
             "format_version": CACHE_FORMAT_VERSION,
@@ -199,6 +230,7 @@ def _write_entry(
             "dtype": str(arrays[0].dtype),
             "class_names": table.class_names,
             "multilabel": table.multilabel,
+            "masks": masks is not None,
             "columns": table.columns,
             "build": build_info,
         }
@@ -220,6 +252,8 @@ def _entry_complete(entry: Path) -> dict[str, Any] | None:
             return None
         header = np.load(entry / IMAGES_FILE, mmap_mode="r")
         if list(header.shape) != meta["shape"] or str(header.dtype) != meta["dtype"]:
+            return None
+        if meta.get("masks") and np.load(entry / MASKS_FILE, mmap_mode="r").shape[0] != meta["shape"][0]:
             return None
         return meta
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
@@ -274,6 +308,8 @@ def store_from_entry(entry: Path, name: str, task: TaskInfo | None = None) -> Im
         "label_name": np.asarray(columns["label_name"]),
         "source_split": np.asarray(columns["split"]),
     }
+    if meta.get("masks"):
+        store_meta["mask"] = np.lib.format.open_memmap(entry / MASKS_FILE, mode="c")
     return ImageStore(
         name=name,
         images=torch.from_numpy(images),
@@ -296,15 +332,19 @@ def load_or_build_cache(
     preprocess: Callable[[Record], np.ndarray],
     on_bad_file: BadFilePolicy = "error",
     task: TaskInfo | None = None,
+    preprocess_mask: Callable[[Record], np.ndarray | None] | None = None,
 ) -> ImageStore:
     """The cached store for this (files, source config, preprocessing), building it first if needed.
 
     ``files`` are every file the source reads (stat'ed, never decoded, to key the cache); ``read_records``
     decodes them (called only on a miss) and ``preprocess`` turns one record into a (C, H, W) / (C, D, H, W)
     uint8 or float16 array. Splits are the source's own (``unlabelled`` where it gives none). The bad-file
-    report (``bad_files.json``) lies in the entry folder, i.e. ``store.origin``.
+    report (``bad_files.json``) lies in the entry folder, i.e. ``store.origin``. With ``preprocess_mask``
+    (same geometry as ``preprocess``, nearest neighbour) and a mask on every record, the masks are cached too
+    and appear as ``store.meta["mask"]`` ((N, H, W) or (N, D, H, W), memory-mapped).
     """
-    fingerprint = cache_fingerprint(files, source_config, preprocess_fingerprint, on_bad_file)
+    with_masks = "+masks" if preprocess_mask is not None else ""
+    fingerprint = cache_fingerprint(files, source_config, preprocess_fingerprint + with_masks, on_bad_file)
     final = entry_dir(cache_dir, name, fingerprint)
     if final.exists():
         if _entry_complete(final) is not None:
@@ -314,7 +354,7 @@ def load_or_build_cache(
     log = BadFileLog(on_bad_file)
     records = read_records(log)
     read_seconds = time.perf_counter() - started
-    kept, arrays = _preprocess_all(records, preprocess, log, str(name))
+    kept, arrays, masks = _preprocess_all(records, preprocess, log, str(name), preprocess_mask)
     table = CacheTable.from_records(kept, str(name))
     build_info = {
         "fingerprint": fingerprint,
@@ -326,5 +366,5 @@ def load_or_build_cache(
         "preprocess_fingerprint": preprocess_fingerprint,
         "source_config": _config_payload(source_config),
     }
-    _write_entry(final, arrays, table, log, build_info)
+    _write_entry(final, arrays, masks, table, log, build_info)
     return store_from_entry(final, name, task)

@@ -13,7 +13,8 @@ What a record holds (see ``radssl.data.records``):
   inversion (``extra["invert"]``) are left to preprocessing, which applies them in DICOM's order (VOI first,
   then the presentation inversion; PS3.4 N.2), so a window taken from the file stays correct.
 * colour images (RGB, YBR, PALETTE COLOR — ultrasound exports) become one grey channel by ITU-R BT.601 luma,
-  as the image-folder reader does; ``extra["photometric"]`` keeps the original interpretation.
+  as the image-folder reader does (rounded back to uint8 for 8-bit sources); ``extra["photometric"]`` keeps
+  the original interpretation.
 * ids from the tags (PatientID, StudyInstanceUID, SeriesInstanceUID, Modality) and spacing in mm ordered like
   the pixel axes: (row, column) from PixelSpacing (else ImagerPixelSpacing, at the detector plane, or an
   ultrasound region's physical deltas); volumes add the slice spacing in front.
@@ -98,7 +99,9 @@ def _has_preamble(path: Path) -> bool:
 def list_dicom_files(config: DicomSourceConfig) -> list[Path]:
     """Every file the source may read (pattern matches plus the label CSV), without decoding: keys the cache."""
     root = Path(config.root)
-    files = sorted(p for p in root.glob(config.pattern) if p.is_file() and not p.name.startswith(".")) if root.is_dir() else []
+    files: list[Path] = []
+    if root.is_dir():
+        files = sorted(p for p in root.glob(config.pattern) if p.is_file() and not p.name.startswith("."))
     if config.label_csv is not None:
         csv_path = Path(config.label_csv).resolve()
         files = [p for p in files if p.resolve() != csv_path] + [Path(config.label_csv)]
@@ -300,7 +303,12 @@ def _to_grey(pixels: np.ndarray, ds: Any, photometric: str, frames: int) -> np.n
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples == 3 or photometric == "PALETTE COLOR":
         # pydicom converts YBR to RGB when decoding (pixel_array's default), so (…, 3) is RGB here.
-        return pixels.astype(np.float32) @ LUMA_601
+        luma = pixels.astype(np.float32) @ LUMA_601
+        if pixels.dtype == np.uint8:
+            # 8-bit colour (ultrasound cine): back to uint8, 4× less memory for long clips; the rounding
+            # (≤ 0.5 grey level) is below the 8-bit source's own quantisation.
+            return np.round(luma).astype(np.uint8)
+        return luma
     if samples != 1:
         raise DataError("", f"{samples} samples per pixel; expected 1 (grey) or 3 (colour)")
     return pixels
@@ -311,7 +319,8 @@ def _modality_values(ds: Any, pixels: np.ndarray, frames: int) -> list[np.ndarra
     from pydicom.pixels import apply_modality_lut
 
     stack = pixels if frames > 1 else pixels[None]
-    enhanced = ds.get("PerFrameFunctionalGroupsSequence") is not None or ds.get("SharedFunctionalGroupsSequence") is not None
+    groups = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
+    enhanced = any(ds.get(k) is not None for k in groups)
     out = []
     for f, frame in enumerate(stack):
         if enhanced and "ModalityLUTSequence" not in ds:
@@ -337,7 +346,8 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
         raise DataError(str(path), f"not a readable DICOM file ({error})", "re-export or remove it") from error
     except Exception as error:  # EOFError, struct.error, OSError, ValueError on damaged headers
         raise DataError(
-            str(path), f"cannot read the DICOM header ({type(error).__name__}: {error}); the file is truncated or corrupt",
+            str(path),
+            f"cannot read the DICOM header ({type(error).__name__}: {error}); the file is truncated or corrupt",
             "re-export or remove it, or use on_bad_file: skip",
         ) from error
     modality = _text(ds, "Modality").upper()
@@ -653,7 +663,9 @@ def _read_label_table(config: DicomSourceConfig) -> tuple[dict[str, tuple[str, s
         missing = [c for c in wanted if c not in header]
         if missing:
             raise DataError(
-                str(path), f"columns {missing} not found; the CSV has {header}", "fix key_column/label_column/split_column"
+                str(path),
+                f"columns {missing} not found; the CSV has {header}",
+                "fix key_column/label_column/split_column",
             )
         table: dict[str, tuple[str, str, int]] = {}
         for row in reader:

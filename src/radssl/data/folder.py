@@ -298,11 +298,21 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record
 
 
 def list_folder_files(config: FolderSourceConfig) -> list[Path]:
-    """Every file the source reads (images plus the CSV), without decoding: the cache's change detector."""
-    files = [p for p in sorted(config.root.rglob("*")) if _is_image(p)] if config.root.is_dir() else []
-    if config.csv is not None:
-        files.append(config.csv)
-    return files
+    """Every file the source reads (the CSV and the images it names, or the folder's images), without decoding.
+
+    The cache keys on these files' sizes and mtimes, so it notices an edited CSV or a replaced image.
+    """
+    if config.csv is None:
+        return [p for p in sorted(config.root.rglob("*")) if _is_image(p)] if config.root.is_dir() else []
+    try:
+        header, rows = _read_csv_rows(config.csv)
+    except (DataError, OSError, UnicodeDecodeError, csv_module.Error):
+        return [config.csv]  # reading reports the problem properly
+    if config.path_column not in header:
+        return [config.csv]
+    named = {row[config.path_column] for _, row in rows if row.get(config.path_column)}
+    paths = sorted(Path(raw) if Path(raw).is_absolute() else config.root / raw for raw in named)
+    return [config.csv, *paths]
 
 
 def read_folder_source(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:

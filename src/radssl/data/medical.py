@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from radssl.atomic import write_bytes_atomic
 from radssl.data.cache import BAD_FILES_REPORT, load_or_build_cache
-from radssl.data.dicom import DicomSourceConfig, read_dicom_source
+from radssl.data.dicom import DicomSourceConfig, list_dicom_files, read_dicom_source
 from radssl.data.folder import FolderSourceConfig, list_folder_files, read_folder_source
 from radssl.data.nifti import NiftiSourceConfig, list_nifti_files, read_nifti_source
-from radssl.data.preprocess import PreprocessConfig, preprocess_record
+from radssl.data.preprocess import PreprocessConfig, preprocess_mask, preprocess_record
 from radssl.data.records import BadFileLog, Record
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ALL_SPLIT_NAMES, ImageStore, TaskInfo
@@ -81,16 +81,7 @@ def source_files(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceCon
         return list_nifti_files(source)
     if isinstance(source, FolderSourceConfig):
         return list_folder_files(source)
-    from radssl.data import dicom
-
-    lister = getattr(dicom, "list_dicom_files", None)
-    if lister is not None:
-        return list(lister(source))
-    # Conservative fallback: every file under the DICOM root (any change there rebuilds the cache).
-    root = Path(source.root)
-    files = [p for p in sorted(root.rglob("*")) if p.is_file()] if root.is_dir() else []
-    extra_csv = getattr(source, "label_csv", None)
-    return files + ([Path(extra_csv)] if extra_csv else [])
+    return list_dicom_files(source)
 
 
 def read_source(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig, log: BadFileLog) -> list[Record]:
@@ -110,7 +101,9 @@ def resolve_task(inferred: TaskInfo, wanted: TaskConfig, where: str) -> TaskInfo
     if wanted.kind == "auto" and wanted.class_names is None:
         return inferred
     if inferred.kind == "none":
-        raise DataError(where, f"task '{wanted.kind}' asks for labels but the source gives none", "add labels or set task kind: none")
+        raise DataError(
+            where, f"task '{wanted.kind}' asks for labels but the source gives none", "add labels or set task kind: none"
+        )
     kind = inferred.kind if wanted.kind == "auto" else wanted.kind
     if (kind == "multilabel") != (inferred.kind == "multilabel"):
         raise DataError(where, f"task kind '{kind}' does not match the source's {inferred.kind} labels", "fix task.kind")
@@ -177,6 +170,7 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
         read_records=lambda log: read_source(source, log),
         preprocess=lambda record: preprocess_record(record, config.preprocess),
         on_bad_file=config.on_bad_file,
+        preprocess_mask=lambda record: preprocess_mask(record, config.preprocess),
     )
     task = resolve_task(store.task, config.task, where)
     labels = store.labels

@@ -198,6 +198,7 @@ def finetune(
     device: str | torch.device = "cpu",
     eval_batch_size: int = 512,
     precision: Literal["32", "bf16"] = "32",
+    min_steps_per_epoch: int = 1,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` with a new linear head; select the epoch on validation AUC.
@@ -205,6 +206,9 @@ def finetune(
     ``train_rows``/``val_rows`` index ``store``; ``test_sets`` maps a name to ``(store, rows)`` (external
     test sets may come from other stores). ``max_shift`` defaults to 1/8 of the image side (4 px at 32 px).
     ``early_stopping_patience=None`` trains all ``epochs``. ``precision='bf16'`` autocasts on CUDA only.
+    ``min_steps_per_epoch`` lets an "epoch" of a tiny label fraction (say 1 % = 47 images, one step) run
+    several passes, so small fractions are not also under-trained: label-efficiency curves then compare
+    labels, not optimisation budgets.
     Raises :class:`NonFiniteLossError` at the first NaN/inf loss and ``DataError`` before any compute when
     a split is empty, has unlabelled rows, or holds a class the training rows never show.
     """
@@ -256,7 +260,9 @@ def finetune(
         ]
     optimiser = torch.optim.AdamW([g for g in groups if g["params"]])
     n = len(train_rows)
-    steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a 1-sample batch breaks BatchNorm
+    one_pass = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a 1-sample batch breaks BatchNorm
+    steps_per_epoch = max(one_pass, min_steps_per_epoch)
+    passes = 1 if steps_per_epoch == one_pass else math.ceil(steps_per_epoch * batch_size / n)
     total_steps = max(1, epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -270,7 +276,7 @@ def finetune(
     stopped_early = False
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(n, generator=generator)
+        order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
         running, seen = 0.0, 0
         for step in range(steps_per_epoch):
             index = order[step * batch_size : (step + 1) * batch_size].to(train_images.device)
@@ -295,7 +301,12 @@ def finetune(
             seen += len(index)
         val_scores = predict_scores(model, val_images, task, eval_batch_size, device)
         val_metrics = classification_metrics(task, val_y, val_scores, name="validation set")
-        record = {"epoch": float(epoch), "train_loss": running / max(seen, 1)}
+        record = {
+            "epoch": float(epoch),
+            "train_loss": running / max(seen, 1),
+            "train_samples": float(seen),
+            "lr": scheduler.get_last_lr()[-1],
+        }
         record.update({f"val_{k}": v for k, v in val_metrics.items()})
         history.append(record)
         if on_epoch_end is not None:

@@ -1,0 +1,359 @@
+"""The study configuration: which encoders, label budgets, seeds, protocols and test sets a grid compares.
+
+One YAML file describes a whole label-efficiency study (``radssl study study.yaml``). It is validated like every
+radssl config (unknown keys are errors that name the key; ``key=value`` overrides are applied before
+validation). Checks that need only the file run here; checks that need the data (classes per split, label
+fractions, checkpoint files) run in :func:`radssl.study.grid.prepare_study`, still before any training.
+
+Example::
+
+    name: pneumonia-ssl
+    data: {source: medmnist, name: pneumoniamnist}
+    model: {backbone: resnet18, small_input: true}
+    pretraining:
+      - name: simclr
+        method: {name: simclr, temperature: 0.2}
+        train: {epochs: 100, batch_size: 256}
+    initialisations: [random, ssl:simclr]
+    label_fractions: [0.01, 0.1, 1.0]
+    seeds: [0, 1, 2]
+    protocols: {linear: {}, knn: {k: 20}, finetune: {epochs: 30}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from radssl.config import (
+    DataSection,
+    MedMNISTData,
+    MethodSection,
+    ModelSection,
+    OptimSection,
+    Section,
+    TrainSection,
+    ViewsSection,
+)
+
+INIT_KINDS = ("random", "imagenet", "ssl", "imagenet+ssl")
+"""Initialisation kinds, in the order the report draws them."""
+
+INTERNAL_TEST_SET = "test"
+"""Cell test-set name of the internal test split (external sets use their own ``name``)."""
+
+NO_PRETRAINING = "none"
+"""Cell ``pretrain`` value of encoders that come from no pretraining run (random, ImageNet)."""
+
+_RESERVED_NAMES = {INTERNAL_TEST_SET, NO_PRETRAINING, "val", "train", "unlabelled"}
+
+
+def _check_name(value: str, what: str) -> str:
+    """Names become cell-key parts and folder names: keep them plain."""
+    if not value or not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    bad = sorted({c for c in value if not (c.isalnum() or c in "-_.")})
+    if bad:
+        raise ValueError(f"{what} '{value}' may only hold letters, digits, '-', '_' and '.' (found {bad})")
+    return value
+
+
+# --------------------------------------------------------------------------------------------- sections
+class ExternalTestSet(Section):
+    """A test set from another site or file: every row of ``data`` is treated as a test case."""
+
+    name: str
+    data: DataSection
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        _check_name(value, "external_test_sets.name")
+        if value in _RESERVED_NAMES:
+            raise ValueError(f"external test set name '{value}' is reserved; choose another (e.g. 'site2')")
+        return value
+
+
+class PretrainingRun(Section):
+    """One SSL pretraining run shared by every cell that uses it (``ssl:<name>`` / ``imagenet+ssl:<name>``).
+
+    Sections are those of :class:`radssl.config.PretrainConfig`; ``seed``, ``data`` and ``output_dir`` come from
+    the study, ``model`` defaults to the study's ``model`` and ``train.pretrain_fraction`` comes from the study's
+    ``pretrain_fractions`` axis.
+    """
+
+    name: str
+    method: MethodSection = Field(default_factory=MethodSection)
+    model: ModelSection | None = Field(None, description="default: the study's model section")
+    views: ViewsSection = Field(default_factory=ViewsSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        _check_name(value, "pretraining.name")
+        if value in _RESERVED_NAMES:
+            raise ValueError(f"pretraining name '{value}' is reserved; choose another (e.g. 'simclr')")
+        return value
+
+    @model_validator(mode="after")
+    def _no_own_fraction(self) -> "PretrainingRun":
+        if "pretrain_fraction" in self.train.model_fields_set:
+            raise ValueError(
+                f"pretraining '{self.name}': set the study's pretrain_fractions list instead of train.pretrain_fraction"
+            )
+        return self
+
+
+class LinearProtocol(Section):
+    """Logistic regression on frozen features; C chosen on the validation split's AUC."""
+
+    Cs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1)
+    max_iter: int = Field(1000, gt=0)
+
+    @field_validator("Cs")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if any(c <= 0 for c in values):
+            raise ValueError("every C must be > 0")
+        return values
+
+
+class KnnProtocol(Section):
+    """Similarity-weighted kNN on frozen features (Wu et al. 2018)."""
+
+    k: int = Field(20, gt=0)
+    temperature: float = Field(0.07, gt=0.0)
+
+
+class FinetuneProtocol(Section):
+    """End-to-end fine-tuning (backbone + linear head) with early stopping on validation AUC.
+
+    Fine-tuning dominates a study's cost (one training run per cell), so ``epochs`` is the knob to turn first.
+    """
+
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(128, gt=1)
+    lr: float = Field(1e-3, gt=0.0)
+    backbone_lr_scale: float = Field(0.1, gt=0.0, description="backbone LR multiplier for pretrained encoders")
+    random_backbone_lr_scale: float = Field(1.0, gt=0.0, description="backbone LR multiplier for random init")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    early_stopping_patience: int | None = Field(10, gt=0)
+    augment: bool = True
+    hflip: bool = True
+    class_balanced: bool = False
+    precision: Literal["32", "bf16"] = "32"
+
+
+class ProtocolsSection(Section):
+    """Which read-outs run, with their options; a protocol left out (or null) does not run.
+
+    ``protocols: [linear, knn]`` is shorthand for ``{linear: {}, knn: {}}``.
+    """
+
+    linear: LinearProtocol | None = None
+    knn: KnnProtocol | None = None
+    finetune: FinetuneProtocol | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            unknown = [v for v in value if v not in ("linear", "knn", "finetune")]
+            if unknown:
+                raise ValueError(f"unknown protocol(s) {unknown}; choose from linear, knn, finetune")
+            return {name: {} for name in value}
+        if isinstance(value, dict):  # `linear:` with no value in YAML means "run it with defaults"
+            return {k: ({} if v is None and k in ("linear", "knn", "finetune") else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "ProtocolsSection":
+        if not self.enabled():
+            raise ValueError("enable at least one protocol: linear, knn or finetune")
+        return self
+
+    def enabled(self) -> dict[str, Section]:
+        """Enabled protocols by name, frozen-feature ones first (they are cheap and share features)."""
+        return {n: p for n in ("linear", "knn", "finetune") if (p := getattr(self, n)) is not None}
+
+
+# ------------------------------------------------------------------------------------------ initialisations
+@dataclass(frozen=True)
+class InitSpec:
+    """A parsed ``initialisations`` entry: ``kind`` plus a weights path (imagenet) or pretraining name (ssl)."""
+
+    kind: str
+    target: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.kind if self.target is None else f"{self.kind}:{self.target}"
+
+
+def parse_initialisation(text: str) -> InitSpec:
+    """``random`` | ``imagenet`` | ``imagenet:<file>`` | ``ssl:<run>`` | ``imagenet+ssl:<run>`` → InitSpec."""
+    kind, sep, target = str(text).partition(":")
+    kind = kind.strip().lower()
+    target = target.strip()
+    if kind not in INIT_KINDS:
+        raise ValueError(
+            f"initialisation '{text}': unknown kind '{kind}' — use random, imagenet[:<weights.pth>], "
+            "ssl:<pretraining name> or imagenet+ssl:<pretraining name>"
+        )
+    if kind == "random":
+        if target:
+            raise ValueError(f"initialisation '{text}': 'random' takes nothing after it")
+        return InitSpec("random")
+    if kind == "imagenet":
+        return InitSpec("imagenet", target or None)
+    if not target:
+        raise ValueError(f"initialisation '{text}': '{kind}:' needs the name of a pretraining run, e.g. '{kind}:simclr'")
+    return InitSpec(kind, target)
+
+
+def is_checkpoint_path(target: str | None) -> bool:
+    """An ``ssl:`` target that is a file path (an existing pretraining run) rather than a run name."""
+    return bool(target) and (target.endswith((".pt", ".pth", ".ckpt")) or "/" in target or "\\" in target)
+
+
+def checkpoint_run_name(target: str) -> str:
+    """The cell ``pretrain`` name of an external checkpoint: its run folder (``<run>/checkpoints/final.pt``)."""
+    path = Path(target)
+    stem = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+    cleaned = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in stem) or "checkpoint"
+    return cleaned
+
+
+# ------------------------------------------------------------------------------------------------- study
+class StudyConfig(Section):
+    """Everything ``radssl study`` needs: one grid of {pretraining × init × fraction × seed × protocol × test set}."""
+
+    name: str = "study"
+    seed: int = Field(0, description="seed of pretraining runs and of the random initialisation")
+    output_dir: Path = Path("runs/study")
+    data: DataSection = Field(default_factory=MedMNISTData)
+    external_test_sets: list[ExternalTestSet] = Field(default_factory=list)
+    model: ModelSection = Field(default_factory=ModelSection)
+    pretraining: list[PretrainingRun] = Field(default_factory=list)
+    initialisations: list[str] = Field(default_factory=lambda: ["random"], min_length=1)
+    imagenet_weights: Path | None = Field(
+        None, description="torchvision ResNet ImageNet .pth used by 'imagenet' and 'imagenet+ssl:<run>'"
+    )
+    require_imagenet: bool = Field(
+        True, description="false: drop imagenet inits (with a note) when imagenet_weights is null"
+    )
+    label_fractions: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    protocols: ProtocolsSection = Field(default_factory=lambda: ProtocolsSection(linear=LinearProtocol()))
+    pretrain_fractions: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device of transfer protocols")
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (CPU); null = torch default")
+    bootstrap_samples: int = Field(1000, ge=100, description="test-case bootstrap resamples per metric CI")
+    feature_batch_size: int = Field(512, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return _check_name(value, "name")
+
+    @field_validator("label_fractions", "pretrain_fractions")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not 0.0 < v <= 1.0]
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"fractions must not repeat, got {values}")
+        return sorted(values)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, values: list[int]) -> list[int]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"seeds must not repeat, got {values}")
+        return values
+
+    @field_validator("initialisations")
+    @classmethod
+    def _parse_inits(cls, values: list[str]) -> list[str]:
+        parsed = [parse_initialisation(v) for v in values]  # ValueError → readable config error
+        texts = [p.text for p in parsed]
+        if len(set(texts)) != len(texts):
+            raise ValueError(f"initialisations must not repeat, got {values}")
+        return texts
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "StudyConfig":
+        names = [run.name for run in self.pretraining]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"pretraining names must be unique; repeated: {duplicates}")
+        external = [t.name for t in self.external_test_sets]
+        duplicates = sorted({n for n in external if external.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"external_test_sets names must be unique; repeated: {duplicates}")
+        specs = self.init_specs(include_optional=True)
+        for spec in specs:
+            if spec.kind == "ssl" and spec.target not in names and not is_checkpoint_path(spec.target):
+                raise ValueError(
+                    f"initialisations: '{spec.text}' names no pretraining run — known runs: {names or 'none'}; "
+                    f"add a pretraining entry named '{spec.target}', or give a checkpoint path ending in .pt"
+                )
+            if spec.kind == "imagenet+ssl" and spec.target not in names:
+                raise ValueError(
+                    f"initialisations: '{spec.text}' names no pretraining run — known runs: {names or 'none'}; "
+                    f"add a pretraining entry named '{spec.target}' (it is continued from the ImageNet weights)"
+                )
+        if sum(s.kind == "imagenet" for s in specs) > 1:
+            raise ValueError("initialisations: list at most one 'imagenet' entry (cells would share one name)")
+        external = [checkpoint_run_name(s.target) for s in specs if s.kind == "ssl" and s.target not in names]
+        clashes = sorted({n for n in external if external.count(n) > 1 or n in names})
+        if clashes:
+            raise ValueError(f"initialisations: checkpoint paths give clashing run names {clashes}; "
+                             "put each checkpoint in its own run folder")
+        if self.require_imagenet:
+            for spec in self.init_specs():
+                if spec.kind in ("imagenet", "imagenet+ssl") and self.imagenet_file(spec) is None:
+                    raise ValueError(
+                        f"initialisations: '{spec.text}' needs ImageNet weights — set imagenet_weights to the "
+                        "torchvision .pth file (e.g. resnet18-f37072fd.pth), or set require_imagenet: false to "
+                        "skip ImageNet initialisations when no file is configured"
+                    )
+        return self
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def init_specs(self, include_optional: bool = False) -> list[InitSpec]:
+        """Parsed initialisations; ImageNet ones are dropped when no weights are configured and not required."""
+        specs = [parse_initialisation(text) for text in self.initialisations]
+        if include_optional or self.require_imagenet or self.imagenet_weights is not None:
+            return specs
+        return [s for s in specs if not (s.kind == "imagenet+ssl" or (s.kind == "imagenet" and not s.target))]
+
+    def dropped_initialisations(self) -> list[str]:
+        """Initialisations left out because ImageNet weights are optional and not configured."""
+        kept = {s.text for s in self.init_specs()}
+        return [s.text for s in self.init_specs(include_optional=True) if s.text not in kept]
+
+    def imagenet_file(self, spec: InitSpec) -> Path | None:
+        """The ImageNet weights file an ``imagenet``/``imagenet+ssl`` initialisation uses (None if unset)."""
+        if spec.kind == "imagenet" and spec.target:
+            return Path(spec.target)
+        if self.imagenet_weights is not None:
+            return Path(self.imagenet_weights)
+        explicit = [s.target for s in self.init_specs(include_optional=True) if s.kind == "imagenet" and s.target]
+        return Path(explicit[0]) if explicit else None
+
+    def pretraining_run(self, name: str) -> PretrainingRun:
+        for run in self.pretraining:
+            if run.name == name:
+                return run
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe mapping (what the results store and ``config.yaml`` record)."""
+        return self.model_dump(mode="json")

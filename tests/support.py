@@ -33,3 +33,68 @@ def make_tiny_store(n: int = 96, size: int = 16, seed: int = 0) -> ImageStore:
         patient_id=np.array([f"p{i // 2}" for i in range(n)]),
         task=TaskInfo("binary", 2, ("negative", "positive")),
     )
+
+
+def real_or_synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images uint8 (n, 28, 28), labels (n,), origin): real PneumoniaMNIST when RADSSL_DATA_DIR has it."""
+    import os
+
+    root = os.environ.get("RADSSL_DATA_DIR")
+    for candidate in ([Path(root) / "pneumoniamnist.npz", Path(root) / "medmnist" / "pneumoniamnist.npz"] if root else []):
+        if candidate.is_file():
+            with np.load(candidate) as archive:
+                images, labels = archive["train_images"], archive["train_labels"][:, 0]
+            rng = np.random.default_rng(seed)
+            # balanced draw so every split has both classes
+            rows = np.concatenate([rng.choice(np.flatnonzero(labels == c), n // 2, replace=False) for c in (0, 1)])
+            return images[rows], labels[rows].astype(np.int64), "pneumoniamnist"
+    from radssl.data.synthetic import SyntheticSpec, generate_radiographs
+
+    arrays = generate_radiographs(SyntheticSpec(n_patients=n // 2, images_per_patient=2, image_size=28, seed=seed))
+    return arrays["images"][:n], arrays["labels"][:n], "synthetic"
+
+
+def write_png_csv_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_patient: int = 2) -> Path:
+    """PNG files + labels.csv (path, label, patient_id): the layout hospital exports often have."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["path,label,patient_id"]
+    names = ("normal", "pneumonia")
+    for index, (image, label) in enumerate(zip(images, labels)):
+        name = f"img_{index:04d}.png"
+        Image.fromarray(image).save(root / name)
+        lines.append(f"{name},{names[int(label)]},patient_{index // per_patient:04d}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+def write_dicom_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_patient: int = 2) -> Path:
+    """One DX DICOM file per image (12-bit in 16-bit words, MONOCHROME2) + a label CSV keyed by PatientID."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    root.mkdir(parents=True, exist_ok=True)
+    patients: dict[str, int] = {}
+    for index, (image, label) in enumerate(zip(images, labels)):
+        patient = f"P{index // per_patient:04d}"
+        patients[patient] = int(label)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.Modality = patient, "DX"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.Rows, ds.Columns = image.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.PixelData = (image.astype(np.uint16) * 16).tobytes()  # 8-bit → 12-bit range
+        ds.save_as(root / f"{index:04d}.dcm", enforce_file_format=True)
+    label_csv = root.parent / f"{root.name}_labels.csv"
+    label_csv.write_text("patient_id,label\n" + "".join(f"{p},{l}\n" for p, l in patients.items()))
+    return label_csv

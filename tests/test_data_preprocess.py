@@ -127,6 +127,12 @@ def test_mr_percentile_rescale_and_zscore(tmp_path):
     assert float(z.astype(np.float64).mean()) == pytest.approx(0.0, abs=1e-2)
     assert float(z.astype(np.float64).std()) == pytest.approx(1.0, abs=1e-2)
     np.testing.assert_allclose(z, (clipped - clipped.mean()) / clipped.std(), atol=5e-3)
+    # Zero background (masked / skull-stripped MR): statistics over the non-zero voxels only.
+    padded = Record(pixels=np.pad(record.pixels, 32), path="padded", modality="MR", extra={"layout": "HW"})
+    zp = preprocess(padded, mr_normalisation="zscore", output_dtype="float16")[0].astype(np.float64)
+    inner = zp[32:-32, 32:-32]
+    assert inner.mean() == pytest.approx(0.0, abs=1e-2) and inner.std() == pytest.approx(1.0, abs=1e-2)
+    np.testing.assert_allclose(inner, z, atol=5e-3)
     with pytest.raises(ValueError, match="zscore needs output_dtype: float16"):
         PreprocessConfig(mr_normalisation="zscore")
 

@@ -291,8 +291,8 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
         ) from error
 
 
-def _to_grey(pixels: np.ndarray, ds: Any, photometric: str, frames: int) -> np.ndarray:
-    """Colour (…, 3) or palette images as BT.601 luma float32; grey images unchanged."""
+def _to_grey(pixels: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
+    """Colour (…, 3) or palette images as BT.601 luma (uint8 for 8-bit colour, else float32); grey unchanged."""
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -363,7 +363,7 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
     frames = max(int(declared[0]), 1) if declared else 1
     photometric = _text(ds, "PhotometricInterpretation").upper()
     try:
-        grey = _to_grey(pixels, ds, photometric, frames)
+        grey = _to_grey(pixels, ds, photometric)
     except DataError as error:
         raise DataError(str(path), error.problem) from error
     expected_ndim = 3 if frames > 1 else 2

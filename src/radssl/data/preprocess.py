@@ -207,10 +207,14 @@ def percentile_normalise(
     return ((clipped - lo) / (hi - lo)).astype(np.float32), clipped
 
 
-def zscore(clipped: np.ndarray, foreground_only: bool) -> np.ndarray:
-    """(x − mean) / sd over the (foreground) values; a constant image maps to 0."""
+def zscore(clipped: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
+    """(x − mean) / sd with statistics over ``foreground`` (a boolean mask; all values when None or empty).
+
+    The mask must come from the values *before* clipping: clipping lifts the zero background to the low
+    percentile, after which it can no longer be told apart.
+    """
     x = np.asarray(clipped, dtype=np.float32)
-    sample = x[x != 0] if foreground_only and np.any(x != 0) else x.ravel()
+    sample = x[foreground] if foreground is not None and foreground.any() else x.ravel()
     mean, sd = float(sample.mean()), float(sample.std())
     if sd == 0.0:
         return np.zeros_like(x)
@@ -423,7 +427,9 @@ def _intensity(image: np.ndarray, record: Record, modality: Modality, config: Pr
     for channel in image:
         if modality == "mr":
             scaled, clipped = percentile_normalise(channel, low, high, config.mr_foreground_only)
-            out.append(zscore(clipped, config.mr_foreground_only) if config.mr_normalisation == "zscore" else scaled)
+            if config.mr_normalisation == "zscore":
+                scaled = zscore(clipped, channel != 0 if config.mr_foreground_only else None)
+            out.append(scaled)
         elif modality == "us" and channel.min() >= 0 and channel.max() <= 255:
             out.append(channel / np.float32(255.0))
         else:

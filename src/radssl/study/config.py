@@ -38,6 +38,7 @@ from radssl.config import (
     TrainSection,
     ViewsSection,
 )
+from radssl.errors import ConfigError
 
 INIT_KINDS = ("random", "imagenet", "ssl", "imagenet+ssl")
 """Initialisation kinds, in the order the report draws them."""
@@ -357,3 +358,65 @@ class StudyConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe mapping (what the results store and ``config.yaml`` record)."""
         return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+_NAMED_LISTS = ("pretraining", "external_test_sets")
+
+
+def apply_named_override(raw: dict[str, Any], text: str) -> bool:
+    """Apply ``pretraining.<name>.a.b=value`` (or ``.<index>.``) to that list entry; False if not such a key."""
+    from radssl.config import apply_overrides
+
+    key, sep, value = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not sep or len(parts) < 3 or parts[0] not in _NAMED_LISTS:
+        return False
+    entries = raw.get(parts[0])
+    if not isinstance(entries, list):
+        raise ConfigError(f"override '{text}': the study has no '{parts[0]}' list to change")
+    names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+    if parts[1] in names:
+        entry = entries[names.index(parts[1])]
+    elif parts[1].isdigit() and int(parts[1]) < len(entries):
+        entry = entries[int(parts[1])]
+    else:
+        raise ConfigError(f"override '{text}': no {parts[0]} entry named '{parts[1]}' — known: {names}")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"override '{text}': {parts[0]} entry '{parts[1]}' is not a mapping")
+    apply_overrides(entry, [".".join(parts[2:]) + "=" + value])
+    return True
+
+
+def load_study_config(path: Path | str | None, overrides: list[str] | None = None) -> StudyConfig:
+    """Load a study YAML (defaults when None), apply overrides, validate; ConfigError naming file and key.
+
+    Besides ``key.path=value`` (as :func:`radssl.config.load_config`), list entries are addressed by name:
+    ``pretraining.simclr.train.steps=200``, ``external_test_sets.site2.data.n_patients=50``.
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from radssl.config import apply_overrides, format_validation_error
+
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: study file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of study fields, got {type(loaded).__name__}")
+        raw = loaded
+    plain = [text for text in overrides or [] if not apply_named_override(raw, text)]
+    apply_overrides(raw, plain)
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source, StudyConfig, raw)) from None

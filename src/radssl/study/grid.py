@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from radssl.atomic import write_text_atomic
-from radssl.config import PretrainConfig, apply_overrides, dump_config, format_validation_error, load_config
+from radssl.config import PretrainConfig, apply_overrides, dump_config, format_validation_error
 from radssl.data.store import ImageStore
 from radssl.errors import ConfigError, DataError
 from radssl.study.config import (
@@ -44,7 +44,9 @@ from radssl.study.config import (
     NO_PRETRAINING,
     InitSpec,
     StudyConfig,
+    apply_named_override,
     checkpoint_run_name,
+    load_study_config,
 )
 from radssl.study.results_store import CellKey, ResultsStore
 
@@ -605,17 +607,19 @@ def _run_cells(plan: StudyPlan, results: ResultsStore, encoder: Encoder, device:
 
 # -------------------------------------------------------------------------------------------------- main
 def _load(config: StudyConfig | str | Path, overrides: list[str] | None) -> StudyConfig:
-    if isinstance(config, StudyConfig):
-        if not overrides:
-            return config
-        raw = apply_overrides(config.to_dict(), overrides)
-        from pydantic import ValidationError
+    if not isinstance(config, StudyConfig):
+        return load_study_config(Path(config), overrides)
+    if not overrides:
+        return config
+    raw = config.to_dict()
+    plain = [text for text in overrides if not apply_named_override(raw, text)]
+    apply_overrides(raw, plain)
+    from pydantic import ValidationError
 
-        try:
-            return StudyConfig.model_validate(raw)
-        except ValidationError as error:
-            raise ConfigError(format_validation_error(error, f"study '{config.name}'", StudyConfig, raw)) from None
-    return load_config(Path(config), overrides, model=StudyConfig)
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, f"study '{config.name}'", StudyConfig, raw)) from None
 
 
 def _save_subsets(plan: StudyPlan, directory: Path) -> None:

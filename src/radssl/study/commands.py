@@ -1,0 +1,119 @@
+"""The ``radssl study`` and ``radssl report`` subcommands, and the embedded demo study.
+
+``add_study_commands(subparsers)`` is called by :mod:`radssl.cli`; each handler returns an exit code and raises
+:class:`~radssl.errors.RadsslError` for user errors (the CLI prints those without a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+from radssl.errors import DataError
+
+DEMO_PRESET = "demo_study"
+OVERRIDES_HELP = (
+    "study overrides as key.path=value (YAML values), e.g. seeds=[0,1] protocols.finetune.epochs=10; entries of "
+    "the pretraining and external_test_sets lists by name: pretraining.simclr.train.steps=200"
+)
+
+
+def demo_study_preset() -> Path:
+    """Path of the embedded demo study YAML (``radssl/presets/demo_study.yaml``)."""
+    return Path(str(resources.files("radssl.presets") / f"{DEMO_PRESET}.yaml"))
+
+
+def run_demo_study(output_dir: Path | None = None, overrides: list[str] | None = None) -> Path:
+    """Run the embedded demo study (synthetic data, random vs SSL, internal + shifted-site test sets).
+
+    Returns the study output folder; the report is ``<folder>/report/report.html``.
+    """
+    from radssl.study.grid import run_study
+
+    extra = list(overrides or [])
+    if output_dir is not None:
+        extra.append(f"output_dir={output_dir}")
+    return run_study(demo_study_preset(), extra)
+
+
+def _study_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={args.output_dir}")
+    return overrides
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from radssl.study.grid import REPORT_DIR, run_study
+
+    output_dir = run_study(args.config, _study_overrides(args))
+    print(f"results: {output_dir / 'results.sqlite'}")
+    print(f"report:  {output_dir / REPORT_DIR / 'report.html'}")
+    return 0
+
+
+def resolve_results(path: Path) -> Path:
+    """A study output folder or a ``results.sqlite`` file → the results file (a clear error if absent)."""
+    from radssl.study.grid import RESULTS_FILE
+
+    path = Path(path)
+    candidate = path / RESULTS_FILE if path.is_dir() else path
+    if not candidate.is_file():
+        raise DataError(str(candidate), "no study results found",
+                        "pass a study output folder (holding results.sqlite) or the results.sqlite file itself")
+    return candidate
+
+
+def make_report(results: Path, out_dir: Path | None = None, study: str | None = None,
+                metric: str = "auc") -> Path:
+    """Render the HTML report of one study in a results store; returns the HTML path."""
+    from radssl.study.grid import REPORT_DIR
+    from radssl.study.report import render_report
+    from radssl.study.results_store import ResultsStore
+
+    results = resolve_results(results)
+    with ResultsStore(results) as store:
+        studies = store.studies()
+        if study is None:
+            if len(studies) != 1:
+                raise DataError(str(results), f"holds {len(studies)} studies {studies}",
+                                "choose one with --study NAME" if studies else "run a study first")
+            study = studies[0]
+        elif study not in studies:
+            raise DataError(str(results), f"holds no study named '{study}'", f"choose one of {studies}")
+        return render_report(store, study, out_dir or results.parent / REPORT_DIR, primary_metric=metric)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = make_report(args.results, args.out, args.study, args.metric)
+    print(f"report: {path}")
+    return 0
+
+
+def add_study_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``study`` and ``report`` to the ``radssl`` command's subparsers."""
+    study = subparsers.add_parser(
+        "study",
+        help="run (or resume) a label-efficiency study grid from a YAML file",
+        description=(
+            "Run every cell of a study grid — pretraining run × initialisation × label fraction × seed × protocol "
+            "× test set — and render an HTML report. Finished cells are stored in <output_dir>/results.sqlite at "
+            "once, so rerunning the same command resumes a killed study without recomputing anything."
+        ),
+    )
+    study.add_argument("config", type=Path, help="study YAML (see configs/pneumoniamnist.yaml)")
+    study.add_argument("--output-dir", help="where results, checkpoints and the report go (config: output_dir)")
+    study.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    study.set_defaults(func=cmd_study)
+
+    report = subparsers.add_parser(
+        "report",
+        help="render the HTML report of a study from its results",
+        description="Render report.html (self-contained) and results.csv from a study's results store.",
+    )
+    report.add_argument("results", type=Path, help="study output folder or its results.sqlite")
+    report.add_argument("--out", type=Path, help="output folder (default: <study folder>/report)")
+    report.add_argument("--study", help="study name, when the results file holds several")
+    report.add_argument("--metric", default="auc", help="primary metric of curves and tests (default: auc)")
+    report.set_defaults(func=cmd_report)

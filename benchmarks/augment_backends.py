@@ -21,6 +21,7 @@ Usage::
                                                                # (times the torchvision loop on 32 samples
                                                                #  and scales it to the batch)
     python benchmarks/augment_backends.py --sizes 64 128 --repeats 20
+    python benchmarks/augment_backends.py --quick --threads 1 2  # shared machine: 1-thread rows stay meaningful
 
 Writes ``benchmarks/results/augment_backends.json`` atomically (machine info included) and prints a table.
 """
@@ -186,7 +187,7 @@ def time_backend(
     return wall, cpu
 
 
-def machine_info(threads: int) -> dict[str, object]:
+def machine_info(threads: Sequence[int]) -> dict[str, object]:
     import kornia
     import torchvision
 
@@ -198,7 +199,7 @@ def machine_info(threads: int) -> dict[str, object]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "kornia": kornia.__version__,
-        "torch_threads": threads,
+        "torch_threads": list(threads),
         "load_average_at_start": list(os.getloadavg()),
     }
 
@@ -208,7 +209,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 warm-up, 3 timed calls (for shared machines)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 64, 128], help="square output sizes in px")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="torch.set_num_threads; several values run the grid once per value (e.g. --threads 1 2)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 3, quick 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 10, quick 3)")
     parser.add_argument(
@@ -223,18 +230,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
-    loop_samples = min(args.batch, args.loop_samples or (32 if args.quick else args.batch))
-    torch.set_num_threads(args.threads)
-    params = AugmentationParams()
-    info = machine_info(args.threads)
-    began = time.perf_counter()
-
+def run_grid(
+    args: argparse.Namespace, params: AugmentationParams, threads: int, warmup: int, repeats: int, loop_samples: int
+) -> list[dict[str, object]]:
+    """Time every backend at every size with ``threads`` torch threads; print one table, return its rows."""
+    torch.set_num_threads(threads)
     rows: list[dict[str, object]] = []
-    print(f"batch {args.batch}, 1 channel, CPU, {args.threads} torch threads, warm-up {warmup}, median of {repeats}")
+    print(f"\nbatch {args.batch}, 1 channel, CPU, {threads} torch threads, warm-up {warmup}, median of {repeats}")
     print(
         f"{'backend':<18} {'size':>5} {'median ms':>10} {'min ms':>9} {'ms/image':>9} {'x radssl':>9} "
         f"{'cpu ms':>9} {'cpu x':>7}  per-sample"
@@ -245,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_baseline: float | None = None
         for name in args.backends:
             timed_samples = loop_samples if name == "torchvision-loop" else args.batch
-            wall, cpu = time_backend(build_backend(name, params, size), images[:timed_samples], size, warmup, repeats)
+            run = build_backend(name, params, size)
+            wall, cpu = time_backend(run, images[:timed_samples], size, warmup, repeats)
             times = [t * args.batch / timed_samples for t in wall]
             cpu_times = [t * args.batch / timed_samples for t in cpu]
             median, cpu_median = statistics.median(times), statistics.median(cpu_times)
@@ -258,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "backend": name,
                     "size": size,
                     "batch": args.batch,
+                    "torch_threads": threads,
                     "per_sample_parameters": PER_SAMPLE[name],
                     "median_ms": round(median, 3),
                     "min_ms": round(min(times), 3),
@@ -278,6 +282,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{'yes' if PER_SAMPLE[name] else 'NO (one set per batch)'}",
                 flush=True,
             )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
+    loop_samples = min(args.batch, args.loop_samples or (32 if args.quick else args.batch))
+    params = AugmentationParams()
+    previous_threads = torch.get_num_threads()
+    info = machine_info(args.threads)
+    began = time.perf_counter()
+    rows: list[dict[str, object]] = []
+    try:
+        for threads in args.threads:
+            rows += run_grid(args, params, threads, warmup, repeats, loop_samples)
+    finally:
+        torch.set_num_threads(previous_threads)
 
     info["load_average_at_end"] = list(os.getloadavg())
     result = {
@@ -304,7 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timed_samples < batch (the loop's cost is linear in the number of samples).",
             "kornia RandomBrightness is additive and RandomGaussianNoise has a fixed std (top of our range).",
             "cpu_* = process CPU time (all threads), less sensitive than wall time to other jobs on a shared "
-            "machine; compare cpu_relative_to_radssl when load_average exceeds the core count.",
+            "machine; compare cpu_relative_to_radssl when load_average exceeds the core count. With more torch "
+            "threads than free cores, OpenMP barriers wait for descheduled threads and every op costs a "
+            "scheduler slice: then the 1-thread rows are the meaningful ones.",
             "relative_to_radssl = backend median / radssl median at the same size (>1: slower than radssl).",
         ],
         "results": rows,

@@ -27,7 +27,9 @@ def _one_thread() -> None:
 class _Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,7 @@ def _images(n: int = 10, seed: int = 0) -> torch.Tensor:
 
 def test_normalisation_convention_for_uint8_and_float():
     pixels = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2)
-    expected = torch.tensor([(0 - NORMALISATION_MEAN) / NORMALISATION_STD, (1 - NORMALISATION_MEAN) / NORMALISATION_STD])
+    expected = (torch.tensor([0.0, 1.0]) - NORMALISATION_MEAN) / NORMALISATION_STD
     torch.testing.assert_close(normalise_for_backbone(pixels).flatten(), expected)
     as_half = pixels.half() / 255
     torch.testing.assert_close(normalise_for_backbone(as_half).flatten(), expected, atol=1e-3, rtol=0)
@@ -92,7 +94,8 @@ def test_cache_extracts_once_per_backbone_and_data(tmp_path):
 def test_cache_keys_stores_by_their_fingerprint():
     n = 6
     store = ImageStore(
-        "toy", _images(n), torch.zeros(n, dtype=torch.long), np.array(["train"] * n), np.array([""] * n), TaskInfo("binary", 2)
+        "toy", _images(n), torch.zeros(n, dtype=torch.long), np.array(["train"] * n), np.array([""] * n),
+        TaskInfo("binary", 2),
     )
     torch.manual_seed(0)
     model = _Tiny()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -15,7 +16,13 @@ from torch import nn
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.errors import DataError
 from radssl.models.backbones import Backbone
-from radssl.transfer.finetune import NonFiniteLossError, finetune, predict_scores, random_shift_flip
+from radssl.transfer.finetune import (
+    NonFiniteLossError,
+    _loss_function,
+    finetune,
+    predict_scores,
+    random_shift_flip,
+)
 from radssl.transfer.metrics import classification_metrics
 
 
@@ -156,6 +163,34 @@ def test_unseen_class_and_bad_rows_fail_before_training():
     unlabelled = ImageStore("toy", store.images, labels, store.split, store.patient_id, store.task)
     with pytest.raises(DataError, match="unlabelled"):
         finetune(_tiny(), unlabelled, unlabelled.indices("train"), unlabelled.indices("val"), {}, epochs=1)
+
+
+def test_class_balanced_losses_weight_the_rare_class():
+    logits = torch.tensor([[0.3], [-1.2], [0.5], [2.0]])
+    y = torch.tensor([1, 0, 0, 0])  # 1 positive, 3 negatives → pos_weight 3
+    binary = _loss_function(TaskInfo("binary", 2), y, class_balanced=True)(logits, y)
+    expected = F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), pos_weight=torch.tensor(3.0))
+    torch.testing.assert_close(binary, expected)
+    plain = _loss_function(TaskInfo("binary", 2), y, class_balanced=False)(logits, y)
+    torch.testing.assert_close(plain, F.binary_cross_entropy_with_logits(logits[:, 0], y.float()))
+
+    multi_logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    multi_y = torch.tensor([0, 0, 0, 1])  # class 2 absent: weight 0, classes 0/1 get n / (K · n_c)
+    weighted = _loss_function(TaskInfo("multiclass", 3), multi_y, class_balanced=True)(multi_logits, multi_y)
+    weights = torch.tensor([4 / 9, 4 / 3, 0.0])
+    torch.testing.assert_close(weighted, F.cross_entropy(multi_logits, multi_y, weight=weights))
+
+    labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [0.0, 0.0]])
+    ml_logits = torch.tensor([[0.0, 5.0], [0.0, 0.0], [0.0, 0.0]])  # the unknown label's logit must not count
+    masked = _loss_function(TaskInfo("multilabel", 2), labels, class_balanced=False)(ml_logits, labels)
+    torch.testing.assert_close(masked, torch.tensor(math.log(2.0)))  # 5 known labels, each log 2 at logit 0
+
+
+def test_channel_mismatch_is_reported_before_training():
+    rgb = _store(n=40)
+    rgb = ImageStore("rgb", rgb.images.repeat(1, 3, 1, 1), rgb.labels, rgb.split, rgb.patient_id, rgb.task)
+    with pytest.raises(DataError, match="3 channel"):
+        finetune(_tiny(), rgb, rgb.indices("train"), rgb.indices("val"), {}, epochs=1)
 
 
 def _pneumonia_store(path: Path) -> ImageStore:

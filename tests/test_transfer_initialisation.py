@@ -65,7 +65,8 @@ def test_imagenet_accepts_wrapped_and_ddp_prefixed_state(tmp_path):
 def test_imagenet_wrong_architecture_names_keys(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(resnet50(weights=None).state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"resnet50\.pth.*(unexpected keys|shape mismatches).*resnet18 vs resnet50"):
+    expected = r"resnet50\.pth.*(unexpected keys|shape mismatches).*resnet18 vs resnet50"
+    with pytest.raises(CheckpointError, match=expected):
         initialise_backbone(f"imagenet:{path}", "resnet18")
 
 
@@ -114,7 +115,8 @@ def test_ssl_checkpoint_round_trip_with_and_without_config(tmp_path):
 
 def test_ssl_checkpoint_mismatches_are_errors(tmp_path):
     path = tmp_path / "ssl.pt"
-    torch.save({"backbone": build_backbone("small_cnn").state_dict(), "config": {"model": {"backbone": "small_cnn"}}}, path)
+    state = build_backbone("small_cnn").state_dict()
+    torch.save({"backbone": state, "config": {"model": {"backbone": "small_cnn"}}}, path)
     assert initialise_backbone(f"ssl:{path}").name == "small_cnn"
     with pytest.raises(CheckpointError, match="'small_cnn' backbone but 'resnet18' was requested"):
         initialise_backbone(f"ssl:{path}", "resnet18")

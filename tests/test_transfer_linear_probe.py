@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,9 @@ def test_binary_probe_selects_C_on_validation_and_separates():
     train_x, train_y = _clusters(300, 2, 32, 0.5, seed=0)
     val_x, val_y = _clusters(100, 2, 32, 0.5, seed=1)
     test_x, test_y = _clusters(200, 2, 32, 0.5, seed=2)
-    result = linear_probe(train_x, train_y, val_x, val_y, {"test": (test_x, test_y)}, TaskInfo("binary", 2), Cs=CS)
+    result = linear_probe(
+        train_x, train_y, val_x, val_y, {"test": (test_x, test_y)}, TaskInfo("binary", 2), Cs=CS, path_patience=None
+    )
     assert set(result.val_metric_per_C) == set(CS)
     assert result.val_metric == max(result.val_metric_per_C.values())
     assert result.best_C == min(c for c, m in result.val_metric_per_C.items() if m == result.val_metric)
@@ -35,11 +39,25 @@ def test_binary_probe_selects_C_on_validation_and_separates():
     assert val_auc == pytest.approx(result.val_metric)
 
 
+def test_path_stops_after_patience_without_gain():
+    train_x, train_y = _clusters(200, 2, 64, 0.3, seed=3)
+    val_x, val_y = _clusters(100, 2, 64, 0.3, seed=4)
+    grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    task = TaskInfo("binary", 2)
+    full = linear_probe(train_x, train_y, val_x, val_y, {}, task, Cs=grid, path_patience=None)
+    short = linear_probe(train_x, train_y, val_x, val_y, {}, task, Cs=grid, path_patience=2)
+    best_position = grid.index(full.best_C)
+    assert best_position <= len(grid) - 4  # the full path has ≥ 2 C values past its best to skip
+    assert list(short.val_metric_per_C) == list(grid[: best_position + 3])
+    assert short.best_C == full.best_C and short.val_metric == full.val_metric
+
+
 def test_probe_is_at_chance_on_noise():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 16)).astype(np.float32)
     y = rng.integers(0, 2, 600)
-    result = linear_probe(x[:300], y[:300], x[300:400], y[300:400], {"test": (x[400:], y[400:])}, TaskInfo("binary", 2), Cs=CS)
+    tests = {"test": (x[400:], y[400:])}
+    result = linear_probe(x[:300], y[:300], x[300:400], y[300:400], tests, TaskInfo("binary", 2), Cs=CS)
     assert abs(result.metrics["test"]["auc"] - 0.5) < 0.12
 
 
@@ -48,8 +66,8 @@ def test_validation_choice_depends_on_validation_labels():
     train_x, train_y = _clusters(200, 2, 64, 0.3, seed=3)
     val_x, val_y = _clusters(100, 2, 64, 0.3, seed=4)
     task = TaskInfo("binary", 2)
-    result = linear_probe(train_x, train_y, val_x, val_y, {}, task, Cs=CS)
-    flipped = linear_probe(train_x, train_y, val_x, 1 - val_y, {}, task, Cs=CS)
+    result = linear_probe(train_x, train_y, val_x, val_y, {}, task, Cs=CS, path_patience=None)
+    flipped = linear_probe(train_x, train_y, val_x, 1 - val_y, {}, task, Cs=CS, path_patience=None)
     for C, metric in result.val_metric_per_C.items():
         assert flipped.val_metric_per_C[C] == pytest.approx(1 - metric)
     assert len(set(result.val_metric_per_C.values())) == len(CS)  # the grid really matters here
@@ -58,7 +76,8 @@ def test_validation_choice_depends_on_validation_labels():
 
 def test_multiclass_and_multilabel_probes_give_metrics():
     x, y = _clusters(400, 3, 16, 1.0, seed=5)
-    result = linear_probe(x[:200], y[:200], x[200:300], y[200:300], {"test": (x[300:], y[300:])}, TaskInfo("multiclass", 3), Cs=CS)
+    tests = {"test": (x[300:], y[300:])}
+    result = linear_probe(x[:200], y[:200], x[200:300], y[200:300], tests, TaskInfo("multiclass", 3), Cs=CS)
     assert result.scores["test"].shape == (100, 3)
     np.testing.assert_allclose(result.scores["test"].sum(1), 1.0, atol=1e-6)
     assert result.metrics["test"]["auc"] > 0.9
@@ -90,3 +109,19 @@ def test_unlabelled_training_rows_are_ignored():
     a = linear_probe(x[:200], noisy[:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS)
     b = linear_probe(x[100:200], y[100:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS)
     assert a.val_metric_per_C == pytest.approx(b.val_metric_per_C)
+
+
+def test_probe_on_5000_by_512_features_takes_under_two_cpu_seconds():
+    """The study probes hundreds of times, so the full default C grid (no path stopping) must stay cheap.
+
+    Measured in CPU time, so a busy shared machine does not make the test flaky."""
+    train_x, train_y = _clusters(5000, 2, 512, 0.1, seed=8)
+    val_x, val_y = _clusters(500, 2, 512, 0.1, seed=9)
+    train_x, val_x = np.maximum(train_x, 0), np.maximum(val_x, 0)  # ReLU-like, as pooled CNN features
+    start = time.process_time()
+    result = linear_probe(
+        train_x, train_y, val_x, val_y, {"test": (val_x, val_y)}, TaskInfo("binary", 2), path_patience=None
+    )
+    elapsed = time.process_time() - start
+    assert result.metrics["test"]["auc"] > 0.8
+    assert elapsed < 2.0, f"linear probe took {elapsed:.2f} CPU s"

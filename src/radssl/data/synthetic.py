@@ -10,11 +10,13 @@ machine in seconds, while still exercising what a real radiology study needs:
 * **Several images per patient** (``patient_id``) that differ by positioning (shift, rotation, scale),
   exposure, field inhomogeneity and noise, so patient-level positive pairs and patient-level splits make sense.
 * **A diagnostic label carried by a small local finding**: a faint round opacity (projected sphere, radius
-  ≈ 2.5–4.5 % of the image width, i.e. 1.6–2.9 px at 64 px) somewhere inside a lung field. Disease is
+  ≈ 4–7 % of the image width, i.e. 2.6–4.5 px at 64 px) wholly inside a lung field. Disease is
   **per patient**: every image of a positive patient shows the nodule at the same anatomical place (moving
   with positioning, plus a small per-image jitter of place and size); negative patients show none. A
-  global linear model on raw pixels sees it only weakly (its contribution to any pixel mean is swamped by
-  exposure, anatomy and noise variation), a small CNN detects it.
+  linear model on raw pixels sees it only weakly (the nodule can be anywhere in either lung, and its
+  contribution to any fixed pixel is swamped by exposure, anatomy and noise variation); a small CNN trained
+  on a few thousand images detects it. Measured at the defaults (500 training patients, 250 test
+  patients): logistic regression on pixels AUC ≈ 0.6, a small CNN trained 8 epochs on CPU ≈ 0.9.
 * **Acquisition site / scanner** (``site``; 0 = internal): a site fixes the detector's characteristic curve
   (gamma, slope), noise level, blur, intensity offset, collimation border width and a burnt-in side marker.
   Site styles are a fixed function of the site number (not of the seed), so "site 2" always looks the same.
@@ -50,8 +52,9 @@ _PATIENTS_PER_CHUNK = 64  # fixed: per-pixel random streams are seeded per chunk
 class SyntheticSpec:
     """Every knob of the synthetic dataset; the defaults give the ``radssl demo`` data set.
 
-    ``finding_contrast`` is the nodule's peak attenuation relative to a rib's (≈ 0.35); 0 makes the task
-    impossible, larger values make it easy. ``site`` picks the acquisition style (0 = internal).
+    ``finding_contrast`` is the nodule's peak attenuation in the generator's units (lung air ≈ 0.75, a rib
+    ≈ 0.2); 0 makes the task impossible, 0.3 hard, 0.6 easy. ``site`` picks the acquisition style
+    (0 = internal).
     """
 
     n_patients: int = 300
@@ -59,7 +62,7 @@ class SyntheticSpec:
     image_size: int = 64
     positive_rate: float = 0.5
     site: int = 0
-    finding_contrast: float = 0.30
+    finding_contrast: float = 0.45
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -162,7 +165,7 @@ def _sample_patients(spec: SyntheticSpec) -> dict[str, np.ndarray]:
         "vert_spacing": u(0.09, 0.11, n),
         "clavicle_y": u(-0.66, -0.58, n),
         "soft_tissue": u(0.85, 1.05, n),
-        "marking_amp": u(0.07, 0.11, n),
+        "marking_amp": u(0.10, 0.15, n),
     }
     n_pos = int(round(spec.positive_rate * n))
     label = np.zeros(n, dtype=np.int64)
@@ -175,13 +178,16 @@ def _sample_patients(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     side = np.where(rng.random((n, candidates)) < 0.5, -1.0, 1.0)
     cu = side * (params["lung_offset"][:, None] + rng.uniform(-1, 1, (n, candidates)) * params["lung_a"][:, None])
     cv = params["lung_y"][:, None] + rng.uniform(-1, 1, (n, candidates)) * params["lung_b"][:, None]
-    inside = (_lung_field(cu, cv, _col(params, 1)) * (1.0 - _heart(cu, cv, _col(params, 1)))) > 0.9
+    params["finding_r"] = u(0.08, 0.14, n)  # radius in half-widths of the image: 2.6–4.5 px at 64 px
+    pc, r = _col(params, 1), params["finding_r"][:, None] * 1.1
+    inside = np.ones((n, candidates), dtype=bool)
+    for du, dv in ((0, 0), (r, 0), (-r, 0), (0, r), (0, -r)):  # the whole nodule, not just its centre
+        inside &= (_lung_field(cu + du, cv + dv, pc) * (1.0 - _heart(cu + du, cv + dv, pc))) > 0.8
     inside[:, -1] |= ~inside.any(1)  # practically never needed; keeps the choice defined
     pick = np.argmax(inside, axis=1)
     rows = np.arange(n)
     params["finding_u"] = cu[rows, pick]
     params["finding_v"] = cv[rows, pick]
-    params["finding_r"] = u(0.08, 0.14, n)  # radius, half-widths of the image
     params["finding_gain"] = u(0.8, 1.2, n)
     return params
 
@@ -291,7 +297,7 @@ def _attenuation(u: np.ndarray, v: np.ndarray, p: dict[str, np.ndarray]) -> tupl
     humeri = 0.5 * _sigmoid((1.0 - ((au - p["body_halfwidth"] + 0.02) ** 2 + (v + 0.62) ** 2) / 0.016) / 0.15)
 
     bone = ribs + spine + clavicles + humeri
-    attenuation = soft + bone + mediastinum + 0.25 * heart * body - air
+    attenuation = soft + bone + mediastinum + 0.08 * heart * body - air
     return attenuation.astype(np.float32), lungs
 
 
@@ -312,8 +318,10 @@ def _canonical_attenuation(p: dict[str, np.ndarray], size: int, rng: np.random.G
     """Each patient's attenuation (anatomy + lung markings) on a canonical grid, float32 (P, S, S)."""
     side = int(np.ceil(size * _CANVAS_EXTENT))
     axis = ((np.arange(side, dtype=np.float32) + 0.5) / side * 2.0 - 1.0) * _CANVAS_EXTENT
-    v, u = np.meshgrid(axis, axis, indexing="ij")
-    attenuation, lungs = _attenuation(u[None], v[None], p)
+    # The canonical grid is axis-aligned, so u and v stay 1-D and broadcasting computes every term that
+    # depends on only one of them (body width, rib zone, spine, ...) on a line instead of the whole grid.
+    u, v = axis[None, None, :], axis[None, :, None]
+    attenuation, lungs = _attenuation(u, v, p)
     markings = _markings(len(p["label"]), side, size, rng)
     hilum = _sigmoid((0.75 - np.abs(np.abs(u) - 0.15) / 0.45) / 0.15)  # denser towards the hila
     return attenuation + p["marking_amp"] * markings * lungs * (0.4 + 0.6 * hilum)

@@ -97,9 +97,10 @@ def add_study_commands(subparsers: argparse._SubParsersAction) -> None:
         "study",
         help="run (or resume) a label-efficiency study grid from a YAML file",
         description=(
-            "Run every cell of a study grid — pretraining run × initialisation × label fraction × seed × protocol "
-            "× test set — and render an HTML report. Finished cells are stored in <output_dir>/results.sqlite at "
-            "once, so rerunning the same command resumes a killed study without recomputing anything."
+            "Run every cell of a study grid — pretraining run × initialisation × label fraction × seed × "
+            "protocol × test set — and render an HTML report. Finished cells are stored in "
+            "<output_dir>/results.sqlite at once, so rerunning the same command resumes a killed study without "
+            "recomputing anything."
         ),
     )
     study.add_argument("config", type=Path, help="study YAML (see configs/pneumoniamnist.yaml)")

@@ -213,7 +213,9 @@ def parse_initialisation(text: str) -> InitSpec:
     if kind == "imagenet":
         return InitSpec("imagenet", target or None)
     if not target:
-        raise ValueError(f"initialisation '{text}': '{kind}:' needs the name of a pretraining run, e.g. '{kind}:simclr'")
+        raise ValueError(
+            f"initialisation '{text}': '{kind}:' needs the name of a pretraining run, e.g. '{kind}:simclr'"
+        )
     return InitSpec(kind, target)
 
 
@@ -232,7 +234,7 @@ def checkpoint_run_name(target: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- study
 class StudyConfig(Section):
-    """Everything ``radssl study`` needs: one grid of {pretraining × init × fraction × seed × protocol × test set}."""
+    """Everything ``radssl study`` needs: a grid of {pretraining × init × fraction × seed × protocol × test set}."""
 
     name: str = "study"
     seed: int = Field(0, description="seed of pretraining runs and of the random initialisation")
@@ -414,6 +416,8 @@ def load_study_config(path: Path | str | None, overrides: list[str] | None = Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of study fields, got {type(loaded).__name__}")
         raw = loaded
+    if isinstance(raw.get("protocols"), list):  # shorthand → mapping, so `protocols.knn.k=5` can apply
+        raw["protocols"] = {str(name): {} for name in raw["protocols"]}
     plain = [text for text in overrides or [] if not apply_named_override(raw, text)]
     apply_overrides(raw, plain)
     try:

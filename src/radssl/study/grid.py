@@ -102,11 +102,11 @@ class Encoder:
 
     @property
     def label(self) -> str:
-        where = "" if self.pretrain == NO_PRETRAINING else f"({self.pretrain}"
-        if where:
-            where += "" if self.pretrain_fraction == 1.0 else f", pf={self.pretrain_fraction:g}"
-            where += ")"
-        return f"{self.init}{where}"
+        """Readable name for progress lines: ``random``, ``ssl(simclr)``, ``ssl(simclr, pf=0.25)``."""
+        if self.pretrain == NO_PRETRAINING:
+            return self.init
+        fraction = "" if self.pretrain_fraction == 1.0 else f", pf={self.pretrain_fraction:g}"
+        return f"{self.init}({self.pretrain}{fraction})"
 
 
 @dataclass
@@ -151,17 +151,23 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_split_labels(store: ImageStore, train_rows: np.ndarray, rows: np.ndarray, what: str) -> None:
-    """``what`` must hold only classes seen in training, and every class (AUC must be defined)."""
+def _check_split_labels(store: ImageStore, train_rows: np.ndarray, splits: dict[str, np.ndarray]) -> None:
+    """Each evaluated split holds labels on every row and only classes seen in training; then AUC is defined.
+
+    Coverage is checked first for all splits: "class 2 is in the test set but not in training" is the message
+    that points at the real problem, before "AUC is undefined on the validation set".
+    """
     from radssl.transfer.metrics import check_auc_defined, check_classes_covered
 
-    train_y = store.labels[torch.from_numpy(train_rows)].numpy() if len(train_rows) else np.zeros(0)
-    raise_from = store.labels[torch.from_numpy(rows)].numpy()
-    if (raise_from < 0).any():
-        raise DataError(what, f"{int((raise_from < 0).sum())} rows have no label (-1)",
-                        "a test or validation set needs a label on every row")
-    check_classes_covered(store.task, train_y, raise_from, what)
-    check_auc_defined(store.task, raise_from, what)
+    train_y = store.labels[torch.from_numpy(train_rows)].numpy()
+    labels = {what: store.labels[torch.from_numpy(rows)].numpy() for what, rows in splits.items()}
+    for what, y in labels.items():
+        if (y < 0).any():
+            raise DataError(what, f"{int((y < 0).sum())} rows have no label (-1)",
+                            "a test or validation set needs a label on every row")
+        check_classes_covered(store.task, train_y, y, what)
+    for what, y in labels.items():
+        check_auc_defined(store.task, y, what)
 
 
 def _external_store(config: StudyConfig, index: int, internal: ImageStore, train_y: np.ndarray) -> ImageStore:
@@ -279,6 +285,9 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
     if store.task.kind not in ("binary", "multiclass"):
         raise DataError(where, f"task kind '{store.task.kind}' is not supported by the study grid",
                         "use a binary or multiclass dataset (multilabel studies are not implemented yet)")
+    if store.spatial_dims != 2:
+        raise DataError(where, f"holds {store.spatial_dims}D volumes; the study grid's backbones and protocols are 2D",
+                        "use 2D images (e.g. slices) for a label-efficiency study")
     train_rows, val_rows, test_rows = (store.indices(s) for s in ("train", "val", "test"))
     for split, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows)):
         if len(rows) == 0:
@@ -288,8 +297,8 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
     if (train_y < 0).any():
         raise DataError(where, f"{int((train_y < 0).sum())} training rows have no label",
                         "mark unlabelled images as split 'unlabelled' (they are still used for pretraining)")
-    _check_split_labels(store, train_rows, val_rows, f"{where} [validation split]")
-    _check_split_labels(store, train_rows, test_rows, f"{where} [test split]")
+    _check_split_labels(store, train_rows, {f"{where} [test split]": test_rows,
+                                            f"{where} [validation split]": val_rows})
     test_sets: dict[str, tuple[ImageStore, np.ndarray]] = {INTERNAL_TEST_SET: (store, test_rows)}
     for index in range(len(config.external_test_sets)):
         external = _external_store(config, index, store, train_y)

@@ -7,8 +7,10 @@
 - :mod:`~radssl.transfer.metrics` — AUC / accuracy with clear errors where AUC is undefined;
 - :mod:`~radssl.transfer.initialisation` — ``random``, ``imagenet:<pth>`` and ``ssl:<pt>`` backbones.
 
-Imported eagerly on purpose: ``linear_probe`` and ``finetune`` name both a module and its main function, and
-only an eager ``from .x import x`` guarantees ``radssl.transfer.finetune`` is the function.
+The two main functions that share their module's name are *not* re-exported here
+(``from radssl.transfer.linear_probe import linear_probe``, ``from radssl.transfer.finetune import finetune``):
+binding them on the package would shadow the submodules, and ``import radssl.transfer.finetune as m`` would
+then return the function.
 """
 
 from radssl.transfer.features import (
@@ -18,10 +20,10 @@ from radssl.transfer.features import (
     extract_features,
     normalise_for_backbone,
 )
-from radssl.transfer.finetune import Classifier, FinetuneResult, NonFiniteLossError, finetune, predict_scores
+from radssl.transfer.finetune import Classifier, FinetuneResult, NonFiniteLossError, predict_scores
 from radssl.transfer.initialisation import initialise_backbone, try_download_imagenet_weights
 from radssl.transfer.knn import KnnResult, knn_classify, knn_evaluate
-from radssl.transfer.linear_probe import ProbeResult, linear_probe
+from radssl.transfer.linear_probe import ProbeResult
 from radssl.transfer.metrics import PRIMARY_METRIC, classification_metrics
 
 __all__ = [
@@ -36,11 +38,9 @@ __all__ = [
     "ProbeResult",
     "classification_metrics",
     "extract_features",
-    "finetune",
     "initialise_backbone",
     "knn_classify",
     "knn_evaluate",
-    "linear_probe",
     "normalise_for_backbone",
     "predict_scores",
     "try_download_imagenet_weights",

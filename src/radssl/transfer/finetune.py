@@ -85,7 +85,8 @@ def random_shift_flip(
     padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift)) if max_shift > 0 else images
     dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(device)
     dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(device) if hflip else torch.zeros(b, dtype=torch.bool, device=device)
+    flip = torch.rand(b, generator=generator) < 0.5 if hflip else torch.zeros(b, dtype=torch.bool)
+    flip = flip.to(device)
     rows = dy[:, None] + torch.arange(h, device=device)  # (B, H)
     columns = torch.arange(w, device=device).expand(b, w)
     columns = torch.where(flip[:, None], columns.flip(1), columns) + dx[:, None]  # (B, W)
@@ -229,7 +230,8 @@ def finetune(
     if not labelled_mask(task, train_y.numpy()).all():
         raise DataError(where, "some training rows are unlabelled (-1 or all-NaN)", "pass labelled rows only")
     val_y = store.labels[torch.from_numpy(val_rows)]
-    evaluation = [("validation set", store, val_rows)] + [(n, s, np.asarray(r, dtype=np.int64)) for n, (s, r) in test_sets.items()]
+    evaluation = [("validation set", store, val_rows)]
+    evaluation += [(name, s, np.asarray(rows, dtype=np.int64)) for name, (s, rows) in test_sets.items()]
     for name, eval_store, rows in evaluation:
         _check_store(eval_store, backbone, name)
         y = eval_store.labels[torch.from_numpy(rows)].numpy()

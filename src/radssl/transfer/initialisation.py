@@ -107,7 +107,8 @@ def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sou
     ]
     if missing or unexpected or mismatched:
         parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for label, keys in problems:
             if keys:
                 shown = ", ".join(keys[:6]) + (f", … ({len(keys)} in all)" if len(keys) > 6 else "")
                 parts.append(f"{label}: {shown}")
@@ -134,7 +135,10 @@ def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 def _imagenet_backbone(path: Path, name: str, in_channels: int, small_input: bool | None) -> Backbone:
     if name not in IMAGENET_BACKBONES:
-        raise ConfigError(f"initialisation 'imagenet:{path}': backbone '{name}' has no ImageNet weights; use one of {list(IMAGENET_BACKBONES)}")
+        raise ConfigError(
+            f"initialisation 'imagenet:{path}': backbone '{name}' has no ImageNet weights; "
+            f"use one of {list(IMAGENET_BACKBONES)}"
+        )
     if small_input:
         raise ConfigError(
             f"initialisation 'imagenet:{path}': small_input=True cannot hold the 7×7 ImageNet conv1 — leave "

@@ -9,7 +9,13 @@ Implementation notes (why not ``LogisticRegressionCV`` / ``OneVsRestClassifier``
 - multi-label tasks fit one binary model per label on the rows where that label is known (NaN = unknown),
   which ``OneVsRestClassifier`` cannot do;
 - selection is on the *validation* split (never on test), by macro AUC; ties go to the smaller C (the
-  stronger regularisation).
+  stronger regularisation);
+- the path stops after ``path_patience`` C values in a row without a better validation AUC: validation
+  performance along an L2 path is in practice unimodal, and the large-C fits skipped this way are the slow
+  ones (lbfgs iterations grow roughly linearly with C);
+- BLAS runs single-threaded during the fits (``blas_threads``, via threadpoolctl, a scikit-learn
+  dependency): each lbfgs step is a few small mat-vecs, so extra BLAS threads only spin; measured on a
+  loaded 2-core machine for PneumoniaMNIST features (4708×512): 0.24 s with 1 thread vs 8.8 s with 2.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from radssl.data.store import TaskInfo
 from radssl.transfer.metrics import (
@@ -139,6 +146,33 @@ class _Probe:
         return copy.deepcopy(self.models)
 
 
+def _fit_path(
+    probe: _Probe, val_x: np.ndarray, val_y: np.ndarray, task: TaskInfo, Cs: Sequence[float], patience: int | None
+) -> tuple[float, float, dict[float, float], bool, np.ndarray]:
+    """Fit C values in ascending order (warm-started); leave ``probe`` at the best validation AUC.
+
+    Returns (best C, its validation AUC, AUC per fitted C, whether the best fit converged, its val scores).
+    """
+    per_C: dict[float, float] = {}
+    best: tuple[float, float, list, bool, np.ndarray] | None = None
+    without_gain = 0
+    for C in sorted(float(c) for c in Cs):
+        converged = probe.fit(C)
+        val_scores = probe.predict(val_x)
+        per_C[C] = classification_metrics(task, val_y, val_scores, name="validation set")[PRIMARY_METRIC]
+        if best is None or per_C[C] > best[1]:
+            best = (C, per_C[C], probe.snapshot(), converged, val_scores)
+            without_gain = 0
+        else:
+            without_gain += 1
+            if patience is not None and without_gain >= patience:
+                break
+    assert best is not None
+    best_C, metric, models, converged, val_scores = best
+    probe.models = models
+    return best_C, metric, per_C, converged, val_scores
+
+
 def linear_probe(
     train_feats: Array,
     train_y: Array,
@@ -149,11 +183,15 @@ def linear_probe(
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
     max_iter: int = 1000,
+    path_patience: int | None = 2,
+    blas_threads: int | None = 1,
 ) -> ProbeResult:
     """Fit logistic regression for each C, keep the C with the best validation AUC, score the test sets.
 
     Features are standardised with training-split statistics. Unlabelled training rows (-1 / all-NaN) are
     dropped; scores for val/test keep every input row (so they align with the caller's row indices).
+    ``path_patience=None`` fits every C; ``val_metric_per_C`` lists the C values actually fitted.
+    ``blas_threads=None`` leaves the BLAS thread count alone (worth it only for very large feature sets).
     """
     start = time.perf_counter()
     if not Cs:
@@ -172,26 +210,14 @@ def linear_probe(
             raise ValueError(f"{name}: features have {x.shape[1]} dimensions, training features {train_x.shape[1]}")
         check_auc_defined(task, y[labelled_mask(task, y)], name)
 
-    standardise = _Standardiser(train_x)
-    train_x, val_x = standardise(train_x), standardise(val_x)
-    probe = _Probe(task, train_x, train_y_np, seed, max_iter)
-    per_C: dict[float, float] = {}
-    best: tuple[float, float, list, bool, np.ndarray] | None = None
-    for C in sorted(float(c) for c in Cs):
-        converged = probe.fit(C)
-        val_scores = probe.predict(val_x)
-        metric = classification_metrics(task, val_y_np, val_scores, name="validation set")[PRIMARY_METRIC]
-        per_C[C] = metric
-        if best is None or metric > best[1]:
-            best = (C, metric, probe.snapshot(), converged, val_scores)
-    assert best is not None
-    best_C, val_metric, models, converged, val_scores = best
-    probe.models = models
-    scores: dict[str, np.ndarray] = {}
-    metrics: dict[str, dict[str, float]] = {}
-    for name, (x, y) in tests.items():
-        scores[name] = probe.predict(standardise(x))
-        metrics[name] = classification_metrics(task, y, scores[name], name=name)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        standardise = _Standardiser(train_x)
+        probe = _Probe(task, standardise(train_x), train_y_np, seed, max_iter)
+        best_C, val_metric, per_C, converged, val_scores = _fit_path(
+            probe, standardise(val_x), val_y_np, task, Cs, path_patience
+        )
+        scores = {name: probe.predict(standardise(x)) for name, (x, _) in tests.items()}
+    metrics = {name: classification_metrics(task, y, scores[name], name=name) for name, (_, y) in tests.items()}
     return ProbeResult(
         best_C=best_C,
         val_metric=val_metric,

@@ -123,8 +123,8 @@ def classification_metrics(
     multiclass: macro one-vs-rest ``auc``, ``accuracy`` (arg-max), ``balanced_accuracy``;
     multilabel: macro ``auc`` over labels, ``accuracy`` = mean over labels of per-label accuracy (≥ 0.5),
     ignoring unknown (NaN) labels. Unlabelled rows (-1 / all-NaN) are ignored.
-    ``on_missing_class='skip'`` averages AUC over the scorable classes instead of raising (and reports
-    ``auc_classes``, the number averaged).
+    ``on_missing_class='skip'`` averages AUC over the scorable classes instead of raising (AUC is NaN when
+    none is) and adds ``auc_classes``, the number of classes averaged.
     """
     y_true = _numpy(y_true)
     y_score = _numpy(y_score).astype(np.float64)
@@ -146,10 +146,10 @@ def classification_metrics(
     if task.kind == "binary":
         y_true = y_true.astype(np.int64)
         predicted = (y_score >= 0.5).astype(np.int64)
+        auc_classes = 0 if skipped else 1
         metrics["auc"] = float(roc_auc_score(y_true, y_score)) if not skipped else float("nan")
         metrics["accuracy"] = float(accuracy_score(y_true, predicted))
         metrics["balanced_accuracy"] = float(balanced_accuracy_score(y_true, predicted))
-        metrics["auc_classes"] = 0.0 if skipped else 1.0
     elif task.kind == "multiclass":
         y_true = y_true.astype(np.int64)
         if y_score.ndim != 2 or y_score.shape[1] != task.num_classes:
@@ -161,7 +161,7 @@ def classification_metrics(
         metrics["auc"] = float(np.mean(aucs)) if aucs else float("nan")
         metrics["accuracy"] = float(accuracy_score(y_true, predicted))
         metrics["balanced_accuracy"] = float(balanced_accuracy_score(y_true, predicted))
-        metrics["auc_classes"] = float(len(aucs))
+        auc_classes = len(aucs)
     else:  # multilabel
         if y_score.shape != y_true.shape:
             raise ValueError(f"{name}: multilabel scores need shape {y_true.shape}, got {y_score.shape}")
@@ -175,5 +175,7 @@ def classification_metrics(
                 aucs.append(roc_auc_score(truth, score))
         metrics["auc"] = float(np.mean(aucs)) if aucs else float("nan")
         metrics["accuracy"] = float(np.mean(accuracies))
-        metrics["auc_classes"] = float(len(aucs))
+        auc_classes = len(aucs)
+    if on_missing_class == "skip":
+        metrics["auc_classes"] = float(auc_classes)
     return metrics

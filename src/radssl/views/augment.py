@@ -7,31 +7,44 @@ device, each sample with its own parameters drawn from one ``torch.Generator``. 
 Sowrirajan et al. 2021 (MoCo-CXR, arXiv:2010.05352): no colour ops, no vertical flip by default, small rotations,
 intensity jitter in place of colour jitter.
 
-Why our own module and not kornia or torchvision v2 (``benchmarks/augment_backends.py``, batch 256, 1 channel,
-CPU, 2 torch threads; the CPU was shared with other jobs, so read ratios, not absolute numbers; full numbers in
-``benchmarks/results/augment_backends.json``)::
+Why our own module and not kornia or torchvision v2: it is the fastest per-sample option we measured.
+``benchmarks/augment_backends.py --quick --threads 1 2`` (batch 256, 1 channel, CPU, torch 2.14.1, kornia 0.9.0,
+torchvision 0.29.1; median wall ms of 3 calls; full rows in ``benchmarks/results/augment_backends.json``)::
 
-    size   BatchAugmenter   kornia 0.9.0 AugmentationSequential   torchvision v2 per-sample loop
-    28 px        ~9 ms          ~60 ms  (~7x slower)                 ~330 ms (~35x slower)
-    64 px       ~25 ms          ~115 ms (~4.5x slower)               ~560 ms (~20x slower)
-    128 px      ~95 ms          ~330 ms (~3.5x slower)              ~1450 ms (~15x slower)
+    1 torch thread   BatchAugmenter   kornia AugmentationSequential    torchvision v2 per-sample loop
+                                      (better of slice/resample crop)
+    28 px                  7 ms          18 ms  (2.5x slower)            230 ms (32x slower)
+    64 px                 28 ms          84 ms  (3.0x slower)            294 ms (11x slower)
+    128 px               131 ms         302 ms  (2.3x slower)            495 ms (3.8x slower)
+
+The machine (2 cores) was shared with ~4 other busy processes during the run. With 2 torch threads every
+backend was dominated by OpenMP threads waiting for a descheduled partner (~330 ms for *any* radssl call, even
+at 28 px), so those rows measure the load, not the code; there radssl was still fastest (kornia 1.3-1.7x,
+torchvision loop 17-26x slower). Rerun on a quiet machine before quoting absolute numbers.
 
 - Crop, flips and rotation are composed into ONE per-sample affine matrix, so the whole geometric part is one
-  ``F.affine_grid`` + one bilinear ``F.grid_sample`` that writes the output size directly. kornia warps once
-  per geometric op (crop, then rotation) and re-derives parameters through its generic containers, which is
-  where most of its overhead goes; it also has no per-sample noise sigma (``RandomGaussianNoise`` takes one
-  fixed ``std``).
-- torchvision v2 applied to a batched tensor draws ONE parameter set for the whole batch, so every sample
-  would get the same crop; the per-sample equivalent is a Python loop over samples, which is slowest of all.
+  bilinear ``F.grid_sample`` that writes the output size directly. kornia (profiled) warps twice in
+  ``resample`` mode (crop, then rotation), and in ``slice`` mode resizes each crop with its own
+  ``F.interpolate`` call (a per-sample Python loop) before warping for the rotation; its probability-gated ops
+  run on the whole batch and are merged back with ``torch.where``/``torch.stack``. Its ``RandomGaussianNoise``
+  has one fixed ``std`` (no per-sample range) and its brightness is additive.
+- torchvision v2 applied to a batched tensor draws ONE parameter set for the whole batch (every sample gets
+  the same crop), so the per-sample equivalent is a Python loop over samples. Even the non-equivalent
+  single-call batch (22 / 127 / 485 ms at 1 thread) is slower than ours beyond 28 px.
+- The sampling grid is built as broadcast sums (``_affine_grid``): ``F.affine_grid`` runs a batched matmul with
+  inner size 3 that measured 2-2.5x slower on CPU (1 thread: 17.6 vs 8.9 ms at 64 px, 125 vs 51 ms at 128 px,
+  grid + sample). On CPU the warp runs in chunks of ~1M output points (a 33 MB full-batch grid at 128 px is
+  re-mmapped and page-faulted every call; chunked min wall 18 vs 29 ms at 2 threads).
 - Intensity ops are elementwise with per-sample factors broadcast (identity factors for samples the
   probability skipped, so no branching); blur and noise run only on the samples their probability picked.
 - Blur is a separable Gaussian as grouped (depthwise) convolutions with one kernel per sample (kernel radius
-  fixed by the *configured* maximum sigma, so no data-dependent shapes); on CPU this beat a shifted-sum
-  implementation and a banded-matrix product (measured while choosing, at 128 px: ~12 ms vs ~56 ms vs ~20 ms).
+  fixed by the *configured* maximum sigma, so shapes never depend on the data). At 128 px, 1 thread, whole
+  batch: grouped conv 38 ms, banded-matrix products 67 ms, shifted weighted sums 147 ms.
 
 Known limits: the warp is bilinear without antialiasing, so strong downsampling (crop much larger than the
-output) aliases; store images near the training resolution. 3D volumes get crop, flips, in-plane rotation
-(about the depth axis), intensity, blur (3 axes) and noise.
+output) aliases; store images near the training resolution. Not yet run on a GPU (none here); the code uses
+only device-generic tensor ops, and accelerators take the one-shot (unchunked) warp. 3D volumes get crop,
+flips, in-plane rotation (about the depth axis), intensity, blur (3 axes) and noise.
 """
 
 from __future__ import annotations
@@ -115,7 +128,7 @@ def _affine_grid(theta: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """``F.affine_grid(theta, (B, C, *size), align_corners=False)`` as broadcast sums of per-axis terms.
 
     Same values (to float rounding); on CPU ``F.affine_grid`` runs a batched matmul with inner size 3, which
-    we measured 3-8x slower than these outer sums.
+    we measured 2-2.5x slower than these outer sums (see the module docstring).
     """
     batch, n = theta.shape[0], theta.shape[1]
     grid: torch.Tensor | None = None
@@ -133,7 +146,9 @@ def _affine_grid(theta: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return grid
 
 
-def _uniform(low: float, high: float, batch_size: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+def _uniform(
+    low: float, high: float, batch_size: int, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
     u = torch.rand(batch_size, device=device, generator=generator)
     return low + (high - low) * u
 
@@ -257,7 +272,12 @@ class BatchAugmenter(torch.nn.Module):
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, parameters: ParameterDict) -> torch.Tensor:
-        """Apply given per-sample ``parameters`` to ``images``; deterministic. Returns (B, C, *output_size)."""
+        """Apply given per-sample ``parameters`` to ``images``; deterministic. Returns (B, C, *output_size).
+
+        On an accelerator this synchronises with the host a few times per batch (indices of the samples to blur
+        and to noise, and the noise seed): negligible next to a training step, and it saves computing blur and
+        noise for samples their probability skipped.
+        """
         self._check_images(images)
         out = self._warp(images, parameters)
         out = self._intensity(out, parameters)
@@ -302,7 +322,7 @@ class BatchAugmenter(torch.nn.Module):
                 padding_mode=self.params.padding_mode, align_corners=False,
             )
         # CPU: warp in chunks whose sampling grid (~8 MB) stays in cache and below glibc's mmap threshold; one
-        # full-batch grid at 128 px (33 MB) is re-mmapped and page-faulted on every call (~2x slower measured).
+        # full-batch grid at 128 px (33 MB) is re-mmapped and page-faulted on every call (~1.6x slower measured).
         out = images.new_empty((batch, images.shape[1], *self.output_size))
         chunk = max(1, _CPU_GRID_POINTS // math.prod(self.output_size))
         for start in range(0, batch, chunk):

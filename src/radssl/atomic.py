@@ -16,6 +16,9 @@ def _write_atomic(path: Path, mode: str, write: Callable[[IO[Any]], None]) -> No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; results and reports are meant to be shared
     try:
         with os.fdopen(handle, mode) as stream:
             write(stream)

@@ -1,4 +1,4 @@
-"""The ``radssl`` command: ``demo``, ``pretrain`` (and, as they land, ``study``, ``report``, ``data``).
+"""The ``radssl`` command: ``demo``, ``pretrain``, ``study``, ``report``, ``data inspect``.
 
 Every subcommand takes ``--help``. Config values come from YAML and can be overridden on the command line as
 ``section.key=value`` (validated exactly like the file), e.g. ``radssl pretrain --config p.yaml train.steps=100``.
@@ -54,15 +54,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from radssl.config import load_config
-    from radssl.engine.pretrain import pretrain
+    from radssl.study.commands import run_demo_study
 
-    config = load_config(_preset("demo"), _common_overrides(args))
-    print("radssl demo: SimCLR on the embedded *synthetic* radiograph-like dataset (offline).")
-    result = pretrain(config)
-    print(f"pretraining finished: {result.steps} steps in {result.wall_time_s:.0f} s (final loss {result.final_loss:.4f})")
-    _print_evaluation(result)
-    print(f"outputs are in {Path(result.output_dir).resolve()}")
+    print("radssl demo: a small study on the embedded *synthetic* radiograph-like dataset (offline):")
+    print("  SimCLR pretraining, then random vs SSL initialisation at 3 label fractions,")
+    print("  internal test split + a shifted-site external test set, ending with an HTML report.")
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    output = run_demo_study(Path(args.output_dir) if args.output_dir else None, overrides)
+    print(f"outputs are in {Path(output).resolve()} (report: {Path(output).resolve() / 'report' / 'report.html'})")
     return 0
 
 
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", help="montage PNG path (default: <config>.montage.png)")
     inspect.add_argument("overrides", nargs="*", help="overrides of the data section, e.g. data.size=64")
     inspect.set_defaults(func=cmd_data_inspect)
+
+    from radssl.study.commands import add_study_commands
+
+    add_study_commands(sub)
     return parser
 
 

@@ -55,6 +55,7 @@ class SyntheticData(Section):
     image_size: int = Field(64, ge=16, le=512)
     positive_rate: float = Field(0.5, gt=0.0, lt=1.0)
     site: int = Field(0, ge=0)
+    finding_contrast: float | None = Field(None, ge=0.0, description="strength of the diagnostic finding; null = generator default")
     data_seed: int = 0
 
 

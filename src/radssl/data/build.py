@@ -15,7 +15,9 @@ def build_store(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore
     if isinstance(section, SyntheticData):
         from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
 
+        extra = {} if section.finding_contrast is None else {"finding_contrast": section.finding_contrast}
         spec = SyntheticSpec(
+            **extra,
             n_patients=section.n_patients,
             images_per_patient=section.images_per_patient,
             image_size=section.image_size,

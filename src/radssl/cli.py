@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 from pathlib import Path
 
 from radssl.errors import RadsslError
 
 OVERRIDES_HELP = "config overrides as section.key=value (YAML values), e.g. train.steps=200 method.temperature=0.2"
-
-
-def _preset(name: str) -> Path:
-    return Path(str(resources.files("radssl.presets") / f"{name}.yaml"))
 
 
 def _common_overrides(args: argparse.Namespace) -> list[str]:

@@ -276,25 +276,30 @@ def format_validation_error(error: ValidationError, source: str, model: type[Bas
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: Path | None, what: str = "sections") -> dict[str, Any]:
+    """The top-level mapping of a YAML file ({} for ``None``); ConfigError naming the file otherwise."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {what}, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
     path: Path | None, overrides: list[str] | None = None, model: type[BaseModel] = PretrainConfig
 ) -> Any:
     """Load YAML (or defaults when ``path`` is None), apply overrides, validate; ConfigError on any problem."""
-    raw: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
+    raw = read_yaml_mapping(path)
     apply_overrides(raw, overrides or [])
     try:
         return model.model_validate(raw)
@@ -306,10 +311,8 @@ def load_data_section(path: Path, overrides: list[str] | None = None) -> Any:
     """Only the ``data`` section of any radssl YAML (pretrain or study), validated like in a full config."""
     from pydantic import TypeAdapter
 
-    if not Path(path).is_file():
-        raise ConfigError(f"{path}: config file not found")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict) or "data" not in raw:
+    raw = read_yaml_mapping(path)
+    if "data" not in raw:
         raise ConfigError(f"{path}: no 'data' section to inspect")
     wrapped = apply_overrides({"data": raw["data"]}, overrides or [])
     try:

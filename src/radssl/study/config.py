@@ -396,26 +396,12 @@ def load_study_config(path: Path | str | None, overrides: list[str] | None = Non
     Besides ``key.path=value`` (as :func:`radssl.config.load_config`), list entries are addressed by name:
     ``pretraining.simclr.train.steps=200``, ``external_test_sets.site2.data.n_patients=50``.
     """
-    import yaml
     from pydantic import ValidationError
 
-    from radssl.config import apply_overrides, format_validation_error
+    from radssl.config import apply_overrides, format_validation_error, read_yaml_mapping
 
-    raw: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: study file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of study fields, got {type(loaded).__name__}")
-        raw = loaded
+    raw = read_yaml_mapping(path, "study fields")
     if isinstance(raw.get("protocols"), list):  # shorthand → mapping, so `protocols.knn.k=5` can apply
         raw["protocols"] = {str(name): {} for name in raw["protocols"]}
     plain = [text for text in overrides or [] if not apply_named_override(raw, text)]

@@ -98,14 +98,18 @@ def plan_steps(config: PretrainConfig, n_images: int, world_size: int, source: s
     return steps_per_epoch, max(1, math.ceil(float(config.train.epochs or 1.0) * steps_per_epoch))
 
 
-def build_pretraining_method(config: PretrainConfig, store: ImageStore) -> SSLMethod:
-    backbone = build_backbone(
+def backbone_for(config: PretrainConfig, store: ImageStore):  # noqa: ANN201 - Backbone
+    """The backbone a config asks for, sized for the store's channels and images (one place for both)."""
+    return build_backbone(
         config.model.backbone,
         in_channels=store.channels,
         small_input=config.model.small_input,
         image_size=max(store.image_shape),
     )
-    return build_method(config.method.name, backbone, config.method.params())
+
+
+def build_pretraining_method(config: PretrainConfig, store: ImageStore) -> SSLMethod:
+    return build_method(config.method.name, backbone_for(config, store), config.method.params())
 
 
 def _resume_state(config: PretrainConfig, store: ImageStore, checkpoint_dir: Path) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import torch
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
 from radssl.data.store import ImageStore
-from radssl.models.backbones import Backbone, build_backbone
+from radssl.models.backbones import Backbone
 from radssl.transfer.features import extract_features
 from radssl.transfer.knn import knn_evaluate
 from radssl.transfer.linear_probe import linear_probe
@@ -60,12 +60,9 @@ def quick_evaluate(
     }
     if config.eval.compare_random:
         torch.manual_seed(config.seed)
-        random_backbone = build_backbone(
-            config.model.backbone,
-            in_channels=store.channels,
-            small_input=config.model.small_input,
-            image_size=max(store.image_shape),
-        ).to(device)
+        from radssl.engine.pretrain import backbone_for
+
+        random_backbone = backbone_for(config, store).to(device)
         result["random_init"] = evaluate_backbone(
             random_backbone, store, config.eval.knn_k, config.eval.knn_temperature, config.seed, device
         )

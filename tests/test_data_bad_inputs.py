@@ -129,7 +129,10 @@ DICOM_CASES = [
 
 @pytest.fixture
 def dicom():
-    return pytest.importorskip("radssl.data.dicom", reason="radssl.data.dicom (read_dicom_source) not available yet")
+    """The DICOM reader module (a fixture so the tests below read ``dicom.read_dicom_source``)."""
+    from radssl.data import dicom as module
+
+    return module
 
 
 def _dicom_config(dicom, root: Path):
@@ -160,7 +163,8 @@ def test_dicom_skip_loads_the_good_series(dicom, tmp_path):
 
 
 def test_medical_skip_writes_bad_files_report(tmp_path):
-    medical = pytest.importorskip("radssl.data.medical", reason="needs radssl.data.dicom and radssl.data.preprocess")
+    from radssl.data import medical
+
     root = BAD / "folder_missing_file"
     source = {"kind": "folder", "root": str(root), "csv": str(root / "labels.csv"), "label_columns": ["label"]}
     base = {"source": source, "cache_dir": str(tmp_path / "cache"), "preprocess": {"target_size": [8, 8]}}
@@ -174,7 +178,8 @@ def test_medical_skip_writes_bad_files_report(tmp_path):
 
 
 def test_medical_dicom_skip_lists_bad_files(dicom, tmp_path):
-    medical = pytest.importorskip("radssl.data.medical")
+    from radssl.data import medical
+
     root = tmp_path / "dicom"
     shutil.copytree(BAD / "dicom_good", root / "good")
     for name in ("dicom_truncated/truncated.dcm", "dicom_no_pixels/no_pixel_data.dcm"):

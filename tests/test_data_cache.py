@@ -209,7 +209,10 @@ def test_float16_volumes_and_multilabel(tmp_path):
 # ----------------------------------------------------------------------------------------- medical glue
 @pytest.fixture
 def medical():
-    return pytest.importorskip("radssl.data.medical", reason="needs radssl.data.dicom and radssl.data.preprocess")
+    """The medical-store module (a fixture so the tests below read ``medical.load_medical_store``)."""
+    from radssl.data import medical as module
+
+    return module
 
 
 def _medical_config(medical, tmp_path: Path, source: dict, **kwargs):

@@ -8,17 +8,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import JPEGLSLossless
 
-pydicom = pytest.importorskip("pydicom")
-from pydicom.data import get_testdata_file  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
-from pydicom.sequence import Sequence  # noqa: E402
-from pydicom.uid import JPEGLSLossless  # noqa: E402
-
-from radssl.data.dicom import PLUGIN_FIX, DicomSourceConfig, read_dicom_source  # noqa: E402
-from radssl.data.records import BadFileLog  # noqa: E402
-from radssl.errors import DataError  # noqa: E402
+from radssl.data.dicom import PLUGIN_FIX, DicomSourceConfig, read_dicom_source
+from radssl.data.records import BadFileLog
+from radssl.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SERIES_UID = "1.2.826.0.1.3680043.8.498.4242"

@@ -10,20 +10,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
-pydicom = pytest.importorskip("pydicom")
-from pydicom.data import get_testdata_file  # noqa: E402
-
-from radssl.data.dicom import DicomSourceConfig, read_dicom_source  # noqa: E402
-from radssl.data.preprocess import (  # noqa: E402
+from radssl.data.dicom import DicomSourceConfig, read_dicom_source
+from radssl.data.preprocess import (
     PreprocessConfig,
     preprocess_mask,
     preprocess_record,
     ultrasound_sector,
 )
-from radssl.data.records import BadFileLog, Record  # noqa: E402
-from radssl.errors import DataError  # noqa: E402
+from radssl.data.records import BadFileLog, Record
+from radssl.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
+from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ImageStore
 from radssl.models.backbones import Backbone
 from radssl.transfer.features import extract_features
@@ -23,17 +25,61 @@ from radssl.transfer.knn import knn_evaluate
 from radssl.transfer.linear_probe import linear_probe
 
 
+CARVED_VALIDATION_FRACTION = 0.2
+"""Share of training patients held out to choose the probe's C when a store has no ``val`` split."""
+
+
+def _strata(store: ImageStore, rows: np.ndarray) -> np.ndarray:
+    """One class index per row to stratify by (-1 = unlabelled; multilabel: the first label column)."""
+    labels = store.labels[torch.from_numpy(rows)]
+    if store.task.kind == "multilabel":
+        first = labels[:, 0].numpy()
+        return np.where(np.isnan(first), -1, first).astype(np.int64)
+    return labels.numpy().astype(np.int64)
+
+
+def validation_rows(
+    store: ImageStore, train: np.ndarray, val: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train rows, validation rows, a sentence saying where validation came from).
+
+    Model selection (the probe's C) must never look at the test split. Without a ``val`` split, a seeded,
+    class-stratified 20 % of the training *patients* is held out (``radssl.data.splits.assign_patient_splits``,
+    so no patient is on both sides) and the probe and kNN train on the rest.
+    """
+    if len(val):
+        return train, val, "the store's val split"
+    side = assign_patient_splits(
+        store.patient_id[train],
+        _strata(store, train),
+        (1.0 - CARVED_VALIDATION_FRACTION, CARVED_VALIDATION_FRACTION, 0.0),
+        seed=seed,
+        source=store.origin or store.name,
+    )
+    grouping = "patient-level" if (store.patient_id[train] != "").all() else "per image where no patient id is known"
+    note = (
+        f"carved {CARVED_VALIDATION_FRACTION:.0%} of train ({grouping}, stratified, seed {seed}) "
+        "because the store has no val split"
+    )
+    return train[side == "train"], train[side == "val"], note
+
+
 def evaluate_backbone(
     backbone: Backbone, store: ImageStore, knn_k: int, knn_temperature: float, seed: int, device: torch.device | str
 ) -> dict[str, Any]:
-    """kNN + linear probe on train → val/test. Returns {protocol: {split: metrics}} plus timing."""
+    """kNN + linear probe on train → val/test. Returns {protocol: {split: metrics}}, timing and ``validation``.
+
+    C is chosen on validation, never on test: the store's ``val`` split, or one carved from train
+    (:func:`validation_rows`); ``validation`` says which, and is written to ``eval.json``.
+    """
     if store.task.kind == "none":
         return {"skipped": "the dataset has no labels"}
     train, val, test = (store.indices(s) for s in ("train", "val", "test"))
     if len(train) == 0 or len(test) == 0:
         return {"skipped": "the dataset has no labelled train and test splits"}
+    train, val, validation = validation_rows(store, train, val, seed)
     if len(val) == 0:
-        val = test  # documented fallback: C is then chosen on the test split (reported in the output)
+        return {"skipped": f"no validation images: {validation}", "validation": validation}
     start = time.perf_counter()
     features = extract_features(backbone, store.images, device=device)
     labels = store.labels
@@ -42,6 +88,7 @@ def evaluate_backbone(
     knn = knn_evaluate(features[train], labels[train], tests, store.task, k=knn_k, temperature=knn_temperature, device=device)
     probe = linear_probe(features[train], labels[train], features[val], labels[val], tests, store.task, seed=seed)
     return {
+        "validation": validation,
         "knn": knn.metrics,
         "linear_probe": probe.metrics,
         "linear_probe_C": probe.best_C,
@@ -73,6 +120,8 @@ def summary_lines(evaluation: dict[str, Any]) -> list[str]:
     """Human lines: 'linear probe test AUC 0.912 (random init 0.801)'."""
     lines = []
     ssl = evaluation.get("ssl", {})
+    if ssl.get("validation"):
+        lines.append(f"probe C chosen on: {ssl['validation']}")
     base = evaluation.get("random_init", {})
     for protocol, label in (("linear_probe", "linear probe"), ("knn", "kNN")):
         for split in ("val", "test"):

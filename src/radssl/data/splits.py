@@ -41,19 +41,26 @@ def label_fraction_subsets(
     labels: np.ndarray,
     train_rows: np.ndarray,
     fractions: Sequence[float],
-    seed: int,
+    seed: int | Sequence[int],
     patient_id: np.ndarray | None = None,
     source: str = "dataset",
+    min_rows_per_class: int = 1,
 ) -> dict[float, np.ndarray]:
     """Stratified, seeded, nested subsets of ``train_rows`` for each label fraction in (0, 1].
 
     ``labels`` is indexed by row (class index; multilabel tasks pass any single stratification column).
     Each fraction keeps at least one patient per class present, and errors when a class would vanish.
+    ``min_rows_per_class`` is a floor: every class keeps patients until it holds at least that many rows
+    (or all of its rows), e.g. so that a proportional validation subset still defines an AUC. The floor is
+    the same for every fraction, so nesting holds. ``seed`` may be a sequence (numpy ``SeedSequence``
+    entropy), e.g. ``[seed, 1]`` for a second, independent stream of the same seed.
     Returns sorted row indices per fraction.
     """
     train_rows = np.asarray(train_rows, dtype=np.int64)
     if len(train_rows) == 0:
         raise DataError(source, "the training split is empty; no label-fraction subset can be drawn")
+    if min_rows_per_class < 1:
+        raise DataError(source, f"min_rows_per_class must be ≥ 1, got {min_rows_per_class}")
     for fraction in fractions:
         if not 0.0 < float(fraction) <= 1.0:
             raise DataError(source, f"label fraction {fraction} is outside (0, 1]")
@@ -73,7 +80,8 @@ def label_fraction_subsets(
             target = fraction * group_sizes[order].sum()
             cumulative = np.cumsum(group_sizes[order])
             count = max(1, int(np.searchsorted(cumulative, target - 1e-9) + 1))
-            count = min(count, len(order))
+            floor = int(np.searchsorted(cumulative, min_rows_per_class - 1e-9) + 1)  # first prefix with enough rows
+            count = min(max(count, floor), len(order))
             if count < 1:
                 raise DataError(source, f"label fraction {fraction} leaves class {stratum} with no example")
             chosen.append(order[:count])

@@ -129,6 +129,10 @@ class FinetuneResult:
     epochs_run: int
     stopped_early: bool
     model: Classifier = field(repr=False)
+    steps_per_epoch: int = 0
+    """Optimiser steps per epoch (validation runs after each epoch)."""
+    steps_run: int = 0
+    """Optimiser steps actually taken (fewer than ``epochs × steps_per_epoch`` after early stopping)."""
 
 
 def _loss_function(task: TaskInfo, train_y: torch.Tensor, class_balanced: bool) -> Callable:
@@ -200,6 +204,7 @@ def finetune(
     eval_batch_size: int = 512,
     precision: Literal["32", "bf16"] = "32",
     min_steps_per_epoch: int = 1,
+    min_epochs: int = 1,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` with a new linear head; select the epoch on validation AUC.
@@ -209,7 +214,10 @@ def finetune(
     ``early_stopping_patience=None`` trains all ``epochs``. ``precision='bf16'`` autocasts on CUDA only.
     ``min_steps_per_epoch`` lets an "epoch" of a tiny label fraction (say 1 % = 47 images, one step) run
     several passes, so small fractions are not also under-trained: label-efficiency curves then compare
-    labels, not optimisation budgets.
+    labels, not optimisation budgets (:mod:`radssl.study.grid` sets it to the step count of one pass over the
+    full training split, so every label fraction gets the same number of optimiser steps).
+    ``min_epochs`` is the early-stopping floor: training never stops before that many epochs, so a noisy
+    first validation score on a small validation set cannot end a run after one or two epochs.
     Raises :class:`NonFiniteLossError` at the first NaN/inf loss and ``DataError`` before any compute when
     a split is empty, has unlabelled rows, or holds a class the training rows never show.
     """
@@ -225,6 +233,8 @@ def finetune(
                         f"{len(train_rows)} and {len(val_rows)}")
     if epochs < 1 or batch_size < 2:
         raise ValueError(f"need epochs ≥ 1 and batch_size ≥ 2, got {epochs} and {batch_size}")
+    if min_steps_per_epoch < 1 or min_epochs < 1:
+        raise ValueError(f"need min_steps_per_epoch ≥ 1 and min_epochs ≥ 1, got {min_steps_per_epoch}, {min_epochs}")
     _check_store(store, backbone, "the training store")
     train_y = store.labels[torch.from_numpy(train_rows)]
     if not labelled_mask(task, train_y.numpy()).all():
@@ -276,6 +286,7 @@ def finetune(
     history: list[dict[str, float]] = []
     best_metric, best_epoch, best_state, epochs_without_gain = -math.inf, 0, None, 0
     stopped_early = False
+    steps_run = 0
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
@@ -299,6 +310,7 @@ def finetune(
             loss.backward()
             optimiser.step()
             scheduler.step()
+            steps_run += 1
             running += float(loss.detach()) * len(index)
             seen += len(index)
         val_scores = predict_scores(model, val_images, task, eval_batch_size, device)
@@ -319,7 +331,8 @@ def finetune(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             epochs_without_gain += 1
-            if early_stopping_patience is not None and epochs_without_gain >= early_stopping_patience:
+            if (early_stopping_patience is not None and epochs_without_gain >= early_stopping_patience
+                    and epoch >= min_epochs):
                 stopped_early = epoch < epochs
                 break
 
@@ -342,4 +355,6 @@ def finetune(
         epochs_run=len(history),
         stopped_early=stopped_early,
         model=model,
+        steps_per_epoch=steps_per_epoch,
+        steps_run=steps_run,
     )

@@ -2,8 +2,12 @@
 
 Why this module exists: a study compares initialisations on the *same* test cases, so the honest
 uncertainty of a difference is a *paired* one (DeLong for AUC, a paired bootstrap otherwise), and the
-honest uncertainty of a single number is a bootstrap over test cases. Everything here is numpy/scipy;
-scikit-learn is only used as the reference AUC in tests.
+uncertainty of one trained model's number is a bootstrap over test cases. A study cell is one of several
+seeds, though: each seed draws another label subset and trains the read-out again, and at small label
+fractions that spread (0.03–0.10 AUC) dwarfs the test-case noise of one model. Intervals and tests of the
+*seed-averaged* numbers therefore add both sources (:func:`seeds_and_cases_interval`,
+:func:`seeds_and_cases_paired_test`); the test-case-only tools stay as what they are: statements about the
+trained models at hand. Everything here is numpy/scipy; scikit-learn is only used as the reference AUC in tests.
 
 References
 ----------
@@ -13,6 +17,10 @@ References
   receiver operating characteristic curves", IEEE Signal Processing Letters 21(11):1389-1393.
 - Efron & Tibshirani (1993), "An Introduction to the Bootstrap", ch. 13 (percentile intervals) and 16.
 - Hall & Wilson (1991), "Two guidelines for bootstrap hypothesis testing", Biometrics 47:757-762.
+- Bouthillier et al. (2021), "Accounting for variance in machine learning benchmarks", MLSys: data sampling
+  and seeds are both sources of variance a comparison must include.
+- Satterthwaite (1946), "An approximate distribution of estimates of variance components", Biometrics
+  Bulletin 2:110-114 (effective degrees of freedom of a sum of variance estimates; JCGM 100:2008 G.4).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from radssl.errors import DataError
 __all__ = [
     "DeLongResult",
     "PairedResult",
+    "SeedsAndCases",
     "accuracy",
     "binary_auc",
     "bootstrap_ci",
@@ -42,6 +51,11 @@ __all__ = [
     "mean_std_over_seeds",
     "paired_bootstrap",
     "paired_bootstrap_seed_averaged",
+    "case_covariance",
+    "combine_seed_and_case_variance",
+    "seed_t_interval",
+    "seeds_and_cases_interval",
+    "seeds_and_cases_paired_test",
 ]
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -487,3 +501,170 @@ def fraction_matching_baseline(curve: dict[float, float], baseline: float, toler
             return float(10 ** (math.log10(f0) + t * (math.log10(fraction) - math.log10(f0))))
         previous = (fraction, value)
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and test cases together
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedsAndCases:
+    """A seed-averaged metric (or paired difference) with an interval over seeds *and* test cases.
+
+    ``seed_variance`` = s²/S, the spread of the per-seed values (label subsets, read-out training randomness and
+    each model's own test-case noise); NaN with one seed, which says nothing about seeds. ``case_variance`` is
+    the test-case covariance the seeds *share* (they are scored on the same cases, so their spread cannot show
+    it); with one seed it is that seed's whole test-case variance. See :func:`combine_seed_and_case_variance`.
+    ``p_value`` is the two-sided test of estimate = 0 (meaningful for differences).
+    """
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+    seed_variance: float
+    case_variance: float
+    n_seeds: int
+
+    @property
+    def seeds_included(self) -> bool:
+        """False when one seed was available: the interval then covers test cases only."""
+        return self.n_seeds >= 2 and math.isfinite(self.seed_variance)
+
+
+def seed_t_interval(values: Any, alpha: float = 0.05) -> tuple[float, float, float, float, int]:
+    """Mean over seeds, its t-interval and the one-sample t-test p (mean = 0): (mean, low, high, p, n).
+
+    Conditions on the test set (every seed is scored on the same cases): it covers label-subset and training
+    randomness only. Fewer than two finite values give NaN bounds and p.
+    """
+    mean, std, n = mean_std_over_seeds(values)
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan, n
+    se = std / math.sqrt(n)
+    half = float(stats.t.ppf(1 - alpha / 2, n - 1)) * se
+    if se > 0:
+        p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
+    else:
+        p = 1.0 if mean == 0 else 0.0
+    return mean, mean - half, mean + half, p, n
+
+
+def _half_width(alpha: float, seed_variance: float, case_variance: float, n_seeds: int) -> float:
+    t = float(stats.t.isf(alpha / 2, n_seeds - 1)) if n_seeds >= 2 else 0.0  # isf: exact for tiny alpha
+    z = float(stats.norm.isf(alpha / 2))
+    return math.sqrt(t * t * seed_variance + z * z * case_variance)
+
+
+def combine_seed_and_case_variance(per_seed: Any, case_covariance: Any, alpha: float = 0.05) -> SeedsAndCases:
+    """Mean of ``per_seed`` values with an interval that covers seeds and test cases.
+
+    ``case_covariance`` is the (S, S) test-case covariance of the per-seed values (DeLong or a case bootstrap),
+    with the trained models held fixed. Law of total variance: Var(mean) = Var_seeds + Var_cases; the observed
+    spread over seeds, s²/S, already holds each model's *own* case noise, so only the part the seeds share — the
+    mean off-diagonal covariance c — is added. The two parts have very different degrees of freedom (S − 1 and
+    about the number of cases), so their 95% half-widths are combined root-sum-square,
+    half = sqrt(t²(S−1) · s²/S + z² · c), rather than through one Satterthwaite df, which is liberal with 2–3
+    seeds. The result is exactly the paired t-interval over seeds when the seeds share no case noise and the
+    DeLong interval when all seeds agree. p inverts the interval (the α at which it touches 0). Simulated
+    coverage is in ``tests/test_statistics_seeds.py``. With one seed the interval covers test cases only.
+    """
+    v = np.asarray(per_seed, dtype=np.float64).ravel()
+    cov = np.atleast_2d(np.asarray(case_covariance, dtype=np.float64))
+    if v.size == 0 or not np.isfinite(v).all():
+        raise DataError("combine_seed_and_case_variance", f"per-seed values must be finite, got {v.tolist()}",
+                        "pass one finite value per seed")
+    if cov.shape != (v.size, v.size):
+        raise DataError("combine_seed_and_case_variance", f"case covariance of shape {cov.shape} for {v.size} seeds",
+                        "pass the (S, S) covariance of the per-seed values")
+    mean, n = float(v.mean()), int(v.size)
+    if n == 1:
+        seed_variance, case_variance = math.nan, max(float(cov[0, 0]), 0.0)
+    else:
+        seed_variance = float(v.var(ddof=1)) / n
+        case_variance = max(float(cov.sum() - np.trace(cov)) / (n * (n - 1)), 0.0)
+    a = 0.0 if math.isnan(seed_variance) else seed_variance
+    if not math.isfinite(case_variance):
+        return SeedsAndCases(mean, math.nan, math.nan, math.nan, seed_variance, case_variance, n)
+    half = _half_width(alpha, a, case_variance, n)
+    if a + case_variance <= 1e-30:
+        p = 1.0 if abs(mean) <= 1e-15 else 0.0
+    else:
+        gap = lambda level: _half_width(level, a, case_variance, n) - abs(mean)  # noqa: E731 - decreasing in level
+        if gap(1.0 - 1e-12) >= 0:
+            p = 1.0
+        elif gap(1e-15) < 0:
+            p = 0.0  # below 1e-15
+        else:
+            from scipy.optimize import brentq
+
+            p = float(brentq(gap, 1e-15, 1.0 - 1e-12, xtol=1e-15))
+    return SeedsAndCases(mean, mean - half, mean + half, p, seed_variance, case_variance, n)
+
+
+def _is_binary_auc(metric: Metric, y: np.ndarray, scores: Sequence[np.ndarray]) -> bool:
+    try:
+        from sklearn.metrics import roc_auc_score
+    except ImportError:  # pragma: no cover - sklearn is a dependency
+        roc_auc_score = None
+    return (metric is binary_auc or metric is roc_auc_score) and y.ndim == 1 and all(s.ndim == 1 for s in scores)
+
+
+def case_covariance(y_true: Any, scores_a: Sequence[Any], metric: Metric, scores_b: Sequence[Any] | None = None,
+                    n_boot: int = 1000, seed: int = 0, stratified: bool = True) -> np.ndarray:
+    """(S, S) test-case covariance of per-seed metric(a_s) (or of metric(a_s) − metric(b_s), paired by seed).
+
+    The trained models are held fixed and the test cases resampled. Binary AUC: DeLong's joint covariance of
+    every model's AUC on the shared cases. Other metrics: the covariance over case bootstrap resamples, one
+    resample scoring every seed (and both sides), so the dependence through shared cases is kept.
+    """
+    if not scores_a or (scores_b is not None and len(scores_b) != len(scores_a)):
+        raise DataError("case_covariance", "need one score vector per seed (the same number for both models)")
+    side_b = list(scores_b or [])
+    y, *checked = _check_pair(y_true, *scores_a, *side_b)
+    k = len(scores_a)
+    contrast = np.hstack([np.eye(k), -np.eye(k)]) if side_b else np.eye(k)
+    if _is_binary_auc(metric, y, checked):
+        _, cov = delong_covariance(y, np.stack(checked))
+        return contrast @ cov @ contrast.T
+    idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified)
+    values = np.stack([_metric_on_resamples(metric, y, s, idx) for s in checked], axis=1) @ contrast.T  # (B, k)
+    values = values[np.isfinite(values).all(axis=1)]
+    if values.shape[0] < 2:
+        raise DataError("case_covariance", "the metric was undefined on (almost) every bootstrap resample",
+                        "check that the test set contains every class")
+    return np.atleast_2d(np.cov(values, rowvar=False))
+
+
+def seeds_and_cases_interval(y_true: Any, scores_per_seed: Sequence[Any], metric: Metric, alpha: float = 0.05,
+                             n_boot: int = 1000, seed: int = 0) -> SeedsAndCases:
+    """Seed-averaged ``metric`` on one test set with an interval over seeds and test cases.
+
+    What it answers: "what would this initialisation + protocol score at this label fraction, averaged over
+    label subsets and training runs, on data like this test set?" — unlike :func:`bootstrap_ci` of one seed
+    (this model, other test cases) or :func:`seed_t_interval` (other models, this test set).
+    """
+    y = np.asarray(y_true)
+    per_seed = [metric(y, np.asarray(s, dtype=np.float64)) for s in scores_per_seed]
+    cov = case_covariance(y, scores_per_seed, metric, n_boot=n_boot, seed=seed)
+    return combine_seed_and_case_variance(per_seed, cov, alpha)
+
+
+def seeds_and_cases_paired_test(y_true: Any, scores_a: Sequence[Any], scores_b: Sequence[Any], metric: Metric,
+                                alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> SeedsAndCases:
+    """Test of mean_s [metric(a_s) − metric(b_s)] = 0 over seeds *and* test cases; a_s, b_s paired by seed.
+
+    Pairing by seed is right because both arms of one seed see the same label subset. A paired t-test over
+    seeds alone treats the test set as fixed; DeLong on the seed-averaged contrast
+    (:func:`delong_seed_averaged`) treats the trained models as fixed and can say p < 0.001 while seeds disagree
+    by 0.1 AUC. This test carries both (see :func:`combine_seed_and_case_variance`).
+    """
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise DataError("seeds_and_cases_paired_test", f"got {len(scores_a)} and {len(scores_b)} score vectors",
+                        "pass one score vector per seed for both models, in the same seed order")
+    y = np.asarray(y_true)
+    differences = [metric(y, np.asarray(sa, dtype=np.float64)) - metric(y, np.asarray(sb, dtype=np.float64))
+                   for sa, sb in zip(scores_a, scores_b, strict=True)]
+    cov = case_covariance(y, scores_a, metric, scores_b, n_boot=n_boot, seed=seed)
+    return combine_seed_and_case_variance(differences, cov, alpha)

@@ -18,20 +18,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from support import make_tiny_store  # noqa: E402
 
 from radssl.config import load_config  # noqa: E402
-from radssl.engine.pretrain import pretrain  # noqa: E402
+from radssl.engine.pretrain import pretrain, view_context  # noqa: E402
 from radssl.views.policies import TwoViewPolicy  # noqa: E402
+
+
+class RecordingPolicy(TwoViewPolicy):
+    """Two-view policy that records a checksum of the stored images each step serves (passed as policy=)."""
+
+    name = "recording_two_view"
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.batch_sums: list[float] = []
+
+    def __call__(self, rows, images, columns, generator):  # noqa: ANN001, ANN204
+        self.batch_sums.append(float(images.index_select(0, rows).double().sum()))
+        return super().__call__(rows, images, columns, generator)
 
 
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
-    batch_sums: list[float] = []
-    original_call = TwoViewPolicy.__call__
-
-    def recording_call(self, stored, generator):  # noqa: ANN001, ANN202
-        batch_sums.append(float(stored.double().sum()))
-        return original_call(self, stored, generator)
-
-    TwoViewPolicy.__call__ = recording_call
     config = load_config(
         None,
         [
@@ -49,7 +55,10 @@ def main(out_dir: str) -> None:
             "optim.lr=0.5",
         ],
     )
-    result = pretrain(config, store=make_tiny_store(n=64))
+    store = make_tiny_store(n=64)
+    policy = RecordingPolicy(config.views.settings(), view_context(config, store, channels_last=False))
+    result = pretrain(config, store=store, policy=policy)
+    batch_sums = policy.batch_sums
     # Parameters only: BatchNorm running statistics are per-rank between DDP's buffer broadcasts.
     weights = {k: float(v.detach().double().sum()) for k, v in result.method.named_parameters()}
     report = {

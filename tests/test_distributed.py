@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lightly.loss import NTXentLoss
+
+from radssl.models.base import Backbone
+from radssl.views.batch import ViewBatch
 
 WORLD = 2
 BATCH = 6
@@ -25,54 +27,78 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _projections() -> tuple[torch.Tensor, torch.Tensor]:
+def _views() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
-    return torch.randn(WORLD * BATCH, 16, generator=generator), torch.randn(WORLD * BATCH, 16, generator=generator)
+    shape = (WORLD * BATCH, 1, 4, 4)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
 
 
-def _rank_loss(rank: int, port: int, gather: bool, out: str) -> None:
+class FlattenBackbone(Backbone):
+    """A weight-free encoder (flattened pixels), so the only thing a rank's loss depends on is the method."""
+
+    family = "flatten_for_test"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_dim = 16
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)
+
+
+def _method(name: str, params: dict) -> torch.nn.Module:
+    """radssl's own method as the engine would build it (same seed on every rank), in eval mode so that the
+    projection head's BatchNorm uses running statistics and each sample's embedding is independent of its batch."""
+    from radssl.methods.registry import build_method
+
+    torch.manual_seed(0)
+    return build_method(name, FlattenBackbone(), params).eval()
+
+
+def _rank_loss(rank: int, port: int, name: str, params: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from radssl.methods.simclr import SimCLRParams
-
-        z0, z1 = _projections()
-        local0 = z0[rank * BATCH : (rank + 1) * BATCH].clone().requires_grad_(True)
-        local1 = z1[rank * BATCH : (rank + 1) * BATCH].clone()
-        # The criterion SimCLR builds from its params (gather_distributed defaults to True).
-        params = SimCLRParams(temperature=0.5, gather_distributed=gather)
-        loss = NTXentLoss(temperature=params.temperature, gather_distributed=params.gather_distributed)(local0, local1)
+        v0, v1 = _views()
+        local0 = v0[rank * BATCH : (rank + 1) * BATCH].clone().requires_grad_(True)
+        local1 = v1[rank * BATCH : (rank + 1) * BATCH].clone()
+        method = _method(name, params)
+        loss = method(ViewBatch(views=[local0, local1], rows=torch.arange(BATCH)))["loss"]
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": local0.grad}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _run_ranks(tmp_path: Path, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    mp.spawn(_rank_loss, args=(_free_port(), gather, str(tmp_path)), nprocs=WORLD, join=True)
+def _run_ranks(tmp_path: Path, name: str, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    tmp_path.mkdir()
+    mp.spawn(_rank_loss, args=(_free_port(), name, params, str(tmp_path)), nprocs=WORLD, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return torch.stack([p["loss"] for p in parts]).mean(), torch.cat([p["grad"] for p in parts])
 
 
-def test_simclr_negatives_are_gathered_across_processes(tmp_path: Path) -> None:
-    from radssl.methods.simclr import SimCLRParams
+# Contrastive methods whose negatives must come from every process: name → params that switch gathering off.
+GATHERING_METHODS = {"simclr": {"temperature": 0.5}}
 
-    assert SimCLRParams().gather_distributed is True, "SimCLR gathers negatives under DDP by default"
-    z0, z1 = _projections()
-    z0 = z0.clone().requires_grad_(True)
-    single = NTXentLoss(temperature=0.5)(z0, z1)
+
+@pytest.mark.parametrize("name", sorted(GATHERING_METHODS))
+def test_negatives_are_gathered_across_processes_by_radssls_method(tmp_path: Path, name: str) -> None:
+    params = GATHERING_METHODS[name]
+    method = _method(name, params)
+    assert method.params.gather_distributed is True, f"{name} gathers negatives under DDP by default"
+    v0, v1 = _views()
+    v0 = v0.clone().requires_grad_(True)
+    single = method(ViewBatch(views=[v0, v1], rows=torch.arange(WORLD * BATCH)))["loss"]
     single.backward()
 
-    (tmp_path / "gather").mkdir()
-    gathered_loss, gathered_grad = _run_ranks(tmp_path / "gather", gather=True)
+    gathered_loss, gathered_grad = _run_ranks(tmp_path / "gather", name, params)
     # With gathering, the mean of the per-rank losses is the loss over the global batch, and (after DDP's
     # gradient averaging, i.e. the sum of the per-rank gradients / WORLD) the gradients match too.
     torch.testing.assert_close(gathered_loss, single.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gathered_grad / WORLD, z0.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gathered_grad / WORLD, v0.grad, rtol=1e-4, atol=1e-6)
 
-    (tmp_path / "local").mkdir()
-    local_loss, _ = _run_ranks(tmp_path / "local", gather=False)
-    assert abs(float(local_loss) - float(single)) > 1e-3, "without gathering each rank sees only its own negatives"
+    local_loss, _ = _run_ranks(tmp_path / "local", name, {**params, "gather_distributed": False})
+    assert abs(float(local_loss) - float(single.detach())) > 1e-3, "without gathering each rank sees only its own negatives"
 
 
 def test_ddp_pretraining_synchronises_gradients_across_ranks(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from support import real_or_synthetic_images, write_dicom_folder, write_png_csv_
 from radssl.config import load_config
 from radssl.data.build import build_store
 from radssl.engine.pretrain import backbone_for, pretrain
+from radssl.evaluation.quick import evaluate_pretraining
 from radssl.study.config import StudyConfig
 from radssl.study.grid import run_study
 from radssl.study.results_store import ResultsStore
@@ -41,6 +42,7 @@ def _run(tmp_path: Path, data_overrides: list[str]) -> dict:
     patients_per_split = {s: set(store.patient_id[store.indices(s)]) for s in ("train", "val", "test")}
     assert not (patients_per_split["train"] & patients_per_split["test"]), "no patient in two splits"
     result = pretrain(config, store=store)
+    evaluate_pretraining(result, store, config)  # what `radssl pretrain` does after the engine returns
     checkpoint = torch.load(result.checkpoint, weights_only=True)
     assert checkpoint["data_fingerprint"] == store.fingerprint() and checkpoint["step"] == 4
     torch.manual_seed(config.seed)

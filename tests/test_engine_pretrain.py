@@ -12,8 +12,11 @@ import torch
 from radssl.config import load_config
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.engine.checkpoint import load_checkpoint, save_checkpoint
-from radssl.engine.pretrain import SimulatedCrash, pretrain
-from radssl.errors import CheckpointError, DataError
+from radssl.engine.pretrain import SimulatedCrash, pretrain, view_context
+from radssl.errors import CheckpointError, ConfigError, DataError
+from radssl.models.registry import build_backbone, build_from_spec
+from radssl.models.spec import BackboneSpec
+from radssl.views.policies import TwoViewPolicy
 
 
 def _config(tmp_path: Path, name: str, *extra: str):
@@ -37,8 +40,27 @@ def _config(tmp_path: Path, name: str, *extra: str):
     )
 
 
+class CountingPolicy(TwoViewPolicy):
+    """The built-in two-view policy, counting the steps it serves (passed to pretrain(policy=...))."""
+
+    name = "counting_two_view"
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        self.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def _counting_policy(config, store: ImageStore) -> CountingPolicy:  # noqa: ANN001
+    return CountingPolicy(config.views.settings(), view_context(config, store, channels_last=False))
+
+
 @pytest.mark.parametrize("method", ["simclr", "byol"])
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, tiny_store: ImageStore, method: str) -> None:
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, tiny_store: ImageStore, method: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     uninterrupted = pretrain(_config(tmp_path, "full", f"method.name={method}"), store=tiny_store)
 
     crashed_config = _config(tmp_path, "crashed", f"method.name={method}")
@@ -46,7 +68,13 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, tiny_store
         pretrain(crashed_config, store=tiny_store, halt_after_step=4)  # dies between checkpoints (3 and 6)
     last = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "last.pt")
     assert last["step"] == 3 and not last["finished"]
-    resumed = pretrain(crashed_config, store=tiny_store)
+    capsys.readouterr()
+    counting = _counting_policy(crashed_config, tiny_store)
+    resumed = pretrain(crashed_config, store=tiny_store, policy=counting)
+    # It really resumed: it said so, started at the checkpoint's step and ran only the 3 missing steps.
+    assert "radssl: resuming from step 3" in capsys.readouterr().out
+    assert resumed.run_record["resumed_from_step"] == 3
+    assert counting.calls == 3, "steps before the checkpoint must not be recomputed"
 
     a = load_checkpoint(uninterrupted.checkpoint)["method"]
     b = load_checkpoint(resumed.checkpoint)["method"]
@@ -61,6 +89,54 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, tiny_store
     full_loss = [float(r.split(",")[2]) for r in full_rows[1:]]
     resumed_loss = [float(r.split(",")[2]) for r in resumed_rows[1:]]
     assert resumed_loss == pytest.approx(full_loss, rel=1e-6)
+
+
+def test_a_registered_policy_is_chosen_from_the_config(tmp_path: Path, tiny_store: ImageStore) -> None:
+    from radssl.views.batch import ViewBatch
+    from radssl.views.policies import POLICIES, register_policy
+
+    class FlippedPair(TwoViewPolicy):
+        name = "flipped_pair_for_test"
+        served = 0
+
+        def __call__(self, rows, images, columns, generator) -> ViewBatch:  # noqa: ANN001
+            batch = super().__call__(rows, images, columns, generator)
+            type(self).served += 1
+            return ViewBatch(views=[batch.views[0], batch.views[0].flip(-1)], rows=batch.rows)
+
+    register_policy(FlippedPair)
+    try:
+        pretrain(_config(tmp_path, "custom", "views.policy=flipped_pair_for_test"), store=tiny_store)
+    finally:
+        POLICIES.pop("flipped_pair_for_test")
+    assert FlippedPair.served == 6
+
+
+def test_initial_backbone_is_the_starting_point_of_online_and_target_networks(tmp_path: Path,
+                                                                               tiny_store: ImageStore) -> None:
+    torch.manual_seed(123)
+    start = build_backbone("small_cnn", image_size=16)
+    # A learning rate of ~0 keeps the weights where they started, so what we read back is the starting point.
+    config = _config(tmp_path, "init", "method.name=byol", "optim.lr=1e-12", "train.steps=1")
+    result = pretrain(config, store=tiny_store, initial_backbone=start, initial_backbone_source="test weights")
+    trained = result.method
+    for key, value in start.state_dict().items():
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(trained.backbone.state_dict()[key], value, rtol=0, atol=1e-6)
+            torch.testing.assert_close(trained.target_backbone.state_dict()[key], value, rtol=0, atol=1e-6)
+    assert load_checkpoint(result.checkpoint)["initial_backbone"] == "test weights"
+    default = pretrain(_config(tmp_path, "default", "method.name=byol", "optim.lr=1e-12", "train.steps=1"),
+                       store=tiny_store).method
+    assert not torch.equal(default.backbone.stages[0][0].weight, trained.backbone.stages[0][0].weight)
+
+
+def test_volumes_with_a_2d_backbone_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    images = torch.randint(0, 255, (32, 1, 8, 16, 16), dtype=torch.uint8)
+    store = ImageStore("vol", images, torch.zeros(32, dtype=torch.long), np.array(["train"] * 32),
+                       np.array([""] * 32), TaskInfo("binary", 2), origin="volumes.npz")
+    with pytest.raises(ConfigError, match="backbone 'small_cnn' takes 2D inputs, but the data are 3D"):
+        pretrain(_config(tmp_path, "vol"), store=store)
+    assert not (tmp_path / "vol").exists()
 
 
 def test_different_seeds_give_different_weights(tmp_path: Path, tiny_store: ImageStore) -> None:
@@ -82,11 +158,11 @@ def test_checkpoint_is_self_describing_and_weights_only(tmp_path: Path, tiny_sto
     assert run["data_fingerprint"] == tiny_store.fingerprint() and run["steps"] == 6
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tensorboard").iterdir()), "TensorBoard events are written"
-    # Round trip: the saved backbone loads into a fresh backbone and reproduces its features.
-    from radssl.models.backbones import build_backbone
-
-    fresh = build_backbone("small_cnn")
-    fresh.load_state_dict(state["backbone"])
+    # Round trip: the recorded spec rebuilds the backbone, which takes the saved weights strictly.
+    spec = BackboneSpec.from_dict(state["backbone_spec"])
+    assert spec.family == "small_cnn" and spec.in_channels == 1 and spec.image_size == (16, 16)
+    fresh = build_from_spec(spec)
+    fresh.load_state_dict(state["backbone"], strict=True)
     copy_path = tmp_path / "copy.pt"
     save_checkpoint(copy_path, state)
     again = load_checkpoint(copy_path)

@@ -7,7 +7,8 @@ import torch
 from torchvision.models import resnet18, resnet50
 
 from radssl.errors import CheckpointError, ConfigError
-from radssl.models.backbones import build_backbone
+from radssl.models.registry import build_backbone
+from radssl.models.spec import BackboneSpec
 from radssl.transfer.features import normalise_for_backbone
 from radssl.transfer.initialisation import adapt_first_conv, initialise_backbone, parse_spec
 
@@ -91,7 +92,7 @@ def test_not_a_state_dict_is_a_clear_error(tmp_path):
         initialise_backbone(f"imagenet:{path}", "resnet18")
 
 
-def test_ssl_checkpoint_round_trip_with_and_without_config(tmp_path):
+def test_ssl_checkpoint_rebuilds_the_recorded_spec_not_a_guess_from_keys(tmp_path):
     torch.manual_seed(1)
     trained = build_backbone("resnet18", in_channels=1, small_input=True)
     with torch.no_grad():
@@ -100,28 +101,43 @@ def test_ssl_checkpoint_round_trip_with_and_without_config(tmp_path):
     trained.eval()
     with torch.no_grad():
         expected = trained(x)
-    for payload in (
-        # radssl pretraining's format: config.to_dict() with model.backbone and small_input (None = automatic).
-        {"backbone": trained.state_dict(), "config": {"model": {"backbone": "resnet18", "small_input": None}}},
-        {"backbone": trained.state_dict()},  # architecture inferred from the weights
-    ):
-        path = tmp_path / "ssl.pt"
-        torch.save(payload, path)
-        loaded = initialise_backbone(f"ssl:{path}", image_size=16).eval()
-        assert loaded.small_input is True
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(x), expected)
+    path = tmp_path / "ssl.pt"
+    torch.save({"backbone": trained.state_dict(), "backbone_spec": trained.spec.to_dict()}, path)
+    loaded = initialise_backbone(f"ssl:{path}").eval()
+    assert loaded.spec == trained.spec and loaded.small_input is True
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
+    # Without a recorded spec nothing is guessed from the key names: a clear error instead.
+    torch.save({"backbone": trained.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="no usable 'backbone_spec'.*re-run pretraining"):
+        initialise_backbone(f"ssl:{path}")
+
+
+def test_vit_checkpoint_round_trip_by_spec(tmp_path):
+    torch.manual_seed(0)
+    trained = build_backbone("vit_tiny", image_size=28, options={"depth": 2}).eval()
+    assert trained.spec.patch_size == 4
+    path = tmp_path / "vit.pt"
+    torch.save({"backbone": trained.state_dict(), "backbone_spec": trained.spec.to_dict()}, path)
+    loaded = initialise_backbone(f"ssl:{path}").eval()
+    x = normalise_for_backbone(_grey_batch(size=28))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x))
 
 
 def test_ssl_checkpoint_mismatches_are_errors(tmp_path):
     path = tmp_path / "ssl.pt"
-    state = build_backbone("small_cnn").state_dict()
-    torch.save({"backbone": state, "config": {"model": {"backbone": "small_cnn"}}}, path)
+    backbone = build_backbone("small_cnn")
+    torch.save({"backbone": backbone.state_dict(), "backbone_spec": backbone.spec.to_dict()}, path)
     assert initialise_backbone(f"ssl:{path}").name == "small_cnn"
     with pytest.raises(CheckpointError, match="'small_cnn' backbone but 'resnet18' was requested"):
         initialise_backbone(f"ssl:{path}", "resnet18")
     with pytest.raises(CheckpointError, match="in_channels=1"):
         initialise_backbone(f"ssl:{path}", in_channels=3)
+    wrong = BackboneSpec("small_cnn", options={"width": 8}).to_dict()
+    torch.save({"backbone": backbone.state_dict(), "backbone_spec": wrong}, path)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        initialise_backbone(f"ssl:{path}")
     torch.save({"model": {}}, path)
     with pytest.raises(CheckpointError, match="no 'backbone' state dict"):
         initialise_backbone(f"ssl:{path}")
@@ -135,8 +151,8 @@ def test_random_init_is_seeded_and_leaves_global_rng_alone():
     b = initialise_backbone("random", "small_cnn", seed=3)
     c = initialise_backbone("random", "small_cnn", seed=4)
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert torch.equal(a.features[0].weight, b.features[0].weight)
-    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+    assert torch.equal(a.stages[0][0].weight, b.stages[0][0].weight)
+    assert not torch.equal(a.stages[0][0].weight, c.stages[0][0].weight)
     assert initialise_backbone("random", "resnet18", image_size=28).small_input is True
 
 

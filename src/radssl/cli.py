@@ -26,23 +26,31 @@ def _common_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _print_evaluation(result) -> None:  # noqa: ANN001 - PretrainResult
+def _print_evaluation(evaluation: dict | None) -> None:
     from radssl.evaluation.quick import summary_lines
 
-    if result.evaluation:
+    if evaluation:
         print("frozen-backbone evaluation (SSL vs random init, same architecture):")
-        for line in summary_lines(result.evaluation):
+        for line in summary_lines(evaluation):
             print("  " + line)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    import os
+
     from radssl.config import load_config
+    from radssl.data.build import build_store
     from radssl.engine.pretrain import pretrain
 
     config = load_config(args.config, _common_overrides(args))
-    result = pretrain(config)
+    store = build_store(config.data)
+    result = pretrain(config, store=store)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 evaluates and reports
+        return 0
     print(f"pretraining finished: {result.steps} steps, {result.wall_time_s:.0f} s, final loss {result.final_loss:.4f}")
-    _print_evaluation(result)
+    from radssl.evaluation.quick import evaluate_pretraining
+
+    _print_evaluation(evaluate_pretraining(result, store, config))
     print(f"checkpoint: {result.checkpoint}")
     print(f"outputs:    {result.output_dir} (config.yaml, run.json, metrics.csv, tensorboard/, eval.json)")
     return 0

@@ -25,8 +25,11 @@ from pydantic import (
 
 from radssl.data.medical import MedicalDataConfig
 from radssl.errors import ConfigError
-from radssl.models.backbones import BACKBONES
+from radssl.models.registry import BACKBONE_FAMILIES, backbone_class, make_spec
+from radssl.models.spec import BackboneSpec
 from radssl.views.augment import AugmentationParams
+from radssl.views.pairing import PAIRINGS, PairingParams
+from radssl.views.policies import POLICIES, ViewSettings, policy_class
 
 
 class Section(BaseModel):
@@ -86,15 +89,32 @@ DataSection = Annotated[
 
 # ---------------------------------------------------------------------------------------------- model
 class ModelSection(Section):
+    """The encoder: a registered backbone family plus the knobs of its spec (see ``radssl.models``)."""
+
     backbone: str = "resnet18"
     small_input: bool | None = Field(None, description="3×3 stride-1 stem for ≤64 px images; null = automatic")
+    patch_size: int | None = Field(None, gt=0, description="ViT patch size; null = automatic from the image size")
+    options: dict[str, Any] = Field(default_factory=dict, description="family-specific options, e.g. {width: 32}")
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone '{value}'; choose one of {list(BACKBONES)}")
+        if value not in BACKBONE_FAMILIES:
+            raise ValueError(f"unknown backbone '{value}'; choose one of {sorted(BACKBONE_FAMILIES)}")
         return value
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> "ModelSection":
+        backbone_class(self.backbone).Options(**self.options)  # unknown option keys are errors naming the key
+        return self
+
+    def spec_for(self, in_channels: int, image_size: tuple[int, ...]) -> BackboneSpec:
+        """The resolved spec for data of ``in_channels`` channels and spatial size ``image_size``."""
+        try:
+            return make_spec(self.backbone, in_channels, tuple(image_size), self.small_input, self.patch_size,
+                             spatial_dims=len(image_size), options=self.options)
+        except ValueError as error:
+            raise ConfigError(f"model: {error}") from None
 
 
 class MethodSection(BaseModel):
@@ -103,6 +123,7 @@ class MethodSection(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = "simclr"
+    preset: bool = Field(True, description="fill views/optim keys you leave out from the method's radiology preset")
 
     @model_validator(mode="after")
     def _validate_params(self) -> "MethodSection":
@@ -118,9 +139,45 @@ class MethodSection(BaseModel):
 
 
 class ViewsSection(AugmentationParams):
-    """Augmentation ranges plus the output size of each view (default: the stored image size)."""
+    """Which view policy (``policy``), its own keys, the augmentation ranges, the view size and the pairing.
 
+    Extra keys are the policy's own parameters, validated by the policy's ``Params`` model (e.g. multi-crop sizes).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    policy: str = "two_view"
     output_size: int | None = Field(None, ge=8)
+    pairing: PairingParams = Field(default_factory=PairingParams)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown view policy '{value}'; choose one of {sorted(POLICIES)}")
+        return value
+
+    @field_validator("pairing")
+    @classmethod
+    def _known_pairing(cls, value: PairingParams) -> PairingParams:
+        if value.kind not in PAIRINGS:
+            raise ValueError(f"unknown pairing '{value.kind}'; choose one of {sorted(PAIRINGS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _policy_params(self) -> "ViewsSection":
+        policy_class(self.policy).Params(**self.policy_params())
+        return self
+
+    def policy_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def augmentation(self) -> AugmentationParams:
+        return AugmentationParams(**{name: getattr(self, name) for name in AugmentationParams.model_fields})
+
+    def settings(self) -> ViewSettings:
+        return ViewSettings(policy=self.policy, augment=self.augmentation(), pairing=self.pairing,
+                            params=self.policy_params())
 
 
 class OptimSection(Section):
@@ -168,6 +225,35 @@ class EvalSection(Section):
     compare_random: bool = Field(True, description="also evaluate a random-init backbone, as the baseline")
 
 
+PRESET_SECTIONS = ("views", "optim")
+
+
+def merge_method_preset(raw: Any) -> Any:
+    """Fill ``views``/``optim`` keys the user left out from the method's radiology preset (user keys win).
+
+    Applied to raw mappings before validation (pretraining configs and a study's pretraining entries), so the
+    validated, recorded config shows the values actually used. ``method.preset: false`` turns it off.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    method = raw.get("method") or {}
+    if not isinstance(method, dict) or method.get("preset", True) is False:
+        return raw
+    from radssl.methods.registry import METHODS, method_class
+
+    name = method.get("name", "simclr")
+    if name not in METHODS:
+        return raw  # the method validator reports the unknown name
+    preset = method_class(name).preset
+    merged = dict(raw)
+    for section in PRESET_SECTIONS:
+        defaults = preset.get(section)
+        given = raw.get(section)
+        if defaults and (given is None or isinstance(given, dict)):
+            merged[section] = {**defaults, **(given or {})}
+    return merged
+
+
 class PretrainConfig(Section):
     """Everything ``radssl pretrain`` needs."""
 
@@ -180,6 +266,11 @@ class PretrainConfig(Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, raw: Any) -> Any:
+        return merge_method_preset(raw)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe plain mapping (paths as strings): what checkpoints and result folders record."""
@@ -255,6 +346,10 @@ def _allowed_keys(model: type[BaseModel], location: tuple[str, ...], raw: dict[s
         name = (raw.get("method") or {}).get("name", "simclr")
         if name in METHODS:
             keys |= set(method_class(name).Params.model_fields)
+    if current is ViewsSection:  # and the view policy's own keys
+        name = (raw.get("views") or {}).get("policy", "two_view")
+        if name in POLICIES:
+            keys |= set(policy_class(name).Params.model_fields)
     return sorted(keys)
 
 

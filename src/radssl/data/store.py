@@ -52,6 +52,8 @@ class ImageStore:
         task: label semantics.
         meta: further per-sample columns (site, modality, slice_index, frame_index, ...).
         origin: file(s) the data came from, for error messages and provenance.
+        notes: plain sentences a user must see about how the data were read or split (e.g. "no patient ids:
+            splits are per image"); ``radssl data inspect``, ``run.json`` and reports show them.
     """
 
     name: str
@@ -62,6 +64,7 @@ class ImageStore:
     task: TaskInfo
     meta: dict[str, np.ndarray] = field(default_factory=dict)
     origin: str = ""
+    notes: tuple[str, ...] = ()
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +203,8 @@ class ImageStore:
                 )
                 entry["per_class"] = counts.tolist()
             summary[split] = entry
+        if self.notes:
+            summary["notes"] = list(self.notes)
         return summary
 
 
@@ -208,3 +213,19 @@ def images_to_float(batch: torch.Tensor) -> torch.Tensor:
     if batch.dtype == torch.uint8:
         return batch.float().div_(255.0)
     return batch.float()
+
+
+NORMALISATION_MEAN = 0.449
+"""Mean subtracted from [0, 1] pixels: the ImageNet RGB means averaged (why: see radssl.transfer.features)."""
+NORMALISATION_STD = 0.226
+"""Divisor of mean-centred pixels: the ImageNet RGB standard deviations averaged."""
+
+
+def normalise_for_backbone(batch: torch.Tensor) -> torch.Tensor:
+    """Stored pixels (uint8 [0, 255] or float [0, 1]) → float32 ``(x - 0.449) / 0.226`` on the batch's device.
+
+    The one place the project's input convention lives (pretraining views, probes, kNN, fine-tuning).
+    Out of place on purpose: for float32 input ``images_to_float`` returns the caller's tensor (maybe a view of a
+    store), which an in-place ``sub_`` would corrupt.
+    """
+    return (images_to_float(batch) - NORMALISATION_MEAN) / NORMALISATION_STD

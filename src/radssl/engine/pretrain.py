@@ -16,8 +16,9 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,11 +31,14 @@ from radssl.data.store import ImageStore
 from radssl.engine.checkpoint import FINAL, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from radssl.engine.optim import build_optimizer, effective_lr, lr_at, set_lr
 from radssl.errors import CheckpointError, DataError, RadsslError
-from radssl.methods.base import SSLMethod
-from radssl.methods.registry import build_method
-from radssl.models.backbones import build_backbone
+from radssl.methods.base import SSLMethod, apply_momentum
+from radssl.methods.registry import build_method, method_class
+from radssl.models.base import Backbone
+from radssl.models.registry import build_from_spec
+from radssl.models.spec import BackboneSpec
 from radssl.provenance import device_description, package_versions
-from radssl.views.policies import TwoViewPolicy
+from radssl.views.columns import PairingColumns
+from radssl.views.policies import PolicyContext, ViewPolicy, build_policy
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates seeds derived from (seed, step, rank)
 
@@ -45,15 +49,32 @@ class SimulatedCrash(RuntimeError):
 
 @dataclass
 class PretrainResult:
+    """What a finished (or already finished) pretraining run hands to its caller: files, cost and the model."""
+
     output_dir: Path
     checkpoint: Path
     steps: int
     wall_time_s: float
     images_per_s: float
     final_loss: float
-    evaluation: dict[str, Any] | None
+    backbone_spec: BackboneSpec
+    run_record: dict[str, Any] = field(default_factory=dict)
+    """What ``run.json`` holds: seed, data fingerprint, images, steps, global batch, wall time, device, versions."""
     method: SSLMethod | None = None
     """The trained method (backbone + heads) in memory, for callers that go on to transfer."""
+
+    @property
+    def backbone(self) -> Backbone | None:
+        """The encoder that transfers (the method's ``transfer_backbone()``)."""
+        return None if self.method is None else self.method.transfer_backbone()
+
+    @property
+    def images_seen(self) -> int:
+        return int(self.run_record.get("steps", self.steps)) * int(self.run_record.get("global_batch_size", 0))
+
+    @property
+    def device_hours(self) -> float:
+        return self.wall_time_s * int(self.run_record.get("world_size", 1)) / 3600.0
 
 
 def derived_seed(*parts: int) -> int:
@@ -98,18 +119,63 @@ def plan_steps(config: PretrainConfig, n_images: int, world_size: int, source: s
     return steps_per_epoch, max(1, math.ceil(float(config.train.epochs or 1.0) * steps_per_epoch))
 
 
-def backbone_for(config: PretrainConfig, store: ImageStore):  # noqa: ANN201 - Backbone
-    """The backbone a config asks for, sized for the store's channels and images (one place for both)."""
-    return build_backbone(
-        config.model.backbone,
-        in_channels=store.channels,
-        small_input=config.model.small_input,
-        image_size=max(store.image_shape),
-    )
+def backbone_spec_for(config: PretrainConfig, store: ImageStore) -> BackboneSpec:
+    """The resolved backbone spec a config asks for, sized for the store's channels and images (one place)."""
+    return config.model.spec_for(store.channels, store.image_shape)
 
 
-def build_pretraining_method(config: PretrainConfig, store: ImageStore) -> SSLMethod:
-    return build_method(config.method.name, backbone_for(config, store), config.method.params())
+def backbone_for(config: PretrainConfig, store: ImageStore) -> Backbone:
+    """A freshly initialised backbone as the engine builds it (under the caller's RNG state)."""
+    return build_from_spec(backbone_spec_for(config, store))
+
+
+InitialBackbone = Backbone | Mapping[str, torch.Tensor]
+
+
+def build_pretraining_method(config: PretrainConfig, store: ImageStore,
+                             initial_backbone: InitialBackbone | None = None) -> SSLMethod:
+    """The method of a config, its backbone optionally starting from given weights.
+
+    Weights are loaded into the backbone *before* the method is built, so momentum targets (BYOL, MoCo, DINO),
+    which start as copies of the backbone, start from the same weights.
+    """
+    backbone = backbone_for(config, store)
+    if initial_backbone is not None:
+        state = initial_backbone.state_dict() if isinstance(initial_backbone, nn.Module) else initial_backbone
+        try:
+            backbone.load_state_dict(dict(state), strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"initial_backbone does not fit {backbone.spec.describe()}: {error}") from None
+    return build_method(config.method.name, backbone, config.method.params())
+
+
+def view_context(config: PretrainConfig, store: ImageStore, channels_last: bool) -> PolicyContext:
+    size = config.views.output_size
+    output = (size,) * store.spatial_dims if size else store.image_shape
+    return PolicyContext(input_size=store.image_shape, output_size=tuple(output), channels=store.channels,
+                         channels_last=channels_last)
+
+
+def check_method_fits(config: PretrainConfig, store: ImageStore, policy: ViewPolicy) -> BackboneSpec:
+    """Backbone spec resolvable for the data, and the method's view requirements met by the policy — or a
+    ConfigError naming both, before any compute or any file is written."""
+    spec = backbone_spec_for(config, store)
+    method_cls = method_class(config.method.name)
+    requirements = method_cls.requirements(method_cls.Params(**config.method.params()))
+    requirements.check(policy.layout(), config.method.name, getattr(policy, "name", type(policy).__name__),
+                       spec.family)
+    return spec
+
+
+def check_pretraining(config: PretrainConfig, store: ImageStore) -> BackboneSpec:
+    """Everything about a pretraining config that can be checked without training: backbone for the data, view
+    policy and pairing for the metadata, method for the views. Raises ConfigError/DataError; writes nothing."""
+    channels_last = config.train.channels_last and store.spatial_dims == 2
+    policy = build_policy(config.views.settings(), view_context(config, store, channels_last))
+    spec = check_method_fits(config, store, policy)
+    rows = pretrain_rows(store, config.train.pretrain_fraction, config.seed)
+    policy.prepare(PairingColumns.from_store(store, rows))
+    return spec
 
 
 def _resume_state(config: PretrainConfig, store: ImageStore, checkpoint_dir: Path) -> dict[str, Any] | None:
@@ -201,10 +267,17 @@ def pretrain(
     store: ImageStore | None = None,
     halt_after_step: int | None = None,
     fabric: Any = None,
+    initial_backbone: InitialBackbone | None = None,
+    initial_backbone_source: str = "",
+    policy: ViewPolicy | None = None,
 ) -> PretrainResult:
-    """Run (or resume) SSL pretraining as configured; returns where the checkpoint and metrics are.
+    """Run (or resume) SSL pretraining as configured; returns the checkpoint, cost and the trained method.
 
-    ``halt_after_step`` raises :class:`SimulatedCrash` once that many steps are done (tests of resume).
+    ``initial_backbone`` (a backbone or its state dict) is the starting point of a fresh run, e.g. ImageNet weights
+    for ImageNet→SSL; ``initial_backbone_source`` names it in the checkpoint and ``run.json``. A resumed run
+    continues from its checkpoint whatever is passed. ``policy`` replaces the configured view policy (tests,
+    custom pairings). ``halt_after_step`` raises :class:`SimulatedCrash` once that many steps are done (tests).
+    Nothing is written before the data, backbone, policy and method have been checked against each other.
     """
     if store is None:
         from radssl.data.build import build_store
@@ -212,6 +285,14 @@ def pretrain(
         store = build_store(config.data)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    channels_last = config.train.channels_last and store.spatial_dims == 2
+    if policy is None:
+        policy = build_policy(config.views.settings(), view_context(config, store, channels_last))
+    spec = check_method_fits(config, store, policy)
+    rows = pretrain_rows(store, config.train.pretrain_fraction, config.seed)
+    columns = PairingColumns.from_store(store, rows)
+    pairing_scalars = policy.prepare(columns)  # pairing tables; errors (e.g. no slice indices) before compute
+
     if fabric is None:
         fabric = _make_fabric(config)
         fabric.launch()
@@ -220,21 +301,19 @@ def pretrain(
     output_dir = Path(config.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
 
-    rows = pretrain_rows(store, config.train.pretrain_fraction, config.seed)
     steps_per_epoch, max_steps = plan_steps(config, len(rows), world, store.origin or store.name)
     resume = _resume_state(config, store, checkpoint_dir)
-    if resume is not None and resume.get("finished"):
-        if is_main:
+    start_step = int(resume["step"]) if resume else 0
+    if is_main and resume is not None:
+        if resume.get("finished"):
             print(f"radssl: {checkpoint_dir / FINAL} already finished; nothing to train")
-        start_step = int(resume["step"])
-    else:
-        start_step = int(resume["step"]) if resume else 0
+        else:
+            print(f"radssl: resuming from step {start_step} ({latest_checkpoint(checkpoint_dir)})")
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every resume
-    method = build_pretraining_method(config, store)
+    method = build_pretraining_method(config, store, initial_backbone if resume is None else None)
     if world > 1 and config.train.sync_batchnorm and fabric.device.type == "cuda":
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    channels_last = config.train.channels_last and store.spatial_dims == 2
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
     global_batch = config.train.batch_size * world
@@ -243,13 +322,12 @@ def pretrain(
     if resume is not None:
         method.load_state_dict(resume["method"])
         optimizer.load_state_dict(resume["optimizer"])
+        initial_backbone_source = str(resume.get("initial_backbone", ""))
     core = method  # the unwrapped module: state dicts, momentum updates
     runnable: nn.Module = torch.compile(method) if config.train.compile else method
     model, optimizer = fabric.setup(runnable, optimizer)
 
     images = store.images.index_select(0, torch.from_numpy(rows)).to(fabric.device)
-    view_size = (config.views.output_size,) * store.spatial_dims if config.views.output_size else store.image_shape
-    views = TwoViewPolicy(config.views, view_size, channels_last=channels_last)
     augmentation_generator = torch.Generator(device=fabric.device)
     local_batch = config.train.batch_size
 
@@ -264,7 +342,9 @@ def pretrain(
     def checkpoint_state(step: int, finished: bool) -> dict[str, Any]:
         return {
             "method": core.state_dict(),
-            "backbone": core.backbone.state_dict(),
+            "method_name": config.method.name,
+            "backbone": core.transfer_backbone().state_dict(),
+            "backbone_spec": spec.to_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
             "max_steps": max_steps,
@@ -278,6 +358,7 @@ def pretrain(
             "world_size": world,
             "wall_time_s": previous_wall + time.perf_counter() - started,
             "seed": config.seed,
+            "initial_backbone": initial_backbone_source,
         }
 
     progress = None
@@ -287,7 +368,8 @@ def pretrain(
         progress = tqdm(total=max_steps, initial=start_step, desc=f"pretrain {config.method.name}", unit="step")
 
     permutation_epoch, permutation = -1, torch.empty(0, dtype=torch.long)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window: dict[str, torch.Tensor | float] = {}
+    window_steps, window_start = 0, time.perf_counter()
     last_loss, throughput = float("nan"), 0.0
     model.train()
     for step in range(start_step, max_steps):
@@ -297,21 +379,27 @@ def pretrain(
         begin = position * global_batch + rank * local_batch
         batch_rows = permutation[begin : begin + local_batch].to(fabric.device)
         augmentation_generator.manual_seed(derived_seed(config.seed, step, rank))
-        inputs = views(images.index_select(0, batch_rows), augmentation_generator)
+        batch = policy(batch_rows, images, columns, augmentation_generator)
 
         lr = lr_at(step, max_steps, base_lr, config.optim)
         set_lr(optimizer, lr)
-        loss = model(inputs)
+        core.set_progress(step, max_steps)
+        outputs = model(batch)
+        loss = outputs["loss"]
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        core.on_step_end(step, max_steps)
+        momentum = apply_momentum(core, step, max_steps)
 
-        window_loss += loss.detach()
+        for key, value in outputs.items():
+            window[key] = window.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
+        for key, value in batch.log_scalars().items():
+            window[key] = window.get(key, 0.0) + value
         window_steps += 1
         done = step + 1
         if done % config.train.log_every == 0 or done == max_steps:
-            mean_loss = float(window_loss) / window_steps
+            means = {key: float(value) / window_steps for key, value in window.items()}
+            mean_loss = means.pop("loss")
             if not math.isfinite(mean_loss):
                 raise RadsslError(
                     f"pretraining loss became {mean_loss} at step {done} — lower optim.lr, "
@@ -321,11 +409,13 @@ def pretrain(
             throughput = window_steps * global_batch / max(elapsed, 1e-9)
             last_loss = mean_loss
             row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
-                   "images_per_s": throughput, **core.diagnostics()}
+                   "images_per_s": throughput, **means, **pairing_scalars}
+            if momentum is not None:
+                row["momentum"] = momentum
             metrics_log.log(row)
             if progress is not None:
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{throughput:.0f}")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window, window_steps, window_start = {}, 0, time.perf_counter()
         if progress is not None:
             progress.update(1)
         if done % config.train.checkpoint_every == 0 and done < max_steps:
@@ -343,32 +433,31 @@ def pretrain(
 
     final_state = checkpoint_state(max_steps, finished=True) if resume is None or not resume.get("finished") else resume
     wall_time = float(final_state["wall_time_s"])
-    if is_main:
+    if is_main and final_state is not resume:
         save_checkpoint(checkpoint_dir / FINAL, final_state)
         save_checkpoint(checkpoint_dir / LAST, final_state)
     fabric.barrier()
 
-    evaluation = None
+    run_record = {
+        "seed": config.seed,
+        "method": config.method.name,
+        "backbone_spec": spec.to_dict(),
+        "data": store.describe(),
+        "data_fingerprint": store.fingerprint(),
+        "pretrain_images": len(rows),
+        "steps": max_steps,
+        "resumed_from_step": start_step,
+        "global_batch_size": global_batch,
+        "wall_time_s": wall_time,
+        "device": device_description(fabric.device),
+        "world_size": world,
+        "versions": versions,
+        "final_loss": last_loss,
+        "initial_backbone": initial_backbone_source,
+        **pairing_scalars,
+    }
     if is_main:
-        run_record = {
-            "seed": config.seed,
-            "data": store.describe(),
-            "data_fingerprint": store.fingerprint(),
-            "pretrain_images": len(rows),
-            "steps": max_steps,
-            "global_batch_size": global_batch,
-            "wall_time_s": wall_time,
-            "device": device_description(fabric.device),
-            "world_size": world,
-            "versions": versions,
-            "final_loss": last_loss,
-        }
         write_text_atomic(output_dir / "run.json", json.dumps(run_record, indent=2))
-        if config.eval.enabled:
-            from radssl.evaluation.quick import quick_evaluate, write_evaluation
-
-            evaluation = quick_evaluate(core.backbone, store, config, device=fabric.device)
-            write_evaluation(output_dir / "eval.json", evaluation)
     return PretrainResult(
         output_dir=output_dir,
         checkpoint=checkpoint_dir / FINAL,
@@ -376,6 +465,7 @@ def pretrain(
         wall_time_s=wall_time,
         images_per_s=throughput,
         final_loss=last_loss,
-        evaluation=evaluation,
+        backbone_spec=spec,
+        run_record=run_record,
         method=core,
     )

@@ -142,3 +142,18 @@ def summary_lines(evaluation: dict[str, Any]) -> list[str]:
 
 def write_evaluation(path: Path, evaluation: dict[str, Any]) -> None:
     write_text_atomic(Path(path), json.dumps(evaluation, indent=2, default=float))
+
+
+def evaluate_pretraining(result: Any, store: ImageStore, config: PretrainConfig) -> dict[str, Any] | None:
+    """Quick evaluation of a finished :class:`~radssl.engine.pretrain.PretrainResult`, written to ``eval.json``.
+
+    Called by the CLI after ``pretrain`` (the engine does not evaluate: it knows nothing of probes or labels).
+    Returns None when ``eval.enabled`` is false.
+    """
+    backbone = result.backbone
+    if not config.eval.enabled or backbone is None:
+        return None
+    device = next(backbone.parameters()).device
+    evaluation = quick_evaluate(backbone, store, config, device=device)
+    write_evaluation(Path(result.output_dir) / "eval.json", evaluation)
+    return evaluation

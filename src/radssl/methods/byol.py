@@ -1,24 +1,21 @@
 """BYOL: non-contrastive learning with a momentum target network (Grill et al., NeurIPS 2020, arXiv:2006.07733).
 
-Heads, loss and the EMA update are lightly's (``BYOLProjectionHead``, ``BYOLPredictionHead``,
-``NegativeCosineSimilarity``, ``update_momentum``). The target momentum follows BYOL's cosine schedule from
-``momentum_start`` to ``momentum_end``, computed from the global step so that a resumed run follows exactly the
-schedule of an uninterrupted one.
+Heads and loss are lightly's (``BYOLProjectionHead``, ``BYOLPredictionHead``, ``NegativeCosineSimilarity``). The
+target backbone and projection head are declared as momentum pairs, so the engine applies BYOL's cosine EMA
+schedule from ``momentum_start`` to ``momentum_end`` as a function of the global step.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from pydantic import Field, model_validator
+from torch import nn
 
-from radssl.methods.base import MethodParams, SSLMethod
-from radssl.models.backbones import Backbone
+from radssl.methods.base import MethodOutput, MethodParams, SSLMethod, frozen_copy
+from radssl.models.base import Backbone
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class BYOLParams(MethodParams):
@@ -38,7 +35,8 @@ class BYOLParams(MethodParams):
 class BYOL(SSLMethod):
     name = "byol"
     Params = BYOLParams
-    num_views = 2
+    family = "non-contrastive"
+    paper = "Grill et al., NeurIPS 2020 (arXiv:2006.07733)"
 
     def __init__(self, backbone: Backbone, params: BYOLParams) -> None:
         super().__init__(backbone, params)
@@ -48,15 +46,19 @@ class BYOL(SSLMethod):
         self.prediction_head = BYOLPredictionHead(
             params.projection_dim, params.prediction_hidden_dim, params.projection_dim
         )
-        self.target_backbone = copy.deepcopy(backbone)
-        self.target_projection_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.target_backbone)
-        deactivate_requires_grad(self.target_projection_head)
+        self.target_backbone = frozen_copy(backbone)
+        self.target_projection_head = frozen_copy(self.projection_head)
         self.criterion = NegativeCosineSimilarity()
-        self._momentum = params.momentum_start
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        first, second = views
+    @classmethod
+    def requirements(cls, params: BYOLParams) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.target_backbone), (self.projection_head, self.target_projection_head)]
+
+    def forward(self, batch: ViewBatch) -> MethodOutput:
+        first, second = batch.views
         both = torch.cat([first, second], dim=0)
         predictions = self.prediction_head(self.projection_head(self.backbone(both))).float()
         with torch.no_grad():
@@ -64,12 +66,4 @@ class BYOL(SSLMethod):
         p0, p1 = predictions.chunk(2, dim=0)
         t0, t1 = targets.chunk(2, dim=0)
         # Symmetrised: each view's prediction regresses the other view's target projection.
-        return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
-
-    def on_step_end(self, step: int, max_steps: int) -> None:
-        self._momentum = cosine_schedule(step, max_steps, self.params.momentum_start, self.params.momentum_end)
-        update_momentum(self.backbone, self.target_backbone, m=self._momentum)
-        update_momentum(self.projection_head, self.target_projection_head, m=self._momentum)
-
-    def diagnostics(self) -> dict[str, float]:
-        return {"momentum": float(self._momentum)}
+        return {"loss": 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from radssl.methods.base import MethodParams, SSLMethod
-from radssl.models.backbones import Backbone
+from radssl.models.base import Backbone
 
 METHODS: dict[str, str] = {
     "simclr": "radssl.methods.simclr:SimCLR",

@@ -13,8 +13,9 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from pydantic import Field
 
-from radssl.methods.base import MethodParams, SSLMethod
-from radssl.models.backbones import Backbone
+from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
+from radssl.models.base import Backbone
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class SimCLRParams(MethodParams):
@@ -27,7 +28,8 @@ class SimCLRParams(MethodParams):
 class SimCLR(SSLMethod):
     name = "simclr"
     Params = SimCLRParams
-    num_views = 2
+    family = "contrastive"
+    paper = "Chen et al., ICML 2020 (arXiv:2002.05709)"
 
     def __init__(self, backbone: Backbone, params: SimCLRParams) -> None:
         super().__init__(backbone, params)
@@ -38,11 +40,15 @@ class SimCLR(SSLMethod):
         )
         self.criterion = NTXentLoss(temperature=params.temperature, gather_distributed=params.gather_distributed)
 
+    @classmethod
+    def requirements(cls, params: SimCLRParams) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
+
     def project(self, images: torch.Tensor) -> torch.Tensor:
         return self.projection_head(self.backbone(images))
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        first, second = views
+    def forward(self, batch: ViewBatch) -> MethodOutput:
+        first, second = batch.views
         projections = self.project(torch.cat([first, second], dim=0))
         z0, z1 = projections.float().chunk(2, dim=0)
-        return self.criterion(z0, z1)
+        return {"loss": self.criterion(z0, z1)}

@@ -1,56 +1,85 @@
-"""Encoders that map a batch of 1-channel images to feature vectors.
+"""Convolutional encoders for 1-channel (or multi-sequence) radiology images: torchvision ResNets and a small CNN.
 
 ResNets come from torchvision (tested, and their parameter names match published ImageNet state dicts, so
 ``imagenet:<file>`` initialisation loads without renaming). Two adaptations matter for radiology:
 - 1-channel input: the first convolution takes ``in_channels`` (usually 1) instead of RGB;
 - small images (MedMNIST 28–64 px): the ImageNet stem (7×7 stride-2 conv + max-pool) throws away 75 % of
-  the resolution before the first block, so the ``small_input`` stem uses a 3×3 stride-1 conv and no pool
-  (as in the CIFAR variants of SimCLR and in the MedMNIST baselines).
+  the resolution before the first block, so the ``small`` stem uses a 3×3 stride-1 conv and no pool
+  (as in the CIFAR variants of SimCLR and in the MedMNIST baselines). ``stem: null`` picks it for ≤ 64 px images.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import replace
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
-BackboneName = Literal["resnet18", "resnet50", "small_cnn"]
-BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "small_cnn")
+from radssl.models.base import Backbone
+from radssl.models.spec import BackboneSpec
+
+SMALL_STEM_MAX_SIZE = 64
+"""Images of at most this many pixels per side get the small stem when the stem is automatic."""
 
 
-class Backbone(nn.Module):
-    """An encoder plus the size of the feature vector it returns (``feature_dim``)."""
-
-    feature_dim: int
-    name: str
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class ResNetBackbone(Backbone):
+class _ResNet(Backbone):
     """torchvision ResNet without its classifier; ``self.net`` keeps torchvision's parameter names."""
 
-    def __init__(self, name: str, in_channels: int = 1, small_input: bool = False) -> None:
-        super().__init__()
-        factory = {"resnet18": resnet18, "resnet50": resnet50}[name]
-        net = factory(weights=None)
-        if small_input:
-            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    _factory = staticmethod(resnet18)
+
+    @classmethod
+    def resolve(cls, spec: BackboneSpec) -> BackboneSpec:
+        if spec.stem is not None:
+            return spec
+        small = spec.image_size is not None and max(spec.image_size) <= SMALL_STEM_MAX_SIZE
+        return replace(spec, stem="small" if small else "standard")
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__(spec)
+        net = self._factory(weights=None)
+        if spec.stem == "small":
+            net.conv1 = nn.Conv2d(spec.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
         else:
-            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            net.conv1 = nn.Conv2d(spec.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.feature_dim = int(net.fc.in_features)
         net.fc = nn.Identity()
         self.net = net
-        self.name = name
-        self.small_input = small_input
-        self.in_channels = in_channels
+        expansion = self.feature_dim // 512
+        self.feature_channels = (64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
+        self.feature_strides = (1, 1, 2, 4, 8) if spec.stem == "small" else (2, 4, 8, 16, 32)
+
+    @property
+    def small_input(self) -> bool:
+        return self.spec.stem == "small"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        net = self.net
+        stem = net.relu(net.bn1(net.conv1(images)))
+        x1 = net.layer1(net.maxpool(stem))
+        x2 = net.layer2(x1)
+        x3 = net.layer3(x2)
+        return [stem, x1, x2, x3, net.layer4(x3)]
+
+
+class ResNet18(_ResNet):
+    family = "resnet18"
+    _factory = staticmethod(resnet18)
+
+
+class ResNet50(_ResNet):
+    family = "resnet50"
+    _factory = staticmethod(resnet50)
+
+
+class SmallCNNOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: int = Field(16, gt=0, description="channels of the first stage (doubled per stage)")
 
 
 class SmallCNN(Backbone):
@@ -61,43 +90,42 @@ class SmallCNN(Backbone):
     small-stem ResNet-18 at 28–64 px on a laptop CPU.
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 16) -> None:
-        super().__init__()
+    family = "small_cnn"
+    Options = SmallCNNOptions
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__(spec)
+        width = self.options(spec).width
         widths = (width, width * 2, width * 4, width * 8)
-        layers: list[nn.Module] = []
-        previous = in_channels
+        stages: list[nn.Module] = []
+        previous = spec.in_channels
         for stage, channels in enumerate(widths):
             stride = 1 if stage == 0 else 2
-            layers += [
+            stages.append(nn.Sequential(
                 nn.Conv2d(previous, channels, 3, stride=stride, padding=1, bias=False),
                 nn.BatchNorm2d(channels),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(channels, channels, 3, padding=1, bias=False),
                 nn.BatchNorm2d(channels),
                 nn.ReLU(inplace=True),
-            ]
+            ))
             previous = channels
-        self.features = nn.Sequential(*layers)
+        self.stages = nn.ModuleList(stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = widths[-1]
-        self.name = "small_cnn"
-        self.in_channels = in_channels
+        self.feature_channels = widths
+        self.feature_strides = (1, 2, 4, 8)
+
+    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        x = images
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.features(images)), 1)
-
-
-def build_backbone(
-    name: str, in_channels: int = 1, small_input: bool | None = None, image_size: int | None = None
-) -> Backbone:
-    """Build a backbone by name.
-
-    ``small_input=None`` chooses the small stem automatically for images of 64 px or less.
-    """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone '{name}'; choose one of {list(BACKBONES)}")
-    if name == "small_cnn":
-        return SmallCNN(in_channels=in_channels)
-    if small_input is None:
-        small_input = image_size is not None and image_size <= 64
-    return ResNetBackbone(name, in_channels=in_channels, small_input=small_input)
+        x = images
+        for stage in self.stages:
+            x = stage(x)
+        return torch.flatten(self.pool(x), 1)

@@ -23,24 +23,16 @@ import torch
 from torch import nn
 
 from radssl.atomic import torch_save_atomic
-from radssl.data.store import ImageStore, images_to_float
+from radssl.data.store import (  # noqa: F401 - the convention is re-exported here
+    NORMALISATION_MEAN,
+    NORMALISATION_STD,
+    ImageStore,
+    images_to_float,
+    normalise_for_backbone,
+)
 
-NORMALISATION_MEAN = 0.449
-"""Mean subtracted from [0, 1] pixels (ImageNet RGB means averaged)."""
-NORMALISATION_STD = 0.226
-"""Divisor of mean-centred pixels (ImageNet RGB standard deviations averaged)."""
 NORMALISATION_TAG = f"grey-imagenet-{NORMALISATION_MEAN}-{NORMALISATION_STD}"
 """Part of every feature-cache key, so a change of convention never reuses stale features."""
-
-
-def normalise_for_backbone(batch: torch.Tensor) -> torch.Tensor:
-    """Stored pixels (uint8 [0, 255] or float [0, 1]) → float32 ``(x - 0.449) / 0.226`` on the batch's device.
-
-    The one place the project's input convention lives; see the module docstring for why these constants.
-    """
-    # Out of place on purpose: for float32 input images_to_float returns the caller's tensor (maybe a view
-    # of a store), which an in-place sub_ would corrupt.
-    return (images_to_float(batch) - NORMALISATION_MEAN) / NORMALISATION_STD
 
 
 def module_fingerprint(module: nn.Module) -> str:

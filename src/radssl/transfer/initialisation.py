@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from radssl.errors import CheckpointError, ConfigError
-from radssl.models.backbones import BACKBONES, Backbone, build_backbone
+from radssl.models.base import Backbone
+from radssl.models.registry import build_from_spec, make_spec
+from radssl.models.spec import BackboneSpec
 
 INIT_KINDS = ("random", "imagenet", "ssl")
 IMAGENET_BACKBONES = ("resnet18", "resnet50")
@@ -133,7 +135,8 @@ def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return grey.repeat(1, in_channels, 1, 1) / in_channels
 
 
-def _imagenet_backbone(path: Path, name: str, in_channels: int, small_input: bool | None) -> Backbone:
+def _imagenet_backbone(path: Path, name: str, in_channels: int, small_input: bool | None,
+                       image_size: int | tuple[int, ...] | None = None) -> Backbone:
     if name not in IMAGENET_BACKBONES:
         raise ConfigError(
             f"initialisation 'imagenet:{path}': backbone '{name}' has no ImageNet weights; "
@@ -158,64 +161,44 @@ def _imagenet_backbone(path: Path, name: str, in_channels: int, small_input: boo
     state = _strip_prefix(raw, "module.")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     state["conv1.weight"] = adapt_first_conv(state["conv1.weight"], in_channels)
-    backbone = build_backbone(name, in_channels=in_channels, small_input=False)
+    backbone = build_from_spec(make_spec(name, in_channels=in_channels, small_input=False, image_size=image_size))
     _load_strict(backbone.net, state, str(path))
     return backbone
 
 
-def _infer_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
-    """Backbone name, input channels and stem read off a Backbone state dict (where recognisable)."""
-    if "net.conv1.weight" in state:
-        conv1 = state["net.conv1.weight"]
-        return {
-            "name": "resnet50" if "net.layer1.0.conv3.weight" in state else "resnet18",
-            "in_channels": int(conv1.shape[1]),
-            "small_input": int(conv1.shape[-1]) == 3,
-        }
-    if "features.0.weight" in state:
-        return {"name": "small_cnn", "in_channels": int(state["features.0.weight"].shape[1])}
-    return {}
+def checkpoint_backbone_spec(checkpoint: Mapping[str, object], source: str) -> BackboneSpec:
+    """The recorded spec of a radssl checkpoint's backbone (never guessed from state-dict key names)."""
+    return BackboneSpec.from_dict(checkpoint.get("backbone_spec"), source)  # type: ignore[arg-type]
 
 
-def _ssl_backbone(
-    path: Path, name: str | None, in_channels: int, small_input: bool | None, image_size: int | None
-) -> Backbone:
+def _ssl_backbone(path: Path, name: str | None, in_channels: int, small_input: bool | None) -> Backbone:
     checkpoint = _load(path, "ssl", name or "resnet18")
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("backbone"), Mapping):
         raise CheckpointError(
             f"{path}: no 'backbone' state dict in this checkpoint — pass a checkpoint written by radssl "
-            f"pretraining (keys 'backbone' and 'config'), not a method or optimiser state"
+            f"pretraining (keys 'backbone', 'backbone_spec' and 'config'), not a method or optimiser state"
         )
-    state = _strip_prefix(checkpoint["backbone"], "module.")
-    config = checkpoint.get("config")
-    model_config = config.get("model") if isinstance(config, Mapping) else None
-    model_config = model_config if isinstance(model_config, Mapping) else {}
-    inferred = _infer_architecture(state)
-    resolved_name = model_config.get("name") or model_config.get("backbone") or inferred.get("name") or name
-    if resolved_name is None:
-        raise CheckpointError(f"{path}: cannot tell the backbone architecture — pass backbone_name")
-    if name is not None and name != resolved_name:
+    spec = checkpoint_backbone_spec(checkpoint, str(path))
+    if name is not None and name != spec.family:
         raise CheckpointError(
-            f"{path}: checkpoint holds a '{resolved_name}' backbone but '{name}' was requested — use "
-            f"backbone '{resolved_name}' for this checkpoint"
+            f"{path}: checkpoint holds a '{spec.family}' backbone but '{name}' was requested — use "
+            f"backbone '{spec.family}' for this checkpoint"
         )
-    if resolved_name not in BACKBONES:
-        raise CheckpointError(f"{path}: backbone '{resolved_name}' is unknown; known: {list(BACKBONES)}")
-    stored_channels = inferred.get("in_channels", model_config.get("in_channels", in_channels))
-    if stored_channels != in_channels:
+    if spec.in_channels != in_channels:
         raise CheckpointError(
-            f"{path}: backbone was pretrained on {stored_channels}-channel images but in_channels={in_channels} "
-            f"was requested — use in_channels={stored_channels}"
+            f"{path}: backbone was pretrained on {spec.in_channels}-channel images but in_channels={in_channels} "
+            f"was requested — use in_channels={spec.in_channels}"
         )
-    stored_small = inferred.get("small_input", model_config.get("small_input"))
-    if stored_small is not None and small_input is not None and bool(stored_small) != bool(small_input):
+    if small_input is not None and spec.stem is not None and (spec.stem == "small") != bool(small_input):
         raise CheckpointError(
-            f"{path}: checkpoint stem small_input={stored_small} but small_input={small_input} was requested — "
+            f"{path}: checkpoint stem is '{spec.stem}' but small_input={small_input} was requested — "
             f"leave small_input unset to use the checkpoint's stem"
         )
-    chosen_small = stored_small if stored_small is not None else small_input
-    backbone = build_backbone(resolved_name, in_channels=in_channels, small_input=chosen_small, image_size=image_size)
-    _load_strict(backbone, state, str(path))
+    try:
+        backbone = build_from_spec(spec)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: cannot rebuild {spec.describe()}: {error}") from None
+    _load_strict(backbone, _strip_prefix(checkpoint["backbone"], "module."), str(path))  # type: ignore[arg-type]
     return backbone
 
 
@@ -224,26 +207,33 @@ def initialise_backbone(
     backbone_name: str | None = None,
     in_channels: int = 1,
     small_input: bool | None = None,
-    image_size: int | None = None,
+    image_size: int | tuple[int, ...] | None = None,
     seed: int | None = None,
+    backbone_spec: BackboneSpec | None = None,
 ) -> Backbone:
     """Build a backbone and initialise it from ``spec`` (``random``, ``imagenet:<pth>``, ``ssl:<pt>``).
 
-    ``backbone_name`` defaults to resnet18 (random/imagenet) or the checkpoint's own (ssl).
-    ``small_input=None`` picks the stem automatically: by ``image_size`` (≤ 64 px → small) for random, the
-    ImageNet stem for imagenet, the checkpoint's stem for ssl. ``seed`` makes a random initialisation
-    reproducible without touching the global RNG.
+    ``ssl`` rebuilds the checkpoint's own recorded spec (``backbone_name``/``in_channels``/``small_input`` are then
+    checks). ``random`` and ``imagenet`` build ``backbone_spec`` when given, else the spec made from
+    ``backbone_name`` (default resnet18), ``in_channels``, ``small_input`` and ``image_size`` (≤ 64 px → small stem;
+    ImageNet always keeps the ImageNet stem). ``seed`` makes a random initialisation reproducible without touching
+    the global RNG.
     """
     kind, path = parse_spec(spec)
     if kind == "ssl":
-        return _ssl_backbone(Path(path), backbone_name, in_channels, small_input, image_size)  # type: ignore[arg-type]
+        return _ssl_backbone(Path(path), backbone_name, in_channels, small_input)  # type: ignore[arg-type]
+    if backbone_spec is not None:
+        backbone_name, in_channels = backbone_spec.family, backbone_spec.in_channels
+        image_size = backbone_spec.image_size
     name = backbone_name or "resnet18"
     if kind == "imagenet":
-        return _imagenet_backbone(Path(path), name, in_channels, small_input)  # type: ignore[arg-type]
+        return _imagenet_backbone(Path(path), name, in_channels, small_input, image_size)  # type: ignore[arg-type]
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return build_backbone(name, in_channels=in_channels, small_input=small_input, image_size=image_size)
+        if backbone_spec is not None:
+            return build_from_spec(backbone_spec)
+        return build_from_spec(make_spec(name, in_channels, image_size, small_input))
 
 
 def try_download_imagenet_weights(name: str, dest: str | Path) -> Path:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radssl.data.folder import FolderSourceConfig, read_folder_source, read_image
+from radssl.data.folder import FolderSourceConfig, list_folder_files, read_folder_source, read_image
 from radssl.data.records import BadFileLog
 from radssl.errors import DataError
 
@@ -167,3 +167,76 @@ def test_pneumoniamnist_pngs_round_trip(tmp_path):
         np.testing.assert_array_equal(record.pixels, expected)
         assert record.extra["bit_depth"] == (16 if i % 2 else 8)
     assert len({r.patient_id for r in records}) == 10
+
+
+# ----------------------------------------------------------------------------------------- new-user bumps
+def test_patient_pattern_takes_patient_ids_from_file_names(tmp_path):
+    for name, label in (("P001_a.png", "normal"), ("P001_b.png", "normal"), ("P002_a.png", "pneumonia")):
+        _save(tmp_path / label / name, _gray(len(name)))
+    config = FolderSourceConfig(root=tmp_path, patient_pattern=r"^(P\d+)_")
+    records = read_folder_source(config, BadFileLog())
+    assert {Path(r.path).name: r.patient_id for r in records} == {
+        "P001_a.png": "P001", "P001_b.png": "P001", "P002_a.png": "P002"
+    }
+    whole_match = read_folder_source(FolderSourceConfig(root=tmp_path, patient_pattern=r"P\d+"), BadFileLog())
+    assert [r.patient_id for r in whole_match] == ["P001", "P001", "P002"]
+
+    _save(tmp_path / "normal" / "scan7.png", _gray(7))
+    with pytest.raises(DataError, match=r"scan7\.png: patient_pattern '\^\(P\\d\+\)_' finds no patient id"):
+        read_folder_source(config, BadFileLog())
+    log = BadFileLog("skip")
+    assert len(read_folder_source(config, log)) == 3 and "scan7.png" in log.skipped[0][0]
+
+    (tmp_path / "list.csv").write_text("path,patient\nnormal/P001_a.png,x\npneumonia/P002_a.png,y\n")
+    from_csv = read_folder_source(
+        FolderSourceConfig(root=tmp_path, csv=tmp_path / "list.csv", patient_pattern=r"^(P\d+)_"), BadFileLog()
+    )
+    assert [r.patient_id for r in from_csv] == ["P001", "P002"]
+
+
+def test_patient_options_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        FolderSourceConfig(root=tmp_path, patient_pattern="(P\\d+")
+    with pytest.raises(ValueError, match="either patient_column or patient_pattern"):
+        FolderSourceConfig(root=tmp_path, csv=tmp_path / "x.csv", patient_column="p", patient_pattern="P")
+
+
+def test_csv_path_outside_the_root_is_refused_naming_the_row(tmp_path):
+    root = tmp_path / "data"
+    _save(root / "a.png", _gray(0))
+    _save(tmp_path / "outside.png", _gray(1))
+    (root / "labels.csv").write_text("path,label\na.png,normal\n../outside.png,pneumonia\n")
+    config = FolderSourceConfig(root=root, csv=root / "labels.csv", label_columns=["label"])
+    for policy in ("error", "skip"):  # refused even when bad files are skipped: the CSV is wrong, not the image
+        with pytest.raises(DataError, match=r"labels\.csv: line 3: path '\.\./outside\.png' lies outside the data root"):
+            read_folder_source(config, BadFileLog(policy))
+    (root / "labels.csv").write_text(f"path,label\na.png,normal\n{tmp_path / 'outside.png'},pneumonia\n")
+    with pytest.raises(DataError, match=r"line 3: path '.*outside\.png' lies outside the data root"):
+        read_folder_source(config, BadFileLog())
+    (root / "sub").mkdir()
+    (root / "labels.csv").write_text("path,label\na.png,normal\nsub/../a.png,normal\n")  # stays inside: a duplicate
+    with pytest.raises(DataError, match=r"duplicate path 'sub/\.\./a\.png'"):
+        read_folder_source(config, BadFileLog())
+
+
+def test_relative_csv_is_read_inside_the_root(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    _save(root / "a.png", _gray(0))
+    (root / "labels.csv").write_text("path,label\na.png,normal\n")
+    monkeypatch.chdir(tmp_path)  # the CSV is not in the working directory
+    config = FolderSourceConfig(root=root, csv=Path("labels.csv"), label_columns=["label"])
+    assert config.csv == root / "labels.csv"
+    (record,) = read_folder_source(config, BadFileLog())
+    assert record.extra["class_name"] == "normal"
+
+
+def test_exclude_folders_leaves_a_class_out(tmp_path):
+    for c, name in enumerate(["covid", "normal", "pneumonia"]):
+        for i in range(2):
+            _save(tmp_path / "train" / name / f"{i}.png", _gray(10 * c + i))
+            _save(tmp_path / "test" / name / f"{i}.png", _gray(10 * c + i + 5))
+    config = FolderSourceConfig(root=tmp_path, exclude_folders=["covid"])
+    records = read_folder_source(config, BadFileLog())
+    assert len(records) == 8 and {r.extra["class_name"] for r in records} == {"normal", "pneumonia"}
+    assert records[0].extra["class_names"] == ("normal", "pneumonia")
+    assert not any("covid" in str(path) for path in list_folder_files(config))  # nor in the cache key

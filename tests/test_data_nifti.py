@@ -207,3 +207,13 @@ def test_config_rejects_unknown_keys_and_repeated_sequences():
         NiftiSourceConfig(root=Path("."), sequence=["_t1"])  # type: ignore[call-arg]
     with pytest.raises(ValueError):
         NiftiSourceConfig(root=Path("."), sequences=["_t1", "_t1"])
+
+
+def test_relative_label_csv_is_read_inside_root(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    _two_cases(root)
+    (root / "labels.csv").write_text("case_id,label\ncase0,a\ncase1,b\n")
+    monkeypatch.chdir(tmp_path)
+    config = NiftiSourceConfig(root=root, mask_suffix="seg", label_csv=Path("labels.csv"))
+    assert config.label_csv == root / "labels.csv"
+    assert [r.label for r in read_nifti_source(config, BadFileLog())] == [0, 1]

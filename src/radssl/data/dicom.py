@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from radssl.data.folder import class_index, derive_classes, split_name
+from radssl.data.folder import class_index, derive_classes, split_name, under_root
 from radssl.data.records import BadFileLog, Record
 from radssl.errors import DataError
 
@@ -72,7 +72,9 @@ class DicomSourceConfig(BaseModel):
     pattern: str = "**/*"
     """Glob below ``root``; files are recognised by their ``DICM`` preamble, so no suffix is needed."""
     assemble: Literal["images", "series"] = "images"
+    """``images``: every 2D image or frame is a record; ``series``: the slices of a series become one volume."""
     label_csv: Path | None = None
+    """Labels (and optionally splits) keyed by ``label_key``; a relative path is read inside ``root``."""
     label_key: Literal["patient_id", "study_id", "series_id", "path"] = "patient_id"
     """Which identifier the CSV rows are keyed by; ``path`` is the file (or series folder) relative to root."""
     key_column: str | None = None
@@ -80,10 +82,20 @@ class DicomSourceConfig(BaseModel):
     label_column: str = "label"
     classes: list[str] | None = None
     split_column: str | None = None
+    """Column of ``label_csv`` holding each key's split (``train``/``val``/``test``; ``valid``, ``validation``,
+    ``training``, ``testing``, ``unlabelled`` understood). Unset, radssl makes its own patient-level splits (and
+    says so when the CSV has a ``split`` column it does not use). A source giving only train and test gets a
+    validation split carved from train, patient-level."""
     modality: str | None = None
     """Expected DICOM Modality (``CT``, ``MR``, ``US``, ``DX`` ...); a file of another modality is an error."""
     slice_spacing_tolerance: float | None = Field(default=0.1, ge=0.0)
     """Largest relative deviation of one slice gap from the series' median gap; ``None`` turns the check off."""
+
+    @model_validator(mode="after")
+    def _label_csv_in_root(self) -> "DicomSourceConfig":
+        if self.label_csv is not None:
+            self.label_csv = under_root(self.root, self.label_csv)
+        return self
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -654,7 +666,9 @@ def _read_label_table(config: DicomSourceConfig) -> tuple[dict[str, tuple[str, s
         return {}, None
     path = Path(config.label_csv)
     if not path.is_file():
-        raise DataError(str(path), "label CSV not found", "check `label_csv` in the source config")
+        raise DataError(
+            str(path), "label CSV not found", "check `label_csv` in the source config (a relative path is read inside `root`)"
+        )
     key_column = config.key_column or config.label_key
     with open(path, newline="", encoding="utf-8-sig") as stream:
         reader = csv_module.DictReader(stream)

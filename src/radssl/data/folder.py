@@ -2,12 +2,20 @@
 
 Two layouts:
 
-* ``csv`` given: one row per image. ``path_column`` (relative to ``root`` unless absolute), optional
+* ``csv`` given (a relative ``csv`` lies in ``root``): one row per image. ``path_column`` (default ``path``;
+  relative to ``root`` unless absolute; a path that leaves ``root``, e.g. ``../x.png``, is refused), optional
   ``label_columns`` (one column = a class label mapped through ``classes``; several columns = multilabel 0/1),
-  ``patient_column`` and ``split_column``.
-* ``csv`` absent: ``root/<class>/**/image`` (class = sub-folder name), optionally one level of split folders
-  above the classes (``root/train/<class>/...``, as in Kermany et al. 2018's chest X-ray release). Images lying
-  directly in ``root`` are unlabelled.
+  ``patient_column`` and ``split_column`` (``train``/``val``/``test``; ``valid``, ``validation``, ``training``,
+  ``testing`` and ``unlabelled`` are understood too).
+* ``csv`` absent: ``root/<class>/**/image`` (class = sub-folder name; sorted, or numeric order when every name
+  is an integer), optionally one level of split folders above the classes (``root/train/<class>/...``, as in
+  Kermany et al. 2018's chest X-ray release). Images lying directly in ``root`` are unlabelled. A class folder
+  listed in ``exclude_folders`` is not read; with ``classes`` declared, a folder outside them is a bad file.
+
+Patients: ``patient_column``, or ``patient_pattern``, a regular expression searched in each image's *file
+name* whose first group (or whole match) is the patient id (``"^(P\\d+)_"`` for ``P0012_view2.png``). Without
+either, every image is its own patient: splits are then per image and images of one patient may end up on
+both sides (``radssl data inspect`` and the store's notes say so).
 
 Pixels keep their range: 8-bit files give uint8, 16-bit PNG/TIFF give uint16 (``extra["bit_depth"]`` says
 which), so preprocessing can window or take percentiles on the full range. Colour images become one channel
@@ -19,12 +27,14 @@ a silent "first channel" would be wrong for the colour overlays some exports car
 from __future__ import annotations
 
 import csv as csv_module
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from radssl.data.records import BadFileLog, Record
 from radssl.errors import DataError
@@ -56,13 +66,64 @@ class FolderSourceConfig(BaseModel):
     label_columns: list[str] = []
     classes: list[str] | None = None
     patient_column: str | None = None
+    patient_pattern: str | None = None
+    """Regular expression searched in each file name; its first group (or the whole match) is the patient id."""
     split_column: str | None = None
+    exclude_folders: list[str] = []
+    """Class (or split) sub-folder names that are not read, e.g. a class left out of the study."""
     modality: str = ""
     """DICOM-style modality code for all images (``DX``, ``CR``, ``US``, ...); empty = unknown."""
 
+    @field_validator("patient_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"patient_pattern '{value}' is not a valid regular expression ({error})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "FolderSourceConfig":
+        if self.patient_column and self.patient_pattern:
+            raise ValueError("set either patient_column or patient_pattern, not both")
+        if self.csv is not None:
+            self.csv = under_root(self.root, self.csv)
+        return self
+
+
+def under_root(root: Path, path: Path) -> Path:
+    """A config path: absolute as given, relative ones inside ``root`` (where the data and their CSV live)."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def outside_root(root: Path, path: Path) -> bool:
+    """Whether ``path`` leaves ``root`` once ``..`` are resolved.
+
+    Lexical on purpose (``os.path.normpath`` of absolute paths, no symlink resolution): a data folder whose
+    images are symlinks into an archive is fine; a CSV row that climbs out with ``..`` is not.
+    """
+    base = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.abspath(path))
+    return os.path.commonpath([base, target]) != base
+
+
+def patient_from_name(path: Path, pattern: str, where: str) -> str:
+    """The patient id ``pattern`` finds in the file name (first group, else the whole match)."""
+    match = re.search(pattern, Path(path).name)
+    if match is None or not (match.group(1) if match.re.groups else match.group(0)):
+        raise DataError(
+            where,
+            f"patient_pattern '{pattern}' finds no patient id in the file name '{Path(path).name}'",
+            "fix the pattern (it is searched in the file name, its first group is the id) or rename the file",
+        )
+    return match.group(1) if match.re.groups else match.group(0)
+
 
 # ----------------------------------------------------------------------------------------- labels
-def class_index(value: str, classes: Sequence[str], where: str, column: str) -> int:
+def class_index(value: str, classes: Sequence[str], where: str, column: str, fix: str | None = None) -> int:
     """Index of ``value`` among declared ``classes``; a DataError naming ``where`` (file + row) otherwise."""
     try:
         return list(classes).index(value)
@@ -70,7 +131,7 @@ def class_index(value: str, classes: Sequence[str], where: str, column: str) -> 
         raise DataError(
             where,
             f"label '{value}' in column '{column}' is not one of the declared classes {list(classes)}",
-            "fix the label or add it to `classes`",
+            fix or "fix the label or add it to `classes`",
         ) from None
 
 
@@ -168,12 +229,22 @@ def _is_image(path: Path) -> bool:
 def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (line number, row) pairs; line numbers count the header as line 1, like an editor."""
     if not path.is_file():
-        raise DataError(str(path), "CSV file not found", "check `csv` in the source config")
+        raise DataError(
+            str(path), "CSV file not found", "check `csv` in the source config (a relative `csv` is read inside `root`)"
+        )
     with open(path, newline="", encoding="utf-8-sig") as stream:
         reader = csv_module.DictReader(stream)
         header = list(reader.fieldnames or [])
         rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader]
     return header, rows
+
+
+def _patient_id(config: FolderSourceConfig, path: Path, row: dict[str, str] | None, where: str) -> str:
+    if config.patient_pattern:
+        return patient_from_name(path, config.patient_pattern, where)
+    if config.patient_column and row is not None:
+        return row[config.patient_column]
+    return ""
 
 
 def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
@@ -208,7 +279,15 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
         if raw == "":
             log.handle(DataError(where, f"empty '{config.path_column}' cell"))
             continue
-        image_path = Path(raw) if Path(raw).is_absolute() else config.root / raw
+        image_path = under_root(config.root, Path(raw))
+        if outside_root(config.root, image_path):
+            # Refused under every on_bad_file policy: a row reaching outside the data folder is a wrong CSV
+            # (or a hostile one), not a damaged image.
+            raise DataError(
+                where,
+                f"path '{raw}' lies outside the data root {config.root}",
+                "list images inside `root` (paths relative to it), or set `root` to a folder holding them all",
+            )
         key = image_path.resolve()
         if key in first_line:
             log.handle(
@@ -232,6 +311,7 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
                 class_name = row[config.label_columns[0]]
                 label = class_index(class_name, classes, f"{where} ({raw})", config.label_columns[0])
             split = split_name(row[config.split_column], where, config.split_column) if config.split_column else None
+            patient = _patient_id(config, image_path, row, where)
         except DataError as error:
             log.handle(error)
             continue
@@ -240,7 +320,7 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
             continue
         record.label = label
         record.split = split
-        record.patient_id = row[config.patient_column] if config.patient_column else ""
+        record.patient_id = patient
         record.extra["csv_line"] = line
         if multilabel:
             record.extra["class_names"] = tuple(config.label_columns)
@@ -251,11 +331,17 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
     return records
 
 
+def _subfolders(base: Path, config: FolderSourceConfig) -> list[Path]:
+    """Visible sub-folders of ``base`` that are not excluded, sorted by name."""
+    excluded = set(config.exclude_folders)
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in excluded)
+
+
 def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
     root = config.root
     if not root.is_dir():
         raise DataError(str(root), "image folder not found", "check `root` in the source config")
-    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subfolders = _subfolders(root, config)
     # Optional split level: root/{train,val,test}/<class>/...
     split_folders = [p for p in subfolders if p.name.lower() in SPLIT_ALIASES]
     if subfolders and len(split_folders) == len(subfolders):
@@ -266,7 +352,7 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record
     entries: list[tuple[Path, str | None, str]] = []  # (file, split, class name or "")
     for split, base in groups:
         entries += [(p, split, "") for p in sorted(base.iterdir()) if _is_image(p)]
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for class_dir in _subfolders(base, config):
             entries += [(p, split, class_dir.name) for p in sorted(class_dir.rglob("*")) if _is_image(p)]
     if not entries:
         raise DataError(
@@ -279,17 +365,22 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record
     records: list[Record] = []
     for path, split, name in entries:
         label = None
-        if name:
-            try:
-                label = class_index(name, classes, str(path), "sub-folder name")
-            except DataError as error:
-                log.handle(error)
-                continue
+        try:
+            if name:
+                label = class_index(
+                    name, classes, str(path), "sub-folder name",
+                    fix="fix the folder name, add it to `classes`, or list it in `exclude_folders`",
+                )
+            patient = _patient_id(config, path, None, str(path))
+        except DataError as error:
+            log.handle(error)
+            continue
         record = _image_record(path, log, config.modality)
         if record is None:
             continue
         record.label = label
         record.split = split
+        record.patient_id = patient
         if classes:
             record.extra["class_names"] = tuple(classes)
             record.extra["class_name"] = name
@@ -303,7 +394,13 @@ def list_folder_files(config: FolderSourceConfig) -> list[Path]:
     The cache keys on these files' sizes and mtimes, so it notices an edited CSV or a replaced image.
     """
     if config.csv is None:
-        return [p for p in sorted(config.root.rglob("*")) if _is_image(p)] if config.root.is_dir() else []
+        if not config.root.is_dir():
+            return []
+        excluded = set(config.exclude_folders)
+        return [
+            p for p in sorted(config.root.rglob("*"))
+            if _is_image(p) and not excluded & set(p.relative_to(config.root).parts[:-1][:2])  # split/class levels
+        ]
     try:
         header, rows = _read_csv_rows(config.csv)
     except (DataError, OSError, UnicodeDecodeError, csv_module.Error):
@@ -311,7 +408,7 @@ def list_folder_files(config: FolderSourceConfig) -> list[Path]:
     if config.path_column not in header:
         return [config.csv]
     named = {row[config.path_column] for _, row in rows if row.get(config.path_column)}
-    paths = sorted(Path(raw) if Path(raw).is_absolute() else config.root / raw for raw in named)
+    paths = sorted(under_root(config.root, Path(raw)) for raw in named)
     return [config.csv, *paths]
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from radssl.data.folder import class_index, derive_classes
+from radssl.data.folder import class_index, derive_classes, under_root
 from radssl.data.records import BadFileLog, Record
 from radssl.errors import DataError
 
@@ -54,6 +54,7 @@ class NiftiSourceConfig(BaseModel):
     layout: Literal["volume", "axial_slices"] = "volume"
     """``axial_slices`` turns each volume into 2D records (one per depth index) for 2D pretraining."""
     label_csv: Path | None = None
+    """Labels per case; a relative path is read inside ``root``."""
     label_key: str = "case_id"
     """CSV column holding the case id (file name without sequence/extension) or, failing that, the patient id."""
     label_column: str = "label"
@@ -69,6 +70,12 @@ class NiftiSourceConfig(BaseModel):
         if value is not None and (not value or len(set(value)) != len(value)):
             raise ValueError("`sequences` must be a non-empty list of distinct file-name endings")
         return value
+
+    @model_validator(mode="after")
+    def _label_csv_in_root(self) -> "NiftiSourceConfig":
+        if self.label_csv is not None:
+            self.label_csv = under_root(self.root, self.label_csv)
+        return self
 
 
 # ----------------------------------------------------------------------------------------- naming
@@ -200,7 +207,9 @@ def _read_labels(config: NiftiSourceConfig) -> tuple[dict[str, tuple[str, int]],
         return {}, config.classes
     path = config.label_csv
     if not path.is_file():
-        raise DataError(str(path), "label CSV not found", "check `label_csv` in the source config")
+        raise DataError(
+            str(path), "label CSV not found", "check `label_csv` in the source config (a relative path is read inside `root`)"
+        )
     with open(path, newline="", encoding="utf-8-sig") as stream:
         reader = csv_module.DictReader(stream)
         header = list(reader.fieldnames or [])

@@ -107,10 +107,9 @@ def test_changed_preprocess_config_or_touched_file_rebuilds(tmp_path):
 
 
 def test_csv_source_keys_on_the_csv_and_the_images_it_names(tmp_path):
-    outside = tmp_path / "elsewhere" / "x.png"  # named by absolute path, outside root
-    outside.parent.mkdir()
+    outside = tmp_path / "root" / "elsewhere" / "x.png"  # named by absolute path (inside root: outside is refused)
+    outside.parent.mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside)
-    (tmp_path / "root").mkdir()
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "root" / "a.png")
     (tmp_path / "root" / "list.csv").write_text(f"path\na.png\n{outside}\n")
     config = FolderSourceConfig(root=tmp_path / "root", csv=tmp_path / "root" / "list.csv")
@@ -326,3 +325,63 @@ def test_medical_nifti_volumes_with_cached_masks(medical, tmp_path):
     assert set(store.patient_id.tolist()) == {"p0", "p1", "p2"}
     again = medical.load_medical_store(config, "seg")
     np.testing.assert_array_equal(again.meta["mask"], masks)
+
+
+def _subfolder_pngs(root: Path, n_patients: int = 12, per_patient: int = 2) -> None:
+    rng = np.random.default_rng(4)
+    for p in range(n_patients):
+        for k in range(per_patient):
+            name = ["normal", "pneumonia"][p % 2]
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).save(root / name / f"P{p:03d}_{k}.png")
+
+
+def test_folder_without_patient_ids_says_splits_are_per_image(medical, tmp_path):
+    _subfolder_pngs(tmp_path / "data")
+    source = {"kind": "folder", "root": str(tmp_path / "data")}
+    config = _medical_config(medical, tmp_path, source, preprocess={"modality": "xray", "target_size": [8, 8]})
+    store = medical.load_medical_store(config, "anonymous")
+    assert len(store.notes) == 1 and "no image has a patient id" in store.notes[0]
+    assert "patient_pattern" in store.notes[0] and "leak" in store.notes[0]
+    assert store.describe()["notes"] == list(store.notes)  # run.json records describe()
+    text = medical.inspect_store(store, tmp_path / "montage.png")
+    assert "patients shared between splits: unknown" in text and "none" not in text.split("shared between splits")[1][:8]
+    assert f"note: {store.notes[0]}" in text
+    assert "modality (files): (unknown) 24" in text and "preprocessed as: xray 24" in text
+
+    patterned = _medical_config(
+        medical, tmp_path, dict(source, patient_pattern=r"^(P\d+)_"), preprocess={"target_size": [8, 8]}
+    )
+    store = medical.load_medical_store(patterned, "patients")
+    assert store.notes == () and len(set(store.patient_id.tolist())) == 12
+    for patient in set(store.patient_id.tolist()):
+        assert len(set(store.split[store.patient_id == patient].tolist())) == 1
+    text = medical.inspect_store(store, tmp_path / "montage.png")
+    assert "patients shared between splits: none" in text and "preprocessed as: generic 24" in text
+
+
+def test_train_test_only_source_gets_validation_carved_from_train_patients(medical, tmp_path):
+    _subfolder_pngs(tmp_path / "data", n_patients=40)
+    rows = ["path,label,patient,split"]
+    for path in sorted((tmp_path / "data").rglob("*.png")):
+        patient = path.stem.split("_")[0]
+        split = "test" if int(patient[1:]) % 4 == 0 else "train"
+        rows.append(f"{path.relative_to(tmp_path / 'data')},{path.parent.name},{patient},{split}")
+    (tmp_path / "data" / "labels.csv").write_text("\n".join(rows) + "\n")
+    source = {"kind": "folder", "root": str(tmp_path / "data"), "csv": "labels.csv", "label_columns": ["label"],
+              "patient_column": "patient", "split_column": "split"}
+    store = medical.load_medical_store(_medical_config(medical, tmp_path, source, split_seed=1), "given")
+    given = store.meta["source_split"]
+    assert np.array_equal(store.split == "test", given == "test")  # the source's test split is kept as is
+    val = store.split == "val"
+    assert set(given[val].tolist()) == {"train"} and val.any()
+    assert not set(store.patient_id[val]) & set(store.patient_id[store.split == "train"])  # patient-level
+    assert abs(len(set(store.patient_id[val])) - 0.125 * 30) <= 1  # val / (train + val) of split_fractions
+    assert set(store.labels[torch.from_numpy(val)].tolist()) == {0, 1}  # stratified
+    assert any("validation was carved from train" in note for note in store.notes)
+    again = medical.load_medical_store(_medical_config(medical, tmp_path, source, split_seed=1), "given")
+    assert np.array_equal(again.split, store.split)
+
+    unused = medical.load_medical_store(_medical_config(medical, tmp_path, dict(source, split_column=None)), "g")
+    assert any("'split' column that is not used" in note and "split_column: split" in note for note in unused.notes)
+    assert not np.array_equal(unused.split == "test", given == "test")  # radssl's own patient-level splits

@@ -304,3 +304,53 @@ def test_labels_from_csv_keyed_by_patient_or_path(tmp_path):
     (tmp_path / "by_path.csv").write_text("path,label\nmr.dcm,normal\nct.dcm,cat\n")
     with pytest.raises(DataError, match=r"label 'cat'.*not one of the declared classes"):
         read(tmp_path, label_csv=tmp_path / "by_path.csv", label_key="path", classes=["normal", "nodule"])
+
+
+# ----------------------------------------------------------------------------------------- label CSV in root
+def _dicom_patients(root: Path, n_patients: int = 16) -> list[str]:
+    """Two DX images per patient (support.write_dicom_folder); returns the patient ids, label = index % 2."""
+    from support import write_dicom_folder
+
+    images = np.random.default_rng(0).integers(0, 256, (2 * n_patients, 8, 8)).astype(np.uint8)
+    labels = np.repeat(np.arange(n_patients) % 2, 2)
+    write_dicom_folder(root, images, labels)
+    return [f"P{p:04d}" for p in range(n_patients)]
+
+
+def test_relative_label_csv_and_split_column_are_read_from_root(tmp_path, monkeypatch):
+    from radssl.data.medical import MedicalDataConfig, load_medical_store
+
+    root = tmp_path / "dicom"
+    patients = _dicom_patients(root)
+    lines = ["patient_id,label,split"] + [
+        f"{p},{['normal', 'pneumonia'][i % 2]},{'test' if i % 4 == 0 else 'train'}" for i, p in enumerate(patients)
+    ]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)  # labels.csv is not in the working directory: it is read inside root
+    source = {"kind": "dicom", "root": str(root), "label_csv": "labels.csv", "split_column": "split"}
+    assert DicomSourceConfig.model_validate(source).label_csv == root / "labels.csv"
+    config = MedicalDataConfig.model_validate(
+        {"source": source, "cache_dir": str(tmp_path / "cache"), "preprocess": {"target_size": [8, 8]}}
+    )
+    store = load_medical_store(config, "dx")
+    assert store.task.class_names == ("normal", "pneumonia")
+    test_patients = {p for i, p in enumerate(patients) if i % 4 == 0}
+    assert set(store.patient_id[store.split == "test"].tolist()) == test_patients  # the CSV's split is honoured
+    val = set(store.patient_id[store.split == "val"].tolist())
+    assert val and not val & test_patients and not val & set(store.patient_id[store.split == "train"].tolist())
+    assert any("validation was carved from train" in note for note in store.notes)
+
+    plain = MedicalDataConfig.model_validate(
+        {"source": dict(source, split_column=None), "cache_dir": str(tmp_path / "cache"),
+         "preprocess": {"target_size": [8, 8]}}
+    )
+    resplit = load_medical_store(plain, "dx")
+    assert any("has a 'split' column that is not used" in note for note in resplit.notes)
+
+
+def test_missing_relative_label_csv_names_where_it_was_looked_for(tmp_path):
+    root = tmp_path / "dicom"
+    _dicom_patients(root, n_patients=2)
+    config = DicomSourceConfig.model_validate({"kind": "dicom", "root": str(root), "label_csv": "labels.csv"})
+    with pytest.raises(DataError, match=r"dicom/labels\.csv: label CSV not found .*read inside `root`"):
+        read_dicom_source(config, BadFileLog())

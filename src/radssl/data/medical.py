@@ -2,13 +2,19 @@
 
 The one place that joins reader → preprocessing → cache → splits. Splits are patient-level (an
 ``assign_patient_splits`` over patients, stratified by label) unless the source gives its own, and an
-``external`` dataset (a second site kept for out-of-distribution testing) is all ``test``. Under
+``external`` dataset (a second site kept for out-of-distribution testing) is all ``test``. A source that gives
+train and test but no val gets a validation split carved from its training patients. Under
 ``on_bad_file: skip`` the bad files are listed in ``bad_files.json`` inside the cache entry
 (``store.origin``), never silently dropped.
+
+What a user must know about how the data were split lands in ``store.notes`` (shown by ``radssl data
+inspect``, logged, and recorded in ``run.json``): images without patient ids (split per image, so a patient's
+images may leak across splits), a carved validation split, a CSV ``split`` column that is not used.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import os
@@ -25,7 +31,7 @@ from radssl.data.cache import BAD_FILES_REPORT, load_or_build_cache
 from radssl.data.dicom import DicomSourceConfig, list_dicom_files, read_dicom_source
 from radssl.data.folder import FolderSourceConfig, list_folder_files, read_folder_source
 from radssl.data.nifti import NiftiSourceConfig, list_nifti_files, read_nifti_source
-from radssl.data.preprocess import PreprocessConfig, preprocess_mask, preprocess_record
+from radssl.data.preprocess import PreprocessConfig, modality_branch, preprocess_mask, preprocess_record
 from radssl.data.records import BadFileLog, Record
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ALL_SPLIT_NAMES, ImageStore, TaskInfo
@@ -129,30 +135,98 @@ def _stratification_labels(labels: torch.Tensor, task: TaskInfo) -> np.ndarray:
     return labels.numpy().astype(np.int64)
 
 
+def _carve_validation(
+    split: np.ndarray, patient_id: np.ndarray, strata: np.ndarray, config: MedicalDataConfig, where: str
+) -> tuple[np.ndarray, str | None]:
+    """A source that gives train and test but no val: hold out training patients for validation.
+
+    The held-out share is val / (train + val) of ``split_fractions`` (12.5 % by default), stratified and
+    seeded by ``split_seed``, patient-level (``assign_patient_splits`` with no test share). Only labelled
+    training images are candidates: unlabelled ones stay pretraining data.
+    """
+    train_share, val_share, _ = config.split_fractions
+    if (split == "val").any() or not (split == "train").any() or val_share == 0:
+        return split, None
+    rows = np.flatnonzero((split == "train") & (strata >= 0))
+    if len(rows) == 0:  # nothing labelled to validate on (e.g. task kind none)
+        return split, None
+    fraction = val_share / (train_share + val_share)
+    side = assign_patient_splits(
+        patient_id[rows], strata[rows], (1.0 - fraction, fraction, 0.0), config.split_seed, where
+    )
+    split = split.copy()
+    split[rows[side == "val"]] = "val"
+    note = (
+        f"the source gives no 'val' split: validation was carved from train ({fraction:.1%} of the labelled "
+        f"training patients, patient-level, stratified, split_seed {config.split_seed})"
+    )
+    return split, note
+
+
 def _splits(
     store: ImageStore, labels: torch.Tensor, task: TaskInfo, config: MedicalDataConfig, where: str
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[str]]:
+    """Split per image and the notes a user must read about it."""
     n = len(store)
     if config.external:
-        return np.full(n, "test", dtype="<U10")
+        return np.full(n, "test", dtype="<U10"), []
     given = store.meta["source_split"]
     has = given != ""
+    strata = _stratification_labels(labels, task)
     if has.all():
-        return given.astype("<U10")
+        split, note = _carve_validation(given.astype("<U10"), store.patient_id, strata, config, where)
+        return split, [note] if note else []
     if has.any():
         raise DataError(
             where,
             f"the source gives splits for only {int(has.sum())} of {n} images",
             "fill the split column for every row, or remove it to get patient-level splits",
         )
-    strata = _stratification_labels(labels, task)
     split = assign_patient_splits(store.patient_id, strata, config.split_fractions, config.split_seed, where)
     if task.kind != "none":
         # Unlabelled images of training patients are pretraining-only; those of val/test patients stay there
         # (label -1, ignored by evaluation), so pretraining never sees a test patient.
         unlabelled = strata < 0 if task.kind != "multilabel" else np.isnan(labels.numpy()).all(1)
         split = np.where(unlabelled & (split == "train"), "unlabelled", split)
-    return split.astype("<U10")
+    return split.astype("<U10"), []
+
+
+def _patient_note(patient_id: np.ndarray, source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig) -> str | None:
+    """The warning a store without (complete) patient ids must carry: splits cannot keep patients apart."""
+    missing = int((patient_id == "").sum())
+    if missing == 0:
+        return None
+    how = (
+        "set source.patient_column (a CSV column) or source.patient_pattern (a regular expression on the file name)"
+        if isinstance(source, FolderSourceConfig)
+        else "give the files patient ids (DICOM PatientID)"
+    )
+    share = "no image has" if missing == len(patient_id) else f"{missing} of {len(patient_id)} images have no"
+    return (
+        f"{share} a patient id: those images are split per image, so images of one patient may fall in "
+        f"different splits (train/test leakage) — {how}"
+    )
+
+
+def _unused_split_column(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig) -> str | None:
+    """A note when the label CSV has a ``split`` column that ``split_column`` does not name (it is not used)."""
+    if isinstance(source, NiftiSourceConfig) or source.split_column:
+        return None
+    path = source.csv if isinstance(source, FolderSourceConfig) else source.label_csv
+    if path is None:
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            header = next(csv.reader(stream), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    column = next((c for c in header if c.strip().lower() == "split"), None)
+    if column is None:
+        return None
+    return (
+        f"{path} has a '{column}' column that is not used (split_column is not set): radssl made its own "
+        f"patient-level splits — set source.split_column: {column} to use the file's splits"
+    )
 
 
 # ----------------------------------------------------------------------------------------- entry points
@@ -176,8 +250,15 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     labels = store.labels
     if task.kind == "none":
         labels = torch.full((len(store),), -1, dtype=torch.int64)
-    split = _splits(store, labels, task, config, where)
-    store = replace(store, task=task, labels=labels, split=split, _fingerprint=None)
+    split, notes = _splits(store, labels, task, config, where)
+    notes += [n for n in (_unused_split_column(source), _patient_note(store.patient_id, source)) if n]
+    meta = dict(store.meta)
+    meta["preprocessed_as"] = np.asarray([modality_branch(code, config.preprocess) for code in meta["modality"]])
+    store = replace(
+        store, task=task, labels=labels, split=split, meta=meta, notes=tuple(store.notes) + tuple(notes), _fingerprint=None
+    )
+    for note in notes:
+        logger.warning("%s: %s", name, note)
     report = Path(store.origin) / BAD_FILES_REPORT
     skipped = _skipped_count(report)
     if skipped:
@@ -239,10 +320,21 @@ def inspect_store(store: ImageStore, out_png: Path, per_split: int = 8) -> str:
         if {a, b} != {"train", "unlabelled"}
     ]
     leaks = [f"{a}/{b}: {n}" for a, b, n in shared if n]
-    lines.append("patients shared between splits: " + (", ".join(leaks) if leaks else "none"))
+    anonymous = int((store.patient_id == "").sum())
+    if anonymous == len(store):
+        lines.append(
+            "patients shared between splits: unknown — the images carry no patient ids, so splits are per image "
+            "and one patient's images may be in several splits"
+        )
+    else:
+        unchecked = f" (not checked for the {anonymous} images without a patient id)" if anonymous else ""
+        lines.append("patients shared between splits: " + (", ".join(leaks) if leaks else "none") + unchecked)
     if "modality" in store.meta:
         values, counts = np.unique(store.meta["modality"], return_counts=True)
-        lines.append("modality: " + ", ".join(f"{v or '(unknown)'} {c}" for v, c in zip(values, counts)))
+        lines.append("modality (files): " + ", ".join(f"{v or '(unknown)'} {c}" for v, c in zip(values, counts)))
+    if "preprocessed_as" in store.meta:
+        values, counts = np.unique(store.meta["preprocessed_as"], return_counts=True)
+        lines.append("preprocessed as: " + ", ".join(f"{v} {c}" for v, c in zip(values, counts)))
     if "spacing" in store.meta and store.meta["spacing"].size:
         spacing = store.meta["spacing"]
         finite = spacing[np.isfinite(spacing).all(1)] if spacing.ndim == 2 else spacing[:0]
@@ -251,6 +343,7 @@ def inspect_store(store: ImageStore, out_png: Path, per_split: int = 8) -> str:
     report = Path(store.origin) / BAD_FILES_REPORT if store.origin else None
     if report is not None and report.is_file():
         lines.append(f"bad files skipped: {_skipped_count(report)} (see {report})")
+    lines += [f"note: {note}" for note in store.notes]
     _write_montage(store, Path(out_png), per_split)
     lines.append(f"montage: {out_png}")
     return "\n".join(lines)

@@ -387,11 +387,16 @@ def _channels_first(record: Record) -> tuple[np.ndarray, str]:
     return image, layout
 
 
-def resolve_modality(record: Record, config: PreprocessConfig) -> Modality:
-    """The preprocessing branch: the config's modality, or (``auto``) the record's DICOM code."""
+def modality_branch(code: str, config: PreprocessConfig) -> Modality:
+    """The preprocessing branch for a DICOM modality code: the config's modality, or (``auto``) the code's."""
     if config.modality != "auto":
         return config.modality
-    return _AUTO_MODALITY.get(record.modality.strip().upper(), "generic")  # type: ignore[return-value]
+    return _AUTO_MODALITY.get(code.strip().upper(), "generic")  # type: ignore[return-value]
+
+
+def resolve_modality(record: Record, config: PreprocessConfig) -> Modality:
+    """The preprocessing branch: the config's modality, or (``auto``) the record's DICOM code."""
+    return modality_branch(record.modality, config)
 
 
 def _file_window(channel: np.ndarray, record: Record) -> np.ndarray:

@@ -70,15 +70,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_kind(raw: dict) -> str:
+    """``study`` or ``pretrain``: which config a YAML mapping is, by the top-level keys only one of them has.
+
+    A file with keys of neither (only ``data``/``model``/``seed``/``output_dir``) is valid as both and is
+    checked as a pretraining config.
+    """
+    from radssl.config import PretrainConfig
+    from radssl.study.config import StudyConfig
+
+    study_only = set(StudyConfig.model_fields) - set(PretrainConfig.model_fields)
+    return "study" if study_only & set(raw) else "pretrain"
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from radssl.config import load_data_section
+    """Validate the whole config (pretrain or study, like the command that would run it), then inspect its data."""
+    from radssl.config import load_config, read_yaml_mapping
     from radssl.data.build import build_store
     from radssl.data.medical import inspect_store
+    from radssl.study.config import load_study_config
 
-    section = load_data_section(args.config, list(args.overrides))
-    store = build_store(section)
+    kind = config_kind(read_yaml_mapping(args.config))
+    if kind == "study":
+        study = load_study_config(args.config, list(args.overrides))
+        datasets = [("data", study.data)] + [(f"external_test_sets.{t.name}", t.data) for t in study.external_test_sets]
+    else:
+        datasets = [("data", load_config(args.config, list(args.overrides)).data)]
+    print(f"{args.config}: valid {kind} config")
     out = Path(args.out) if args.out else Path(args.config).with_suffix(".montage.png")
-    print(inspect_store(store, out))
+    for index, (where, section) in enumerate(datasets):
+        montage = out if index == 0 else out.with_name(f"{out.stem}.{where.rsplit('.', 1)[-1]}{out.suffix}")
+        if len(datasets) > 1:
+            print(f"\n[{where}]")
+        print(inspect_store(build_store(section), montage))
     return 0
 
 
@@ -107,10 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect a dataset declared in a config")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    inspect = data_sub.add_parser("inspect", help="counts per split/class/patient/modality and a montage PNG")
-    inspect.add_argument("config", type=Path, help="any radssl YAML with a data section")
+    inspect = data_sub.add_parser(
+        "inspect",
+        help="validate a config, then print counts per split/class/patient/modality and write a montage PNG",
+        description=(
+            "Validate a whole pretraining or study config (told apart by its keys) exactly as `radssl pretrain` / "
+            "`radssl study` would, then build its dataset(s) and print counts per split, class, patient and "
+            "modality, the notes on how the data were split, and write a montage PNG."
+        ),
+    )
+    inspect.add_argument("config", type=Path, help="a pretraining or study YAML")
     inspect.add_argument("--out", help="montage PNG path (default: <config>.montage.png)")
-    inspect.add_argument("overrides", nargs="*", help="overrides of the data section, e.g. data.size=64")
+    inspect.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     inspect.set_defaults(func=cmd_data_inspect)
 
     from radssl.study.commands import add_study_commands
@@ -119,9 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(text: str) -> bool:
+    return "=" in text and not text.startswith("-")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``, accepting ``key=value`` overrides anywhere, also after options such as ``--output-dir``.
+
+    argparse fills a ``nargs="*"`` positional from one run of positionals only, so overrides placed after an
+    option would be "unrecognized arguments"; here they are appended (in order) to ``args.overrides``.
+    Anything else unknown is still an error.
+    """
+    args, extras = parser.parse_known_args(argv)
+    stray = [e for e in extras if not _is_override(e)] if hasattr(args, "overrides") else extras
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = list(args.overrides or []) + extras
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         return int(args.func(args))
     except RadsslError as error:

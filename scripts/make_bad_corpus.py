@@ -39,6 +39,7 @@ the bad ones in `bad_files.json`, and that a failing load leaves no partial cach
 | `folder_missing_file/labels.csv` | row 3 names `missing.png`, which does not exist | file not found, naming the CSV line |
 | `folder_duplicate_paths/labels.csv` | `a.png` is listed twice (lines 2 and 4) | duplicate path, naming both lines |
 | `folder_label_outside/labels.csv` | label `cat` while `classes: [normal, pneumonia]` | label outside the declared classes, naming the line |
+| `folder_outside_root/labels.csv` | row 3 names `../folder_label_outside/a.png`, an image outside the data root | path outside the data root, naming the CSV line (refused even under `on_bad_file: skip`) |
 | (made at test time) empty folder | no images at all | no images found |
 """
 
@@ -175,6 +176,10 @@ def make_folder_cases(out: Path) -> None:
     _png(folder / "a.png", 1)
     _png(folder / "b.png", 2)
     _csv(folder / "labels.csv", [header, ["a.png", "normal", "p1"], ["b.png", "cat", "p2"]])
+
+    folder = out / "folder_outside_root"
+    _png(folder / "a.png", 1)
+    _csv(folder / "labels.csv", [header, ["a.png", "normal", "p1"], ["../folder_label_outside/a.png", "pneumonia", "p2"]])
 
 
 def main() -> None:

@@ -53,6 +53,15 @@ def test_label_outside_declared_set():
     assert "'cat'" in message and "['normal', 'pneumonia']" in message
 
 
+def test_csv_path_outside_the_data_root():
+    for policy in ("error", "skip"):
+        with pytest.raises(DataError) as raised:
+            read_folder_source(_folder_config("folder_outside_root"), BadFileLog(policy))
+        message = str(raised.value)
+        assert "labels.csv: line 3" in message and "'../folder_label_outside/a.png'" in message
+        assert "outside the data root" in message
+
+
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: no images .*found"):

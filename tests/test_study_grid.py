@@ -20,10 +20,9 @@ from radssl.engine.checkpoint import load_checkpoint
 from radssl.errors import ConfigError
 from radssl.study.commands import add_study_commands
 from radssl.study.config import StudyConfig, load_study_config
-from radssl.study.grid import _check_compatible, prepare_study, run_study, seed_pretraining_from_weights
+from radssl.study.grid import _check_compatible, prepare_study, run_study
 from radssl.study.results_store import ResultsStore
 
-from support import make_tiny_store
 
 QUIET = {"log": lambda _: None}
 TRAIN = {"steps": 3, "batch_size": 16, "accelerator": "cpu", "devices": 1, "progress_bar": False,
@@ -109,8 +108,9 @@ def test_grid_writes_every_cell_once_with_metrics_predictions_and_report(clean_r
     assert set(cells) == expected
     # One pretraining run, features once per (encoder, store), one protocol run per (encoder, seed, fraction):
     # each protocol run scores both test sets.
+    # Fine-tuning runs once per backbone_lr_scale candidate (default [0.1, 1.0]) and keeps the best on validation.
     assert CLEAN_CALLS == {"pretrain": 1, "features": 2 * 2, "linear": 2 * 2 * 2, "knn": 2 * 2 * 2,
-                           "finetune": 2 * 2 * 2}
+                           "finetune": 2 * 2 * 2 * 2}
     with ResultsStore(clean_run / "results.sqlite") as store:
         rows = [r for r in store.cells("tiny") if r["metric"] == "auc"]
         for row in rows:
@@ -177,7 +177,8 @@ def test_killed_study_resumes_to_the_clean_result(clean_run: Path, tmp_path: Pat
     resumed = {name: c.calls for name, c in counters.items()}
     assert resumed["pretrain"] == 0, "the finished pretraining run was repeated"
     assert resumed["features"] == 0, "features cached on disk before the kill were extracted again"
-    assert resumed["linear"] + resumed["knn"] + resumed["finetune"] == 2 * 3 * 2 * 2 - len(done_groups)
+    scales = len(_tiny_study(crashed).protocols.finetune.backbone_lr_scale)  # fine-tuning runs per cell
+    assert resumed["linear"] + resumed["knn"] + resumed["finetune"] // scales == 2 * 3 * 2 * 2 - len(done_groups)
     assert resumed["linear"] == 0  # both encoders' probes finished before the kill
 
     clean, final = _cells(clean_run), _cells(crashed)
@@ -197,31 +198,6 @@ def test_changed_settings_are_refused_but_growth_is_allowed() -> None:
     run = {**base["pretraining"][0], "method": {"name": "byol"}}
     with pytest.raises(ConfigError, match=r"pretraining\['simclr'\]"):
         _check_compatible(base, {**base, "pretraining": [run]}, Path("results.sqlite"))
-
-
-def test_seeded_pretraining_starts_from_the_given_backbone(tmp_path: Path) -> None:
-    """The step-0 checkpoint route: the engine resumes it, and BYOL's target network starts as the copy."""
-    from radssl.config import load_config
-    from radssl.models.backbones import build_backbone
-
-    store = make_tiny_store(n=64, size=16)
-    config = load_config(None, [f"output_dir={tmp_path / 'run'}", "model.backbone=small_cnn", "method.name=byol",
-                                "train.accelerator=cpu", "train.devices=1", "train.steps=1", "train.batch_size=16",
-                                "train.progress_bar=false", "eval.enabled=false", "optim.optimizer=sgd",
-                                "optim.lr=1e-9", "optim.lr_scaling=none"])
-    torch.manual_seed(123)
-    weights = build_backbone("small_cnn").state_dict()
-    written = seed_pretraining_from_weights(config, store, weights, "test weights")
-    assert written is not None
-    start = load_checkpoint(written)
-    for key, value in weights.items():
-        torch.testing.assert_close(start["method"][f"target_backbone.{key}"], value, rtol=0, atol=0)
-    result = engine.pretrain(config, store=store)
-    final = load_checkpoint(result.checkpoint)["backbone"]
-    conv = [k for k in weights if k.endswith("weight") and weights[k].ndim == 4]
-    for key in conv:  # one step at lr 1e-9: still the given weights, not the engine's own random init
-        torch.testing.assert_close(final[key], weights[key], rtol=0, atol=1e-6)
-    assert seed_pretraining_from_weights(config, store, weights, "again") is None  # never overwrites a run
 
 
 def test_imagenet_and_imagenet_plus_ssl_cells(tmp_path: Path) -> None:

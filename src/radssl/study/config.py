@@ -18,6 +18,7 @@ Example::
     label_fractions: [0.01, 0.1, 1.0]
     seeds: [0, 1, 2]
     protocols: {linear: {}, knn: {k: 20}, finetune: {epochs: 30}}
+    validation: proportional        # or full (see StudyConfig)
 """
 
 from __future__ import annotations
@@ -135,19 +136,86 @@ class FinetuneProtocol(Section):
     """End-to-end fine-tuning (backbone + linear head) with early stopping on validation AUC.
 
     Fine-tuning dominates a study's cost (one training run per cell), so ``epochs`` is the knob to turn first.
+
+    Budget rule (``steps_per_epoch``) — curves must compare labels, not optimisation budgets:
+
+    - ``full`` (default): every epoch takes as many optimiser steps as one pass over the *whole* training split,
+      whatever the label fraction (a small subset is cycled through several times, with fresh augmentations).
+      Every label fraction then gets the same ``epochs × ceil(N_train / batch_size)`` steps and the same
+      validation schedule; early stopping counts the same units for all.
+    - an integer N: every epoch takes at least N steps (one pass over the subset when that is longer).
+    - ``subset``: one pass over the label-fraction subset per epoch (the budget grows with the fraction; the
+      behaviour of radssl before this rule existed, kept to reproduce old studies).
+
+    Early stopping: after ``early_stopping_patience`` epochs without a better validation AUC, but never before
+    ``min_epochs`` (a floor, so one lucky early score on a small validation set cannot end a run).
+
+    Backbone LR rule (``backbone_lr_scale``, the backbone's LR = ``lr × scale``; the head always uses ``lr``) —
+    the same rule for every initialisation: one number is used by all of them; a list is a candidate set and
+    every cell (each initialisation, label fraction and seed alike) fine-tunes once per candidate and keeps the
+    one with the best validation AUC (the selected value is stored with the cell). Default ``[0.1, 1.0]``:
+    a pretrained encoder often prefers the lower, discriminative rate (Howard & Ruder 2018), a random one the
+    full rate; choosing on validation gives neither arm a hand-picked advantage, at twice the fine-tuning cost.
     """
 
     epochs: int = Field(30, gt=0)
+    steps_per_epoch: Literal["full", "subset"] | int = Field(
+        "full", description="full | subset | N: optimiser steps per epoch (see the budget rule)")
+    min_epochs: int = Field(5, gt=0, description="early stopping never stops before this epoch (floor)")
     batch_size: int = Field(128, gt=1)
     lr: float = Field(1e-3, gt=0.0)
-    backbone_lr_scale: float = Field(0.1, gt=0.0, description="backbone LR multiplier for pretrained encoders")
-    random_backbone_lr_scale: float = Field(1.0, gt=0.0, description="backbone LR multiplier for random init")
+    backbone_lr_scale: list[float] = Field(
+        default_factory=lambda: [0.1, 1.0], min_length=1,
+        description="backbone LR multiplier for every initialisation; a list is chosen per cell on validation")
     weight_decay: float = Field(1e-4, ge=0.0)
     early_stopping_patience: int | None = Field(10, gt=0)
     augment: bool = True
     hflip: bool = True
     class_balanced: bool = False
     precision: Literal["32", "bf16"] = "32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_per_arm_rates(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "random_backbone_lr_scale" in value:
+            raise ValueError(
+                "random_backbone_lr_scale was removed: every initialisation now follows the same backbone_lr_scale "
+                "rule, so no arm gets its own hyper-parameters — delete the key, and set backbone_lr_scale to one "
+                "number for all initialisations or to a list such as [0.1, 1.0] to choose it on validation per cell"
+            )
+        return value
+
+    @field_validator("backbone_lr_scale", mode="before")
+    @classmethod
+    def _scale_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("backbone_lr_scale")
+    @classmethod
+    def _positive_scales(cls, values: list[float]) -> list[float]:
+        if any(v <= 0 for v in values):
+            raise ValueError(f"every backbone_lr_scale must be > 0, got {values}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"backbone_lr_scale candidates must not repeat, got {values}")
+        return values
+
+    @field_validator("steps_per_epoch")
+    @classmethod
+    def _positive_steps(cls, value: str | int) -> str | int:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+            raise ValueError(f"steps_per_epoch must be 'full', 'subset' or an integer ≥ 1, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _floor_within_epochs(self) -> "FinetuneProtocol":
+        if "min_epochs" in self.model_fields_set and self.min_epochs > self.epochs:
+            raise ValueError(f"min_epochs ({self.min_epochs}) is larger than epochs ({self.epochs}); lower it")
+        return self
+
+    @property
+    def early_stopping_floor(self) -> int:
+        """``min_epochs`` capped at ``epochs`` (the default floor must not break a short run)."""
+        return min(self.min_epochs, self.epochs)
 
 
 class ProtocolsSection(Section):
@@ -234,7 +302,20 @@ def checkpoint_run_name(target: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- study
 class StudyConfig(Section):
-    """Everything ``radssl study`` needs: a grid of {pretraining × init × fraction × seed × protocol × test set}."""
+    """Everything ``radssl study`` needs: a grid of {pretraining × init × fraction × seed × protocol × test set}.
+
+    Validation rule (``validation``), i.e. which labelled rows select the probe's C and the fine-tuning epoch
+    and backbone LR scale:
+
+    - ``proportional`` (default): the same label fraction of the validation split, drawn like the training
+      subsets (stratified, nested, patient-grouped, per seed, an independent stream of the same seed), with a
+      floor of ``validation_min_per_class`` images per class so AUC is defined. A team with 1 % of the labels
+      has about 1 % of the validation labels too; selecting on the full split (524 images for 48 training
+      images on PneumoniaMNIST at 1 %) reports a result no such team could reproduce and flatters the arm
+      whose read-out depends most on selection.
+    - ``full``: the whole validation split for every fraction (lower-variance selection; an upper bound on
+      what selection can do at small budgets). The report states which rule was used.
+    """
 
     name: str = "study"
     seed: int = Field(0, description="seed of pretraining runs and of the random initialisation")
@@ -256,6 +337,11 @@ class StudyConfig(Section):
     pretrain_fractions: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device of transfer protocols")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (CPU); null = torch default")
+    validation: Literal["full", "proportional"] = Field(
+        "proportional", description="model-selection rows per cell: the whole validation split, or the same label "
+        "fraction of it (stratified, nested, patient-grouped, per seed)")
+    validation_min_per_class: int = Field(
+        5, gt=0, description="proportional validation: floor of validation images per class (AUC needs both)")
     bootstrap_samples: int = Field(1000, ge=100, description="test-case bootstrap resamples per metric CI")
     feature_batch_size: int = Field(512, gt=0)
 
@@ -360,6 +446,34 @@ class StudyConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe mapping (what the results store and ``config.yaml`` record)."""
         return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------ stored configs
+LEGACY_SETTINGS: dict[str, Any] = {"validation": "full", "validation_min_per_class": None}
+"""What a study stored before these fields existed did (radssl ≤ 0.1: the full validation split)."""
+LEGACY_FINETUNE: dict[str, Any] = {"steps_per_epoch": "subset", "min_epochs": 1}
+"""Fine-tuning options stored before they existed, at the values that reproduce the old behaviour."""
+
+
+def legacy_study_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored study config with fields it predates filled in at the values its cells were computed with.
+
+    Before the budget, validation and one-LR-rule fields existed, fine-tuning ran one pass over the subset per
+    epoch, selected on the full validation split and used ``backbone_lr_scale`` for pretrained encoders but
+    ``random_backbone_lr_scale`` for random ones. An old config whose two scales agree is the one-value rule.
+    """
+    out = {**LEGACY_SETTINGS, **config}
+    finetune = (config.get("protocols") or {}).get("finetune")
+    if isinstance(finetune, dict):
+        finetune = {**LEGACY_FINETUNE, **finetune}
+        scale = finetune.get("backbone_lr_scale")
+        if not isinstance(scale, list):
+            random_scale = finetune.get("random_backbone_lr_scale", scale)
+            if random_scale == scale:
+                finetune.pop("random_backbone_lr_scale", None)
+                finetune["backbone_lr_scale"] = [scale]
+        out["protocols"] = {**config["protocols"], "finetune": finetune}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ loading

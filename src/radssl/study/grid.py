@@ -17,7 +17,11 @@ Fairness choices (stated in the report's configuration section too):
   exactly as the pretraining engine builds it, so "SSL vs random" isolates what pretraining changed.
 - A cell's ``seed`` varies the label subset and the read-out's training randomness; every encoder is fixed across
   seeds (pretraining runs once), so seed spread measures label-sampling and head-training noise alike for all inits.
-- Model selection (probe C, fine-tuning epoch) uses the full validation split for every label fraction.
+- Model selection (probe C, fine-tuning epoch and backbone LR scale) uses the study's ``validation`` rule:
+  ``proportional`` (default) draws the same label fraction of the validation split per seed (stratified, nested,
+  patient-grouped, with a per-class floor); ``full`` uses the whole split for every fraction.
+- Fine-tuning gets the same optimiser-step budget at every label fraction (``steps_per_epoch: full``) and the same
+  backbone-LR rule for every initialisation (one value, or the best of a candidate list on validation).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from radssl.study.config import (
     StudyConfig,
     apply_named_override,
     checkpoint_run_name,
+    legacy_study_settings,
     load_study_config,
 )
 from radssl.study.results_store import CellKey, ResultsStore
@@ -123,6 +128,26 @@ class StudyPlan:
     encoders: list[Encoder]
     pretrain_configs: dict[PretrainJob, PretrainConfig]
     notes: list[str] = field(default_factory=list)
+    val_subsets: dict[int, dict[float, np.ndarray]] = field(default_factory=dict)
+    """Proportional validation rows per seed and label fraction (empty: every cell uses ``val_rows``)."""
+
+    def validation_rows(self, seed: int, fraction: float) -> np.ndarray:
+        """The validation rows that select a cell's model (see the study's ``validation`` rule)."""
+        if self.config.validation == "proportional":
+            return self.val_subsets[seed][fraction]
+        return self.val_rows
+
+    def finetune_steps_per_epoch(self, subset_rows: int) -> int:
+        """Optimiser steps per fine-tuning epoch under the protocol's budget rule (see FinetuneProtocol)."""
+        options = self.config.protocols.finetune
+        assert options is not None
+        rule = options.steps_per_epoch
+        one_pass = _one_pass_steps(subset_rows, options.batch_size)
+        if rule == "subset":
+            return one_pass
+        if rule == "full":
+            return max(one_pass, _one_pass_steps(len(self.train_rows), options.batch_size))
+        return max(one_pass, int(rule))
 
     def cell_keys(self) -> list[CellKey]:
         """Every cell of the grid, in the order they run."""
@@ -133,6 +158,11 @@ class StudyPlan:
                     for fraction in self.config.label_fractions:
                         keys += [_cell_key(encoder, protocol, fraction, seed, name) for name in self.test_sets]
         return keys
+
+
+def _one_pass_steps(rows: int, batch_size: int) -> int:
+    """Steps of one pass over ``rows`` images, as :func:`radssl.transfer.finetune.finetune` counts them."""
+    return max(1, rows // batch_size + (1 if rows % batch_size >= 2 else 0))
 
 
 def _cell_key(encoder: Encoder, protocol: str, fraction: float, seed: int, test_set: str) -> CellKey:
@@ -321,6 +351,7 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
                                 f"label fraction {fraction:g} keeps {len(rows)} image(s); fine-tuning needs ≥ 2",
                                 "raise the smallest label fraction")
         subsets[seed] = drawn
+    val_subsets = _validation_subsets(config, store, val_rows, train_y)
 
     encoders, jobs = _encoders(config)
     pretrain_configs: dict[PretrainJob, PretrainConfig] = {}
@@ -343,18 +374,55 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
         notes.append(f"pretraining runs {unused} are not used by any initialisation and will not run")
     for note in notes:
         log(f"radssl study: note: {note}")
-    return StudyPlan(config, store, train_rows, val_rows, test_sets, subsets, jobs, encoders, pretrain_configs, notes)
+    return StudyPlan(config, store, train_rows, val_rows, test_sets, subsets, jobs, encoders, pretrain_configs, notes,
+                     val_subsets)
+
+
+def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.ndarray,
+                        train_y: np.ndarray) -> dict[int, dict[float, np.ndarray]]:
+    """Proportional validation: per seed, nested stratified patient-grouped subsets with a per-class floor.
+
+    Drawn with :func:`radssl.data.splits.label_fraction_subsets` like the training subsets, from an independent
+    stream of the same seed (``[seed, 1]``); each is checked to define an AUC before any compute.
+    """
+    from radssl.data.splits import label_fraction_subsets
+    from radssl.transfer.metrics import check_auc_defined
+
+    if config.validation != "proportional":
+        return {}
+    where = _where(store)
+    labels = store.labels.numpy()
+    out: dict[int, dict[float, np.ndarray]] = {}
+    for seed in config.seeds:
+        source = f"{where} [validation: proportional, seed {seed}]"
+        drawn = label_fraction_subsets(labels, val_rows, config.label_fractions, [seed, 1], store.patient_id,
+                                       source=source, min_rows_per_class=config.validation_min_per_class)
+        for fraction, rows in drawn.items():
+            try:
+                check_auc_defined(store.task, labels[rows], source)
+            except DataError as error:
+                raise DataError(source, f"label fraction {fraction:g} keeps {len(rows)} validation images: "
+                                f"{error.problem}",
+                                "raise validation_min_per_class, or set validation: full") from None
+        out[seed] = drawn
+    return out
 
 
 # ------------------------------------------------------------------------------------- study config changes
-_FIXED_FIELDS = ("seed", "data", "model", "bootstrap_samples", "imagenet_weights")
+_FIXED_FIELDS = ("seed", "data", "model", "bootstrap_samples", "imagenet_weights", "validation",
+                 "validation_min_per_class")
 """Fields whose change would make existing cells incomparable with new ones (axes may grow freely)."""
 
-
 def _check_compatible(stored: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
-    """Refuse to resume a study whose result-defining settings changed; growing the grid is fine."""
+    """Refuse to resume a study whose result-defining settings changed; growing the grid is fine.
+
+    A config stored by an older radssl is read with :func:`~radssl.study.config.legacy_study_settings`, so a
+    study whose cells were computed under other fine-tuning or validation rules is refused rather than mixed with
+    new cells.
+    """
     if stored is None:
         return
+    stored = legacy_study_settings(stored)
     changed = [name for name in _FIXED_FIELDS if stored.get(name) != current.get(name)]
     for name in ("protocols",):
         old, new = stored.get(name) or {}, current.get(name) or {}
@@ -509,12 +577,14 @@ class _Outcome:
 
 
 def _run_protocol(plan: StudyPlan, encoder: Encoder, backbone: nn.Module, features: _Features, protocol: str,
-                  rows: np.ndarray, seed: int, test_names: list[str], device: torch.device) -> _Outcome:
+                  rows: np.ndarray, seed: int, test_names: list[str], device: torch.device,
+                  val_rows: np.ndarray | None = None) -> _Outcome:
     from radssl.engine.pretrain import derived_seed
 
     config, store = plan.config, plan.store
     options = config.protocols.enabled()[protocol]
     labels = store.labels
+    val_rows = plan.val_rows if val_rows is None else val_rows
     start = time.perf_counter()
     if protocol in ("linear", "knn"):
         internal = features.of(store)
@@ -524,7 +594,7 @@ def _run_protocol(plan: StudyPlan, encoder: Encoder, backbone: nn.Module, featur
             feats = internal if test_store is store else features.of(test_store)
             index = torch.from_numpy(test_rows)
             tests[name] = (feats[index], test_store.labels[index])
-        train_index, val_index = torch.from_numpy(rows), torch.from_numpy(plan.val_rows)
+        train_index, val_index = torch.from_numpy(rows), torch.from_numpy(val_rows)
         start = time.perf_counter()
         if protocol == "linear":
             from radssl.transfer.linear_probe import linear_probe
@@ -542,17 +612,28 @@ def _run_protocol(plan: StudyPlan, encoder: Encoder, backbone: nn.Module, featur
     else:
         from radssl.transfer.finetune import finetune
 
-        scale = options.random_backbone_lr_scale if encoder.init == "random" else options.backbone_lr_scale
-        result = finetune(
-            backbone, store, rows, plan.val_rows, {n: plan.test_sets[n] for n in test_names}, task=store.task,
-            epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, backbone_lr_scale=scale,
-            weight_decay=options.weight_decay, early_stopping_patience=options.early_stopping_patience,
-            augment=options.augment, hflip=options.hflip, class_balanced=options.class_balanced,
-            seed=derived_seed(config.seed, seed, 31), device=device, precision=options.precision,
-        )
-        scores, metrics = result.scores, result.metrics
-        extra = {"val_auc": result.val_metric, "best_epoch": float(result.best_epoch),
-                 "epochs_run": float(result.epochs_run)}
+        steps_per_epoch = plan.finetune_steps_per_epoch(len(rows))
+        result = None
+        for scale in options.backbone_lr_scale:  # same candidates and rule for every initialisation
+            candidate = finetune(
+                backbone, store, rows, val_rows, {n: plan.test_sets[n] for n in test_names}, task=store.task,
+                epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, backbone_lr_scale=scale,
+                weight_decay=options.weight_decay, early_stopping_patience=options.early_stopping_patience,
+                augment=options.augment, hflip=options.hflip, class_balanced=options.class_balanced,
+                seed=derived_seed(config.seed, seed, 31), device=device, precision=options.precision,
+                min_steps_per_epoch=steps_per_epoch, min_epochs=options.early_stopping_floor,
+            )
+            if result is None or candidate.val_metric > result[1].val_metric:  # ties keep the earlier candidate
+                result = (scale, candidate)
+        assert result is not None
+        scale, chosen = result
+        scores, metrics = chosen.scores, chosen.metrics
+        extra = {"val_auc": chosen.val_metric, "best_epoch": float(chosen.best_epoch),
+                 "epochs_run": float(chosen.epochs_run), "backbone_lr_scale": float(scale),
+                 "steps_per_epoch": float(chosen.steps_per_epoch), "finetune_steps": float(chosen.steps_run),
+                 "finetune_budget_steps": float(options.epochs * chosen.steps_per_epoch)}
+    if protocol != "knn":  # kNN selects nothing on validation
+        extra["val_images"] = float(len(val_rows))
     wall = time.perf_counter() - start + features.take_time()
     balanced = {name: float(metrics[name].get("balanced_accuracy", math.nan)) for name in test_names}
     return _Outcome(scores, extra, balanced, wall)
@@ -594,7 +675,8 @@ def _run_cells(plan: StudyPlan, results: ResultsStore, encoder: Encoder, device:
     device_name = device_description(device)
     for protocol, seed, fraction, missing in work:
         rows = plan.subsets[seed][fraction]
-        outcome = _run_protocol(plan, encoder, backbone, features, protocol, rows, seed, missing, device)
+        outcome = _run_protocol(plan, encoder, backbone, features, protocol, rows, seed, missing, device,
+                                plan.validation_rows(seed, fraction))
         shares = outcome.wall_time_s / len(missing)  # one protocol run scores all its test sets
         summary = []
         for name in missing:
@@ -644,6 +726,11 @@ def _save_subsets(plan: StudyPlan, directory: Path) -> None:
                                 f"{fingerprint[:12]}…)", "the study data changed: use a new output_dir")
         save_subsets(path, subsets, {"seed": seed, "data": plan.store.name, "data_fingerprint": fingerprint,
                                      "train_images": int(len(plan.train_rows))})
+        if seed in plan.val_subsets:  # proportional validation rows of each label fraction
+            save_subsets(directory / f"val_seed{seed}.json", plan.val_subsets[seed],
+                         {"seed": seed, "data": plan.store.name, "data_fingerprint": fingerprint,
+                          "val_images": int(len(plan.val_rows)), "validation": plan.config.validation,
+                          "validation_min_per_class": plan.config.validation_min_per_class})
 
 
 def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = None, log: Log = _print) -> Path:

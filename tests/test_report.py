@@ -21,7 +21,15 @@ from sklearn.metrics import roc_auc_score
 
 from radssl.study.report import render_report
 from radssl.study.results_store import CellKey, ResultsStore
-from radssl.study.statistics import accuracy, binary_auc, bootstrap_ci
+from radssl.study.statistics import (
+    accuracy,
+    binary_auc,
+    bootstrap_ci,
+    delong_seed_averaged,
+    seed_t_interval,
+    seeds_and_cases_interval,
+    seeds_and_cases_paired_test,
+)
 
 STUDY = "synthetic"
 INITS = {"random": ("none", 0.2), "ssl": ("simclr", 0.9)}  # init -> (pretraining run, skill)
@@ -124,11 +132,61 @@ def test_headline_numbers_come_from_the_data(report: tuple[Path, ResultsStore]) 
     gain = _mean_auc("ssl", 0.05, "test") - _mean_auc("random", 0.05, "test")
     assert gain > 0.05
     assert f"+{gain:.3f} AUC" in headline
-    assert "SSL</strong> beats Random" in headline and "DeLong" in headline
+    # The gain's CI and p cover seeds and test cases; DeLong (test cases only) is shown, labelled as such.
+    y = _labels("test")
+    both = seeds_and_cases_paired_test(y, [_scores("ssl", 0.05, s, "test") for s in SEEDS],
+                                       [_scores("random", 0.05, s, "test") for s in SEEDS], binary_auc)
+    delong = delong_seed_averaged(y, [_scores("ssl", 0.05, s, "test") for s in SEEDS],
+                                  [_scores("random", 0.05, s, "test") for s in SEEDS])
+    assert f"95% CI {both.low:+.3f} to {both.high:+.3f} over seeds + test cases".replace("-", "−") in headline
+    verb = "beats" if both.low > 0 else "is not distinguishable from"
+    assert f"SSL</strong> {verb} Random" in headline
+    assert delong.p_value < 0.001 and "DeLong on the test cases alone p&lt;0.001" in headline
+    assert f"{len(SEEDS)} paired seeds" in headline
     # Internal -> external change of each init at 5% labels.
     for init, name in (("random", "Random"), ("ssl", "SSL")):
         change = _mean_auc(init, 0.05, "site_b") - _mean_auc(init, 0.05, "test")
         assert f"{name} {change:+.3f}".replace("-", "−") in headline
+
+
+def test_curve_points_show_every_interval_with_what_it_covers(report: tuple[Path, ResultsStore]) -> None:
+    page = report[0].read_text()
+    curves = page[page.index('id="curves"'):page.index('id="gain-random"')]
+    y = _labels("test")
+    scores = [_scores("ssl", 0.05, s, "test") for s in SEEDS]
+    both = seeds_and_cases_interval(y, scores, binary_auc)
+    _, seed_low, seed_high, _, _ = seed_t_interval([binary_auc(y, s) for s in scores])
+    per_seed = [bootstrap_ci(y, s, binary_auc, n_boot=100, seed=seed) for seed, s in zip(SEEDS, scores, strict=True)]
+    row = curves[curves.index("<td>test</td><td>SSL</td><td>fine-tune</td><td>5%</td>"):]
+    row = row[:row.index("</tr>")]
+    assert f"{both.low:.3f} – {both.high:.3f}<br><small>seeds + test cases</small>" in row
+    assert f"{seed_low:.3f} – {seed_high:.3f}" in row
+    low, high = np.mean([c[1] for c in per_seed]), np.mean([c[2] for c in per_seed])
+    assert f"{low:.3f} – {high:.3f}" in row
+    assert "bands: 95% interval over seeds and test cases" in curves
+    methods = page[page.index('id="methods"'):page.index('id="curves"')]
+    for covers in ("holds the test set fixed", "holds each trained model fixed", "conditions on the trained models",
+                   "conditions on the test set"):
+        assert covers in methods
+
+
+def test_old_results_state_the_rules_they_were_computed_with(tmp_path: Path) -> None:
+    """A store written before the budget/validation/LR rules existed opens and says what those cells did."""
+    with ResultsStore(tmp_path / "old.sqlite") as store:
+        store.save_study_config("old", {"seeds": [0, 1], "protocols": {"finetune": {
+            "epochs": 8, "batch_size": 128, "lr": 0.001, "backbone_lr_scale": 0.1, "random_backbone_lr_scale": 1.0,
+            "early_stopping_patience": 10}}})
+        for init in INITS:
+            for seed in SEEDS:
+                y, s = _labels("test"), _scores(init, 0.05, seed, "test")
+                store.record_cell("old", CellKey(INITS[init][0], init, "finetune", 0.05, 1.0, seed, "test"),
+                                  {"auc": bootstrap_ci(y, s, binary_auc, n_boot=100)}, wall_time_s=1.0,
+                                  device="cpu", versions={}, y_true=y, y_score=s)
+        page = render_report(store, "old", tmp_path / "out").read_text()
+    methods = page[page.index('id="methods"'):page.index('id="curves"')]
+    assert "grows with the label fraction" in methods and "rule not recorded" in methods
+    assert "different per initialisation" in methods and "random init used 1.0×" in methods
+    assert "<strong>full</strong>" in methods and "always used the full split" in methods
 
 
 def test_label_fraction_matching_the_supervised_baseline(report: tuple[Path, ResultsStore]) -> None:

@@ -4,17 +4,22 @@ Why one file: a study report gets mailed, attached to tickets and opened years l
 no internet; so figures are embedded as base64 PNG, the CSS is inline and nothing points outside the
 page. ``results.csv`` (the long-format rows) is written beside it for anyone who wants their own plots.
 
-Statistical choices (also stated in the page):
-- A curve point is the mean over seeds. Its band is the mean of the seeds' bootstrap 95% CIs over test
-  cases when the store has them (test-set sampling uncertainty), else a t-interval over seeds.
-- Gains (A - B) compare seed-averaged metrics on the *same* test cases. For binary AUC with stored
-  predictions the test is DeLong on the contrast mean_s AUC_A,s - mean_s AUC_B,s with the joint DeLong
-  covariance of all seeds' AUCs (:func:`radssl.study.statistics.delong_seed_averaged`): pooling seeds'
-  predictions would count each test case several times and understate the variance. Other metrics use
-  a paired bootstrap of the same contrast; without predictions, a t-test over per-seed differences.
+Statistical choices (also stated in the page, section "How the numbers were made"):
+- A curve point is the mean over seeds (each seed: another label subset and another read-out training run, all
+  scored on the same test cases). Its band covers *both* sources of variation: the spread over seeds and the
+  test-case variance the seeds share (:func:`radssl.study.statistics.seeds_and_cases_interval`). Beside it the
+  table lists the t-interval over seeds (given this test set) and the mean of the seeds' bootstrap CIs over test
+  cases (given each trained model).
+- Gains (A − B) pair the arms by seed (same label subset) and are tested over seeds and test cases
+  (:func:`radssl.study.statistics.seeds_and_cases_paired_test`). Shown with it, labelled as such: DeLong on
+  the seed-averaged contrast (binary AUC; a paired case bootstrap for other metrics), which treats the trained
+  models as fixed, and the paired t-test over seeds, which treats the test set as fixed. Without stored
+  predictions only the seed t-test is possible.
 - "Matches the supervised baseline": the smallest label fraction at which a curve reaches the mean
   metric of random-init fine-tuning with 100% labels (log-fraction interpolation,
   :func:`radssl.study.statistics.fraction_matching_baseline`).
+- The page states the fine-tuning budget rule, the validation rule and the backbone-LR rule the cells were
+  computed with (from the stored study configuration and the per-cell records).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from radssl.atomic import write_text_atomic
 from radssl.study.results_store import CellKey, ResultsStore
 from radssl.study.statistics import (
+    SeedsAndCases,
     accuracy,
     binary_auc,
     delong_seed_averaged,
@@ -44,6 +49,9 @@ from radssl.study.statistics import (
     macro_auc,
     mean_std_over_seeds,
     paired_bootstrap_seed_averaged,
+    seed_t_interval,
+    seeds_and_cases_interval,
+    seeds_and_cases_paired_test,
 )
 
 __all__ = ["render_report"]
@@ -105,6 +113,28 @@ class _Gain:
     n_a: int
     n_b: int
     seed_sd: float
+    n_paired: int = 0
+    seed_p: float | None = None
+    """Paired t-test over seeds alone (conditions on the test set)."""
+    case_p: float | None = None
+    """DeLong / paired case bootstrap of the seed-averaged contrast alone (conditions on the trained models)."""
+    case_method: str = ""
+
+
+@dataclass
+class _Band:
+    """A curve point: mean over seeds and its intervals (see the module doc for what each one covers)."""
+
+    mean: float
+    n: int
+    low: float
+    high: float
+    method: str
+    seed_low: float = math.nan
+    seed_high: float = math.nan
+    case_low: float = math.nan
+    case_high: float = math.nan
+    seed_sd: float = math.nan
 
 
 @dataclass
@@ -120,6 +150,7 @@ class _Analysis:
     fractions: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    bands: dict[tuple[Line, str, float], _Band] = field(default_factory=dict)
 
 
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -263,16 +294,82 @@ def _note(text: str) -> str:
 
 
 def _point(cells: Sequence[_Cell]) -> tuple[float, float, float, int]:
-    """Mean over seeds and its band (mean of the seeds' CIs, else a t-interval over seeds)."""
-    mean, std, n = mean_std_over_seeds([c.value for c in cells])
+    """Mean over seeds with a fallback band (t-interval over seeds, else the mean of the seeds' case CIs).
+
+    The report's bands come from :func:`_bands` (seeds and test cases); this fallback serves the
+    pretraining-size figure and callers without predictions.
+    """
+    mean, _, n = mean_std_over_seeds([c.value for c in cells])
+    if n >= 2:
+        _, low, high, _, _ = seed_t_interval([c.value for c in cells])
+        return mean, low, high, n
     lows = [c.ci_low for c in cells if c.ci_low is not None]
     highs = [c.ci_high for c in cells if c.ci_high is not None]
     if lows and len(lows) == len(highs) == len(cells):
         return mean, float(np.mean(lows)), float(np.mean(highs)), n
-    if n >= 2:
-        half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-        return mean, mean - half, mean + half, n
     return mean, math.nan, math.nan, n
+
+
+SEEDS_AND_CASES = "seeds + test cases"
+CASES_ONLY = "test cases only (1 seed)"
+SEEDS_ONLY = "seeds only (no predictions stored)"
+
+
+def _metric_function(metric: str, y_true: np.ndarray, y_score: np.ndarray) -> Any:
+    """The statistics function of a stored metric for these predictions, or None (no case-level method)."""
+    if metric in _AUC_METRICS:
+        return macro_auc if y_true.ndim == 2 or y_score.ndim == 2 else binary_auc
+    if metric == "accuracy":
+        return accuracy
+    return None
+
+
+def _aligned_predictions(predictions: "_Predictions", cells: Sequence[_Cell]
+                         ) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """(y_true, one score array per cell) when every cell stored predictions of the same cases, else None."""
+    loaded = [predictions.get(c) for c in cells]
+    if not loaded or any(p is None for p in loaded):
+        return None
+    y_true = loaded[0][0]
+    if not all(p[0].shape == y_true.shape and np.array_equal(p[0], y_true) for p in loaded):
+        return None
+    binary = [_binary_scores(y_true, p[1]) for p in loaded]
+    if all(b is not None for b in binary):
+        return y_true, [np.asarray(b) for b in binary]
+    return y_true, [p[1] for p in loaded]
+
+
+def _band(analysis: _Analysis, predictions: "_Predictions", cells: Sequence[_Cell]) -> _Band:
+    values = [c.value for c in cells]
+    mean, sd, n = mean_std_over_seeds(values)
+    band = _Band(mean, n, math.nan, math.nan, "–", seed_sd=sd)
+    if n >= 2:
+        _, band.seed_low, band.seed_high, _, _ = seed_t_interval(values)
+    lows = [c.ci_low for c in cells if c.ci_low is not None]
+    highs = [c.ci_high for c in cells if c.ci_high is not None]
+    if lows and len(lows) == len(highs) == len(cells):
+        band.case_low, band.case_high = float(np.mean(lows)), float(np.mean(highs))
+    aligned = _aligned_predictions(predictions, cells)
+    function = None if aligned is None else _metric_function(analysis.metric, aligned[0], aligned[1][0])
+    if aligned is not None and function is not None:
+        try:
+            result = seeds_and_cases_interval(aligned[0], aligned[1], function, n_boot=_N_BOOT, seed=0)
+        except Exception as error:  # a metric undefined on this test set: fall back below
+            analysis.notes.append(f"Seeds + test cases interval skipped for one curve point: {error}")
+        else:
+            band.mean, band.low, band.high = result.estimate, result.low, result.high
+            band.method = SEEDS_AND_CASES if result.seeds_included else CASES_ONLY
+            return band
+    if n >= 2:
+        band.low, band.high, band.method = band.seed_low, band.seed_high, SEEDS_ONLY
+    return band
+
+
+def _bands(analysis: _Analysis, predictions: "_Predictions") -> None:
+    """Every curve point's mean and intervals, computed once (figures and tables read ``analysis.bands``)."""
+    for line, points in analysis.cells.items():
+        for (test_set, fraction), cells in points.items():
+            analysis.bands[(line, test_set, fraction)] = _band(analysis, predictions, cells)
 
 
 def _curve(analysis: _Analysis, line: Line, test_set: str) -> dict[float, float]:
@@ -317,49 +414,49 @@ def _binary_scores(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray | None
 
 def _compare(analysis: _Analysis, predictions: _Predictions, a: Line, b: Line, test_set: str,
              fraction: float) -> _Gain | None:
-    """Seed-averaged difference A - B with a paired test on the shared test cases (see module doc)."""
+    """Seed-averaged difference A − B, paired by seed, tested over seeds and test cases (see module doc)."""
     cells_a = analysis.cells.get(a, {}).get((test_set, fraction), [])
     cells_b = analysis.cells.get(b, {}).get((test_set, fraction), [])
     if not cells_a or not cells_b:
         return None
-    by_seed_b = {c.key.seed: c.value for c in cells_b}
-    paired = [c.value - by_seed_b[c.key.seed] for c in cells_a if c.key.seed in by_seed_b]
+    by_seed_b = {c.key.seed: c for c in cells_b}
+    pairs = [(c, by_seed_b[c.key.seed]) for c in sorted(cells_a, key=lambda c: c.key.seed) if c.key.seed in by_seed_b]
+    paired = [ca.value - cb.value for ca, cb in pairs]
     seed_sd = mean_std_over_seeds(paired)[1]
     difference = float(np.mean([c.value for c in cells_a]) - np.mean([c.value for c in cells_b]))
-    gain = _Gain(a, b, test_set, fraction, difference, None, None, None, "–", len(cells_a), len(cells_b), seed_sd)
+    gain = _Gain(a, b, test_set, fraction, difference, None, None, None, "–", len(cells_a), len(cells_b), seed_sd,
+                 n_paired=len(pairs))
+    seed_interval = seed_t_interval(paired) if len(paired) >= 2 else None
+    if seed_interval is not None:
+        gain.seed_p = seed_interval[3]
+    if not pairs:
+        return gain
+    gain.difference = float(np.mean(paired))
 
-    loaded_a = [predictions.get(c) for c in cells_a]
-    loaded_b = [predictions.get(c) for c in cells_b]
-    metric = analysis.metric
-    if all(p is not None for p in loaded_a + loaded_b) and metric in (_AUC_METRICS | {"accuracy"}):
-        y_true = loaded_a[0][0]
-        aligned = all(p[0].shape == y_true.shape and np.array_equal(p[0], y_true) for p in loaded_a + loaded_b)
-        if aligned:
-            binary = [_binary_scores(y_true, p[1]) for p in loaded_a + loaded_b]
-            if metric in _AUC_METRICS and all(s is not None for s in binary):
-                r = delong_seed_averaged(y_true, binary[:len(loaded_a)], binary[len(loaded_a):])
-                gain.difference, gain.ci_low, gain.ci_high, gain.p_value = r.difference, r.ci_low, r.ci_high, r.p_value
-                gain.method = "DeLong"
-                return gain
-            if metric in _AUC_METRICS:
-                fn = macro_auc if y_true.ndim == 2 or loaded_a[0][1].ndim == 2 else binary_auc
+    aligned = _aligned_predictions(predictions, [ca for ca, _ in pairs] + [cb for _, cb in pairs])
+    function = None if aligned is None else _metric_function(analysis.metric, aligned[0], aligned[1][0])
+    if aligned is not None and function is not None:
+        y_true, scores = aligned
+        side_a, side_b = scores[:len(pairs)], scores[len(pairs):]
+        try:
+            if function is binary_auc:
+                r = delong_seed_averaged(y_true, side_a, side_b)
+                gain.case_p, gain.case_method = r.p_value, "DeLong"
             else:
-                fn = accuracy
-            try:
-                r = paired_bootstrap_seed_averaged(y_true, [p[1] for p in loaded_a], [p[1] for p in loaded_b], fn,
-                                                   n_boot=_N_BOOT, seed=0)
-            except Exception as error:  # a metric undefined on this test set: report without a test
-                analysis.notes.append(f"Paired bootstrap skipped for {test_set} at {_pct(fraction)}: {error}")
-            else:
-                gain.difference, gain.ci_low, gain.ci_high, gain.p_value = r.difference, r.low, r.high, r.p_value
-                gain.method = "paired bootstrap"
-                return gain
-    if len(paired) >= 2:  # no usable predictions: the seeds are the only replicates
-        mean, std, n = mean_std_over_seeds(paired)
-        half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-        gain.ci_low, gain.ci_high = mean - half, mean + half
-        gain.p_value = float(stats.ttest_1samp(paired, 0.0).pvalue) if std > 0 else (1.0 if mean == 0 else 0.0)
-        gain.method = "seed t-test"
+                rb = paired_bootstrap_seed_averaged(y_true, side_a, side_b, function, n_boot=_N_BOOT, seed=0)
+                gain.case_p, gain.case_method = rb.p_value, "paired case bootstrap"
+            both: SeedsAndCases = seeds_and_cases_paired_test(y_true, side_a, side_b, function, n_boot=_N_BOOT,
+                                                              seed=0)
+        except Exception as error:  # a metric undefined on this test set: report without a case-level test
+            analysis.notes.append(f"Case-level test skipped for {test_set} at {_pct(fraction)}: {error}")
+        else:
+            gain.difference, gain.ci_low, gain.ci_high, gain.p_value = both.estimate, both.low, both.high, \
+                both.p_value
+            gain.method = SEEDS_AND_CASES if both.seeds_included else CASES_ONLY
+            return gain
+    if seed_interval is not None:  # no usable predictions: the seeds are the only replicates
+        _, gain.ci_low, gain.ci_high, gain.p_value, _ = seed_interval
+        gain.method = SEEDS_ONLY
     return gain
 
 
@@ -430,6 +527,10 @@ def _panel_grid(analysis: _Analysis, height: float) -> tuple[Any, Any]:
     return fig, axes
 
 
+def _band_tuple(band: _Band) -> tuple[float, float, float]:
+    return band.mean, band.low, band.high
+
+
 def _curves_figure(analysis: _Analysis, names: _Names) -> str:
     import matplotlib
 
@@ -440,8 +541,8 @@ def _curves_figure(analysis: _Analysis, names: _Names) -> str:
             for c, test_set in enumerate(analysis.test_sets):
                 ax = axes[r][c]
                 for line in (ln for ln in analysis.lines if ln.protocol == protocol):
-                    points = sorted((lf, _point(cells), cells) for (ts, lf), cells in analysis.cells[line].items()
-                                    if ts == test_set)
+                    points = sorted((lf, _band_tuple(analysis.bands[(line, ts, lf)]), cells)
+                                    for (ts, lf), cells in analysis.cells[line].items() if ts == test_set)
                     if not points:
                         continue
                     x = np.array([p[0] for p in points])
@@ -462,8 +563,9 @@ def _curves_figure(analysis: _Analysis, names: _Names) -> str:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 6))
         return _figure_html(fig, f"{_metric_name(analysis.metric)} versus label fraction",
                             f"{_metric_name(analysis.metric)} versus the fraction of labelled training data. Lines: "
-                            "mean over seeds; dots: single seeds; bands: mean of the seeds’ bootstrap 95% CIs over "
-                            "test cases (a t-interval over seeds where no CI was stored).")
+                            "mean over seeds; dots: single seeds; bands: 95% interval over seeds and test cases "
+                            "(label subsets, training runs and test-case sampling; test cases only with one seed, "
+                            "seeds only where no predictions were stored).")
 
 
 def _gains_figure(analysis: _Analysis, gains: Sequence[_Gain], names: _Names, title: str) -> str:
@@ -500,8 +602,8 @@ def _gains_figure(analysis: _Analysis, gains: Sequence[_Gain], names: _Names, ti
                 if r == len(analysis.protocols) - 1:
                     ax.set_xlabel("labelled training data (log scale)")
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 4))
-        return _figure_html(fig, title, f"{_esc(title)}: seed-averaged difference with its 95% CI (method per row in "
-                                        "the table).")
+        return _figure_html(fig, title, f"{_esc(title)}: difference of the seed means (paired by seed) with its 95% "
+                                        "CI over seeds and test cases (method per row in the table).")
 
 
 def _size_figure(analysis: _Analysis, names: _Names) -> str:
@@ -545,15 +647,17 @@ def _verb(g: _Gain) -> str:
         return "beats"
     if g.ci_high is not None and g.ci_high < 0:
         return "trails"
-    return "is on par with"
+    return "is not distinguishable from"
 
 
 def _gain_phrase(g: _Gain, names: _Names, metric: str) -> str:
-    ci = (f"95% CI {_signed(g.ci_low)} to {_signed(g.ci_high)}, {g.method} {_p(g.p_value)}; "
+    ci = (f"95% CI {_signed(g.ci_low)} to {_signed(g.ci_high)} over {_esc(g.method)}, {_p(g.p_value)}; "
           if g.ci_low is not None else "")
-    return (f"<strong>{_esc(names.encoder(g.treatment))}</strong> {_verb(g)} {_esc(names.encoder(g.baseline))} "
-            f"by <strong>{_signed(g.difference)} {_esc(_metric_name(metric))}</strong> "
-            f"({ci}{g.n_a} vs {g.n_b} seeds)")
+    cases = (f"{_esc(g.case_method)} on the test cases alone {_p(g.case_p)}; " if g.case_p is not None else "")
+    seeds = f"{g.n_paired} paired seeds" if g.n_paired else f"{g.n_a} vs {g.n_b} seeds, none paired"
+    return (f"<strong>{_esc(names.encoder(g.treatment))}</strong> {_verb(g)} {_esc(names.encoder(g.baseline))}: "
+            f"<strong>{_signed(g.difference)} {_esc(_metric_name(metric))}</strong> "
+            f"({ci}{cases}{seeds})")
 
 
 def _headline(analysis: _Analysis, names: _Names, gains_random: Sequence[_Gain], gains_imagenet: Sequence[_Gain],
@@ -620,7 +724,7 @@ def _gains_section(analysis: _Analysis, names: _Names, gains: Sequence[_Gain], b
                                                                        analysis.lines.index(k[2]))):
         cells = grouped[(test_set, protocol, a, b)]
         methods = sorted({g.method for g in cells.values()})
-        seeds = sorted({f"{g.n_a}/{g.n_b}" for g in cells.values()})
+        seeds = sorted({str(g.n_paired) if g.n_paired else f"{g.n_a}/{g.n_b} (unpaired)" for g in cells.values()})
         row = [_esc(test_set), _esc(_protocol_name(protocol)),
                f"<strong>{_esc(names.encoder(a))}</strong> − {_esc(names.encoder(b))}"]
         for lf in analysis.fractions:
@@ -632,18 +736,26 @@ def _gains_section(analysis: _Analysis, names: _Names, gains: Sequence[_Gain], b
                 "neg" if (g.ci_high is not None and g.ci_high < 0) else ""
             ci = (f"<small>{_signed(g.ci_low, 2)} … {_signed(g.ci_high, 2)}<br>{_p(g.p_value)}</small>"
                   if g.ci_low is not None else "<small>no test</small>")
-            tooltip = f"seed SD of the difference: {_num(g.seed_sd)}"
+            if g.case_p is not None or g.seed_p is not None:
+                ci += (f'<br><small class="muted">cases only {_p(g.case_p)} · seeds only {_p(g.seed_p)}'
+                       "</small>")
+            tooltip = _esc(f"seed SD of the paired difference: {_num(g.seed_sd)}; "
+                           f"{g.case_method or 'case-level test'} on the test cases alone (models fixed): "
+                           f"{html.unescape(_p(g.case_p))}; paired t over seeds alone (test set fixed): "
+                           f"{html.unescape(_p(g.seed_p))}")
             tint = f" {cls}-bg" if cls else ""
             row.append(f'<div class="cell{tint}" title="{tooltip}"><span class="{cls}">{_signed(g.difference)}</span>'
                        f"<br>{ci}</div>")
         row += [_esc(", ".join(methods)), _esc(", ".join(seeds))]
         rows.append(row)
     headers = ["Test set", "Protocol", "Comparison"] + [f"{_pct(f)} labels" for f in analysis.fractions] + [
-        "Test", "Seeds"]
+        "CI and p over", "Paired seeds"]
     table = _table(headers, rows, numeric=tuple(range(3, 3 + len(analysis.fractions))))
-    legend = (f'<p class="muted">Each cell: Δ {_esc(_metric_name(analysis.metric))} (A − B, seed-averaged), '
-              "its 95% CI and p. Green / red: the CI excludes zero. Hover a cell for the seed SD of the "
-              "difference.</p>")
+    legend = (f'<p class="muted">Each cell: Δ {_esc(_metric_name(analysis.metric))} (A − B, mean of the per-seed '
+              "differences), its 95% CI and p over seeds and test cases; below, for reference, the p-value of the "
+              "test on the test cases alone (DeLong: the trained models held fixed) and of the paired t-test over "
+              "seeds alone (the test set held fixed). Green / red: the CI over seeds and test cases excludes zero. "
+              "Hover a cell for the seed SD of the difference.</p>")
     return _gains_figure(analysis, gains, names, title) + legend + table
 
 
@@ -715,6 +827,188 @@ def _matching_section(analysis: _Analysis, names: _Names,
             f"supervised baseline trained on 100% of the labels ({described}). Crossings are interpolated "
             "linearly on the log-fraction axis; a curve that starts above the baseline reports its smallest "
             "measured fraction.</p>" + _table(headers, rows, numeric=tuple(range(2, len(headers)))))
+
+
+def _per_cell(analysis: _Analysis, name: str) -> dict[tuple[str, str, str, float], list[float]]:
+    """A per-cell record (e.g. ``val_images``) by (init, pretrain, protocol, label fraction), one value per seed.
+
+    Test sets of one protocol run share these records, so each (…, pretraining fraction, seed) counts once.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    out: dict[tuple[str, str, str, float], list[float]] = defaultdict(list)
+    for r in analysis.rows:
+        if r["metric"] != name or r["value"] is None:
+            continue
+        key = (r["init"], r["pretrain"], r["protocol"], float(r["label_fraction"]), r["pretrain_fraction"], r["seed"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out[key[:4]].append(float(r["value"]))
+    return dict(out)
+
+
+def _range(values: Sequence[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:,.0f}" if low == high else f"{low:,.0f}–{high:,.0f}"
+
+
+def _by_fraction(records: dict[tuple[str, str, str, float], list[float]], protocols: Sequence[str]) -> str:
+    """'1%: 296, 10%: 296, 100%: 296' over every cell of the given protocols."""
+    merged: dict[float, list[float]] = defaultdict(list)
+    for (_, _, protocol, fraction), values in records.items():
+        if protocol in protocols:
+            merged[fraction] += values
+    return ", ".join(f"{_pct(f)}: {_range(v)}" for f, v in sorted(merged.items()))
+
+
+def _finetune_rules(analysis: _Analysis, names: _Names, stored: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    finetune = (stored.get("protocols") or {}).get("finetune")
+    if not finetune:
+        return ["<strong>Fine-tuning</strong>: not part of this study."]
+    recorded = set(raw)
+    items = []
+    rule = finetune.get("steps_per_epoch")
+    budget = _per_cell(analysis, "finetune_budget_steps")
+    steps = _by_fraction(budget, ("finetune",))
+    old = "" if "steps_per_epoch" in recorded else " (rule not recorded: the study predates it; radssl then ran one " \
+                                                   "pass over the subset per epoch)"
+    if rule == "full":
+        text = (f"every label fraction gets the <strong>same number of optimiser steps</strong>: {finetune['epochs']} "
+                "epochs of as many steps as one pass over the full training split (batch "
+                f"{finetune['batch_size']}; small subsets are cycled with fresh augmentations)")
+    elif rule == "subset":
+        text = (f"{finetune['epochs']} epochs of one pass over the label-fraction subset each, so the budget "
+                "<strong>grows with the label fraction</strong> and a curve mixes more labels with more training"
+                f"{old}")
+    else:
+        text = (f"{finetune['epochs']} epochs of at least {rule} optimiser steps each (one pass over the subset when "
+                "that is longer)")
+    if steps:
+        text += f"; planned steps per cell: {steps}"
+    patience = finetune.get("early_stopping_patience")
+    if patience:
+        text += (f". Validation after every epoch; early stopping after {patience} epochs without a better "
+                 f"validation AUC, never before epoch {finetune.get('min_epochs', 1)}")
+    else:
+        text += ". No early stopping; the epoch with the best validation AUC is kept"
+    run = _by_fraction(_per_cell(analysis, "finetune_steps"), ("finetune",))
+    if run:
+        text += f"; steps actually run: {run}"
+    items.append(f"<strong>Fine-tuning budget</strong>: {text}.")
+
+    scales = finetune.get("backbone_lr_scale")
+    random_scale = finetune.get("random_backbone_lr_scale")
+    if random_scale is not None:
+        items.append(f'<span class="neg">Backbone learning rate: different per initialisation</span> — random '
+                     f"init used {random_scale}× the head LR, pretrained encoders {scales}× (the study predates the "
+                     "one-rule setting): fine-tuning gains mix initialisation with hyper-parameters.")
+    elif isinstance(scales, list) and len(scales) > 1:
+        chosen = _per_cell(analysis, "backbone_lr_scale")
+        counts: dict[str, dict[float, int]] = defaultdict(lambda: defaultdict(int))
+        for (init, pretrain, protocol, _), values in chosen.items():
+            if protocol == "finetune":
+                for v in values:
+                    counts[names.encoder(Line(init, pretrain, protocol))][v] += 1
+        picked = "; ".join(f"{_esc(enc)}: " + ", ".join(f"{v:g}× in {n}" for v, n in sorted(c.items()))
+                           for enc, c in counts.items())
+        items.append("<strong>Backbone learning rate</strong>: the same rule for every initialisation — each cell "
+                     f"fine-tunes once per candidate scale {', '.join(f'{v:g}' for v in scales)} (× the head LR "
+                     f"{finetune.get('lr')}) and keeps the one with the best validation AUC"
+                     + (f". Chosen: {picked}." if picked else "."))
+    else:
+        value = scales[0] if isinstance(scales, list) else scales
+        items.append(f"<strong>Backbone learning rate</strong>: {value}× the head LR {finetune.get('lr')} for every "
+                     "initialisation.")
+    return items
+
+
+def _validation_rule(analysis: _Analysis, stored: dict[str, Any], raw: dict[str, Any]) -> str:
+    rule = stored.get("validation", "full")
+    images = _by_fraction(_per_cell(analysis, "val_images"), ("linear", "finetune"))
+    if rule == "proportional":
+        text = ("<strong>proportional</strong>: each cell selects its model (probe C; fine-tuning epoch and "
+                "backbone LR) on the same fraction of the validation split as of the training labels — drawn per "
+                "seed, stratified, nested and patient-grouped like the training subsets — with at least "
+                f"{stored.get('validation_min_per_class')} images per class")
+    else:
+        text = ("<strong>full</strong>: every cell selects its model on the whole validation split, whatever its "
+                "label fraction (an optimistic setting at small fractions: a team with 1% of the labels rarely "
+                "has the full validation set)")
+        if "validation" not in raw:
+            text += " — rule not recorded: the study predates it and radssl then always used the full split"
+    if images:
+        text += f"; validation images per cell: {images}"
+    return f"<strong>Validation (model selection)</strong>: {text}."
+
+
+def _methods_section(analysis: _Analysis, names: _Names, config: dict[str, Any] | None) -> str:
+    """The rules the cells were computed with, and what every interval and p-value covers."""
+    from radssl.study.config import legacy_study_settings
+
+    items = []
+    if config is None:
+        items.append("No configuration was saved with these results: the fine-tuning budget, validation and "
+                     "learning-rate rules cannot be stated.")
+    else:
+        stored = legacy_study_settings(config)
+        raw_finetune = (config.get("protocols") or {}).get("finetune") or {}
+        items += _finetune_rules(analysis, names, stored, raw_finetune)
+        items.append(_validation_rule(analysis, stored, config))
+    seeds = len(analysis.seeds)
+    items.append(
+        "<strong>Seeds</strong>: each seed draws another label subset (and validation subset) and trains the read-out "
+        "again; every encoder is the same across seeds (pretraining ran once), so the spread over seeds is label "
+        f"sampling plus read-out training noise. This study has {seeds} seed{'s' if seeds != 1 else ''}"
+        + ("; with so few, any interval that includes seed variation is wide by necessity." if 1 < seeds < 5 else
+           "; seed-to-seed variation cannot be estimated, so every interval covers test cases only." if seeds == 1
+           else "."))
+    intervals = [
+        f"<strong>95% CI over {SEEDS_AND_CASES}</strong> (curve bands, gains, the headline): the uncertainty of a "
+        "seed-averaged number as an estimate of what this initialisation and protocol achieve at this label "
+        "budget on data like the test set. It adds the spread over seeds (t with S−1 degrees of freedom) and the "
+        "test-case variance the seeds share (DeLong for AUC, a case bootstrap otherwise), half-widths combined "
+        "root-sum-square. Its p-value tests “no difference” with both sources included.",
+        "<strong>t-interval over seeds</strong>: holds the test set fixed — other label subsets and training runs, "
+        "these test cases.",
+        "<strong>Per-seed test-case CI</strong> (percentile bootstrap over test cases, stratified by class): holds "
+        "each trained model fixed — this model, other test cases. The table shows the mean of the seeds’ bounds.",
+        "<strong>“cases only” p</strong> (DeLong on the seed-averaged AUC contrast with the joint covariance of "
+        "every seed’s AUC; a paired case bootstrap for other metrics): conditions on the trained models. It "
+        "answers “are these particular models different on this population of cases?”, not “does the "
+        "initialisation help?” — it ignores label-subset and training variation and can be tiny while seeds "
+        "disagree.",
+        "<strong>“seeds only” p</strong> (paired t-test over seeds of the per-seed differences): conditions on the "
+        "test set.",
+    ]
+    return ('<ul class="headline">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+            + "<h3>What each interval and p-value covers</h3><ul>" + "".join(f"<li>{i}</li>" for i in intervals)
+            + "</ul>")
+
+
+def _numbers_table(analysis: _Analysis, names: _Names) -> str:
+    """The curve points with every interval side by side (inside a collapsible block)."""
+    rows = []
+    for test_set in analysis.test_sets:
+        for line in analysis.lines:
+            for fraction in analysis.fractions:
+                band = analysis.bands.get((line, test_set, fraction))
+                if band is None:
+                    continue
+                rows.append([
+                    _esc(test_set), _esc(names.encoder(line)), _esc(_protocol_name(line.protocol)), _pct(fraction),
+                    f"{_num(band.mean)} <small>({band.n})</small>",
+                    f"{_num(band.low)} – {_num(band.high)}<br><small>{_esc(band.method)}</small>",
+                    f"{_num(band.seed_low)} – {_num(band.seed_high)}",
+                    f"{_num(band.case_low)} – {_num(band.case_high)}",
+                    _num(band.seed_sd)])
+    if not rows:
+        return ""
+    metric = _esc(_metric_name(analysis.metric))
+    table = _table(["Test set", "Initialisation", "Protocol", "Labels", f"Mean {metric} (seeds)",
+                    "95% CI over seeds + test cases", "95% t over seeds (test set fixed)",
+                    "Per-seed 95% CI over test cases (mean of bounds)", "Seed SD"], rows,
+                   numeric=(4, 5, 6, 7, 8))
+    return f"<details><summary>Numbers behind the curves, with every interval</summary>{table}</details>"
 
 
 def _cost_section(analysis: _Analysis, names: _Names, pretrain_runs: list[dict[str, Any]]) -> str:
@@ -845,6 +1139,7 @@ def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric
     pretrain_runs = store.pretrain_runs(study)
     config = store.study_config(study)
 
+    _bands(analysis, predictions)
     vs_random = _gains(analysis, predictions, "random", [ln for ln in analysis.lines if ln.init != "random"])
     vs_imagenet = _gains(analysis, predictions, "imagenet",
                          [ln for ln in analysis.lines if ln.init not in ("random", "imagenet")])
@@ -858,7 +1153,9 @@ def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric
     sections.append(("summary", "Headline", _headline(analysis, names, vs_random, vs_imagenet, matches,
                                                       (cell_hours, pretrain_hours, len(pretrain_runs)))))
     if analysis.lines:
-        sections.append(("curves", "Label efficiency", _curves_figure(analysis, names)))
+        sections.append(("methods", "How the numbers were made", _methods_section(analysis, names, config)))
+        sections.append(("curves", "Label efficiency",
+                         _curves_figure(analysis, names) + _numbers_table(analysis, names)))
         sections.append(("gain-random", "Gain over random initialisation",
                          _gains_section(analysis, names, vs_random, "random")))
         sections.append(("gain-imagenet", "Gain over ImageNet initialisation",
@@ -873,12 +1170,13 @@ def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric
     sections.append(("config", "Provenance", _provenance_section(analysis, config)))
 
     method_note = (
-        "<p class=\"muted\">How to read the tests: a gain is the seed-averaged difference A − B on the same "
-        "test cases. For binary AUC with stored predictions, DeLong’s test is applied to the contrast of the "
-        "seed-averaged AUCs using the joint DeLong covariance of every seed’s AUC (pooling the seeds’ "
-        "predictions would count each test case once per seed and understate the variance); other metrics use a "
-        "paired bootstrap over test cases of the same contrast; without predictions, a t-test over per-seed "
-        "differences. Training randomness is shown as the seed SD, not folded into the test.</p>")
+        "<p class=\"muted\">How to read the tests: a gain is the mean over seeds of the paired per-seed difference "
+        "A − B (both arms of a seed share its label subset and its test cases). Its CI and p cover seeds and test "
+        "cases together: the spread of the differences over seeds plus the test-case variance they share (DeLong "
+        "for binary AUC; pooling the seeds’ predictions instead would count each case once per seed). The "
+        "“cases only” p (DeLong on the seed-averaged contrast) holds the trained models fixed and the “seeds "
+        "only” p holds the test set fixed; neither alone says whether the initialisation helps. See “How the "
+        "numbers were made”.</p>")
     body = []
     for anchor, title, content in sections:
         extra = method_note if anchor == "gain-random" else ""

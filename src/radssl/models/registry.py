@@ -20,6 +20,10 @@ BACKBONE_FAMILIES: dict[str, str] = {
     "small_cnn": "radssl.models.backbones:SmallCNN",
     "vit_tiny": "radssl.models.vit:ViTTiny",
     "vit_small": "radssl.models.vit:ViTSmall",
+    # 3D (volumes): the 2D families above keep their names; their 3D variants end in _3d (radssl.models.backbones3d)
+    "resnet18_3d": "radssl.models.backbones3d:ResNet18_3D",
+    "small_cnn_3d": "radssl.models.backbones3d:SmallCNN3D",
+    "segresnet_encoder_3d": "radssl.models.backbones3d:SegResNetEncoder3D",
 }
 
 
@@ -36,8 +40,10 @@ def resolve_spec(spec: BackboneSpec) -> BackboneSpec:
     cls = backbone_class(spec.family)
     if spec.spatial_dims not in cls.spatial_dims_supported:
         dims = " or ".join(f"{d}D" for d in cls.spatial_dims_supported)
+        fitting = [name for name in sorted(BACKBONE_FAMILIES)
+                   if spec.spatial_dims in backbone_class(name).spatial_dims_supported]
         raise ValueError(f"backbone '{spec.family}' takes {dims} inputs, but the data are {spec.spatial_dims}D — "
-                         f"choose a backbone for {spec.spatial_dims}D data")
+                         f"choose a backbone for {spec.spatial_dims}D data: {fitting}")
     cls.options(spec)  # raises pydantic.ValidationError naming unknown or bad option keys
     return cls.resolve(spec)
 

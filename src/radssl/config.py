@@ -60,6 +60,8 @@ class SyntheticData(Section):
     site: int = Field(0, ge=0)
     finding_contrast: float | None = Field(None, ge=0.0, description="strength of the diagnostic finding; null = generator default")
     data_seed: int = 0
+    reports: bool = Field(False, description="also write a short report per image (for image–text methods); "
+                                             "the images are the same either way")
 
 
 class FilesData(MedicalDataConfig):

@@ -24,6 +24,7 @@ def build_store(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore
             positive_rate=section.positive_rate,
             site=section.site,
             seed=section.data_seed,
+            reports=section.reports,
         )
         return make_synthetic_store(spec)
     if isinstance(section, FilesData):

@@ -18,6 +18,9 @@ machine in seconds, while still exercising what a real radiology study needs:
   on a few thousand images detects it. Measured at the defaults (500 training / 250 test patients, 64 px):
   logistic regression on raw pixels AUC ≈ 0.61–0.67, a linear probe on a random small CNN ≈ 0.59, a small
   CNN trained 8 epochs on CPU ≈ 0.96 (≈ 0.85 on site 1, the domain shift).
+* **Reports** (``reports=True``): a short free-text report per image naming the finding (or a normal report),
+  its side, zone and size, the site, and technique remarks (rotation, exposure) — varied phrasing, truthful content
+  (:func:`synthetic_reports`), for image–report pretraining. Off by default; the images are identical either way.
 * **Acquisition site / scanner** (``site``; 0 = internal): a site fixes the detector's characteristic curve
   (gamma, slope), noise level, blur, intensity offset, collimation border width and a burnt-in side marker.
   Site styles are a fixed function of the site number (not of the seed), so "site 2" always looks the same.
@@ -65,6 +68,8 @@ class SyntheticSpec:
     site: int = 0
     finding_contrast: float = 0.45
     seed: int = 0
+    reports: bool = False
+    """Also write a short free-text report per image (:func:`synthetic_reports`); the images do not change."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -90,7 +95,7 @@ def _rng(spec: SyntheticSpec, stream: int, chunk: int = 0) -> np.random.Generato
     return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.site, stream, chunk]))
 
 
-_STREAM_PATIENTS, _STREAM_IMAGES, _STREAM_PIXELS = 1, 2, 3
+_STREAM_PATIENTS, _STREAM_IMAGES, _STREAM_PIXELS, _STREAM_REPORTS = 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------------------------- site style
@@ -425,12 +430,86 @@ def _burn_in_marker(signal: np.ndarray, style: SiteStyle, jitter: np.ndarray, si
     return np.where(inside & (lit > 0), 0.97, signal)
 
 
+# ------------------------------------------------------------------------------------------------- reports
+_POSITIVE_TEMPLATES = (
+    "{Size} rounded opacity in the {side} {zone} zone, suspicious for a pulmonary nodule.",
+    "There is a {size} nodular opacity projecting over the {side} {zone} zone.",
+    "{Side} {zone} zone nodule, {size}.",
+    "Focal round density in the {zone} zone of the {side} lung, consistent with a nodule.",
+    "A {size} pulmonary nodule is seen in the {side} {zone} zone. CT follow-up is recommended.",
+    "Well-defined {size} nodule at the {side} {zone} zone. Remaining lung fields are clear.",
+)
+_NEGATIVE_TEMPLATES = (
+    "The lungs are clear. No focal opacity or nodule.",
+    "No pulmonary nodule or mass identified. Normal chest radiograph.",
+    "Clear lungs without focal lesion.",
+    "Heart size is normal. Lungs are clear, no nodule.",
+    "No acute cardiopulmonary abnormality. No focal lung lesion.",
+)
+_SITE_TEMPLATES = ("Acquired at site {site}.", "Site {site}.", "Examination performed at site {site}.")
+_ZONE_EDGES = (-0.3, 0.3)  # lung-relative height (−1 apex … +1 base) separating upper / middle / lower zones
+
+
+def finding_place(spec: SyntheticSpec, patients: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per patient: the finding's side (``"left"``/``"right"``, the patient's) and zone (upper/middle/lower).
+
+    Anatomy coordinates are PA: image right (u > 0) is the patient's left. The zone is the finding's height within
+    its own lung field (centre ``lung_y``, half-height ``lung_b``; the left lung sits ``left_drop`` lower).
+    """
+    u, v = patients["finding_u"], patients["finding_v"]
+    left = u > 0
+    height = (v - patients["lung_y"] - np.where(left, patients["left_drop"], 0.0)) / patients["lung_b"]
+    zone = np.where(height < _ZONE_EDGES[0], "upper", np.where(height > _ZONE_EDGES[1], "lower", "middle"))
+    return np.where(left, "left", "right"), zone
+
+
+def synthetic_reports(spec: SyntheticSpec, patients: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> np.ndarray:
+    """One short report per image: the finding (or a normal report), its side, zone and size, and the site.
+
+    Phrasing varies per image (templates and sentence order drawn from a seeded stream of their own, so the images
+    are the same with or without reports); the content is the image's truth: every image of a positive patient
+    names the same side, zone and size. Images rotated by more than 4° or exposed off the site's mean by more than
+    0.25 also get a technique remark, as real reports note positioning and exposure.
+    """
+    rng = _rng(spec, _STREAM_REPORTS)
+    k = spec.images_per_patient
+    side, zone = finding_place(spec, patients)
+    size = np.where(patients["finding_r"] < 0.11, "small", "moderate-sized")
+    style = _site_style(spec.site)
+    positive_choice = rng.integers(len(_POSITIVE_TEMPLATES), size=spec.n_images)
+    negative_choice = rng.integers(len(_NEGATIVE_TEMPLATES), size=spec.n_images)
+    site_choice = rng.integers(len(_SITE_TEMPLATES), size=spec.n_images)
+    site_first = rng.random(spec.n_images) < 0.3
+    reports = []
+    for image in range(spec.n_images):
+        patient = image // k
+        if patients["label"][patient] == 1:
+            words = {"side": side[patient], "zone": zone[patient], "size": size[patient]}
+            words.update(Side=words["side"].capitalize(), Size=words["size"].capitalize())
+            finding = _POSITIVE_TEMPLATES[positive_choice[image]].format(**words)
+        else:
+            finding = _NEGATIVE_TEMPLATES[negative_choice[image]]
+        site = _SITE_TEMPLATES[site_choice[image]].format(site=spec.site if spec.site else "0 (internal)")
+        technique = []
+        if abs(np.rad2deg(images["rotation"][image])) > 4.0:
+            technique.append("Patient slightly rotated.")
+        exposure = images["exposure"][image] - style.exposure_mean
+        if abs(exposure) > 0.25:
+            # The detector curve maps a larger exposure term to a lighter image: light = underexposed, as on film.
+            technique.append("Image appears light (underexposed)." if exposure > 0 else
+                             "Image appears dark (overexposed).")
+        parts = [site, finding, *technique] if site_first[image] else [finding, *technique, site]
+        reports.append(" ".join(parts))
+    return np.asarray(reports, dtype=str)
+
+
 def generate_radiographs(spec: SyntheticSpec, *, render_finding: bool = True) -> dict[str, np.ndarray]:
     """Render the data set described by ``spec``; deterministic in ``spec``.
 
     Returns ``images`` uint8 (N, H, W), ``labels`` int64 (N,), ``patient_id`` str (N,) like ``s0-p00012``,
     ``site`` int64 (N,), plus ``finding_center`` float32 (N, 2) as (row, col) pixels (NaN for negatives) and
-    ``finding_radius`` float32 (N,) pixels (0 for negatives), for visualisation and tests.
+    ``finding_radius`` float32 (N,) pixels (0 for negatives), for visualisation and tests, and ``report`` str (N,)
+    when ``spec.reports`` (:func:`synthetic_reports`).
     Images are patient-major: rows ``i*k … i*k+k-1`` belong to patient ``i``.
 
     ``render_finding=False`` renders exactly the same images (same random draws) with the finding left out,
@@ -457,6 +536,7 @@ def generate_radiographs(spec: SyntheticSpec, *, render_finding: bool = True) ->
         "site": np.full(spec.n_images, spec.site, dtype=np.int64),
         "finding_center": np.where(labels[:, None] == 1, center, np.nan).astype(np.float32),
         "finding_radius": np.where(labels == 1, radius, 0.0).astype(np.float32),
+        **({"report": synthetic_reports(spec, patients, images)} if spec.reports else {}),
     }
 
 
@@ -513,6 +593,6 @@ def _to_store(data: dict[str, np.ndarray], split: np.ndarray, name: str, spec: S
         split=split,
         patient_id=data["patient_id"].astype(str),
         task=TaskInfo("binary", 2, ("normal", "finding")),
-        meta={"site": data["site"]},
+        meta={"site": data["site"], **({"report": data["report"]} if "report" in data else {})},
         origin=f"{_SOURCE} ({spec})",
     )

@@ -14,6 +14,8 @@ from radssl.models.base import Backbone
 METHODS: dict[str, str] = {
     "simclr": "radssl.methods.simclr:SimCLR",
     "byol": "radssl.methods.byol:BYOL",
+    "convirt": "radssl.methods.convirt:ConVIRT",
+    "clip": "radssl.methods.clip:CLIP",
 }
 
 

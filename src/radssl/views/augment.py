@@ -43,19 +43,39 @@ torchvision loop 17-26x slower). Rerun on a quiet machine before quoting absolut
 
 Known limits: the warp is bilinear without antialiasing, so strong downsampling (crop much larger than the
 output) aliases; store images near the training resolution. Not yet run on a GPU (none here); the code uses
-only device-generic tensor ops, and accelerators take the one-shot (unchunked) warp. 3D volumes get crop,
-flips, in-plane rotation (about the depth axis), intensity, blur (3 axes) and noise.
+only device-generic tensor ops, and accelerators take the one-shot (unchunked) warp.
+
+Volumes (B, C, D, H, W) get the same ops plus, folded into the same single affine warp: a flip of the depth axis
+(``dflip_p``), random quarter-turns in a chosen plane (``rot90_p``, ``rot90_planes``; exact on a square plane:
+grid points map onto grid points) and small out-of-plane rotations about the H and W axes (``tilt_degrees``),
+so a full small 3D rotation costs no extra resampling. Modality-specific intensity (also for 2D slices):
+
+- CT, window jitter (``window_level``, ``window_width``): stored CT is a window [c − w/2, c + w/2] mapped to
+  [0, 1], so a new window (c + Δ·w, s·w) is ``(x − 0.5 − Δ) / s + 0.5``: level and width move as a radiologist
+  moves them. Values the stored window clipped stay clipped (a wider window cannot recover them).
+- MR, a smooth multiplicative bias field (``bias_field_p``): ``exp(Σ c_ijk x^i y^j z^k)`` over normalised
+  coordinates, i + j + k ≤ ``bias_field_order``, coefficients uniform in ±``bias_field_coefficient`` — TorchIO's
+  ``RandomBiasField`` (Pérez-García et al., CMPB 2021; after Sudre et al. 2017), evaluated exactly as separable
+  contractions (about 4 multiply-adds per voxel), never as a per-voxel Python loop. Plus gamma (``gamma``).
+
+``modality: ct | mr`` fills these and all-axis flips / quarter-turns / small tilts as defaults (keys you set
+win); ``modality: xray`` (the default) keeps the radiograph recipe above. Parameters of an op that is off are
+not drawn, so a radiograph config consumes the generator — and produces bits — exactly as before these ops existed.
+
+Masks: ``apply(images, parameters, masks=...)`` warps segmentation masks by the same affine with
+nearest-neighbour sampling (zeros outside), and no intensity op touches them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from radssl.errors import ConfigError, DataError
 
@@ -64,18 +84,44 @@ ParameterDict = dict[str, torch.Tensor]
 _CPU_GRID_POINTS = 2**20
 """Output points per warp chunk on CPU (64 samples at 128 px)."""
 
+Modality = Literal["xray", "ct", "mr"]
+Plane = Literal["hw", "dh", "dw"]
+PLANES: tuple[str, ...] = ("hw", "dh", "dw")
+"""Planes of quarter-turns, by the axes they turn: in-plane (axial for volumes), and the two through depth."""
+_PLANE_AXES = {"hw": (0, 1), "dh": (1, 2), "dw": (0, 2)}
+"""Plane → the pair of affine coordinates it mixes (x = W, y = H, z = D, as in ``F.affine_grid``)."""
+
+_VOLUME_GEOMETRY: dict[str, Any] = {
+    "hflip_p": 0.5, "vflip_p": 0.5, "dflip_p": 0.5, "rot90_p": 0.5, "rot90_planes": ("hw",), "tilt_degrees": 10.0,
+}
+MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "xray": {},
+    # CT: Hounsfield units are absolute, so no brightness/contrast/gamma; the window moves instead.
+    "ct": {"brightness": 0.0, "contrast": 0.0, "gamma": (1.0, 1.0), "window_level": 0.1,
+           "window_width": (0.8, 1.25), **_VOLUME_GEOMETRY},
+    # MR: no absolute unit; coil inhomogeneity (bias field) and contrast curves vary between scanners.
+    "mr": {"brightness": 0.2, "contrast": 0.2, "gamma": (0.7, 1.5), "bias_field_p": 0.5, **_VOLUME_GEOMETRY},
+}
+"""What ``modality`` fills in for keys the user leaves out. Flips on all axes and quarter-turns suit cross-sectional
+images (no fixed up/down as on a radiograph; nnU-Net mirrors all axes, Isensee et al. 2021)."""
+
 
 class AugmentationParams(pydantic.BaseModel):
     """Ranges and probabilities of each augmentation; defaults are a SimCLR recipe for X-rays.
 
     ``crop_scale`` is the crop's area (volume in 3D) as a fraction of the input; ``crop_ratio`` its width /
     height in pixels. ``brightness`` / ``contrast`` draw a multiplicative factor in ``1 ± value``; ``gamma`` is
-    drawn log-uniformly in its range; the three are applied together with probability ``intensity_p``.
-    ``blur_sigma`` is in pixels of the *output*.
+    drawn log-uniformly in its range; the three (and the CT window jitter) are applied together with probability
+    ``intensity_p``. ``blur_sigma`` is in pixels of the *output*. ``modality`` picks defaults for the keys
+    left out (:data:`MODALITY_DEFAULTS`); 3D-only keys (``dflip_p``, ``tilt_degrees``, planes through depth) are
+    ignored for 2D images.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    modality: Modality = "xray"
+    """Defaults for the keys left out: ``xray`` (radiograph recipe), ``ct`` (window jitter, all-axis flips and
+    quarter-turns), ``mr`` (gamma, bias field, all-axis flips and quarter-turns)."""
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip_p: float = Field(0.5, ge=0.0, le=1.0)
@@ -91,8 +137,27 @@ class AugmentationParams(pydantic.BaseModel):
     noise_std: tuple[float, float] = (0.0, 0.05)
     padding_mode: Literal["zeros", "border", "reflection"] = "zeros"
     """What the warp samples outside the image (rotated corners): zeros match the black border of most films."""
+    dflip_p: float = Field(0.0, ge=0.0, le=1.0, description="volumes: flip of the depth axis")
+    rot90_p: float = Field(0.0, ge=0.0, le=1.0, description="a quarter-turn (k = 1, 2, 3 equally likely)")
+    rot90_planes: tuple[Plane, ...] = Field(("hw",), min_length=1, description="planes a quarter-turn may be in")
+    tilt_degrees: float = Field(0.0, ge=0.0, le=45.0, description="volumes: rotation about the H and W axes, ± each")
+    window_level: float = Field(0.0, ge=0.0, le=0.5, description="CT: level shift, ± fraction of the window width")
+    window_width: tuple[float, float] = (1.0, 1.0)
+    """CT: factor on the window width, drawn log-uniformly (> 1 widens: less contrast)."""
+    bias_field_p: float = Field(0.0, ge=0.0, le=1.0, description="MR: probability of a multiplicative bias field")
+    bias_field_coefficient: float = Field(0.5, ge=0.0, le=2.0, description="MR: max |coefficient| of the log-field")
+    bias_field_order: int = Field(3, ge=1, le=5, description="MR: polynomial order of the log-field")
 
-    @field_validator("crop_scale", "crop_ratio", "gamma", "blur_sigma", "noise_std")
+    @model_validator(mode="before")
+    @classmethod
+    def _modality_defaults(cls, data: Any) -> Any:
+        """Fill the keys the user left out from the modality's defaults (before validation: recorded as used)."""
+        if not isinstance(data, dict):
+            return data
+        defaults = MODALITY_DEFAULTS.get(str(data.get("modality", "xray")), {})  # unknown: the field reports it
+        return {**defaults, **data} if defaults else data
+
+    @field_validator("crop_scale", "crop_ratio", "gamma", "blur_sigma", "noise_std", "window_width")
     @classmethod
     def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
         low, high = value
@@ -109,7 +174,7 @@ class AugmentationParams(pydantic.BaseModel):
             raise ValueError(f"crop_scale is an area fraction and must lie in (0, 1], got {value}")
         return value
 
-    @field_validator("crop_ratio", "gamma")
+    @field_validator("crop_ratio", "gamma", "window_width")
     @classmethod
     def _positive(cls, value: tuple[float, float]) -> tuple[float, float]:
         if value[0] <= 0.0:
@@ -157,6 +222,58 @@ def _bernoulli(p: float, batch_size: int, device: torch.device, generator: torch
     return torch.rand(batch_size, device=device, generator=generator) < p
 
 
+def _quarter_turns(turns: torch.Tensor, planes: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, n, n) exact rotations by ``turns`` × 90° in plane ``PLANES[planes]`` (integer entries, no rounding)."""
+    batch = turns.shape[0]
+    cos_table = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=dtype, device=turns.device)
+    sin_table = torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=dtype, device=turns.device)
+    cos, sin = cos_table[turns], sin_table[turns]
+    result = torch.eye(n, dtype=dtype, device=turns.device).repeat(batch, 1, 1)
+    for index, plane in enumerate(PLANES):
+        a, b = _PLANE_AXES[plane]
+        if b >= n:
+            continue
+        here = planes == index
+        # rows/cols a, b of the identity become the 2x2 rotation where this plane was drawn
+        result[:, a, a] = torch.where(here, cos, result[:, a, a])
+        result[:, a, b] = torch.where(here, -sin, result[:, a, b])
+        result[:, b, a] = torch.where(here, sin, result[:, b, a])
+        result[:, b, b] = torch.where(here, cos, result[:, b, b])
+    return result
+
+
+def bias_field_exponents(spatial_dims: int, order: int) -> list[tuple[int, ...]]:
+    """Exponents (i, j[, k]) of x^i y^j z^k with i + j + k ≤ order: the monomials of a bias field's log."""
+    ranges = [range(order + 1)] * spatial_dims
+    return [e for e in itertools.product(*ranges) if sum(e) <= order]
+
+
+def bias_field(coefficients: torch.Tensor, size: tuple[int, ...], order: int) -> torch.Tensor:
+    """(S, *size) fields ``exp(Σ c_e x^i y^j z^k)`` over voxel centres in [-1, 1] (x = W, y = H, z = D).
+
+    Evaluated as separable contractions (one axis at a time) over a dense coefficient tensor: about
+    (order + 1) multiply-adds per voxel and axis instead of one full-size product per monomial.
+    """
+    n = len(size)
+    exponents = bias_field_exponents(n, order)
+    count, device, dtype = coefficients.shape[0], coefficients.device, coefficients.dtype
+    dense = torch.zeros(count, *([order + 1] * n), dtype=dtype, device=device)
+    index = torch.tensor(exponents, device=device)
+    dense[(slice(None), *index.T)] = coefficients  # dense[s, i, j, k] = c for x^i y^j z^k
+    powers = []
+    for length in reversed(size):  # x (W), y (H)[, z (D)]
+        centres = (torch.arange(length, dtype=dtype, device=device) * 2 + 1) / length - 1
+        powers.append(centres[:, None] ** torch.arange(order + 1, dtype=dtype, device=device))  # (length, order+1)
+    if n == 2:
+        t = torch.einsum("sij,xi->sjx", dense, powers[0])
+        log_field = torch.einsum("sjx,yj->syx", t, powers[1])
+    else:
+        t = torch.einsum("sijk,xi->sjkx", dense, powers[0])
+        t = torch.einsum("sjkx,yj->skyx", t, powers[1])
+        log_field = torch.einsum("skyx,zk->szyx", t, powers[2])
+    return log_field.exp_()
+
+
 class BatchAugmenter(torch.nn.Module):
     """Augment a whole batch in a few tensor ops, each sample with its own random parameters.
 
@@ -177,6 +294,8 @@ class BatchAugmenter(torch.nn.Module):
         self.params = params
         self.output_size: tuple[int, ...] = output_size
         self.spatial_dims = len(output_size)
+        # Quarter-turn planes usable at this dimensionality (2D: the image plane only), as indices into PLANES.
+        self._planes = [PLANES.index(plane) for plane in params.rot90_planes if self.spatial_dims == 3 or plane == "hw"]
 
     # ------------------------------------------------------------------ sampling
     def sample_parameters(
@@ -196,6 +315,12 @@ class BatchAugmenter(torch.nn.Module):
         ``hflip`` / ``vflip`` (B,) bool, ``rotation`` (B,) radians in the H-W plane, ``brightness`` /
         ``contrast`` / ``gamma`` (B,) factors (1 = unchanged), ``blur_sigma`` (B,) output pixels (0 = no blur),
         ``noise_std`` (B,) (0 = no noise), ``noise_seed`` () int64 seed of the noise field.
+
+        Only when their op is configured (so radiograph configs draw exactly what they always drew):
+        ``dflip`` (B,) bool; ``rot90_k`` (B,) quarter-turns 0–3 and ``rot90_plane`` (B,) index into
+        :data:`PLANES`; ``tilt`` (B, 2) radians about the W (x) and H (y) axes; ``window_level`` (B,) level shift
+        and ``window_width`` (B,) width factor (0 and 1 = unchanged); ``bias_field`` (B,) bool and
+        ``bias_coefficients`` (B, K) for the monomials of :func:`bias_field_exponents`.
         """
         p = self.params
         device = torch.device(device)
@@ -243,7 +368,7 @@ class BatchAugmenter(torch.nn.Module):
         noise_std = torch.where(_bernoulli(p.noise_p, batch_size, device, g), uniform(*p.noise_std), zero)
         noise_seed = torch.randint(0, 2**62, (), device=device, generator=g, dtype=torch.int64)
 
-        return {
+        drawn = {
             "crop_center": crop_center,
             "crop_extent": crop_extent,
             "hflip": hflip,
@@ -256,10 +381,40 @@ class BatchAugmenter(torch.nn.Module):
             "noise_std": noise_std,
             "noise_seed": noise_seed,
         }
+        # Ops added for volumes and CT/MR come after every draw above and are drawn only when configured, so a
+        # radiograph config leaves the generator exactly where it always did (bit-identical views, same speed).
+        if n == 3 and p.dflip_p > 0:
+            drawn["dflip"] = _bernoulli(p.dflip_p, batch_size, device, g)
+        planes = self._planes
+        if p.rot90_p > 0 and planes:
+            turned = _bernoulli(p.rot90_p, batch_size, device, g)
+            turns = torch.randint(1, 4, (batch_size,), device=device, generator=g)
+            drawn["rot90_k"] = torch.where(turned, turns, torch.zeros_like(turns))
+            choice = torch.randint(0, len(planes), (batch_size,), device=device, generator=g)
+            drawn["rot90_plane"] = torch.tensor(planes, device=device)[choice]
+        if n == 3 and p.tilt_degrees > 0:
+            drawn["tilt"] = (2.0 * torch.rand(batch_size, 2, device=device, generator=g) - 1.0) * math.radians(
+                p.tilt_degrees)
+        if p.window_level > 0 or p.window_width != (1.0, 1.0):
+            zero = torch.zeros(batch_size, device=device)
+            drawn["window_level"] = torch.where(intensity_on, uniform(-p.window_level, p.window_level), zero)
+            width = torch.exp(uniform(math.log(p.window_width[0]), math.log(p.window_width[1])))
+            drawn["window_width"] = torch.where(intensity_on, width, one)
+        if p.bias_field_p > 0:
+            on = _bernoulli(p.bias_field_p, batch_size, device, g)
+            count = len(bias_field_exponents(n, p.bias_field_order))
+            coefficients = (2.0 * torch.rand(batch_size, count, device=device, generator=g) - 1.0)
+            drawn["bias_field"] = on
+            drawn["bias_coefficients"] = coefficients * p.bias_field_coefficient * on[:, None]
+        return drawn
 
     # ------------------------------------------------------------------ applying
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment ``images`` (B, C, *spatial) in [0, 1] with fresh per-sample parameters from ``generator``."""
+    def forward(self, images: torch.Tensor, generator: torch.Generator,
+                masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Augment ``images`` (B, C, *spatial) in [0, 1] with fresh per-sample parameters from ``generator``.
+
+        With ``masks`` (B, K, *spatial), returns (images, masks) moved by the same geometry (see :meth:`apply`).
+        """
         self._check_images(images)
         if torch.device(generator.device).type != images.device.type:
             raise DataError(
@@ -268,22 +423,35 @@ class BatchAugmenter(torch.nn.Module):
                 f"create it with torch.Generator(device={str(images.device)!r})",
             )
         parameters = self.sample_parameters(images.shape[0], images.device, generator, tuple(images.shape[2:]))
-        return self.apply(images, parameters)
+        return self.apply(images, parameters, masks=masks)
 
     @torch.no_grad()
-    def apply(self, images: torch.Tensor, parameters: ParameterDict) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, parameters: ParameterDict,
+              masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Apply given per-sample ``parameters`` to ``images``; deterministic. Returns (B, C, *output_size).
+
+        ``masks`` (B, K, *spatial, any dtype: integer labels or 0/1 floats) are warped by the same affine with
+        nearest-neighbour sampling (zeros — background — outside the image) and returned with the images as
+        ``(images, masks)`` in the masks' dtype; intensity, blur and noise never touch them. Labels must be
+        exactly representable in float32 (integers below 2**24).
 
         On an accelerator this synchronises with the host a few times per batch (indices of the samples to blur
         and to noise, and the noise seed): negligible next to a training step, and it saves computing blur and
         noise for samples their probability skipped.
         """
         self._check_images(images)
-        out = self._warp(images, parameters)
+        theta = self._theta(images, parameters)
+        out = self._sample(images, theta, "bilinear", self.params.padding_mode)
+        out = self._bias_field(out, parameters)
         out = self._intensity(out, parameters)
         out = self._blur(out, parameters["blur_sigma"])
         out = self._noise(out, parameters["noise_std"], parameters["noise_seed"])
-        return out.clamp_(0.0, 1.0)
+        out = out.clamp_(0.0, 1.0)
+        if masks is None:
+            return out
+        self._check_masks(masks, images)
+        warped = self._sample(masks.to(torch.float32), theta.to(torch.float32), "nearest", "zeros")
+        return out, warped.to(masks.dtype)
 
     def _check_images(self, images: torch.Tensor) -> None:
         expected = 2 + self.spatial_dims
@@ -295,8 +463,40 @@ class BatchAugmenter(torch.nn.Module):
                 "convert stored uint8 images with images.float() / 255 and keep the channel axis",
             )
 
-    def _warp(self, images: torch.Tensor, parameters: ParameterDict) -> torch.Tensor:
-        """Crop + flips + rotation as one affine map from output to input coordinates, one grid_sample."""
+    @staticmethod
+    def _check_masks(masks: torch.Tensor, images: torch.Tensor) -> None:
+        if masks.ndim != images.ndim or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[2:]:
+            raise DataError(
+                "BatchAugmenter masks",
+                f"shape {tuple(masks.shape)} does not match the images {tuple(images.shape)} (batch and spatial size)",
+                "pass masks as (B, K, *spatial) on the images' grid, e.g. labels[:, None]",
+            )
+
+    def _rotation(self, parameters: ParameterDict, batch: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+        """(B, n, n) rotation in pixel space: in-plane angle, then (3D) tilts, then the quarter-turn."""
+        n = self.spatial_dims
+        rotation = torch.zeros(batch, n, n, dtype=dtype, device=device)
+        cos, sin = torch.cos(parameters["rotation"]).to(dtype), torch.sin(parameters["rotation"]).to(dtype)
+        rotation[:, 0, 0], rotation[:, 0, 1] = cos, -sin
+        rotation[:, 1, 0], rotation[:, 1, 1] = sin, cos
+        if n == 3:
+            rotation[:, 2, 2] = 1.0
+        tilt = parameters.get("tilt") if n == 3 else None
+        if tilt is not None:
+            for column, (a, b) in enumerate(((1, 2), (0, 2))):  # about x (W): mixes y, z; about y (H): mixes x, z
+                angle = tilt[:, column].to(dtype)
+                turn = torch.eye(n, dtype=dtype, device=device).repeat(batch, 1, 1)
+                turn[:, a, a], turn[:, a, b] = torch.cos(angle), -torch.sin(angle)
+                turn[:, b, a], turn[:, b, b] = torch.sin(angle), torch.cos(angle)
+                rotation = rotation @ turn
+        turns = parameters.get("rot90_k")
+        if turns is not None:
+            rotation = rotation @ _quarter_turns(turns, parameters["rot90_plane"], n, dtype)
+        return rotation
+
+    def _theta(self, images: torch.Tensor, parameters: ParameterDict) -> torch.Tensor:
+        """(B, n, n + 1): crop + flips + rotations as one affine map from output to input coordinates."""
         n = self.spatial_dims
         batch = images.shape[0]
         dtype, device = images.dtype, images.device
@@ -304,38 +504,56 @@ class BatchAugmenter(torch.nn.Module):
         flip_sign = torch.ones(batch, n, dtype=dtype, device=device)
         flip_sign[:, 0] = 1.0 - 2.0 * parameters["hflip"].to(dtype)
         flip_sign[:, 1] = 1.0 - 2.0 * parameters["vflip"].to(dtype)
+        if n == 3 and "dflip" in parameters:
+            flip_sign[:, 2] = 1.0 - 2.0 * parameters["dflip"].to(dtype)
         # x_in = centre + P⁻¹ R P S F x_out: S F scales/flips the output square onto the crop window, R rotates
         # it rigidly in *pixel* space (P converts normalised to pixel units, so non-square inputs are not
         # sheared), then the window is moved to its centre.
-        rotation = torch.zeros(batch, n, n, dtype=dtype, device=device)
-        cos, sin = torch.cos(parameters["rotation"]).to(dtype), torch.sin(parameters["rotation"]).to(dtype)
-        rotation[:, 0, 0], rotation[:, 0, 1] = cos, -sin
-        rotation[:, 1, 0], rotation[:, 1, 1] = sin, cos
-        if n == 3:
-            rotation[:, 2, 2] = 1.0
+        rotation = self._rotation(parameters, batch, dtype, device)
         pixels = torch.tensor(images.shape[2:][::-1], dtype=dtype, device=device)  # (W, H[, D])
         linear = (rotation * pixels[None, None, :] / pixels[None, :, None]) * (extent * flip_sign)[:, None, :]
-        theta = torch.cat([linear, parameters["crop_center"].to(dtype)[:, :, None]], dim=2)
-        if device.type != "cpu":
+        return torch.cat([linear, parameters["crop_center"].to(dtype)[:, :, None]], dim=2)
+
+    def _sample(self, images: torch.Tensor, theta: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+        """One ``grid_sample`` of the whole batch (accelerators) or in cache-sized chunks (CPU)."""
+        if images.device.type != "cpu":
             return F.grid_sample(
-                images, _affine_grid(theta, self.output_size), mode="bilinear",
-                padding_mode=self.params.padding_mode, align_corners=False,
+                images, _affine_grid(theta, self.output_size), mode=mode, padding_mode=padding_mode,
+                align_corners=False,
             )
         # CPU: warp in chunks whose sampling grid (~8 MB) stays in cache and below glibc's mmap threshold; one
         # full-batch grid at 128 px (33 MB) is re-mmapped and page-faulted on every call (~1.6x slower measured).
+        batch = images.shape[0]
         out = images.new_empty((batch, images.shape[1], *self.output_size))
         chunk = max(1, _CPU_GRID_POINTS // math.prod(self.output_size))
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
             out[start:stop] = F.grid_sample(
-                images[start:stop], _affine_grid(theta[start:stop], self.output_size), mode="bilinear",
-                padding_mode=self.params.padding_mode, align_corners=False,
+                images[start:stop], _affine_grid(theta[start:stop], self.output_size), mode=mode,
+                padding_mode=padding_mode, align_corners=False,
             )
         return out
 
+    def _bias_field(self, out: torch.Tensor, parameters: ParameterDict) -> torch.Tensor:
+        """Multiply the samples with a bias field by ``exp(polynomial)`` (one field for all channels of a sample)."""
+        if "bias_field" not in parameters:
+            return out
+        selected = torch.nonzero(parameters["bias_field"]).flatten()
+        if selected.numel() == 0:
+            return out
+        coefficients = parameters["bias_coefficients"].index_select(0, selected).to(out.dtype)
+        field = bias_field(coefficients, tuple(out.shape[2:]), self.params.bias_field_order)
+        picked = out.index_select(0, selected).mul_(field.unsqueeze(1)).clamp_(0.0, 1.0)
+        return out.index_copy_(0, selected, picked)
+
     def _intensity(self, out: torch.Tensor, parameters: ParameterDict) -> torch.Tensor:
-        """Brightness (multiply), contrast (blend with the image mean), gamma; clamped after each like torchvision."""
+        """CT window jitter (if configured), brightness (multiply), contrast (blend with the image mean), gamma;
+        clamped after each like torchvision."""
         shape = (-1,) + (1,) * (out.ndim - 1)
+        if "window_level" in parameters:
+            level = parameters["window_level"].to(out.dtype).view(shape)
+            width = parameters["window_width"].to(out.dtype).view(shape)
+            out.sub_(0.5 + level).div_(width).add_(0.5).clamp_(0.0, 1.0)
         brightness = parameters["brightness"].to(out.dtype).view(shape)
         contrast = parameters["contrast"].to(out.dtype).view(shape)
         gamma = parameters["gamma"].to(out.dtype).view(shape)

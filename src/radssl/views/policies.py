@@ -149,6 +149,7 @@ class SingleViewPolicy(ViewPolicy):
 POLICIES: dict[str, str | type[ViewPolicy]] = {
     "two_view": "radssl.views.policies:TwoViewPolicy",
     "single_view": "radssl.views.policies:SingleViewPolicy",
+    "neighbouring_crops": "radssl.views.volume_policies:NeighbouringCropPolicy",
     "image_text": "radssl.views.image_text:ImageTextPolicy",
 }
 

@@ -50,6 +50,19 @@ def test_every_fraction_gets_the_steps_it_is_given() -> None:
     assert plain.steps_per_epoch == 1 and plain.steps_run == 2
 
 
+def test_exact_steps_per_epoch_give_every_subset_the_same_budget() -> None:
+    store = make_tiny_store(n=96, size=12)
+    train = store.indices("train")
+    runs = {n: _finetune(store, train[:n], epochs=3, steps_per_epoch=2, early_stopping_patience=None)
+            for n in (4, 20, 72)}
+    for run in runs.values():  # 4, 20 or 72 images: 3 epochs × exactly 2 steps of 16 each
+        assert run.steps_per_epoch == 2 and run.steps_run == 6
+        assert [h["train_samples"] for h in run.history] == [32, 32, 32]
+    assert runs[72].history[0]["train_samples"] < 72  # a large set is seen in part per epoch
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        _finetune(store, train, epochs=1, steps_per_epoch=0)
+
+
 def test_early_stopping_waits_for_the_floor() -> None:
     store = make_tiny_store(n=96, size=12)
     rows = store.indices("train")

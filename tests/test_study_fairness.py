@@ -62,7 +62,7 @@ def fair_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list
     torch.set_num_threads(1)
     finetunes = _Recorder(finetune_module.finetune, lambda a, k: {
         "train": len(a[2]), "val": tuple(np.asarray(a[3]).tolist()), "scale": k["backbone_lr_scale"],
-        "min_steps_per_epoch": k["min_steps_per_epoch"], "min_epochs": k["min_epochs"]})
+        "steps_per_epoch": k["steps_per_epoch"], "min_epochs": k["min_epochs"]})
     probes = _Recorder(probe_module.linear_probe, lambda a, k: {"train": len(a[0]), "val": len(a[2])})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(finetune_module, "finetune", finetunes)
@@ -86,7 +86,7 @@ def test_every_label_fraction_gets_the_same_finetuning_budget(fair_run: tuple[Pa
     plan = prepare_study(StudyConfig.model_validate(_raw(output)), **QUIET)
     full_pass = _one_pass(len(plan.train_rows))
     assert full_pass > _one_pass(len(plan.subsets[0][0.25]))  # the small fraction would get fewer steps
-    assert {call["min_steps_per_epoch"] for call, _ in finetunes} == {full_pass}
+    assert {call["steps_per_epoch"] for call, _ in finetunes} == {full_pass}
     assert {call["min_epochs"] for call, _ in finetunes} == {2}
     assert {call["train"] for call, _ in finetunes} == {len(plan.subsets[0][0.25]), len(plan.subsets[0][1.0]),
                                                          len(plan.subsets[1][0.25])}
@@ -162,12 +162,12 @@ def test_full_validation_and_budget_rules_are_options(tmp_path: Path) -> None:
     small = len(plan.subsets[0][0.25])
     full_pass = _one_pass(n)
     assert plan.finetune_steps_per_epoch(small) == plan.finetune_steps_per_epoch(n) == full_pass
-    for rule, expected in (("subset", _one_pass(small)), (40, 40)):
+    for rule, expected_small, expected_full in (("subset", _one_pass(small), full_pass), (40, 40, 40), (1, 1, 1)):
         finetune = {**raw["protocols"]["finetune"], "steps_per_epoch": rule}
         config = StudyConfig.model_validate({**raw, "protocols": {**raw["protocols"], "finetune": finetune}})
         plan = prepare_study(config, **QUIET)
-        assert plan.finetune_steps_per_epoch(small) == expected
-    assert plan.finetune_steps_per_epoch(n) == 40
+        assert plan.finetune_steps_per_epoch(small) == expected_small
+        assert plan.finetune_steps_per_epoch(n) == expected_full
 
 
 def test_a_validation_subset_without_both_classes_is_refused_before_compute(tmp_path: Path,

@@ -143,7 +143,8 @@ class FinetuneProtocol(Section):
       whatever the label fraction (a small subset is cycled through several times, with fresh augmentations).
       Every label fraction then gets the same ``epochs × ceil(N_train / batch_size)`` steps and the same
       validation schedule; early stopping counts the same units for all.
-    - an integer N: every epoch takes at least N steps (one pass over the subset when that is longer).
+    - an integer N: every epoch takes exactly N steps at every label fraction (a fixed budget of ``epochs × N``
+      steps; an "epoch" is then the validation interval — a large subset is seen in part per epoch).
     - ``subset``: one pass over the label-fraction subset per epoch (the budget grows with the fraction; the
       behaviour of radssl before this rule existed, kept to reproduce old studies).
 

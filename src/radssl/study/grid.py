@@ -145,9 +145,9 @@ class StudyPlan:
         one_pass = _one_pass_steps(subset_rows, options.batch_size)
         if rule == "subset":
             return one_pass
-        if rule == "full":
-            return max(one_pass, _one_pass_steps(len(self.train_rows), options.batch_size))
-        return max(one_pass, int(rule))
+        if rule == "full":  # the 100 % fraction's steps, for every fraction
+            return _one_pass_steps(len(self.train_rows), options.batch_size)
+        return int(rule)
 
     def cell_keys(self) -> list[CellKey]:
         """Every cell of the grid, in the order they run."""
@@ -612,7 +612,8 @@ def _run_protocol(plan: StudyPlan, encoder: Encoder, backbone: nn.Module, featur
     else:
         from radssl.transfer.finetune import finetune
 
-        steps_per_epoch = plan.finetune_steps_per_epoch(len(rows))
+        # Equal budgets: exactly this many steps per epoch at every fraction ("subset": the legacy one pass).
+        steps_per_epoch = None if options.steps_per_epoch == "subset" else plan.finetune_steps_per_epoch(len(rows))
         result = None
         for scale in options.backbone_lr_scale:  # same candidates and rule for every initialisation
             candidate = finetune(
@@ -621,7 +622,7 @@ def _run_protocol(plan: StudyPlan, encoder: Encoder, backbone: nn.Module, featur
                 weight_decay=options.weight_decay, early_stopping_patience=options.early_stopping_patience,
                 augment=options.augment, hflip=options.hflip, class_balanced=options.class_balanced,
                 seed=derived_seed(config.seed, seed, 31), device=device, precision=options.precision,
-                min_steps_per_epoch=steps_per_epoch, min_epochs=options.early_stopping_floor,
+                steps_per_epoch=steps_per_epoch, min_epochs=options.early_stopping_floor,
             )
             if result is None or candidate.val_metric > result[1].val_metric:  # ties keep the earlier candidate
                 result = (scale, candidate)

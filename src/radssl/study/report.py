@@ -654,7 +654,8 @@ def _gain_phrase(g: _Gain, names: _Names, metric: str) -> str:
     ci = (f"95% CI {_signed(g.ci_low)} to {_signed(g.ci_high)} over {_esc(g.method)}, {_p(g.p_value)}; "
           if g.ci_low is not None else "")
     cases = (f"{_esc(g.case_method)} on the test cases alone {_p(g.case_p)}; " if g.case_p is not None else "")
-    seeds = f"{g.n_paired} paired seeds" if g.n_paired else f"{g.n_a} vs {g.n_b} seeds, none paired"
+    seeds = (f"{g.n_paired} paired seed{'s' if g.n_paired != 1 else ''}" if g.n_paired
+             else f"{g.n_a} vs {g.n_b} seeds, none paired")
     return (f"<strong>{_esc(names.encoder(g.treatment))}</strong> {_verb(g)} {_esc(names.encoder(g.baseline))}: "
             f"<strong>{_signed(g.difference)} {_esc(_metric_name(metric))}</strong> "
             f"({ci}{cases}{seeds})")
@@ -872,23 +873,25 @@ def _finetune_rules(analysis: _Analysis, names: _Names, stored: dict[str, Any], 
     steps = _by_fraction(budget, ("finetune",))
     old = "" if "steps_per_epoch" in recorded else " (rule not recorded: the study predates it; radssl then ran one " \
                                                    "pass over the subset per epoch)"
+    epochs = int(finetune["epochs"])
+    epochs_text = f"{epochs} epoch{'s' if epochs != 1 else ''}"
     if rule == "full":
-        text = (f"every label fraction gets the <strong>same number of optimiser steps</strong>: {finetune['epochs']} "
-                "epochs of as many steps as one pass over the full training split (batch "
+        text = (f"every label fraction gets the <strong>same number of optimiser steps</strong>: {epochs_text} "
+                "of as many steps as one pass over the full training split (batch "
                 f"{finetune['batch_size']}; small subsets are cycled with fresh augmentations)")
     elif rule == "subset":
-        text = (f"{finetune['epochs']} epochs of one pass over the label-fraction subset each, so the budget "
+        text = (f"{epochs_text} of one pass over the label-fraction subset each, so the budget "
                 "<strong>grows with the label fraction</strong> and a curve mixes more labels with more training"
                 f"{old}")
     else:
-        text = (f"{finetune['epochs']} epochs of at least {rule} optimiser steps each (one pass over the subset when "
-                "that is longer)")
+        text = (f"every label fraction gets the <strong>same number of optimiser steps</strong>: {epochs_text} of "
+                f"exactly {rule} steps each (batch {finetune['batch_size']}; validation after each)")
     if steps:
         text += f"; planned steps per cell: {steps}"
     patience = finetune.get("early_stopping_patience")
     if patience:
         text += (f". Validation after every epoch; early stopping after {patience} epochs without a better "
-                 f"validation AUC, never before epoch {finetune.get('min_epochs', 1)}")
+                 f"validation AUC, never before epoch {min(int(finetune.get('min_epochs', 1)), epochs)}")
     else:
         text += ". No early stopping; the epoch with the best validation AUC is kept"
     run = _by_fraction(_per_cell(analysis, "finetune_steps"), ("finetune",))

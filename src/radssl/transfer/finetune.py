@@ -204,6 +204,7 @@ def finetune(
     eval_batch_size: int = 512,
     precision: Literal["32", "bf16"] = "32",
     min_steps_per_epoch: int = 1,
+    steps_per_epoch: int | None = None,
     min_epochs: int = 1,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
@@ -214,8 +215,12 @@ def finetune(
     ``early_stopping_patience=None`` trains all ``epochs``. ``precision='bf16'`` autocasts on CUDA only.
     ``min_steps_per_epoch`` lets an "epoch" of a tiny label fraction (say 1 % = 47 images, one step) run
     several passes, so small fractions are not also under-trained: label-efficiency curves then compare
-    labels, not optimisation budgets (:mod:`radssl.study.grid` sets it to the step count of one pass over the
-    full training split, so every label fraction gets the same number of optimiser steps).
+    labels, not optimisation budgets.
+    ``steps_per_epoch`` (overrides ``min_steps_per_epoch``) fixes every epoch at exactly that many optimiser
+    steps, whatever the number of training rows: batches of ``batch_size`` are drawn from one continuing stream of
+    shuffled passes over ``train_rows``, so a small subset is cycled (fresh augmentations each time) and a large
+    one is seen in part per epoch, the rest first in the next. :mod:`radssl.study.grid` uses it to give every
+    label fraction the same number of optimiser steps and the same validation schedule.
     ``min_epochs`` is the early-stopping floor: training never stops before that many epochs, so a noisy
     first validation score on a small validation set cannot end a run after one or two epochs.
     Raises :class:`NonFiniteLossError` at the first NaN/inf loss and ``DataError`` before any compute when
@@ -233,8 +238,9 @@ def finetune(
                         f"{len(train_rows)} and {len(val_rows)}")
     if epochs < 1 or batch_size < 2:
         raise ValueError(f"need epochs ≥ 1 and batch_size ≥ 2, got {epochs} and {batch_size}")
-    if min_steps_per_epoch < 1 or min_epochs < 1:
-        raise ValueError(f"need min_steps_per_epoch ≥ 1 and min_epochs ≥ 1, got {min_steps_per_epoch}, {min_epochs}")
+    if min_steps_per_epoch < 1 or min_epochs < 1 or (steps_per_epoch is not None and steps_per_epoch < 1):
+        raise ValueError(f"need min_steps_per_epoch, steps_per_epoch and min_epochs ≥ 1, got {min_steps_per_epoch}, "
+                         f"{steps_per_epoch} and {min_epochs}")
     _check_store(store, backbone, "the training store")
     train_y = store.labels[torch.from_numpy(train_rows)]
     if not labelled_mask(task, train_y.numpy()).all():
@@ -273,9 +279,10 @@ def finetune(
     optimiser = torch.optim.AdamW([g for g in groups if g["params"]])
     n = len(train_rows)
     one_pass = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a 1-sample batch breaks BatchNorm
-    steps_per_epoch = max(one_pass, min_steps_per_epoch)
-    passes = 1 if steps_per_epoch == one_pass else math.ceil(steps_per_epoch * batch_size / n)
-    total_steps = max(1, epochs * steps_per_epoch)
+    exact = steps_per_epoch is not None
+    per_epoch = steps_per_epoch if steps_per_epoch is not None else max(one_pass, min_steps_per_epoch)
+    passes = 1 if per_epoch == one_pass else math.ceil(per_epoch * batch_size / n)
+    total_steps = max(1, epochs * per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
@@ -287,11 +294,17 @@ def finetune(
     best_metric, best_epoch, best_state, epochs_without_gain = -math.inf, 0, None, 0
     stopped_early = False
     steps_run = 0
+    stream = torch.empty(0, dtype=torch.long)  # exact steps: shuffled passes continue across epochs
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
+        if exact:
+            while len(stream) < per_epoch * batch_size:
+                stream = torch.cat([stream, torch.randperm(n, generator=generator)])
+            order, stream = stream[:per_epoch * batch_size], stream[per_epoch * batch_size:]
+        else:
+            order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
         running, seen = 0.0, 0
-        for step in range(steps_per_epoch):
+        for step in range(per_epoch):
             index = order[step * batch_size : (step + 1) * batch_size].to(train_images.device)
             images = images_to_float(train_images[index].to(device, non_blocking=True))
             if augment:
@@ -355,6 +368,6 @@ def finetune(
         epochs_run=len(history),
         stopped_early=stopped_early,
         model=model,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=per_epoch,
         steps_run=steps_run,
     )

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from radssl.data.medical import MedicalDataConfig
+from radssl.data.slices import SlicesConfig
 from radssl.errors import ConfigError
 from radssl.models.registry import BACKBONE_FAMILIES, backbone_class, make_spec
 from radssl.models.spec import BackboneSpec
@@ -47,6 +48,13 @@ class MedMNISTData(Section):
     size: int = 28
     root: Path | None = Field(None, description="folder holding the .npz files; default $RADSSL_DATA_DIR or the user cache")
     download: bool = True
+    slices: SlicesConfig | None = Field(None, description="read a 3D set's volumes as 2D slices (radssl.data.slices)")
+
+    @model_validator(mode="after")
+    def _slices_need_volumes(self) -> "MedMNISTData":
+        if self.slices is not None and not self.name.endswith("3d"):
+            raise ValueError(f"data.slices needs a 3D MedMNIST set (a name ending in '3d'); '{self.name}' is 2D")
+        return self
 
 
 class SyntheticData(Section):
@@ -71,6 +79,8 @@ class FilesData(MedicalDataConfig):
     """
 
     name: str = "dataset"
+    slices: SlicesConfig | None = Field(None, description="read volumes (NIfTI, DICOM series) as 2D slices "
+                                                          "(radssl.data.slices)")
 
 
 def _data_source_tag(value: Any) -> str:

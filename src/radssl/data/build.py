@@ -7,7 +7,17 @@ from radssl.data.store import ImageStore
 
 
 def build_store(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
-    """Load or generate the dataset a config names, validated before any training starts."""
+    """Load or generate the dataset a config names (volumes as 2D slices under ``slices``), validated."""
+    store = _load(section)
+    slices = getattr(section, "slices", None)
+    if slices is not None:
+        from radssl.data.slices import volumes_to_slices
+
+        store = volumes_to_slices(store, slices.axis, slices.keep)
+    return store
+
+
+def _load(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
     if isinstance(section, MedMNISTData):
         from radssl.data.medmnist import load_medmnist
 

@@ -41,7 +41,8 @@ from radssl.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+"""2: slice_index, frame_index and loop_id columns (pairing metadata); older entries are rebuilt."""
 IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
 META_FILE = "meta.json"
@@ -86,6 +87,11 @@ def entry_dir(cache_dir: Path, name: str, fingerprint: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- table
+def _position(value: object) -> int:
+    """A record's slice/frame position as an int (-1 unknown)."""
+    return -1 if value is None else int(value)  # type: ignore[call-overload]
+
+
 @dataclass
 class CacheTable:
     """Per-image metadata kept beside the pixels (JSON-safe columns of length N)."""
@@ -119,6 +125,10 @@ class CacheTable:
             "series_id": [r.series_id for r in records],
             "modality": [r.modality for r in records],
             "index": [-1 if r.index is None else int(r.index) for r in records],
+            # Pairing metadata, told apart: slice = space (within a series), frame = time (within a loop).
+            "slice_index": [_position(r.extra.get("slice_index")) for r in records],
+            "frame_index": [_position(r.extra.get("frame_index")) for r in records],
+            "loop_id": [str(r.extra.get("loop_id") or "") for r in records],
             "spacing": spacing,
             "split": [r.split or "" for r in records],
             "label": [-1 if label is None else label for label in labels],
@@ -304,6 +314,9 @@ def store_from_entry(entry: Path, name: str, task: TaskInfo | None = None) -> Im
         "series_id": np.asarray(columns["series_id"]),
         "modality": np.asarray(columns["modality"]),
         "index": np.asarray(columns["index"], dtype=np.int64),
+        "slice_index": np.asarray(columns["slice_index"], dtype=np.int64),
+        "frame_index": np.asarray(columns["frame_index"], dtype=np.int64),
+        "loop_id": np.asarray(columns["loop_id"]).astype(str),
         "spacing": np.asarray(columns["spacing"], dtype=np.float32).reshape(n, -1),
         "label_name": np.asarray(columns["label_name"]),
         "source_split": np.asarray(columns["split"]),

@@ -22,8 +22,10 @@ What a record holds (see ``radssl.data.records``):
 Two assembly modes:
 
 * ``images`` (default): every 2D image or frame is a record. Multi-frame files give one record per frame with
-  ``index`` = frame number. Single-frame slices that share a series are ordered as in ``series`` mode and get
-  ``index`` = their rank along the slice normal, because positive-pair policies read ``index`` as physical
+  ``index`` = frame number, plus ``frame_index`` and ``loop_id`` (the file) for a cine loop, or ``slice_index``
+  for frames at distinct positions (enhanced CT/MR): frame and slice pairing tell time from space.
+  Single-frame slices that share a series are ordered as in ``series`` mode and get
+  ``index`` = ``slice_index`` = their rank along the slice normal, because slice pairing reads it as physical
   adjacency; so a series with a gap or mixed modalities is reported here too (set
   ``slice_spacing_tolerance: null`` to skip the gap check). Series holding several orientations or stacks
   (localisers, echoes) get ``index = None`` instead of an error: as 2D images they are fine.
@@ -621,7 +623,7 @@ def _assemble_images(files: list[list[_Frame]], config: DicomSourceConfig, log: 
     singles = [frames[0] for frames in files if frames[0].frame is None]
     for frames in files:
         if frames[0].frame is not None:
-            records += [_image_record(f, f.frame) for f in frames]
+            records += _multiframe_records(frames)
     for (_, _), group in sorted(_group_single_frames(singles).items()):
         source = _series_source(group)
         try:
@@ -638,6 +640,27 @@ def _assemble_images(files: list[list[_Frame]], config: DicomSourceConfig, log: 
                 extra["slice_position_mm"] = stack.positions[rank]
             records.append(_image_record(f, rank, extra))
     return records
+
+
+def _multiframe_records(frames: list[_Frame]) -> list[Record]:
+    """One 2D record per frame of a multi-frame file (``index`` = frame number), told apart for pairing.
+
+    Frames at distinct plane positions (enhanced CT/MR) are slices: ``slice_index`` = rank along the slice normal.
+    Frames without positions or all at one position (ultrasound cine, cardiac cine MR) are a loop in time:
+    ``frame_index`` = frame number and ``loop_id`` = the file's SOPInstanceUID (several loops may share a series).
+    """
+    source = str(frames[0].path)
+    stack = order_stack(frames, source, None, strict=False) if len(frames) > 1 else None
+    if stack is not None and stack.order == "position":
+        rank = {id(f): r for r, f in enumerate(stack.frames)}
+        return [_image_record(f, f.frame, {"slice_index": rank[id(f)], "slice_order": "position"}) for f in frames]
+    positions = [f.position for f in frames]
+    one_plane = all(p is None for p in positions) or (
+        all(p is not None for p in positions) and float(np.ptp(np.stack(positions), axis=0).max()) < 1e-3)  # type: ignore[arg-type]
+    if not one_plane:  # several planes that do not form one stack: no adjacency to claim
+        return [_image_record(f, f.frame) for f in frames]
+    loop = frames[0].sop_uid or source
+    return [_image_record(f, f.frame, {"frame_index": f.frame, "loop_id": loop}) for f in frames]
 
 
 def _assemble_series(files: list[list[_Frame]], config: DicomSourceConfig, log: BadFileLog) -> list[Record]:

@@ -6,7 +6,9 @@ Two layouts:
   relative to ``root`` unless absolute; a path that leaves ``root``, e.g. ``../x.png``, is refused), optional
   ``label_columns`` (one column = a class label mapped through ``classes``; several columns = multilabel 0/1),
   ``patient_column`` and ``split_column`` (``train``/``val``/``test``; ``valid``, ``validation``, ``training``,
-  ``testing`` and ``unlabelled`` are understood too).
+  ``testing`` and ``unlabelled`` are understood too). Positive-pair metadata (``views.pairing``): ``study_column``,
+  ``series_column`` (the volume or cine loop), ``slice_column`` and ``frame_column`` (integer positions within
+  the series; each needs ``series_column``).
 * ``csv`` absent: ``root/<class>/**/image`` (class = sub-folder name; sorted, or numeric order when every name
   is an integer), optionally one level of split folders above the classes (``root/train/<class>/...``, as in
   Kermany et al. 2018's chest X-ray release). Images lying directly in ``root`` are unlabelled. A class folder
@@ -69,6 +71,14 @@ class FolderSourceConfig(BaseModel):
     patient_pattern: str | None = None
     """Regular expression searched in each file name; its first group (or the whole match) is the patient id."""
     split_column: str | None = None
+    study_column: str | None = None
+    """CSV column of each image's study (one visit): ``views.pairing`` patient with ``same_study``."""
+    series_column: str | None = None
+    """CSV column of each image's series (the volume a slice, or the cine loop a frame, belongs to)."""
+    slice_column: str | None = None
+    """CSV column of the slice position within its series (integer; empty = unknown): ``views.pairing`` slice."""
+    frame_column: str | None = None
+    """CSV column of the frame number within its cine loop (integer; empty = unknown): ``views.pairing`` frame."""
     exclude_folders: list[str] = []
     """Class (or split) sub-folder names that are not read, e.g. a class left out of the study."""
     modality: str = ""
@@ -88,6 +98,14 @@ class FolderSourceConfig(BaseModel):
     def _resolve(self) -> "FolderSourceConfig":
         if self.patient_column and self.patient_pattern:
             raise ValueError("set either patient_column or patient_pattern, not both")
+        pairing = {k: v for k, v in (("study_column", self.study_column), ("series_column", self.series_column),
+                                      ("slice_column", self.slice_column), ("frame_column", self.frame_column)) if v}
+        if pairing and self.csv is None:
+            raise ValueError(f"{sorted(pairing)} name CSV columns: set `csv` too")
+        for position in ("slice_column", "frame_column"):
+            if position in pairing and not self.series_column:
+                raise ValueError(f"{position} needs series_column: a {position.split('_')[0]} number means something "
+                                 "only within its series (the volume or cine loop it belongs to)")
         if self.csv is not None:
             self.csv = under_root(self.root, self.csv)
         return self
@@ -153,6 +171,21 @@ def multilabel_value(value: str, where: str, column: str) -> int:
     if text in ("0", "0.0", "false", "no"):
         return 0
     raise DataError(where, f"multilabel column '{column}' holds '{value}'; expected 0 or 1 (empty = unknown)")
+
+
+def _position_cell(value: str, where: str, column: str) -> int | None:
+    """A slice/frame number cell: a non-negative integer (``3``, ``3.0``); empty = unknown."""
+    text = value.strip()
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer() or number < 0:
+        raise DataError(where, f"column '{column}' holds '{value}'; expected a slice/frame number (0, 1, 2, ...)",
+                        "fix the cell, or leave it empty where the position is unknown")
+    return int(number)
 
 
 def split_name(value: str, where: str, column: str) -> str | None:
@@ -252,7 +285,8 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
     csv_path = config.csv
     header, rows = _read_csv_rows(csv_path)
     wanted = [config.path_column, *config.label_columns]
-    wanted += [c for c in (config.patient_column, config.split_column) if c]
+    wanted += [c for c in (config.patient_column, config.split_column, config.study_column, config.series_column,
+                           config.slice_column, config.frame_column) if c]
     missing = [c for c in wanted if c not in header]
     if missing:
         raise DataError(str(csv_path), f"columns {missing} not found; the CSV has {header}", "fix the column names")
@@ -312,6 +346,9 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
                 label = class_index(class_name, classes, f"{where} ({raw})", config.label_columns[0])
             split = split_name(row[config.split_column], where, config.split_column) if config.split_column else None
             patient = _patient_id(config, image_path, row, where)
+            positions = {name: _position_cell(row[column], where, column)
+                         for name, column in (("slice_index", config.slice_column), ("frame_index", config.frame_column))
+                         if column}
         except DataError as error:
             log.handle(error)
             continue
@@ -321,6 +358,9 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
         record.label = label
         record.split = split
         record.patient_id = patient
+        record.study_id = row[config.study_column] if config.study_column else ""
+        record.series_id = row[config.series_column] if config.series_column else ""
+        record.extra.update({name: value for name, value in positions.items() if value is not None})
         record.extra["csv_line"] = line
         if multilabel:
             record.extra["class_names"] = tuple(config.label_columns)

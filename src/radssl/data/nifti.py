@@ -8,9 +8,11 @@ NIfTI and DICOM records of the same anatomy have the same layout, and ``pixels[d
 ``spacing`` (mm) follows that (D, H, W) order, from the canonical header's zooms (converted from m/µm if the
 header says so). ``extra["affine"]`` maps (d, h, w) voxel indices to RAS mm, for writing predictions back.
 
-4D files (x, y, z, t): ``fourth_axis: frames`` (default) gives one record per time point with ``index`` = frame
-(fMRI/cine/DCE series: frame-pair positive policies use it); ``fourth_axis: channels`` stacks the 4th axis as
-channels (C, D, H, W) (e.g. multi-echo or pre-stacked sequences).
+4D files (x, y, z, t): ``fourth_axis: frames`` (default) gives one record per time point with ``index`` =
+``frame_index`` = frame and ``loop_id`` = the case (fMRI/cine/DCE series: ``views.pairing.kind: frame`` uses
+them); ``fourth_axis: channels`` stacks the 4th axis as channels (C, D, H, W) (e.g. multi-echo or pre-stacked
+sequences). ``layout: axial_slices`` gives 2D records with ``slice_index`` = depth and ``series_id`` = the case
+(per time point for 4D), for ``views.pairing.kind: slice``; ``data.slices`` does the same for any 3D store.
 
 Multi-sequence cases (``sequences: [_flair, _t1, _t1ce, _t2]``, BraTS-style ``<case><sequence>.nii.gz``) are
 stacked as channels (C, D, H, W) in the listed order; every sequence must be present with the same grid.
@@ -282,7 +284,8 @@ def _case_records(
     volumes = [(t, pixels[t]) for t in range(pixels.shape[0])] if frames else [(None, pixels)]
     records = []
     for frame, volume in volumes:
-        extra = dict(base.extra) if frame is None else dict(base.extra, frame_index=frame)
+        # A 4D case is one loop in time: frame pairing groups its frames (per slice position when read as slices).
+        extra = dict(base.extra) if frame is None else dict(base.extra, frame_index=frame, loop_id=base.series_id)
         if config.layout == "volume":
             extra["layout"] = "CDHW" if volume.ndim == 4 else "DHW"
             if mask is not None:

@@ -92,6 +92,10 @@ def test_segresnet_encoder_weights_load_into_the_full_segmentation_network() -> 
                                 options={"init_filters": 16}), 3)
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_encoder_into_segresnet(other, encoder)
+    shallower = segresnet_for(make_spec("segresnet_encoder_3d", in_channels=4, spatial_dims=3,
+                                        options={"blocks_down": (1, 2)}), 3)
+    with pytest.raises(ValueError, match="encoder keys not in the SegResNet"):
+        load_encoder_into_segresnet(shallower, encoder)  # a silent partial load is impossible
 
 
 def test_options_are_validated_by_name() -> None:

@@ -107,8 +107,10 @@ class ScratchTextEncoder(TextEncoder):
         self.vocab_capacity = int(vocab_size)
         self.pooling = pooling
         self.feature_dim = int(width)
+        # N(0, 1) (torch's default), not BERT's 0.02: the sinusoidal codes have unit-scale entries, and token vectors
+        # 50× smaller than them made every report's input nearly the same sequence (measured: mean cosine 0.99
+        # between the pooled outputs of different reports at initialisation, and a flat loss for ~60 steps).
         self.token_embedding = nn.Embedding(vocab_size, width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)

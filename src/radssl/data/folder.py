@@ -81,6 +81,9 @@ class FolderSourceConfig(BaseModel):
     """CSV column of the frame number within its cine loop (integer; empty = unknown): ``views.pairing`` frame."""
     exclude_folders: list[str] = []
     """Class (or split) sub-folder names that are not read, e.g. a class left out of the study."""
+    report_column: str | None = None
+    """CSV column of each image's free-text report (empty cell = no report; UTF-8), for image–text pretraining; read
+    and joined by ``radssl.data.reports``."""
     modality: str = ""
     """DICOM-style modality code for all images (``DX``, ``CR``, ``US``, ...); empty = unknown."""
 

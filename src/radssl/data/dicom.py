@@ -92,11 +92,23 @@ class DicomSourceConfig(BaseModel):
     """Expected DICOM Modality (``CT``, ``MR``, ``US``, ``DX`` ...); a file of another modality is an error."""
     slice_spacing_tolerance: float | None = Field(default=0.1, ge=0.0)
     """Largest relative deviation of one slice gap from the series' median gap; ``None`` turns the check off."""
+    report_csv: Path | None = None
+    """Free-text reports (for image–text pretraining) keyed by ``report_key``; a relative path is read inside
+    ``root``. Read and joined by ``radssl.data.reports``."""
+    report_key: Literal["patient_id", "study_id"] = "study_id"
+    """Which identifier the report rows are keyed by (a study's report is shared by all its images)."""
+    report_key_column: str | None = None
+    """CSV column holding that identifier; defaults to the ``report_key`` name."""
+    report_column: str = "report"
+    report_encoding: str = "utf-8"
+    """Text encoding of ``report_csv`` (e.g. ``latin-1``, ``cp1252``); undecodable bytes are an error naming the line."""
 
     @model_validator(mode="after")
     def _label_csv_in_root(self) -> "DicomSourceConfig":
         if self.label_csv is not None:
             self.label_csv = under_root(self.root, self.label_csv)
+        if self.report_csv is not None:
+            self.report_csv = under_root(self.root, self.report_csv)
         return self
 
 

@@ -65,6 +65,16 @@ class NiftiSourceConfig(BaseModel):
     """Patient id from the parent folder's name (one folder per patient) or from the case id."""
     modality: str = ""
     """NIfTI stores no modality: ``MR``, ``CT``, ... here lets ``preprocess.modality: auto`` pick windows."""
+    report_csv: Path | None = None
+    """Free-text reports (for image–text pretraining) keyed by ``report_key``; a relative path is read inside
+    ``root``. Read and joined by ``radssl.data.reports``."""
+    report_key: Literal["case_id", "patient_id"] = "case_id"
+    """Which identifier the report rows are keyed by (every slice or frame of a case shares its report)."""
+    report_key_column: str | None = None
+    """CSV column holding that identifier; defaults to the ``report_key`` name."""
+    report_column: str = "report"
+    report_encoding: str = "utf-8"
+    """Text encoding of ``report_csv`` (e.g. ``latin-1``, ``cp1252``); undecodable bytes are an error naming the line."""
 
     @field_validator("sequences")
     @classmethod
@@ -77,6 +87,8 @@ class NiftiSourceConfig(BaseModel):
     def _label_csv_in_root(self) -> "NiftiSourceConfig":
         if self.label_csv is not None:
             self.label_csv = under_root(self.root, self.label_csv)
+        if self.report_csv is not None:
+            self.report_csv = under_root(self.root, self.report_csv)
         return self
 
 

@@ -202,18 +202,28 @@ def test_methods_train_and_their_checkpoint_re_embeds_text_exactly(tmp_path: Pat
                                atol=1e-6)
 
 
-def test_resume_refuses_views_that_tokenise_differently(tmp_path: Path) -> None:
+def test_resume_refuses_other_reports_and_views_that_tokenise_differently(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from radssl.engine.pretrain import SimulatedCrash
+    from radssl.errors import CheckpointError
+
     method = {"name": "convirt", "text_width": 32, "text_depth": 1}
     config = _config(tmp_path, method, steps=8)
     store = make_synthetic_store(SyntheticSpec(n_patients=32, images_per_patient=2, image_size=24, reports=True))
-    from radssl.engine.pretrain import SimulatedCrash
-
     with pytest.raises(SimulatedCrash):
         pretrain(config, store=store, halt_after_step=6)
-    changed = _with_missing_reports(store, np.array([], dtype=int))
-    changed.meta["report"] = np.char.add(changed.meta["report"], " Pneumothorax remains unchanged.")
+    edited = dict(store.meta, report=np.char.add(store.meta["report"], " Pneumothorax remains unchanged."))
+    with pytest.raises(CheckpointError, match="different data"):  # the reports are part of the data fingerprint
+        pretrain(config, store=replace(store, meta=edited, _fingerprint=None))
+    # A method whose text encoder learnt one vocabulary refuses batches tokenised with another.
+    trained = load_image_text_method(tmp_path / "run" / "checkpoints" / "last.pt")
+    other = replace(store, meta=edited, _fingerprint=None)
+    policy, columns, _ = _policy(other, other.pretrain_indices())
+    batch = policy(torch.arange(4), other.images[torch.from_numpy(other.pretrain_indices())], columns,
+                   torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="different vocabulary"):
-        pretrain(config, store=changed)
+        trained(batch)
 
 
 def test_image_only_term_needs_two_views_and_the_error_names_both(tmp_path: Path) -> None:

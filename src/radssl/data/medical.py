@@ -33,6 +33,7 @@ from radssl.data.folder import FolderSourceConfig, list_folder_files, read_folde
 from radssl.data.nifti import NiftiSourceConfig, list_nifti_files, read_nifti_source
 from radssl.data.preprocess import PreprocessConfig, modality_branch, preprocess_mask, preprocess_record
 from radssl.data.records import BadFileLog, Record
+from radssl.data.reports import join_reports, missing_report_note, report_counts, source_reports
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ALL_SPLIT_NAMES, ImageStore, TaskInfo
 from radssl.errors import DataError
@@ -235,6 +236,7 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     source = config.source
     where = f"{name} ({source.kind} source {source.root})"
     preprocess_fingerprint = config.preprocess.config_fingerprint()
+    reports = source_reports(source)  # read and checked before any pixel is decoded (radssl.data.reports)
     store = load_or_build_cache(
         cache_dir=config.cache_dir,
         name=name,
@@ -254,6 +256,10 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     notes += [n for n in (_unused_split_column(source), _patient_note(store.patient_id, source)) if n]
     meta = dict(store.meta)
     meta["preprocessed_as"] = np.asarray([modality_branch(code, config.preprocess) for code in meta["modality"]])
+    if reports is not None:
+        table, key_kind = reports
+        meta["report"] = join_reports(meta, store.patient_id, table, key_kind)
+        notes += [n for n in (missing_report_note(meta["report"], f"empty, or no row keyed by its {key_kind}"),) if n]
     store = replace(
         store, task=task, labels=labels, split=split, meta=meta, notes=tuple(store.notes) + tuple(notes), _fingerprint=None
     )
@@ -332,6 +338,9 @@ def inspect_store(store: ImageStore, out_png: Path, per_split: int = 8) -> str:
     if "modality" in store.meta:
         values, counts = np.unique(store.meta["modality"], return_counts=True)
         lines.append("modality (files): " + ", ".join(f"{v or '(unknown)'} {c}" for v, c in zip(values, counts)))
+    if "report" in store.meta:
+        counts = report_counts(store.meta["report"])
+        lines.append(f"reports: {counts['with_report']} images with one, {counts['without_report']} without")
     if "preprocessed_as" in store.meta:
         values, counts = np.unique(store.meta["preprocessed_as"], return_counts=True)
         lines.append("preprocessed as: " + ", ".join(f"{v} {c}" for v, c in zip(values, counts)))

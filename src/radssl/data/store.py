@@ -178,6 +178,9 @@ class ImageStore:
             digest.update(self.labels.contiguous().cpu().numpy().tobytes())
             digest.update("\x00".join(self.split.tolist()).encode())
             digest.update("\x00".join(self.patient_id.tolist()).encode())
+            if "report" in self.meta:  # image–text runs: other reports are other data (absent: unchanged digest)
+                reports = "\x00".join(np.asarray(self.meta["report"]).astype(str).tolist())
+                digest.update(b"\x01reports\x00" + reports.encode("utf-8", "surrogatepass"))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -203,6 +206,9 @@ class ImageStore:
                 )
                 entry["per_class"] = counts.tolist()
             summary[split] = entry
+        if "report" in self.meta:
+            present = np.char.strip(np.asarray(self.meta["report"]).astype(str)) != ""
+            summary["reports"] = {"with_report": int(present.sum()), "without_report": int((~present).sum())}
         if self.notes:
             summary["notes"] = list(self.notes)
         return summary

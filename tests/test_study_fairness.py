@@ -226,3 +226,8 @@ def test_results_computed_under_the_old_rules_are_not_mixed_with_new_ones() -> N
     assert settled["protocols"]["finetune"]["backbone_lr_scale"] == [0.3]
     assert settled["protocols"]["finetune"]["steps_per_epoch"] == "subset" and settled["validation"] == "full"
     _check_compatible(new, new, Path("results.sqlite"))
+    floor = {**new, "validation_min_per_class": 7}
+    with pytest.raises(ConfigError, match="validation_min_per_class"):
+        _check_compatible(new, floor, Path("results.sqlite"))  # proportional: the floor changes the cells
+    full = {**new, "validation": "full"}
+    _check_compatible(full, {**full, "validation_min_per_class": 7}, Path("results.sqlite"))  # unused when full

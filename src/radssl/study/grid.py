@@ -423,7 +423,8 @@ def _check_compatible(stored: dict[str, Any] | None, current: dict[str, Any], wh
     if stored is None:
         return
     stored = legacy_study_settings(stored)
-    changed = [name for name in _FIXED_FIELDS if stored.get(name) != current.get(name)]
+    changed = [name for name in _FIXED_FIELDS if stored.get(name) != current.get(name)
+               and not (name == "validation_min_per_class" and current.get("validation") != "proportional")]
     for name in ("protocols",):
         old, new = stored.get(name) or {}, current.get(name) or {}
         changed += [f"{name}.{k}" for k in new if old.get(k) is not None and new[k] is not None and old[k] != new[k]]
@@ -734,6 +735,25 @@ def _save_subsets(plan: StudyPlan, directory: Path) -> None:
                           "validation_min_per_class": plan.config.validation_min_per_class})
 
 
+def _rules_line(plan: StudyPlan) -> str:
+    """The comparison rules in one line (also stated in the report's "How the numbers were made")."""
+    config = plan.config
+    if config.validation == "proportional":
+        rule = f"validation: proportional (same fraction of {len(plan.val_rows)} images, ≥ " \
+               f"{config.validation_min_per_class} per class)"
+    else:
+        rule = f"validation: full ({len(plan.val_rows)} images for every fraction)"
+    finetune = config.protocols.finetune
+    if finetune is not None:
+        steps = "one pass over each subset (grows with the fraction)" if finetune.steps_per_epoch == "subset" else \
+            f"{finetune.epochs} × {plan.finetune_steps_per_epoch(len(plan.train_rows))} steps at every fraction"
+        scales = finetune.backbone_lr_scale
+        lr = f"backbone LR scale {scales[0]:g} for every init" if len(scales) == 1 else \
+            f"backbone LR scale chosen on validation from {[float(v) for v in scales]} for every init"
+        rule += f"; fine-tuning: {steps}, {lr}"
+    return rule
+
+
 def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = None, log: Log = _print) -> Path:
     """Run (or resume) a whole study and render its report; returns the study's output folder.
 
@@ -764,6 +784,7 @@ def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = No
             f"{len(config.protocols.enabled())} protocols × {len(config.seeds)} seeds × "
             f"{len(config.label_fractions)} label fractions × {len(plan.test_sets)} test sets), "
             f"{len(plan.jobs)} pretraining runs; {len(results.done_keys(config.name))} cells already done")
+        log(f"radssl study: {_rules_line(plan)}")
         for encoder in plan.encoders:
             if encoder.job is not None:
                 _run_pretraining(plan, results, encoder.job, log)

@@ -14,6 +14,11 @@ from radssl.models.base import Backbone
 METHODS: dict[str, str] = {
     "simclr": "radssl.methods.simclr:SimCLR",
     "byol": "radssl.methods.byol:BYOL",
+    "moco_v2": "radssl.methods.moco_v2:MoCoV2",
+    "moco_v3": "radssl.methods.moco_v3:MoCoV3",
+    "simsiam": "radssl.methods.simsiam:SimSiam",
+    "barlow_twins": "radssl.methods.barlow_twins:BarlowTwins",
+    "vicreg": "radssl.methods.vicreg:VICReg",
     "convirt": "radssl.methods.convirt:ConVIRT",
     "clip": "radssl.methods.clip:CLIP",
 }

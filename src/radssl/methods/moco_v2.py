@@ -1,0 +1,200 @@
+"""MoCo v2: contrast against a queue of keys from a momentum encoder (He et al., CVPR 2020, arXiv:1911.05722;
+Chen et al. 2020, arXiv:2003.04297).
+
+The query encoder (``backbone`` + ``projection_head``) embeds the first view; the momentum encoder
+(``target_backbone`` + ``target_projection_head``, declared as momentum pairs so the engine applies the EMA) embeds
+the second view as the positive key; the negatives are a FIFO queue of the keys of previous steps (under DDP, of
+every process: keys are gathered before they are enqueued, as MoCo's ``concat_all_gather``). Loss: InfoNCE (MoCo
+eq. 1), −log exp(q·k⁺/τ) / (exp(q·k⁺/τ) + Σ exp(q·queue/τ)) on ℓ₂-normalised vectors — asymmetric, as in the paper.
+
+What is lightly's: the MoCo v2 MLP head (``MoCoProjectionHead``: 2 layers, ReLU, no BN), the gather
+(``concat_all_gather``) and the EMA. What is ours, and why:
+
+- The queue (``KeyQueue``) and the InfoNCE written out. lightly's ``NTXentLoss`` + ``MemoryBankModule`` compute the
+  same loss (a test checks it) but (i) register the queue as a *non-persistent* buffer — it would be missing from the
+  checkpoint and a resumed run would restart from a random queue; ours is checkpointed and resume is bit-for-bit —
+  and (ii) cannot exclude the query's *own* image from the negatives. Radiology sets are small: with 4 708
+  PneumoniaMNIST (546 BreastMNIST) training images and a 4096-key queue, the queue spans most of an epoch (7 epochs),
+  so a query meets earlier keys of its own image (and of its pair partner) as "negatives". We store each key's
+  source row and mask those entries (``exclude_own_keys``). In the paper's regime (65 536 keys ≪ 1.28 M images) no
+  entry is ever masked, so this changes nothing there.
+- The queue starts from the first step's keys (tiled) instead of random unit vectors. With a random start the loss
+  climbs for ``queue_size / batch`` steps while real keys replace the easy random negatives, a transient that carries
+  little learning signal and hides, in short runs, whether the model learns; the reference's random start is an
+  implementation detail the paper does not discuss.
+- Shuffling BN (MoCo Sec. 3.3): with the query and its positive key normalised with the statistics of the same
+  batch, the positive is told from the queue's negatives by its batch statistics ("cheating"). MoCo shuffles the
+  keys across 8 GPUs of 32 samples each; on one device we emulate this by encoding the keys in groups of
+  ``shuffle_bn_group`` samples, each with its own BN statistics (the queries use the whole batch), as lightly's
+  CIFAR-10 benchmark does with split BatchNorm. Skipped when the encoder has no BatchNorm (ViT).
+
+Radiology defaults that differ from the ImageNet paper, and why: ``queue_size`` 4096 (paper 65 536 for 1.28 M images;
+lightly's CIFAR-10 setting); the EMA coefficient follows MoCo v3's cosine 0.99 → 1 (MoCo v2's constant 0.999 is
+tuned for ~500 k ImageNet steps; runs here are 10³–10⁴ steps; set both ends to 0.999 for the paper's); the MLP
+hidden width is 512 (the paper's equals ResNet-50's 2048-d features; 512 is ResNet-18's, as in lightly's CIFAR-10
+example).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import concat_all_gather
+from lightly.utils import dist
+from pydantic import Field, model_validator
+from torch import nn
+
+from radssl.methods.base import MethodOutput, MethodParams, SSLMethod, frozen_copy
+from radssl.models.base import Backbone
+from radssl.views.batch import ViewBatch, ViewRequirements
+
+
+class KeyQueue(nn.Module):
+    """FIFO of the last ``size`` keys and the rows (stored images) they were made from; all buffers persistent.
+
+    ``rows`` is −1 where nothing was written yet. ``push`` overwrites the oldest entries, wrapping around.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("rows", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def empty(self) -> bool:
+        return bool(self.rows[0] < 0)
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        keys, rows = keys[-self.size :], rows[-self.size :]  # a batch larger than the queue keeps its last keys
+        positions = (self.pointer + torch.arange(keys.shape[0], device=keys.device)) % self.size
+        self.keys[positions] = keys.to(self.keys.dtype)
+        self.rows[positions] = rows.to(self.rows.dtype)
+        self.pointer.copy_((self.pointer + keys.shape[0]) % self.size)
+
+    @torch.no_grad()
+    def contents(self, start_keys: torch.Tensor, start_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, rows) to contrast against: the queue, or — while it is empty — ``start_keys`` tiled to its size."""
+        if not self.empty:
+            return self.keys.clone(), self.rows.clone()
+        repeats = -(-self.size // start_keys.shape[0])
+        return (start_keys.repeat(repeats, 1)[: self.size].to(self.keys.dtype),
+                start_rows.repeat(repeats)[: self.size].to(self.rows.dtype))
+
+    @torch.no_grad()
+    def fill(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrite every entry (the queue's start); the pointer stays where it is."""
+        self.keys.copy_(keys)
+        self.rows.copy_(rows)
+
+
+def info_nce_with_queue(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, temperature: float,
+                        excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """MoCo's InfoNCE: logits [q·k⁺, q·queue]/τ on normalised vectors, target 0; ``excluded`` (B, K) masks negatives."""
+    queries = F.normalize(queries, dim=1)
+    keys = F.normalize(keys, dim=1)
+    positive = (queries * keys).sum(dim=1, keepdim=True)
+    negatives = queries @ queue.T
+    if excluded is not None:
+        negatives = negatives.masked_fill(excluded, float("-inf"))
+    logits = torch.cat([positive, negatives], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device))
+
+
+class MoCoV2Params(MethodParams):
+    temperature: float = Field(0.2, gt=0.0, description="InfoNCE temperature τ (MoCo v2: 0.2)")
+    queue_size: int = Field(4096, gt=0, description="negatives in the queue (paper 65536 for ImageNet); keep it "
+                                                    "well below the number of pretraining images")
+    projection_hidden_dim: int = Field(512, gt=0, description="MLP head hidden width (paper 2048 = ResNet-50's)")
+    projection_dim: int = Field(128, gt=0, description="embedding size of queries/keys (paper 128)")
+    momentum_start: float = Field(0.99, ge=0.0, le=1.0, description="EMA coefficient at step 0 (paper: 0.999)")
+    momentum_end: float = Field(1.0, ge=0.0, le=1.0, description="EMA coefficient at the end, cosine schedule")
+    shuffle_bn_group: int = Field(32, ge=0, description="keys are encoded in groups of this many samples, each "
+                                                        "with its own BN statistics (MoCo's shuffling BN: 32 per "
+                                                        "GPU); 0 = the whole batch (no emulation)")
+    exclude_own_keys: bool = Field(True, description="drop queue entries made from the query's own image or its "
+                                                     "partner from its negatives (inactive when queue ≪ data)")
+    gather_distributed: bool = Field(True, description="enqueue the keys of every DDP process (global queue)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "MoCoV2Params":
+        if self.momentum_end < self.momentum_start:
+            raise ValueError("momentum_end must be >= momentum_start")
+        return self
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class MoCoV2(SSLMethod):
+    name = "moco_v2"
+    Params = MoCoV2Params
+    family = "contrastive"
+    paper = "He et al., CVPR 2020 (arXiv:1911.05722); Chen et al. 2020 (arXiv:2003.04297)"
+    preset = {
+        # MoCo v2's "aug+" for grey radiographs: RandomResizedCrop(scale 0.2–1) and flips as the paper; colour
+        # jitter (0.4, 0.4, ·, ·) p=0.8 → brightness/contrast; no grayscale/hue (already grey); blur p=0.5 with the
+        # paper's σ 0.1–2 px at 224 px scaled to ≤ 64 px images; small rotations for radiographs.
+        "views": {"crop_scale": (0.2, 1.0), "intensity_p": 0.8, "brightness": 0.4, "contrast": 0.4,
+                  "blur_p": 0.5, "blur_sigma": (0.1, 0.6), "hflip_p": 0.5, "rotation_degrees": 10.0},
+        # SGD, momentum 0.9, cosine schedule, no warm-up as the paper; for CIFAR-sized images lightly's CIFAR-10
+        # benchmark recipe for MoCo: lr 0.06 per 128 = 0.12 per 256, weight decay 5e-4 (paper, ImageNet: 0.03, 1e-4;
+        # with those the loss barely moved in 20 steps at batch 32 here).
+        "optim": {"optimizer": "sgd", "lr": 0.12, "momentum": 0.9, "weight_decay": 5e-4, "warmup_fraction": 0.0},
+    }
+
+    def __init__(self, backbone: Backbone, params: MoCoV2Params) -> None:
+        super().__init__(backbone, params)
+        self.projection_head = MoCoProjectionHead(
+            backbone.feature_dim, params.projection_hidden_dim, params.projection_dim
+        )
+        self.target_backbone = frozen_copy(backbone)
+        self.target_projection_head = frozen_copy(self.projection_head)
+        self.queue = KeyQueue(params.queue_size, params.projection_dim)
+        self._split_keys = params.shuffle_bn_group > 0 and _has_batch_norm(self.target_backbone)
+
+    @classmethod
+    def requirements(cls, params: MoCoV2Params) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.target_backbone), (self.projection_head, self.target_projection_head)]
+
+    @torch.no_grad()
+    def encode_keys(self, images: torch.Tensor) -> torch.Tensor:
+        """Momentum-encoder keys; in BN groups of ``shuffle_bn_group`` samples (shuffling BN emulated)."""
+        group = self.params.shuffle_bn_group
+        if self._split_keys and images.shape[0] > group:
+            features = torch.cat([self.target_backbone(chunk) for chunk in images.split(group)])
+        else:
+            features = self.target_backbone(images)
+        return self.target_projection_head(features)
+
+    def forward(self, batch: ViewBatch) -> MethodOutput:
+        first, second = batch.views
+        queries = self.projection_head(self.backbone(first)).float()
+        keys = F.normalize(self.encode_keys(second).float(), dim=1)
+        key_rows = batch.rows if batch.partner_rows is None else batch.partner_rows
+        if self.params.gather_distributed and dist.world_size() > 1:
+            all_keys, all_rows = concat_all_gather(keys.contiguous()), concat_all_gather(key_rows.contiguous())
+        else:
+            all_keys, all_rows = keys, key_rows
+        negatives, negative_rows = self.queue.contents(all_keys, all_rows)
+        excluded = None
+        if self.params.exclude_own_keys:
+            excluded = (negative_rows[None, :] == batch.rows[:, None]) | (negative_rows[None, :] == key_rows[:, None])
+        loss = info_nce_with_queue(queries, keys, negatives, self.params.temperature, excluded)
+        if self.training:  # the current keys become the next steps' negatives (after the loss, as MoCo)
+            if self.queue.empty:
+                self.queue.fill(negatives, negative_rows)
+            self.queue.push(all_keys, all_rows)
+        with torch.no_grad():
+            positive = F.cosine_similarity(queries, keys).mean()
+        return {"loss": loss, "positive_similarity": positive}

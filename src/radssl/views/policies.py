@@ -150,6 +150,8 @@ POLICIES: dict[str, str | type[ViewPolicy]] = {
     "two_view": "radssl.views.policies:TwoViewPolicy",
     "single_view": "radssl.views.policies:SingleViewPolicy",
     "neighbouring_crops": "radssl.views.volume_policies:NeighbouringCropPolicy",
+    "multi_crop": "radssl.views.multicrop:MultiCropPolicy",
+    "restoration": "radssl.views.restoration:RestorationPolicy",
     "image_text": "radssl.views.image_text:ImageTextPolicy",
 }
 

@@ -19,6 +19,9 @@ METHODS: dict[str, str] = {
     "simsiam": "radssl.methods.simsiam:SimSiam",
     "barlow_twins": "radssl.methods.barlow_twins:BarlowTwins",
     "vicreg": "radssl.methods.vicreg:VICReg",
+    "dino": "radssl.methods.dino:DINO",
+    "mae": "radssl.methods.mae:MAE",
+    "models_genesis": "radssl.methods.genesis:ModelsGenesis",
     "convirt": "radssl.methods.convirt:ConVIRT",
     "clip": "radssl.methods.clip:CLIP",
 }

@@ -200,6 +200,13 @@ def test_methods_train_and_their_checkpoint_re_embeds_text_exactly(tmp_path: Pat
     # and the two layouts run different convolution kernels.
     torch.testing.assert_close(embed_images(reloaded, images), embed_images(result.method, images), rtol=1e-5,
                                atol=1e-6)
+    # Every other transfer protocol (and a study's ``ssl:<checkpoint>`` initialisation) gets the image encoder.
+    from radssl.transfer.initialisation import initialise_backbone
+
+    encoder = initialise_backbone(f"ssl:{result.checkpoint}").eval()
+    x = torch.randn(3, 1, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), result.backbone.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_resume_refuses_other_reports_and_views_that_tokenise_differently(tmp_path: Path) -> None:

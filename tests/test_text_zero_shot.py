@@ -71,6 +71,8 @@ def test_zero_shot_averages_prompts_per_class_and_scores_each_case() -> None:
     prompts = [_unit([1, 0], [1, 0.2]), _unit([0, 1], [0.2, 1], [0, 1])]
     classes = class_embeddings(prompts)
     assert torch.allclose(classes.norm(dim=1), torch.ones(2))
+    expected = torch.nn.functional.normalize(torch.stack([prompts[0].mean(0), prompts[1].mean(0)]), dim=1)
+    torch.testing.assert_close(classes, expected, msg="each class: the normalised mean of its prompts' embeddings")
     assert float(classes[0, 0]) > float(classes[0, 1]) and float(classes[1, 1]) > float(classes[1, 0])
     images = _unit([1, 0.1], [0.1, 1], [1, 1.2], [1, 0.9])
     scores = zero_shot_scores(images, prompts, logit_scale=10.0, task_kind="binary")

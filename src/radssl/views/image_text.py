@@ -61,7 +61,7 @@ class ImageTextPolicyParams(BaseModel):
     vocab_size: int = Field(4096, ge=16, description="largest fitted vocabulary (special tokens included)")
     min_frequency: int = Field(2, ge=1, description="a merge must occur this often to enter the fitted vocabulary")
     lowercase: bool = True
-    max_length: int = Field(64, ge=8, description="tokens per report incl. [CLS]/[SEP]; longer reports are "
+    max_length: int = Field(128, ge=8, description="tokens per report incl. [CLS]/[SEP]; longer reports are "
                                                    "truncated (counted and logged)")
     missing_report: Literal["drop", "image_only"] = Field(
         "drop", description="images without a report: drop (not used) or image_only (only an image-only loss term)")

@@ -32,14 +32,23 @@ def test_synthetic_reports_describe_each_images_truth_and_leave_the_images_alone
     plain = generate_radiographs(SyntheticSpec(n_patients=40, images_per_patient=3, image_size=32, site=2))
     assert np.array_equal(data["images"], plain["images"]) and "report" not in plain
     side, zone = finding_place(spec, _sample_patients(spec))
+    rows_by_zone: dict[str, list[float]] = {"upper": [], "middle": [], "lower": []}
     for image, report in enumerate(data["report"]):
-        patient = image // 3
-        assert "site 2" in report.lower()
+        patient, text = image // 3, report.lower()
+        assert "site 2" in text
         if data["labels"][image] == 1:
-            assert side[patient] in report.lower() and zone[patient] in report.lower() and "nodul" in report.lower()
-            assert {"left", "right"} - {side[patient]} & set(report.lower().replace(",", " ").split()) == set()
+            words = set(text.replace(",", " ").replace(".", " ").split())
+            assert "nodul" in text and side[patient] in words and zone[patient] in words
+            assert ({"left", "right"} - {side[patient]}).isdisjoint(words)
+            # Independent of the generator's own bookkeeping: on a PA image the patient's left is the image's right.
+            row, col = data["finding_center"][image]
+            if abs(col - 16) > 3:
+                assert side[patient] == ("left" if col > 16 else "right"), (report, col)
+            rows_by_zone[str(zone[patient])].append(float(row))
         else:
-            assert any(template in report for template in _NEGATIVE_TEMPLATES)
+            assert any(template in report for template in _NEGATIVE_TEMPLATES) and "left" not in text
+    upper, middle, lower = (np.mean(rows_by_zone[z]) for z in ("upper", "middle", "lower"))
+    assert upper < middle < lower, "upper-zone findings lie higher in the image than lower-zone ones"
     assert len(set(data["report"])) > 20, "phrasing varies"
     assert np.array_equal(generate_radiographs(spec)["report"], data["report"]), "seeded"
 

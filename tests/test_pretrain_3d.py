@@ -23,7 +23,6 @@ import torch
 from radssl.config import PretrainConfig
 from radssl.data.build import build_store
 from radssl.data.store import ImageStore
-from radssl.data.synthetic3d import SyntheticVolumeSpec, make_synthetic_volume_store
 from radssl.engine.pretrain import pretrain
 from radssl.errors import ConfigError
 from radssl.methods.registry import METHODS, method_class
@@ -50,15 +49,20 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+DATA = {"source": "synthetic3d", "n_patients": 40, "volumes_per_patient": 2, "volume_size": SIZE}
+
+
 @pytest.fixture(scope="module")
 def volumes() -> ImageStore:
-    return make_synthetic_volume_store(SyntheticVolumeSpec(n_patients=40, volumes_per_patient=2, volume_size=SIZE))
+    """The store every run's ``data`` section describes, built once for the module."""
+    return build_store(PretrainConfig.model_validate({"data": DATA}).data)
 
 
 def _config(name: str, output_dir: Path, **sections: Any) -> PretrainConfig:
     raw: dict[str, Any] = {
         "seed": 0,
         "output_dir": str(output_dir),
+        "data": DATA,
         "model": {"backbone": "small_cnn_3d", "options": {"width": 8}},
         "method": {"name": name},
         "train": {"steps": STEPS, "batch_size": 16, "log_every": 1, "checkpoint_every": 10, "progress_bar": False,

@@ -103,3 +103,16 @@ def test_bad_specs_and_config_keys_are_refused() -> None:
                                                  finding_contrast=0.2)
     with pytest.raises(ValidationError, match="volumes_per_patien"):
         SyntheticVolumeData(volumes_per_patien=3)  # type: ignore[call-arg]
+
+
+def test_the_config_section_builds_the_store() -> None:
+    from radssl.config import load_config
+    from radssl.data.build import build_store
+    from radssl.errors import ConfigError
+
+    config = load_config(None, ["data.source=synthetic3d", "data.n_patients=6", "data.volume_size=16",
+                                "data.modality=mr", "data.channels=2"])
+    store = build_store(config.data)
+    assert store.images.shape == (12, 2, 16, 16, 16) and store.meta["mask"].shape == (12, 16, 16, 16)
+    with pytest.raises(ConfigError, match="did you mean 'volume_size'"):
+        load_config(None, ["data.source=synthetic3d", "data.volume_sise=16"])

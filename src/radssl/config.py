@@ -25,6 +25,7 @@ from pydantic import (
 
 from radssl.data.medical import MedicalDataConfig
 from radssl.data.slices import SlicesConfig
+from radssl.data.synthetic3d import SyntheticVolumeData
 from radssl.errors import ConfigError
 from radssl.models.registry import BACKBONE_FAMILIES, backbone_class, make_spec
 from radssl.models.spec import BackboneSpec
@@ -94,6 +95,7 @@ def _data_source_tag(value: Any) -> str:
 DataSection = Annotated[
     Annotated[MedMNISTData, Tag("medmnist")]
     | Annotated[SyntheticData, Tag("synthetic")]
+    | Annotated[SyntheticVolumeData, Tag("synthetic3d")]
     | Annotated[FilesData, Tag("files")],
     Discriminator(_data_source_tag),
 ]
@@ -368,7 +370,7 @@ def _allowed_keys(model: type[BaseModel], location: tuple[str, ...], raw: dict[s
 def format_validation_error(error: ValidationError, source: str, model: type[BaseModel], raw: dict[str, Any]) -> str:
     """Readable, one line per problem: file, dotted key, what is wrong, and close valid keys."""
     lines = [f"{source}: invalid configuration"]
-    tags = {"medmnist", "synthetic", "files", "dicom", "nifti", "folder"}
+    tags = {"medmnist", "synthetic", "synthetic3d", "files", "dicom", "nifti", "folder"}
     for item in error.errors():
         location = tuple(str(p) for p in item["loc"] if not isinstance(p, int))
         shown = tuple(p for p in location if p not in tags)  # union tags are noise for the user

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from radssl.config import FilesData, MedMNISTData, SyntheticData
+from radssl.config import FilesData, MedMNISTData, SyntheticData, SyntheticVolumeData
 from radssl.data.store import ImageStore
 
 
@@ -37,6 +37,10 @@ def _load(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
             reports=section.reports,
         )
         return make_synthetic_store(spec)
+    if isinstance(section, SyntheticVolumeData):
+        from radssl.data.synthetic3d import make_synthetic_volume_store
+
+        return make_synthetic_volume_store(section.spec())
     if isinstance(section, FilesData):
         from radssl.data.medical import load_medical_store
 

@@ -78,7 +78,19 @@ def _run_ranks(tmp_path: Path, name: str, params: dict) -> tuple[torch.Tensor, t
 
 
 # Contrastive methods whose negatives must come from every process: name → params that switch gathering off.
-GATHERING_METHODS = {"simclr": {"temperature": 0.5}}
+GATHERING_METHODS = {
+    "simclr": {"temperature": 0.5},
+    "moco_v3": {},  # keys of every process are the negatives (gathered without gradient, as the reference)
+    # MoCo v2's negatives are its queue; gathering decides what is enqueued (every process's keys). The queue starts
+    # from the first step's keys, so at step 1 its negatives are the global batch's keys with gathering and only the
+    # local ones without — which this test sees. Own-image exclusion is off: ranks here all number their rows
+    # 0..BATCH-1, so rows are not global positions as they are in the engine.
+    "moco_v2": {"exclude_own_keys": False},
+    # Non-contrastive, but their batch statistics must be global: Barlow Twins' cross-correlation matrix and VICReg's
+    # variance/covariance terms are computed over the gathered global batch (small heads keep the test fast).
+    "barlow_twins": {"projection_hidden_dim": 32, "projection_dim": 16},
+    "vicreg": {"projection_hidden_dim": 32, "projection_dim": 16},
+}
 
 
 @pytest.mark.parametrize("name", sorted(GATHERING_METHODS))

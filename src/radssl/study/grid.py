@@ -55,7 +55,7 @@ from radssl.study.config import (
 )
 from radssl.study.results_store import CellKey, ResultsStore
 
-__all__ = ["Encoder", "PretrainJob", "StudyPlan", "prepare_study", "run_study", "seed_pretraining_from_weights"]
+__all__ = ["Encoder", "PretrainJob", "StudyPlan", "prepare_study", "run_study"]
 
 RESULTS_FILE = "results.sqlite"
 REPORT_DIR = "report"
@@ -308,7 +308,7 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
     """
     from radssl.data.build import build_store
     from radssl.data.splits import label_fraction_subsets
-    from radssl.engine.pretrain import plan_steps, pretrain_rows
+    from radssl.engine.pretrain import check_pretraining, plan_steps, pretrain_rows
 
     store = build_store(config.data)
     where = _where(store)
@@ -361,6 +361,7 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
         rows = pretrain_rows(store, job.pretrain_fraction, pretrain_config.seed)
         plan_steps(pretrain_config, len(rows), 1, f"{where} [pretraining[{index}] '{job.run}', "
                    f"pretrain_fraction {job.pretrain_fraction:g}]")
+        check_pretraining(pretrain_config, store)  # backbone × policy × method fit, before any compute
         pretrain_configs[job] = pretrain_config
     _check_weights(config, store, pretrain_configs, encoders)
 
@@ -441,63 +442,8 @@ def _check_compatible(stored: dict[str, Any] | None, current: dict[str, Any], wh
 
 
 # ------------------------------------------------------------------------------------------- pretraining
-def seed_pretraining_from_weights(config: PretrainConfig, store: ImageStore, backbone_state: dict[str, torch.Tensor],
-                                  source: str) -> Path | None:
-    """Start a pretraining run from given backbone weights by writing a step-0 checkpoint the engine resumes.
-
-    The engine (:func:`radssl.engine.pretrain.pretrain`) has no "initial backbone" option; it does resume from
-    ``checkpoints/last.pt`` when that file matches the run's config and data. So we build the method exactly as
-    the engine does (same seed → same heads), load ``backbone_state`` into its backbone (and into any momentum /
-    target copy of it, e.g. BYOL's target network), build a fresh optimiser state the same way, and save it as
-    step 0. Returns the written path, or None when the run already has a checkpoint (it is then resumed as is).
-    """
-    from radssl.engine.checkpoint import LAST, latest_checkpoint, save_checkpoint
-    from radssl.engine.optim import build_optimizer, effective_lr
-    from radssl.engine.pretrain import build_pretraining_method, plan_steps, pretrain_rows
-    from radssl.provenance import package_versions
-
-    checkpoint_dir = Path(config.output_dir) / "checkpoints"
-    if latest_checkpoint(checkpoint_dir) is not None:
-        return None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # as in pretrain(): identical heads to an engine-built method
-        method = build_pretraining_method(config, store)
-    backbone_type = type(method.backbone)
-    method.backbone.load_state_dict(backbone_state, strict=True)
-    expected = set(method.backbone.state_dict())
-    for name, module in method.named_modules():
-        if name and module is not method.backbone and type(module) is backbone_type \
-                and set(module.state_dict()) == expected:
-            module.load_state_dict(backbone_state, strict=True)  # momentum/target encoders start as copies
-    # The engine's optimiser (world size 1): only its param-group layout matters at step 0 (no moments yet).
-    optimizer = build_optimizer(method, config.optim, effective_lr(config.optim, config.train.batch_size))
-    rows = pretrain_rows(store, config.train.pretrain_fraction, config.seed)
-    _, max_steps = plan_steps(config, len(rows), 1, _where(store))
-    state = {
-        "method": method.state_dict(),
-        "backbone": method.backbone.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": 0,
-        "max_steps": max_steps,
-        "images_seen": 0,
-        "finished": False,
-        "config": config.to_dict(),
-        "data_fingerprint": store.fingerprint(),
-        "pretrain_rows": len(rows),
-        "versions": package_versions(),
-        "device": "cpu",
-        "world_size": 1,
-        "wall_time_s": 0.0,
-        "seed": config.seed,
-        "initial_backbone": source,
-    }
-    path = checkpoint_dir / LAST
-    save_checkpoint(path, state)
-    return path
-
-
 def _run_pretraining(plan: StudyPlan, results: ResultsStore, job: PretrainJob, log: Log) -> Path:
-    """Run (or resume, or skip) one pretraining job; record its cost in the results store."""
+    """Run (or resume, or skip) one pretraining job; record its cost from what the engine returns."""
     from radssl.engine.pretrain import pretrain
 
     config = plan.config
@@ -505,24 +451,24 @@ def _run_pretraining(plan: StudyPlan, results: ResultsStore, job: PretrainJob, l
     if checkpoint.is_file() and results.is_pretrain_done(config.name, job.run_name):
         return checkpoint
     pretrain_config = plan.pretrain_configs[job]
+    initial, source = None, ""
     if job.from_imagenet:
         from radssl.transfer.initialisation import initialise_backbone
 
         weights = config.imagenet_file(InitSpec("imagenet+ssl", job.run))
-        imagenet = initialise_backbone(f"imagenet:{weights}", pretrain_config.model.backbone,
-                                       in_channels=plan.store.channels, small_input=None)
-        if seed_pretraining_from_weights(pretrain_config, plan.store, imagenet.state_dict(), str(weights)):
-            log(f"radssl study: pretraining '{job.run_name}' starts from the ImageNet weights {weights}")
+        initial = initialise_backbone(f"imagenet:{weights}", pretrain_config.model.backbone,
+                                      in_channels=plan.store.channels, small_input=None)
+        source = f"imagenet:{weights}"
+        log(f"radssl study: pretraining '{job.run_name}' starts from the ImageNet weights {weights}")
     log(f"radssl study: pretraining '{job.run_name}' ({pretrain_config.method.name}, "
         f"{pretrain_config.model.backbone}) → {job.directory(config.output_dir)}")
-    result = pretrain(pretrain_config, store=plan.store)
-    run = json.loads((Path(result.output_dir) / "run.json").read_text())
+    result = pretrain(pretrain_config, store=plan.store, initial_backbone=initial, initial_backbone_source=source)
     results.record_pretrain_run(
-        config.name, job.run_name, result.checkpoint, wall_time_s=float(run["wall_time_s"]),
-        device=str(run["device"]), images_seen=int(run["steps"]) * int(run["global_batch_size"]),
-        config=pretrain_config.to_dict(), device_hours=float(run["wall_time_s"]) * int(run["world_size"]) / 3600.0,
+        config.name, job.run_name, result.checkpoint, wall_time_s=result.wall_time_s,
+        device=str(result.run_record["device"]), images_seen=result.images_seen,
+        config=pretrain_config.to_dict(), device_hours=result.device_hours,
     )
-    log(f"radssl study: pretraining '{job.run_name}' done in {run['wall_time_s']:.0f} s")
+    log(f"radssl study: pretraining '{job.run_name}' done in {result.wall_time_s:.0f} s")
     return result.checkpoint
 
 
@@ -531,16 +477,15 @@ def _backbone(plan: StudyPlan, encoder: Encoder) -> nn.Module:
     from radssl.transfer.initialisation import initialise_backbone
 
     config, store = plan.config, plan.store
-    size = max(store.image_shape)
     if encoder.init == "random":
-        # Same seed and arguments as the pretraining engine: random = the SSL runs' starting point.
-        return initialise_backbone("random", config.model.backbone, store.channels, config.model.small_input,
-                                   image_size=size, seed=config.seed)
+        # Same spec and seed as the pretraining engine: random = the SSL runs' starting point.
+        spec = config.model.spec_for(store.channels, store.image_shape)
+        return initialise_backbone("random", backbone_spec=spec, seed=config.seed)
     if encoder.init == "imagenet":
         return initialise_backbone(f"imagenet:{config.imagenet_file(encoder.spec)}", config.model.backbone,
                                    store.channels, small_input=None)
     path = encoder.checkpoint or encoder.job.checkpoint(config.output_dir)  # type: ignore[union-attr]
-    return initialise_backbone(f"ssl:{path}", None, store.channels, image_size=size)
+    return initialise_backbone(f"ssl:{path}", None, store.channels)
 
 
 class _Features:

@@ -11,9 +11,9 @@ What is lightly's: the MLP building block (``ProjectionHead``), the key gather (
 world size, and the EMA. What is ours: the 2τ-scaled symmetric loss (lightly has no MoCo v3 loss — its
 ``NTXentLoss`` is SimCLR's 2N-sample form), and the heads built with the reference's exact layer layout
 (facebookresearch/moco-v3 ``builder.py``): bias-free linear layers, BN + ReLU on hidden layers, an affine-free BN
-on the projector's output; for ResNets a 2-layer projector and a predictor without output BN, for ViTs a 3-layer
-projector and a predictor with output BN. lightly's ``MoCoProjectionHead`` differs (affine output BN, and output
-BN on the ResNet predictor too), so it is not used.
+on the projector's output; for CNNs (the reference's ResNet) a 2-layer projector and a predictor without output
+BN, for ViTs a 3-layer projector and a predictor with output BN. lightly's ``MoCoProjectionHead`` differs (affine
+output BN, and output BN on the ResNet predictor too), so it is not used.
 
 Backbone-dependent defaults (``None`` = automatic, from the reference code): projector and predictor layout as above;
 for ViTs the patch embedding is frozen at its random init (the paper's "random patch projection",

@@ -71,6 +71,8 @@ class SyntheticData(Section):
     data_seed: int = 0
     reports: bool = Field(False, description="also write a short report per image (for image–text methods); "
                                              "the images are the same either way")
+    masks: bool = Field(False, description="also draw the finding's segmentation mask per image (0 background, "
+                                           "1 finding; for segmentation); the images are the same either way")
 
 
 class FilesData(MedicalDataConfig):

@@ -35,6 +35,7 @@ def _load(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
             site=section.site,
             seed=section.data_seed,
             reports=section.reports,
+            masks=section.masks,
         )
         return make_synthetic_store(spec)
     if isinstance(section, SyntheticVolumeData):

@@ -7,6 +7,12 @@ train and test but no val gets a validation split carved from its training patie
 ``on_bad_file: skip`` the bad files are listed in ``bad_files.json`` inside the cache entry
 (``store.origin``), never silently dropped.
 
+Segmentation sources: ``store.mask_classes`` comes from the source's ``mask_classes`` (NIfTI), and
+``meta["voxel_spacing"]`` (mm per stored axis) is the spacing of the *stored* grid — the source spacing, or
+``target_spacing`` after resampling; NaN where a ``pad``/``stretch`` resize to ``target_size`` changed it by a
+per-image factor the cache does not keep — so surface distances (HD95) are in mm only where that is true.
+``meta["spacing"]`` stays the source's.
+
 What a user must know about how the data were split lands in ``store.notes`` (shown by ``radssl data
 inspect``, logged, and recorded in ``run.json``): images without patient ids (split per image, so a patient's
 images may leak across splits), a carved validation split, a CSV ``split`` column that is not used.
@@ -255,13 +261,16 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     split, notes = _splits(store, labels, task, config, where)
     notes += [n for n in (_unused_split_column(source), _patient_note(store.patient_id, source)) if n]
     meta = dict(store.meta)
+    meta["voxel_spacing"] = stored_voxel_spacing(meta["spacing"], config.preprocess, store.spatial_dims)
+    mask_classes = tuple(getattr(source, "mask_classes", None) or ()) if "mask" in meta else ()
     meta["preprocessed_as"] = np.asarray([modality_branch(code, config.preprocess) for code in meta["modality"]])
     if reports is not None:
         table, key_kind = reports
         meta["report"] = join_reports(meta, store.patient_id, table, key_kind)
         notes += [n for n in (missing_report_note(meta["report"], f"empty, or no row keyed by its {key_kind}"),) if n]
     store = replace(
-        store, task=task, labels=labels, split=split, meta=meta, notes=tuple(store.notes) + tuple(notes), _fingerprint=None
+        store, task=task, labels=labels, split=split, meta=meta, notes=tuple(store.notes) + tuple(notes),
+        mask_classes=mask_classes, _fingerprint=None
     )
     for note in notes:
         logger.warning("%s: %s", name, note)
@@ -270,6 +279,27 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     if skipped:
         logger.warning("%s: %d bad files skipped; see %s", name, skipped, report)
     return store
+
+
+def stored_voxel_spacing(spacing: np.ndarray, config: PreprocessConfig, spatial_dims: int) -> np.ndarray:
+    """(N, spatial_dims) mm per axis of the stored grid, from the source spacing and the preprocessing.
+
+    Resampling to ``target_spacing`` sets it (axes without a source spacing stay NaN; a 2-value target for volumes
+    keeps the depth); ``crop_or_pad`` keeps it; a ``pad`` or ``stretch`` resize to ``target_size`` scales it by a
+    factor that depends on each source shape, which the cache does not keep, so those rows are NaN (unknown).
+    """
+    spacing = np.asarray(spacing, dtype=np.float32)
+    n = len(spacing)
+    out = np.full((n, spatial_dims), np.nan, dtype=np.float32)
+    if spacing.ndim == 2 and spacing.shape[1] >= spatial_dims:
+        out[:] = spacing[:, :spatial_dims]
+    if config.target_spacing is not None:
+        target = np.asarray(config.target_spacing, dtype=np.float32)[-spatial_dims:]
+        resampled = np.broadcast_to(target, (n, len(target)))
+        out[:, spatial_dims - len(target):] = np.where(np.isfinite(out[:, spatial_dims - len(target):]), resampled, np.nan)
+    if config.target_size is not None and config.resize != "crop_or_pad":
+        out[:] = np.nan
+    return out
 
 
 def _skipped_count(report: Path) -> int:

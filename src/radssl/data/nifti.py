@@ -16,8 +16,12 @@ sequences). ``layout: axial_slices`` gives 2D records with ``slice_index`` = dep
 
 Multi-sequence cases (``sequences: [_flair, _t1, _t1ce, _t2]``, BraTS-style ``<case><sequence>.nii.gz``) are
 stacked as channels (C, D, H, W) in the listed order; every sequence must be present with the same grid.
-A mask (``mask_suffix: seg`` → ``<case>_seg.nii.gz``) is read with the same orientation into
-``extra["mask"]`` (integer array shaped like one channel of the image).
+A mask (``mask_suffix: seg`` → ``<case>_seg.nii.gz`` beside the image, or ``mask_folder: labelsTr`` → a file named
+after the case in that folder, the Medical Segmentation Decathlon layout ``imagesTr/`` + ``labelsTr/``) is read with
+the same orientation into ``extra["mask"]`` (integer array shaped like one channel of the image). A mask must lie on
+its image's grid — same shape, voxel size and affine (position and orientation, 1e-3 mm) — and, when
+``mask_classes`` names the labels, hold only labels 0 … len(mask_classes) − 1: anything else is a bad file naming
+the mask, before any pixel is cached (a mask on another grid would be silently misaligned after reorientation).
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ class NiftiSourceConfig(BaseModel):
     pattern: str = "**/*.nii*"
     mask_suffix: str | None = None
     """Masks are ``<case>_<mask_suffix>.nii[.gz]`` beside the image; they are not read as images."""
+    mask_folder: Path | None = None
+    """Masks are ``<case>.nii[.gz]`` in this folder (relative paths inside ``root``), e.g. ``labelsTr`` of the
+    Medical Segmentation Decathlon; files in it are never read as images."""
+    mask_classes: list[str] | None = None
+    """Names of the mask labels, index = label value (``[background, anterior, posterior]``); masks holding other
+    labels are bad files. Becomes ``store.mask_classes``."""
     sequences: list[str] | None = None
     """File-name endings of the sequences of one case, stacked as channels in this order."""
     fourth_axis: Literal["frames", "channels"] = "frames"
@@ -83,8 +93,22 @@ class NiftiSourceConfig(BaseModel):
             raise ValueError("`sequences` must be a non-empty list of distinct file-name endings")
         return value
 
+    @field_validator("mask_classes")
+    @classmethod
+    def _mask_classes_named(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) < 2 or len(set(value)) != len(value)):
+            raise ValueError("`mask_classes` must list at least 2 distinct names: the background (label 0) first")
+        return value
+
     @model_validator(mode="after")
     def _label_csv_in_root(self) -> "NiftiSourceConfig":
+        if self.mask_suffix is not None and self.mask_folder is not None:
+            raise ValueError("set either `mask_suffix` (masks beside the images) or `mask_folder`, not both")
+        if self.mask_classes is not None and self.mask_suffix is None and self.mask_folder is None:
+            raise ValueError("`mask_classes` names mask labels but no masks are read: set `mask_suffix` or "
+                             "`mask_folder`")
+        if self.mask_folder is not None:
+            self.mask_folder = under_root(self.root, self.mask_folder)
         if self.label_csv is not None:
             self.label_csv = under_root(self.root, self.label_csv)
         if self.report_csv is not None:
@@ -117,6 +141,8 @@ def _sequence_of(stem: str, sequences: list[str]) -> str | None:
 def list_nifti_files(config: NiftiSourceConfig) -> list[Path]:
     """Every file this source reads (images, masks, label CSV), without decoding: the cache's change detector."""
     files = _matching_files(config)
+    if config.mask_folder is not None:
+        files += _mask_folder_files(config)
     if config.label_csv is not None:
         files.append(config.label_csv)
     return files
@@ -125,11 +151,23 @@ def list_nifti_files(config: NiftiSourceConfig) -> list[Path]:
 def _matching_files(config: NiftiSourceConfig) -> list[Path]:
     if not config.root.is_dir():
         raise DataError(str(config.root), "NIfTI folder not found", "check `root` in the source config")
+    masks = config.mask_folder.resolve() if config.mask_folder is not None else None
     return sorted(
         p
         for p in config.root.glob(config.pattern)
         if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+        and (masks is None or p.parent.resolve() != masks)
     )
+
+
+def _mask_folder_files(config: NiftiSourceConfig) -> list[Path]:
+    """The NIfTI files of ``mask_folder`` (a missing folder is an error naming it)."""
+    folder = config.mask_folder
+    assert folder is not None
+    if not folder.is_dir():
+        raise DataError(str(folder), "mask folder not found", "check `mask_folder` (a relative path is read inside `root`)")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
 
 
 # ----------------------------------------------------------------------------------------- decoding
@@ -190,7 +228,9 @@ def dhw_affine(ras_affine: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.nd
 
 # ----------------------------------------------------------------------------------------- cases
 def _case_groups(config: NiftiSourceConfig, files: list[Path]) -> tuple[dict, dict]:
-    """Group image files into cases {(folder, case_id): {sequence: path}} and find masks {(folder, case_id): path}."""
+    """Group image files into cases {(folder, case_id): {sequence: path}} and find masks {(folder, case_id): path}.
+
+    With ``mask_folder`` the masks are keyed by case id alone (folder ``None``): see :func:`_mask_path`."""
     mask_ending = _mask_ending(config)
     cases: dict[tuple[Path, str], dict[str, Path]] = defaultdict(dict)
     masks: dict[tuple[Path, str], Path] = {}
@@ -206,7 +246,19 @@ def _case_groups(config: NiftiSourceConfig, files: list[Path]) -> tuple[dict, di
             cases[(path.parent, stem[: -len(sequence)])][sequence] = path
         else:
             cases[(path.parent, stem)][""] = path
+    if config.mask_folder is not None:
+        masks = {(None, nifti_stem(path)): path for path in _mask_folder_files(config)}
     return dict(cases), masks
+
+
+def _mask_path(config: NiftiSourceConfig, masks: dict, folder: Path, case_id: str) -> Path | None:
+    return masks.get((None, case_id) if config.mask_folder is not None else (folder, case_id))
+
+
+def _mask_name(config: NiftiSourceConfig, case_id: str) -> str:
+    if config.mask_folder is not None:
+        return f"'{case_id}.nii[.gz]' in {config.mask_folder}"
+    return f"'{case_id}{_mask_ending(config)}.nii[.gz]' beside the image"
 
 
 def _patient_id(config: NiftiSourceConfig, folder: Path, case_id: str) -> str:
@@ -276,15 +328,36 @@ def _load_case(config: NiftiSourceConfig, case_id: str, paths: dict[str, Path]) 
     return pixels, spacing, dhw_affine(affine, shape_xyz)
 
 
-def _load_mask(path: Path, shape_dhw: tuple[int, ...]) -> np.ndarray:
-    data, _, _ = load_canonical(path)
+def _load_mask(path: Path, shape_dhw: tuple[int, ...], spacing_dhw: tuple[float, ...] | None = None,
+               affine_dhw: np.ndarray | None = None, mask_classes: list[str] | None = None) -> np.ndarray:
+    """The mask on its image's grid (shape, voxel size, affine checked), labels within ``mask_classes``."""
+    data, zooms, ras_affine = load_canonical(path)
     if data.ndim != 3:
         raise DataError(str(path), f"mask has shape {data.shape}; expected a 3D label volume")
     mask = ras_to_dhw(data)
     if mask.shape != tuple(shape_dhw):
-        raise DataError(str(path), f"mask grid {mask.shape} (D, H, W) differs from its image {tuple(shape_dhw)}")
+        raise DataError(str(path), f"mask grid {mask.shape} (D, H, W) differs from its image {tuple(shape_dhw)}",
+                        "resample the mask onto its image's grid (nearest neighbour) or pair the right files")
+    mask_spacing = (zooms[2], zooms[1], zooms[0])
+    if spacing_dhw is not None and not np.allclose(mask_spacing, spacing_dhw, rtol=1e-4, atol=1e-4):
+        raise DataError(str(path), f"mask voxel size {tuple(round(z, 4) for z in mask_spacing)} mm (D, H, W) differs "
+                        f"from its image's {tuple(round(float(z), 4) for z in spacing_dhw)} mm",
+                        "resample the mask onto its image's grid (nearest neighbour) or pair the right files")
+    if affine_dhw is not None:
+        mask_affine = dhw_affine(ras_affine, (int(data.shape[0]), int(data.shape[1]), int(data.shape[2])))
+        if not np.allclose(mask_affine, affine_dhw, atol=1e-3):
+            shift = float(np.abs(mask_affine[:3, 3] - affine_dhw[:3, 3]).max())
+            raise DataError(str(path), f"mask affine differs from its image's (origin off by up to {shift:.3g} mm, "
+                            "or another orientation): same shape and voxel size, but not the same place",
+                            "resample the mask onto its image's grid or fix the mask header")
     if not np.all(mask == np.round(mask)):
         raise DataError(str(path), "mask holds non-integer values", "save label masks with integer voxels")
+    if mask_classes is not None and mask.size:
+        low, high = float(mask.min()), float(mask.max())
+        if low < 0 or high >= len(mask_classes):
+            raise DataError(str(path), f"mask labels span {low:g}..{high:g} but mask_classes declare "
+                            f"{len(mask_classes)} labels {mask_classes}",
+                            "add the missing names to mask_classes (index = label value) or fix the mask")
     return mask.astype(np.uint8 if mask.min() >= 0 and mask.max() < 256 else np.int32)
 
 
@@ -332,15 +405,15 @@ def read_nifti_source(config: NiftiSourceConfig, log: BadFileLog) -> list[Record
         try:
             pixels, spacing, affine = _load_case(config, case_id, paths)
             mask = None
-            if config.mask_suffix is not None:
-                mask_path = masks.get((folder, case_id))
+            if config.mask_suffix is not None or config.mask_folder is not None:
+                mask_path = _mask_path(config, masks, folder, case_id)
                 if mask_path is None:
                     raise DataError(
                         str(first_path),
-                        f"no mask '{case_id}{_mask_ending(config)}.nii[.gz]' beside the image",
-                        "add the mask, unset mask_suffix, or drop the case with on_bad_file: skip",
+                        f"no mask {_mask_name(config, case_id)}",
+                        "add the mask, unset mask_suffix/mask_folder, or drop the case with on_bad_file: skip",
                     )
-                mask = _load_mask(mask_path, pixels.shape[-3:])
+                mask = _load_mask(mask_path, pixels.shape[-3:], spacing, affine, config.mask_classes)
             label, class_name = None, ""
             entry = labels.get(case_id) or labels.get(patient_id)
             if entry is not None and entry[0] != "":

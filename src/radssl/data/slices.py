@@ -82,7 +82,7 @@ def volumes_to_slices(store: ImageStore, axis: int = 0, keep: Literal["nonempty"
         column = np.asarray(column)
         if name == "mask" and column.shape[1:] == tuple(store.image_shape):
             meta[name] = np.ascontiguousarray(np.moveaxis(column, 1 + axis, 1)[volume_rows, positions])
-        elif name == "spacing" and column.ndim == 2 and column.shape[1] == 3:
+        elif name in ("spacing", "voxel_spacing") and column.ndim == 2 and column.shape[1] == 3:
             meta[name] = np.delete(column, axis, axis=1)[volume_rows]
         else:
             meta[name] = column[volume_rows]

@@ -54,6 +54,10 @@ class ImageStore:
         origin: file(s) the data came from, for error messages and provenance.
         notes: plain sentences a user must see about how the data were read or split (e.g. "no patient ids:
             splits are per image"); ``radssl data inspect``, ``run.json`` and reports show them.
+        mask_classes: names of the segmentation labels in ``meta["mask"]`` (index = label value, ``0`` the
+            background), e.g. ``("background", "anterior", "posterior")``; ``()`` when the store declares none.
+            Declared names are checked against the masks here (every label must lie in range), so a segmentation
+            run knows its classes from the data rather than from a guess.
     """
 
     name: str
@@ -65,6 +69,7 @@ class ImageStore:
     meta: dict[str, np.ndarray] = field(default_factory=dict)
     origin: str = ""
     notes: tuple[str, ...] = ()
+    mask_classes: tuple[str, ...] = ()
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +109,7 @@ class ImageStore:
         for column_name, column in self.meta.items():
             if len(column) != n:
                 raise DataError(where, f"metadata column '{column_name}' has {len(column)} rows for {n} images")
+        self._validate_masks(where, n)
         unknown = sorted(set(np.unique(self.split).tolist()) - set(ALL_SPLIT_NAMES))
         if unknown:
             raise DataError(where, f"unknown split names {unknown}; expected {list(ALL_SPLIT_NAMES)}")
@@ -125,6 +131,34 @@ class ImageStore:
                     f"labels have shape {tuple(self.labels.shape)}; a multilabel task with "
                     f"{self.task.num_classes} labels needs (N, {self.task.num_classes})",
                 )
+
+    def _validate_masks(self, where: str, n: int) -> None:
+        """``meta["mask"]`` on the images' grid with integer labels; declared ``mask_classes`` cover every label."""
+        self.mask_classes = tuple(str(name) for name in self.mask_classes)
+        mask = self.meta.get("mask")
+        if self.mask_classes and len(self.mask_classes) < 2:
+            raise DataError(where, f"mask_classes {list(self.mask_classes)} name fewer than 2 labels",
+                            "name the background (label 0) and at least one structure")
+        if mask is None:
+            if self.mask_classes:
+                raise DataError(where, f"mask_classes {list(self.mask_classes)} are declared but the store has no "
+                                "masks (meta['mask'])", "give the source its masks or drop mask_classes")
+            return
+        shape = tuple(int(s) for s in np.shape(mask))
+        if shape != (n, *self.image_shape):
+            raise DataError(where, f"masks have shape {shape}; expected (N, *spatial) = {(n, *self.image_shape)}, "
+                            "one label map per image on its grid", "resample masks with their images")
+        if not np.issubdtype(np.asarray(mask[:0]).dtype, np.integer):
+            raise DataError(where, f"masks have dtype {np.asarray(mask[:0]).dtype}; expected integer labels",
+                            "store label masks as integers (uint8)")
+        if self.mask_classes:
+            low, high = int(np.min(mask)), int(np.max(mask))
+            if low < 0 or high >= len(self.mask_classes):
+                bad = np.flatnonzero((np.asarray(mask).reshape(n, -1) < 0).any(1)
+                                     | (np.asarray(mask).reshape(n, -1) >= len(self.mask_classes)).any(1))
+                raise DataError(where, f"mask labels span {low}..{high} but mask_classes declare "
+                                f"{len(self.mask_classes)} labels {list(self.mask_classes)} (first bad image: row "
+                                f"{int(bad[0])})", "declare every label in mask_classes or fix the masks")
 
     # ------------------------------------------------------------- properties
     @property
@@ -181,6 +215,9 @@ class ImageStore:
             if "report" in self.meta:  # image–text runs: other reports are other data (absent: unchanged digest)
                 reports = "\x00".join(np.asarray(self.meta["report"]).astype(str).tolist())
                 digest.update(b"\x01reports\x00" + reports.encode("utf-8", "surrogatepass"))
+            if self.mask_classes:  # segmentation data: masks are labels (absent: unchanged digest)
+                digest.update(b"\x01masks\x00" + "\x00".join(self.mask_classes).encode())
+                digest.update(np.ascontiguousarray(self.meta["mask"]).tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -209,6 +246,8 @@ class ImageStore:
         if "report" in self.meta:
             present = np.char.strip(np.asarray(self.meta["report"]).astype(str)) != ""
             summary["reports"] = {"with_report": int(present.sum()), "without_report": int((~present).sum())}
+        if self.mask_classes:
+            summary["mask_classes"] = list(self.mask_classes)
         if self.notes:
             summary["notes"] = list(self.notes)
         return summary

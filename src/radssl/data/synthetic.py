@@ -21,6 +21,10 @@ machine in seconds, while still exercising what a real radiology study needs:
 * **Reports** (``reports=True``): a short free-text report per image naming the finding (or a normal report),
   its side, zone and size, the site, and technique remarks (rotation, exposure) — varied phrasing, truthful content
   (:func:`synthetic_reports`), for image–report pretraining. Off by default; the images are identical either way.
+* **Masks** (``masks=True``): the finding's segmentation mask per image (``store.meta["mask"]`` (N, H, W) uint8,
+  0 background, 1 finding; :data:`MASK_CLASSES`), the pixels whose centre lies inside the rendered nodule's disc,
+  from the same geometry the renderer uses (so image and mask agree by construction); empty for negative
+  patients. For segmentation demos and tests. Off by default; the images are identical either way.
 * **Acquisition site / scanner** (``site``; 0 = internal): a site fixes the detector's characteristic curve
   (gamma, slope), noise level, blur, intensity offset, collimation border width and a burnt-in side marker.
   Site styles are a fixed function of the site number (not of the seed), so "site 2" always looks the same.
@@ -49,6 +53,8 @@ from radssl.data.store import ImageStore, TaskInfo
 from radssl.errors import DataError
 
 _SOURCE = "synthetic radiographs"
+MASK_CLASSES = ("background", "finding")
+"""Labels of the finding masks (``masks=True``): index = label value."""
 _PATIENTS_PER_CHUNK = 64  # fixed: per-pixel random streams are seeded per chunk, so it is part of the output
 
 
@@ -70,6 +76,8 @@ class SyntheticSpec:
     seed: int = 0
     reports: bool = False
     """Also write a short free-text report per image (:func:`synthetic_reports`); the images do not change."""
+    masks: bool = False
+    """Also draw the finding's segmentation mask per image (:func:`finding_masks`); the images do not change."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -508,8 +516,9 @@ def generate_radiographs(spec: SyntheticSpec, *, render_finding: bool = True) ->
 
     Returns ``images`` uint8 (N, H, W), ``labels`` int64 (N,), ``patient_id`` str (N,) like ``s0-p00012``,
     ``site`` int64 (N,), plus ``finding_center`` float32 (N, 2) as (row, col) pixels (NaN for negatives) and
-    ``finding_radius`` float32 (N,) pixels (0 for negatives), for visualisation and tests, and ``report`` str (N,)
-    when ``spec.reports`` (:func:`synthetic_reports`).
+    ``finding_radius`` float32 (N,) pixels (0 for negatives), for visualisation and tests, ``report`` str (N,)
+    when ``spec.reports`` (:func:`synthetic_reports`) and ``mask`` uint8 (N, H, W) when ``spec.masks``
+    (:func:`finding_masks`).
     Images are patient-major: rows ``i*k … i*k+k-1`` belong to patient ``i``.
 
     ``render_finding=False`` renders exactly the same images (same random draws) with the finding left out,
@@ -537,7 +546,34 @@ def generate_radiographs(spec: SyntheticSpec, *, render_finding: bool = True) ->
         "finding_center": np.where(labels[:, None] == 1, center, np.nan).astype(np.float32),
         "finding_radius": np.where(labels == 1, radius, 0.0).astype(np.float32),
         **({"report": synthetic_reports(spec, patients, images)} if spec.reports else {}),
+        **({"mask": finding_masks(spec, patients, images, render_finding)} if spec.masks else {}),
     }
+
+
+def finding_masks(spec: SyntheticSpec, patients: dict[str, np.ndarray], images: dict[str, np.ndarray],
+                  render_finding: bool = True) -> np.ndarray:
+    """(N, H, W) uint8 segmentation masks: 1 where a pixel centre lies inside the rendered finding's disc.
+
+    Same grid and geometry as :func:`_render_chunk` (pixel centres in normalised coordinates, the finding's centre
+    and radius from :func:`_finding_geometry`), so the mask covers exactly the pixels whose projected nodule
+    thickness is > 0. Empty for negative patients, and everywhere when no finding is rendered
+    (``finding_contrast`` 0 or ``render_finding=False``): the mask is what the image shows. No random draw, so the
+    images are the same with or without masks.
+    """
+    size = spec.image_size
+    out = np.zeros((spec.n_images, size, size), dtype=np.uint8)
+    if not render_finding or spec.finding_contrast <= 0:
+        return out
+    center, radius = _finding_geometry(spec, patients, images, np.arange(spec.n_images))
+    axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
+    positive = np.flatnonzero(patients["label"][np.arange(spec.n_images) // spec.images_per_patient] == 1)
+    for start in range(0, len(positive), 256):  # bounded memory: 256 × H × W floats at a time
+        rows = positive[start:start + 256]
+        dy = (axis[None, :] - center[rows, 0, None].astype(np.float32)) ** 2  # (M, H)
+        dx = (axis[None, :] - center[rows, 1, None].astype(np.float32)) ** 2  # (M, W)
+        r2 = (radius[rows].astype(np.float32) ** 2)[:, None, None]
+        out[rows] = (dy[:, :, None] + dx[:, None, :] < r2).astype(np.uint8)
+    return out
 
 
 def _finding_geometry(
@@ -593,6 +629,8 @@ def _to_store(data: dict[str, np.ndarray], split: np.ndarray, name: str, spec: S
         split=split,
         patient_id=data["patient_id"].astype(str),
         task=TaskInfo("binary", 2, ("normal", "finding")),
-        meta={"site": data["site"], **({"report": data["report"]} if "report" in data else {})},
+        meta={"site": data["site"], **({"report": data["report"]} if "report" in data else {}),
+              **({"mask": data["mask"]} if "mask" in data else {})},
         origin=f"{_SOURCE} ({spec})",
+        mask_classes=MASK_CLASSES if "mask" in data else (),
     )

@@ -324,6 +324,7 @@ def _to_store(data: dict[str, np.ndarray], split: np.ndarray, name: str, spec: S
         patient_id=data["patient_id"].astype(str),
         task=TaskInfo("binary", 2, ("normal", "finding")),
         meta={"site": data["site"], "mask": data["masks"]},
+        mask_classes=MASK_CLASSES,
         origin=f"synthetic volumes ({spec})",
         notes=(f"synthetic {spec.modality.upper()}-like volumes (not patient data); mask labels "
                + ", ".join(f"{i} {name}" for i, name in enumerate(MASK_CLASSES)),),

@@ -22,7 +22,7 @@ smaller local views with its position embeddings interpolated (timm's dynamic im
 those calls). With the ``two_view`` policy (no ``num_global``) every view is global: DINO without multi-crop.
 
 The teacher is what transfers (``transfer_backbone``): the paper evaluates the teacher, which it finds better than
-the student throughout training (Sec. 5.2, Fig. 6).
+the student throughout training.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class DINO(SSLMethod):
             self.criterion.center.copy_(center_mean(torch.stack(teacher_out), dim=(0, 1)))
             self.center_initialised.fill_(True)
         temperature = self.teacher_temperature()
-        with torch.no_grad():  # the paper's collapse diagnostic (Fig. 7): ln K = uniform collapse, 0 = one-hot collapse
+        with torch.no_grad():  # the paper's collapse diagnostic: → ln K if centring dominates, → 0 if sharpening does
             centred = F.softmax((teacher - self.criterion.center.view(1, -1)) / temperature, dim=-1)
             entropy = -(centred * centred.clamp_min(1e-12).log()).sum(dim=-1).mean()
         loss = self.criterion(teacher_out, student, teacher_temp=temperature)

@@ -3,7 +3,7 @@
 75 % of the patches of each image are removed at random; the ViT encoder sees only the visible ones (plus the class
 token), a light transformer decoder sees the encoded tokens with mask tokens in the removed places, and a linear
 layer predicts the pixels of every patch. The loss is the mean squared error on the *removed* patches only, against
-pixels normalised per patch (``norm_pix_loss``, the paper's better target, Table 1d).
+pixels normalised per patch (``norm_pix_loss``, the better target in the paper's Table 1).
 
 lightly's: ``MaskedVisionTransformerTIMM`` (the encoder: wraps the backbone's own timm ``VisionTransformer``, so
 the trained weights are the backbone's and transfer unchanged) and ``MaskedVisionTransformerDecoderTIMM`` (decoder
@@ -46,7 +46,7 @@ _MIX = 0x9E3779B97F4A7C15
 
 class MAEParams(MethodParams):
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches removed (paper: 0.75)")
-    norm_pix_loss: bool = Field(True, description="per-patch normalised pixel targets (paper: better, Table 1d)")
+    norm_pix_loss: bool = Field(True, description="per-patch normalised pixel targets (better in the paper, Table 1)")
     decoder_depth: int = Field(4, gt=0, description="decoder blocks (paper ViT-L: 8 of 24 encoder blocks)")
     decoder_dim: int | None = Field(None, gt=0, description="decoder width; null = half the encoder width")
     decoder_head_dim: int = Field(32, gt=0, description="width per decoder attention head (paper: 512/16)")

@@ -17,12 +17,15 @@ together), normalised like the view, so the network restores the *image*, not th
 
 Why our own code: the reference is per-sample NumPy with Python loops (10,000 windows per cube for the shuffle) on
 the CPU; here every transformation is a batched tensor op on the training device with per-sample parameters from
-the step's generator, in 2D and 3D (the same code: every function works on ``(B, C, *spatial)``). Differences from
+the step's generator, in 2D and 3D (the same code: every function works on ``(B, C, *spatial)``). Measured on this
+2-core CPU (1 thread, shared with other jobs): the reference's shuffle alone takes 1.9 s for its batch of six
+64×64×32 cubes, all four transformations here 0.56 s; a batch of 64 images of 28 px takes 38 ms. Differences from
 the reference, all distribution-level: the shuffle permutes a random *partition* into windows (random window size
 per sample and axis in 1..side/10, random grid offset) covering ``local_shuffle_coverage`` of the windows, instead
 of 10,000 overlapping random windows — which cover ≈ 85 % of a 64×64×32 cube (1 − exp(−10⁴·3.5·3.5·2/131072)), the
-default; the Bézier curve is sampled at 1,000 instead of 100,000 points (piecewise-linear error < 1e-6 of the
-range); in-painting draws one noise field per sample rather than one per box (both are i.i.d. uniform).
+default; the Bézier curve is sampled at 1,000 instead of 100,000 points (largest difference 3e-5 of the range
+over 2,000 random curves, far below one grey level, 1/255); in-painting draws one noise field per sample rather
+than one per box (both are i.i.d. uniform).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from radssl.views.policies import PolicyContext, ViewPolicy, ViewSettings, norma
 ParameterDict = dict[str, torch.Tensor]
 
 BEZIER_POINTS = 1000
-"""Samples of each Bézier curve (the reference uses 100,000; 1,000 keeps the interpolation error below 1e-6)."""
+"""Samples of each Bézier curve (reference: 100,000; 1,000 differ from it by at most 3e-5 of the range)."""
 MAX_BOXES = 5
 """In-/out-painting boxes per image at most (reference: ``cnt = 5``; out-painting: 1 + ``cnt = 4``)."""
 BOX_CONTINUE_P = 0.95
@@ -188,7 +191,8 @@ def local_pixel_shuffle(x: torch.Tensor, params: ParameterDict) -> torch.Tensor:
     shuffled = torch.argsort(ids * pixels + torch.where(chosen, params["keys"], position), dim=1, stable=True)
     flat = x.reshape(batch, channels, pixels)
     out = torch.empty_like(flat)
-    out.scatter_(2, order[:, None, :].expand(-1, channels, -1), flat.gather(2, shuffled[:, None, :].expand(-1, channels, -1)))
+    source = flat.gather(2, shuffled[:, None, :].expand(-1, channels, -1))
+    out.scatter_(2, order[:, None, :].expand(-1, channels, -1), source)
     return out.view_as(x)
 
 

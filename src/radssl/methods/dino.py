@@ -15,8 +15,12 @@ after backward, and the teacher EMA (cosine 0.996 → 1) is applied by the engin
 One deliberate departure: the centre starts at the first batch's teacher mean instead of 0 (``center_init``;
 ``zero`` restores the reference). It is an EMA of batch means, and a zero start is a biased estimate for its first
 ~1/(1 − 0.9) = 10 steps, during which the teacher is centred by the wrong vector: on our data the loss then climbs
-from 6.1 to ln K (7.6) over 20 steps whatever the learning rate, a transient of the centre, not of learning; with
-the bias-free start it falls from the first step (tests/test_methods_train.py).
+from 6.1 to ln K (7.6) over 20 steps at 1, 10 and 100 times the preset learning rate, a transient of the centre,
+not of learning; with the bias-free start it falls from the first step (tests/test_methods_train.py).
+Known, on the synthetic 32 px data with the small CNN (batch 32, 150–300 steps): the logged ``teacher_entropy``
+drifts to ln K (uniform collapse) at the preset and at 16× its learning rate, with and without multi-crop; a
+sharper teacher (0.02) or a slower one (momentum 0.9995, the reference's advice for small batches) delays it. Tune
+``teacher_temp`` and ``momentum_start`` on real validation data before trusting a DINO comparison.
 Views of one size go through the networks in one batch (DINO's ``MultiCropWrapper``); a ViT student sees the
 smaller local views with its position embeddings interpolated (timm's dynamic image size, switched on only for
 those calls). With the ``two_view`` policy (no ``num_global``) every view is global: DINO without multi-crop.

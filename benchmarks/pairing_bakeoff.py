@@ -311,6 +311,7 @@ def main() -> None:
     per_seed: dict[str, dict[int, Any]] = {arm: {} for arm in (*ARMS, FLOOR)}
     pretraining: dict[str, dict[int, Any]] = {arm: {} for arm in ARMS}
     phase_cpu = {"pretraining": 0.0, "features": 0.0, "probes": 0.0}
+    arm_config: Any = None  # the config of the seed's pretrained arms: the random-init floor uses its backbone
     with tempfile.TemporaryDirectory(prefix="pairing-bakeoff-") as temporary:
         for seed in args.seeds:
             train_volumes = np.flatnonzero(v_split == "train")

@@ -40,10 +40,6 @@ def _draws(pairing, n: int, seed: int = 0, draws: int = DRAWS) -> torch.Tensor: 
     return pairing.partners(rows, generator).view(draws, n)
 
 
-def _brute_force(candidates) -> list[set[int]]:  # noqa: ANN001
-    return [set(c) for c in candidates]
-
-
 def _assert_draws_match(partners: torch.Tensor, expected: list[set[int]]) -> None:
     """Every draw is a candidate (or the row itself when it has none); every candidate is drawn, about uniformly."""
     for row, candidates in enumerate(expected):

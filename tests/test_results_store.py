@@ -37,8 +37,12 @@ def test_cell_key_is_stable_and_validated() -> None:
     assert CellKey.from_key(key.key) == key
     assert _key(label_fraction=np.float32(0.05), seed=np.int64(1)).key == key.key
     assert _key(label_fraction=1).key != key.key
-    with pytest.raises(DataError, match="label_fraction"):
-        _key(label_fraction=0.0)
+    assert _key(label_fraction=0.0).key.endswith("|lf=0.0|pf=1.0|seed=1|test"), "0: a label-free protocol"
+    for bad in (-0.1, 1.5):
+        with pytest.raises(DataError, match="label_fraction"):
+            _key(label_fraction=bad)
+    with pytest.raises(DataError, match="pretrain_fraction"):
+        _key(pretrain_fraction=0.0)
     with pytest.raises(DataError, match="without '|'"):
         _key(init="a|b")
 

@@ -66,7 +66,7 @@ def resolve_results(path: Path) -> Path:
 
 
 def make_report(results: Path, out_dir: Path | None = None, study: str | None = None,
-                metric: str = "auc") -> Path:
+                metric: str | None = None) -> Path:
     """Render the HTML report of one study in a results store; returns the HTML path."""
     from radssl.study.grid import REPORT_DIR
     from radssl.study.report import render_report
@@ -116,5 +116,7 @@ def add_study_commands(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("results", type=Path, help="study output folder or its results.sqlite")
     report.add_argument("--out", type=Path, help="output folder (default: <study folder>/report)")
     report.add_argument("--study", help="study name, when the results file holds several")
-    report.add_argument("--metric", default="auc", help="primary metric of curves and tests (default: auc)")
+    report.add_argument("--metric", default=None,
+                        help="metric of curves and tests (default: each protocol's own — AUC for classification, "
+                             "Dice for segmentation); e.g. accuracy")
     report.set_defaults(func=cmd_report)

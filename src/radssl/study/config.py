@@ -17,7 +17,7 @@ Example::
     initialisations: [random, ssl:simclr]
     label_fractions: [0.01, 0.1, 1.0]
     seeds: [0, 1, 2]
-    protocols: {linear: {}, knn: {k: 20}, finetune: {epochs: 30}}
+    protocols: {linear: {}, knn: {k: 20}, finetune: {epochs: 30}}   # any registered protocol, with its params
     validation: proportional        # or full (see StudyConfig)
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from radssl.config import (
     DataSection,
@@ -111,145 +111,67 @@ class PretrainingRun(Section):
         return self
 
 
-class LinearProtocol(Section):
-    """Logistic regression on frozen features; C chosen on the validation split's AUC."""
+class ProtocolsSection(BaseModel):
+    """Which read-outs run, with their options: protocol name → that protocol's ``Params`` (validated by it).
 
-    Cs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1)
-    max_iter: int = Field(1000, gt=0)
-
-    @field_validator("Cs")
-    @classmethod
-    def _positive(cls, values: list[float]) -> list[float]:
-        if any(c <= 0 for c in values):
-            raise ValueError("every C must be > 0")
-        return values
-
-
-class KnnProtocol(Section):
-    """Similarity-weighted kNN on frozen features (Wu et al. 2018)."""
-
-    k: int = Field(20, gt=0)
-    temperature: float = Field(0.07, gt=0.0)
-
-
-class FinetuneProtocol(Section):
-    """End-to-end fine-tuning (backbone + linear head) with early stopping on validation AUC.
-
-    Fine-tuning dominates a study's cost (one training run per cell), so ``epochs`` is the knob to turn first.
-
-    Budget rule (``steps_per_epoch``) — curves must compare labels, not optimisation budgets:
-
-    - ``full`` (default): every epoch takes as many optimiser steps as one pass over the *whole* training split,
-      whatever the label fraction (a small subset is cycled through several times, with fresh augmentations).
-      Every label fraction then gets the same ``epochs × ceil(N_train / batch_size)`` steps and the same
-      validation schedule; early stopping counts the same units for all.
-    - an integer N: every epoch takes exactly N steps at every label fraction (a fixed budget of ``epochs × N``
-      steps; an "epoch" is then the validation interval — a large subset is seen in part per epoch).
-    - ``subset``: one pass over the label-fraction subset per epoch (the budget grows with the fraction; the
-      behaviour of radssl before this rule existed, kept to reproduce old studies).
-
-    Early stopping: after ``early_stopping_patience`` epochs without a better validation AUC, but never before
-    ``min_epochs`` (a floor, so one lucky early score on a small validation set cannot end a run).
-
-    Backbone LR rule (``backbone_lr_scale``, the backbone's LR = ``lr × scale``; the head always uses ``lr``) —
-    the same rule for every initialisation: one number is used by all of them; a list is a candidate set and
-    every cell (each initialisation, label fraction and seed alike) fine-tunes once per candidate and keeps the
-    one with the best validation AUC (the selected value is stored with the cell). Default ``[0.1, 1.0]``:
-    a pretrained encoder often prefers the lower, discriminative rate (Howard & Ruder 2018), a random one the
-    full rate; choosing on validation gives neither arm a hand-picked advantage, at twice the fine-tuning cost.
+    Names come from the protocol registry (:data:`radssl.transfer.protocols.PROTOCOLS`: linear, knn, finetune,
+    zero_shot, segmentation_frozen, segmentation_finetune, and any registered later); unknown names and unknown
+    keys are errors naming them. ``protocols: [linear, knn]`` is shorthand for ``{linear: {}, knn: {}}``; an entry
+    with no value (``linear:``) runs with defaults; ``false`` (or leaving it out) does not run it. Attribute access
+    gives a protocol's params or None: ``config.protocols.finetune.epochs``.
     """
 
-    epochs: int = Field(30, gt=0)
-    steps_per_epoch: Literal["full", "subset"] | int = Field(
-        "full", description="full | subset | N: optimiser steps per epoch (see the budget rule)")
-    min_epochs: int = Field(5, gt=0, description="early stopping never stops before this epoch (floor)")
-    batch_size: int = Field(128, gt=1)
-    lr: float = Field(1e-3, gt=0.0)
-    backbone_lr_scale: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0], min_length=1,
-        description="backbone LR multiplier for every initialisation; a list is chosen per cell on validation")
-    weight_decay: float = Field(1e-4, ge=0.0)
-    early_stopping_patience: int | None = Field(10, gt=0)
-    augment: bool = True
-    hflip: bool = True
-    class_balanced: bool = False
-    precision: Literal["32", "bf16"] = "32"
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
-    def _no_per_arm_rates(cls, value: Any) -> Any:
-        if isinstance(value, dict) and "random_backbone_lr_scale" in value:
-            raise ValueError(
-                "random_backbone_lr_scale was removed: every initialisation now follows the same backbone_lr_scale "
-                "rule, so no arm gets its own hyper-parameters — delete the key, and set backbone_lr_scale to one "
-                "number for all initialisations or to a list such as [0.1, 1.0] to choose it on validation per cell"
-            )
-        return value
+    def _validate(cls, value: Any) -> Any:
+        from radssl.transfer.protocols import validate_protocols
 
-    @field_validator("backbone_lr_scale", mode="before")
-    @classmethod
-    def _scale_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-    @field_validator("backbone_lr_scale")
-    @classmethod
-    def _positive_scales(cls, values: list[float]) -> list[float]:
-        if any(v <= 0 for v in values):
-            raise ValueError(f"every backbone_lr_scale must be > 0, got {values}")
-        if len(set(values)) != len(values):
-            raise ValueError(f"backbone_lr_scale candidates must not repeat, got {values}")
-        return values
-
-    @field_validator("steps_per_epoch")
-    @classmethod
-    def _positive_steps(cls, value: str | int) -> str | int:
-        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
-            raise ValueError(f"steps_per_epoch must be 'full', 'subset' or an integer ≥ 1, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _floor_within_epochs(self) -> "FinetuneProtocol":
-        if "min_epochs" in self.model_fields_set and self.min_epochs > self.epochs:
-            raise ValueError(f"min_epochs ({self.min_epochs}) is larger than epochs ({self.epochs}); lower it")
-        return self
-
-    @property
-    def early_stopping_floor(self) -> int:
-        """``min_epochs`` capped at ``epochs`` (the default floor must not break a short run)."""
-        return min(self.min_epochs, self.epochs)
-
-
-class ProtocolsSection(Section):
-    """Which read-outs run, with their options; a protocol left out (or null) does not run.
-
-    ``protocols: [linear, knn]`` is shorthand for ``{linear: {}, knn: {}}``.
-    """
-
-    linear: LinearProtocol | None = None
-    knn: KnnProtocol | None = None
-    finetune: FinetuneProtocol | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, ProtocolsSection):
+            return value.model_dump()
         if isinstance(value, (list, tuple)):
-            unknown = [v for v in value if v not in ("linear", "knn", "finetune")]
-            if unknown:
-                raise ValueError(f"unknown protocol(s) {unknown}; choose from linear, knn, finetune")
-            return {name: {} for name in value}
-        if isinstance(value, dict):  # `linear:` with no value in YAML means "run it with defaults"
-            return {k: ({} if v is None and k in ("linear", "knn", "finetune") else v) for k, v in value.items()}
-        return value
+            value = {str(name): {} for name in value}
+        if not isinstance(value, dict):
+            raise ValueError("protocols must map protocol names to their options (or list protocol names)")
+        # `linear:` with no value in YAML means "run it with defaults"; `false` switches a protocol off.
+        value = {str(k): ({} if v is None else v) for k, v in value.items()}
+        validated = validate_protocols(value)
+        if not any(p is not None for p in validated.values()):
+            from radssl.transfer.protocols import protocol_names
 
-    @model_validator(mode="after")
-    def _at_least_one(self) -> "ProtocolsSection":
-        if not self.enabled():
-            raise ValueError("enable at least one protocol: linear, knn or finetune")
-        return self
+            raise ValueError(f"enable at least one protocol: {', '.join(protocol_names())}")
+        return validated
 
-    def enabled(self) -> dict[str, Section]:
-        """Enabled protocols by name, frozen-feature ones first (they are cheap and share features)."""
-        return {n: p for n in ("linear", "knn", "finetune") if (p := getattr(self, n)) is not None}
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            from radssl.transfer.protocols import PROTOCOLS
+
+            if name in PROTOCOLS:  # a registered protocol that is not enabled
+                return None
+            raise
+
+    @model_serializer(mode="plain")
+    def _dump(self) -> dict[str, Any]:
+        return {name: params.model_dump(mode="json") for name, params in self.enabled().items()}
+
+    def enabled(self) -> dict[str, Any]:
+        """Enabled protocols by name: frozen-feature ones first (cheap, sharing one feature extraction), then
+        the others, in registry order."""
+        from radssl.transfer.protocols import PROTOCOLS, protocol_class
+
+        entries = {n: p for n, p in (self.model_extra or {}).items() if p is not None}
+        order = {name: i for i, name in enumerate(PROTOCOLS)}
+        return dict(sorted(entries.items(), key=lambda kv: (not protocol_class(kv[0]).frozen_features,
+                                                            order.get(kv[0], len(order)))))
+
+    def build(self) -> dict[str, Any]:
+        """Enabled protocols as :class:`~radssl.transfer.protocols.Protocol` instances, in :meth:`enabled` order."""
+        from radssl.transfer.protocols import build_protocol
+
+        return {name: build_protocol(name, params) for name, params in self.enabled().items()}
 
 
 # ------------------------------------------------------------------------------------------ initialisations
@@ -334,7 +256,7 @@ class StudyConfig(Section):
     )
     label_fractions: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    protocols: ProtocolsSection = Field(default_factory=lambda: ProtocolsSection(linear=LinearProtocol()))
+    protocols: ProtocolsSection = Field(default_factory=lambda: ProtocolsSection.model_validate({"linear": {}}))
     pretrain_fractions: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device of transfer protocols")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (CPU); null = torch default")

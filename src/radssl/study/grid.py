@@ -1,12 +1,21 @@
 """The study grid runner: every {pretraining × init × label fraction × seed × protocol × test set} cell, resumable.
 
+Protocols are plugins (:mod:`radssl.transfer.protocols`): the grid builds each cell's context (encoder, label
+subset, validation rows, test sets, shared frozen features) and records what ``Protocol.run`` returns — per-case
+scores (AUC protocols) or per-case metric values (Dice) — with the protocol's primary metric. It knows no protocol
+by name. Label-free protocols (zero-shot) run once per encoder and test set (label fraction 0, the study's seed);
+a protocol that cannot read out an encoder (zero-shot of a non-image–text encoder) skips it with a note.
+
 How a study runs (``run_study``):
 1. :func:`prepare_study` loads the data once and checks everything that could fail later — splits, classes in
-   every test set, each label fraction of each seed, batch sizes, weights files — *before any compute*.
+   every test set (class-scored protocols) or masks (segmentation), each label fraction of each seed, batch
+   sizes, weights files, every protocol's own checks — *before any compute*. 2D and 3D data alike, as far as
+   the enabled protocols support them.
 2. Label-fraction subsets (nested, stratified, per seed) are written to ``subsets/seed{n}.json``.
 3. Encoders are evaluated one after another. An SSL encoder's pretraining run happens once and is shared by all
    its cells; a run whose ``final.pt`` exists and that the results store knows is never touched again.
-4. Frozen features (linear probe, kNN) are extracted once per (backbone weights, data) through the
+4. Frozen features (linear probe, kNN, any ``frozen_features`` protocol) are extracted once per (backbone weights,
+   data) through the
    :class:`~radssl.transfer.features.FeatureCache` (also on disk, so a resumed study reuses them).
 5. Each finished cell is committed at once (metrics with bootstrap CIs, per-case predictions, wall time, device,
    versions), so a killed study loses at most the cells in flight; rerunning skips every committed cell.
@@ -27,9 +36,9 @@ Fairness choices (stated in the report's configuration section too):
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,11 +63,14 @@ from radssl.study.config import (
     load_study_config,
 )
 from radssl.study.results_store import CellKey, ResultsStore
+from radssl.transfer.protocols import CaseOutputs, EncoderInfo, Protocol, ProtocolContext, StudySetup
 
 __all__ = ["Encoder", "PretrainJob", "StudyPlan", "prepare_study", "run_study"]
 
 RESULTS_FILE = "results.sqlite"
 REPORT_DIR = "report"
+LABEL_FREE_FRACTION = 0.0
+"""Cell label fraction of label-free protocols (zero-shot): no training label is used."""
 Log = Callable[[str], None]
 
 
@@ -130,6 +142,11 @@ class StudyPlan:
     notes: list[str] = field(default_factory=list)
     val_subsets: dict[int, dict[float, np.ndarray]] = field(default_factory=dict)
     """Proportional validation rows per seed and label fraction (empty: every cell uses ``val_rows``)."""
+    protocols: dict[str, Protocol] = field(default_factory=dict)
+    """Enabled protocols (plugins) by name, in the order they run."""
+    encoder_infos: dict[Encoder, EncoderInfo] = field(default_factory=dict)
+    skipped: dict[tuple[Encoder, str], str] = field(default_factory=dict)
+    """(encoder, protocol) pairs the protocol cannot read out (e.g. zero-shot of a non-image–text encoder) → why."""
 
     def validation_rows(self, seed: int, fraction: float) -> np.ndarray:
         """The validation rows that select a cell's model (see the study's ``validation`` rule)."""
@@ -138,31 +155,28 @@ class StudyPlan:
         return self.val_rows
 
     def finetune_steps_per_epoch(self, subset_rows: int) -> int:
-        """Optimiser steps per fine-tuning epoch under the protocol's budget rule (see FinetuneProtocol)."""
+        """Optimiser steps per fine-tuning epoch under the protocol's budget rule (see FinetuneParams)."""
         options = self.config.protocols.finetune
         assert options is not None
-        rule = options.steps_per_epoch
-        one_pass = _one_pass_steps(subset_rows, options.batch_size)
-        if rule == "subset":
-            return one_pass
-        if rule == "full":  # the 100 % fraction's steps, for every fraction
-            return _one_pass_steps(len(self.train_rows), options.batch_size)
-        return int(rule)
+        return options.steps_for(subset_rows, len(self.train_rows))
+
+    def cell_axes(self, protocol: str) -> list[tuple[int, float]]:
+        """(seed, label fraction) pairs a protocol runs at; a label-free protocol runs once (fraction 0, the
+        study's seed: its only randomness is the encoder's)."""
+        if not self.protocols[protocol].uses_labels:
+            return [(self.config.seed, LABEL_FREE_FRACTION)]
+        return [(seed, fraction) for seed in self.config.seeds for fraction in self.config.label_fractions]
 
     def cell_keys(self) -> list[CellKey]:
-        """Every cell of the grid, in the order they run."""
+        """Every cell of the grid, in the order they run (skipped encoder × protocol pairs left out)."""
         keys = []
         for encoder in self.encoders:
-            for protocol in self.config.protocols.enabled():
-                for seed in self.config.seeds:
-                    for fraction in self.config.label_fractions:
-                        keys += [_cell_key(encoder, protocol, fraction, seed, name) for name in self.test_sets]
+            for protocol in self.protocols:
+                if (encoder, protocol) in self.skipped:
+                    continue
+                for seed, fraction in self.cell_axes(protocol):
+                    keys += [_cell_key(encoder, protocol, fraction, seed, name) for name in self.test_sets]
         return keys
-
-
-def _one_pass_steps(rows: int, batch_size: int) -> int:
-    """Steps of one pass over ``rows`` images, as :func:`radssl.transfer.finetune.finetune` counts them."""
-    return max(1, rows // batch_size + (1 if rows % batch_size >= 2 else 0))
 
 
 def _cell_key(encoder: Encoder, protocol: str, fraction: float, seed: int, test_set: str) -> CellKey:
@@ -200,7 +214,8 @@ def _check_split_labels(store: ImageStore, train_rows: np.ndarray, splits: dict[
         check_auc_defined(store.task, y, what)
 
 
-def _external_store(config: StudyConfig, index: int, internal: ImageStore, train_y: np.ndarray) -> ImageStore:
+def _external_store(config: StudyConfig, index: int, internal: ImageStore, train_y: np.ndarray,
+                    class_target: bool = True, mask_target: bool = False) -> ImageStore:
     """Load one external test set, all rows as ``test``, and check it fits the internal task and images."""
     from radssl.data.build import build_store
     from radssl.transfer.metrics import check_auc_defined, check_classes_covered
@@ -209,7 +224,7 @@ def _external_store(config: StudyConfig, index: int, internal: ImageStore, train
     field_name = f"external_test_sets[{index}] ('{entry.name}')"
     store = build_store(entry.data)
     where = f"{_where(store)} [{field_name}]"
-    if (store.task.kind, store.task.num_classes) != (internal.task.kind, internal.task.num_classes):
+    if class_target and (store.task.kind, store.task.num_classes) != (internal.task.kind, internal.task.num_classes):
         raise DataError(where, f"its task is {store.task.kind} with {store.task.num_classes} classes but the study "
                         f"data's is {internal.task.kind} with {internal.task.num_classes}",
                         "use a test set of the same diagnostic task")
@@ -217,11 +232,14 @@ def _external_store(config: StudyConfig, index: int, internal: ImageStore, train
         raise DataError(where, f"images are {store.channels}×{'×'.join(map(str, store.image_shape))} but the study "
                         f"data's are {internal.channels}×{'×'.join(map(str, internal.image_shape))}",
                         "load the external set at the same size and channels (e.g. data.size / image_size)")
-    labels = store.labels.numpy()
-    if (labels < 0).any():
-        raise DataError(where, f"{int((labels < 0).sum())} rows have no label (-1)", "every test row needs a label")
-    check_classes_covered(store.task, train_y, labels, where)
-    check_auc_defined(store.task, labels, where)
+    if class_target:
+        labels = store.labels.numpy()
+        if (labels < 0).any():
+            raise DataError(where, f"{int((labels < 0).sum())} rows have no label (-1)", "every test row needs a label")
+        check_classes_covered(store.task, train_y, labels, where)
+        check_auc_defined(store.task, labels, where)
+    if mask_target:
+        _check_masks(store, np.arange(len(store)), where)
     return replace(store, name=entry.name, split=np.full(len(store), "test", dtype="<U10"), _fingerprint=None)
 
 
@@ -300,58 +318,123 @@ def _check_weights(config: StudyConfig, store: ImageStore, plan_configs: dict[Pr
                                 image_size=max(store.image_shape))
 
 
+def _check_protocols_fit(protocols: dict[str, Protocol], store: ImageStore) -> None:
+    """Every enabled protocol reads out this data's task and dimensionality (before anything is loaded further)."""
+    where = _where(store)
+    available = {store.task.kind} | ({"segmentation"} if "mask" in store.meta else set())
+    if store.task.kind == "multilabel" and any(p.target == "class" for p in protocols.values()):
+        raise DataError(where, "multilabel studies are not implemented: label-fraction subsets, the proportional "
+                        "validation floor and the paired statistics stratify by one class per case",
+                        "use a binary or multiclass task (e.g. one label column), or run the transfer functions "
+                        "(radssl.transfer.linear_probe / finetune support multilabel) outside a study")
+    for name, protocol in protocols.items():
+        if store.spatial_dims not in protocol.spatial_dims:
+            dims = " or ".join(f"{d}D" for d in sorted(protocol.spatial_dims))
+            raise DataError(where, f"holds {store.spatial_dims}D data; protocol '{name}' reads out {dims} data",
+                            f"remove '{name}' from protocols, or use {dims} data")
+        if not protocol.task_kinds & available:
+            if protocol.target == "mask":
+                raise DataError(where, f"protocol '{name}' needs segmentation masks (store.meta['mask']) and the data "
+                                "have none", "use a source with masks (synthetic3d; synthetic with masks; files "
+                                "with a mask column) or remove the protocol")
+            kinds = ", ".join(sorted(protocol.task_kinds))
+            raise DataError(where, f"protocol '{name}' reads out {kinds} tasks; the data's task is "
+                            f"'{store.task.kind}'", "use labelled data for it, or remove the protocol")
+
+
+def _check_masks(store: ImageStore, rows: np.ndarray, where: str) -> None:
+    """Masks exist, have the images' spatial shape and hold class indices (segmentation protocols)."""
+    mask = store.meta.get("mask")
+    if mask is None:
+        raise DataError(where, "has no segmentation masks (store.meta['mask'])",
+                        "every evaluated store of a segmentation study needs masks")
+    mask = np.asarray(mask)
+    if mask.shape[0] != len(store) or tuple(mask.shape[1:]) != tuple(store.image_shape):
+        raise DataError(where, f"masks have shape {tuple(mask.shape)} but the images are "
+                        f"{len(store)}×{'×'.join(map(str, store.image_shape))}",
+                        "store one mask per image with the image's spatial size")
+    values = mask[rows]
+    if values.size and (values.min() < 0 or not np.issubdtype(values.dtype, np.integer) and
+                        not np.all(values == np.round(values))):
+        raise DataError(where, "masks hold values that are not class indices ≥ 0",
+                        "store integer labels (0 = background)")
+
+
+def _encoder_info(config: StudyConfig, encoder: Encoder) -> EncoderInfo:
+    """What protocols may know about an encoder: its method and family (image–text or not) and checkpoint."""
+    from radssl.methods.registry import METHODS, method_class
+
+    method = None
+    checkpoint = encoder.checkpoint
+    if encoder.job is not None:
+        method = config.pretraining_run(encoder.job.run).method.name
+        checkpoint = encoder.job.checkpoint(config.output_dir)
+    elif encoder.checkpoint is not None and encoder.checkpoint.is_file():
+        from radssl.engine.checkpoint import load_checkpoint
+
+        state = load_checkpoint(encoder.checkpoint)
+        method = str(state.get("method_name") or (state.get("config") or {}).get("method", {}).get("name") or "")
+        method = method or None
+    family = method_class(method).family if method in METHODS else None
+    return EncoderInfo(encoder.init, encoder.pretrain, method, family, checkpoint, encoder.label)
+
+
 def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
     """Load the data and validate the whole grid; raises ConfigError/DataError naming the file and field.
 
     Nothing is trained here: stores are built, label-fraction subsets drawn, pretraining configs validated
-    (including whether the data fill a batch) and weights files opened.
+    (including whether the data fill a batch), weights files opened and every protocol's own checks run.
+    What is checked follows the protocols: class labels (AUC defined on every split, classes in every subset)
+    for protocols scored against classes; masks for segmentation protocols.
     """
     from radssl.data.build import build_store
     from radssl.data.splits import label_fraction_subsets
     from radssl.engine.pretrain import check_pretraining, plan_steps, pretrain_rows
 
+    protocols = config.protocols.build()
     store = build_store(config.data)
     where = _where(store)
-    if store.task.kind not in ("binary", "multiclass"):
-        raise DataError(where, f"task kind '{store.task.kind}' is not supported by the study grid",
-                        "use a binary or multiclass dataset (multilabel studies are not implemented yet)")
-    if store.spatial_dims != 2:
-        raise DataError(where, f"holds {store.spatial_dims}D volumes; the study grid's backbones and protocols are 2D",
-                        "use 2D images (e.g. slices) for a label-efficiency study")
+    _check_protocols_fit(protocols, store)
+    class_target = any(p.target == "class" for p in protocols.values())
+    mask_target = any(p.target == "mask" for p in protocols.values())
     train_rows, val_rows, test_rows = (store.indices(s) for s in ("train", "val", "test"))
     for split, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows)):
         if len(rows) == 0:
             raise DataError(where, f"the '{split}' split is empty (study field data)",
                             "a study needs train (label fractions), val (model selection) and test splits")
     train_y = store.labels[torch.from_numpy(train_rows)].numpy()
-    if (train_y < 0).any():
-        raise DataError(where, f"{int((train_y < 0).sum())} training rows have no label",
-                        "mark unlabelled images as split 'unlabelled' (they are still used for pretraining)")
-    _check_split_labels(store, train_rows, {f"{where} [test split]": test_rows,
-                                            f"{where} [validation split]": val_rows})
+    if class_target:
+        if (train_y < 0).any():
+            raise DataError(where, f"{int((train_y < 0).sum())} training rows have no label",
+                            "mark unlabelled images as split 'unlabelled' (they are still used for pretraining)")
+        _check_split_labels(store, train_rows, {f"{where} [test split]": test_rows,
+                                                f"{where} [validation split]": val_rows})
+    if mask_target:
+        for split, rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows)):
+            _check_masks(store, rows, f"{where} [{split} split]")
     test_sets: dict[str, tuple[ImageStore, np.ndarray]] = {INTERNAL_TEST_SET: (store, test_rows)}
     for index in range(len(config.external_test_sets)):
-        external = _external_store(config, index, store, train_y)
+        external = _external_store(config, index, store, train_y, class_target, mask_target)
         test_sets[config.external_test_sets[index].name] = (external, np.arange(len(external)))
 
+    # Subsets are stratified by class where every training row has one (segmentation: by finding / no finding),
+    # else drawn from one stratum.
     labels = store.labels.numpy()
+    strata = labels if labels.ndim == 1 and (train_y >= 0).all() else np.zeros(len(store), dtype=np.int64)
     subsets: dict[int, dict[float, np.ndarray]] = {}
     for seed in config.seeds:
-        drawn = label_fraction_subsets(labels, train_rows, config.label_fractions, seed, store.patient_id,
+        drawn = label_fraction_subsets(strata, train_rows, config.label_fractions, seed, store.patient_id,
                                        source=f"{where} [label_fractions, seed {seed}]")
-        for fraction, rows in drawn.items():
-            present = set(np.unique(labels[rows]).tolist())
-            missing = sorted(set(np.unique(train_y).tolist()) - present)
-            if missing:
-                raise DataError(f"{where} [label_fractions, seed {seed}]",
-                                f"label fraction {fraction:g} leaves class(es) {missing} with no example",
-                                "raise the smallest label fraction")
-            if config.protocols.finetune is not None and len(rows) < 2:
-                raise DataError(f"{where} [label_fractions, seed {seed}]",
-                                f"label fraction {fraction:g} keeps {len(rows)} image(s); fine-tuning needs ≥ 2",
-                                "raise the smallest label fraction")
+        if class_target:
+            for fraction, rows in drawn.items():
+                present = set(np.unique(labels[rows]).tolist())
+                missing = sorted(set(np.unique(train_y).tolist()) - present)
+                if missing:
+                    raise DataError(f"{where} [label_fractions, seed {seed}]",
+                                    f"label fraction {fraction:g} leaves class(es) {missing} with no example",
+                                    "raise the smallest label fraction")
         subsets[seed] = drawn
-    val_subsets = _validation_subsets(config, store, val_rows, train_y)
+    val_subsets = _validation_subsets(config, store, val_rows, strata, class_target)
 
     encoders, jobs = _encoders(config)
     pretrain_configs: dict[PretrainJob, PretrainConfig] = {}
@@ -365,7 +448,22 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
         pretrain_configs[job] = pretrain_config
     _check_weights(config, store, pretrain_configs, encoders)
 
-    notes = []
+    infos = {encoder: _encoder_info(config, encoder) for encoder in encoders}
+    setup_base = dict(store=store, train_rows=train_rows, val_rows=val_rows, test_sets=test_sets, subsets=subsets,
+                      encoders=tuple(infos.values()))
+    skipped: dict[tuple[Encoder, str], str] = {}
+    notes = [f"data: {note}" for note in store.notes]
+    for name, protocol in protocols.items():
+        protocol.check(StudySetup(**setup_base, field_name=f"protocols.{name}"))
+        for encoder, info in infos.items():
+            reason = protocol.applies_to(info)
+            if reason is not None:
+                skipped[(encoder, name)] = reason
+                notes.append(f"protocol '{name}' skips {encoder.label}: {reason}")
+        if not protocol.uses_labels:
+            notes.append(f"protocol '{name}' uses no training labels: it runs once per encoder and test set "
+                         f"(label fraction 0, seed {config.seed}) and is drawn as a horizontal reference line")
+
     dropped = config.dropped_initialisations()
     if dropped:
         notes.append(f"initialisations {dropped} skipped: imagenet_weights is not set (require_imagenet: false)")
@@ -376,15 +474,16 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
     for note in notes:
         log(f"radssl study: note: {note}")
     return StudyPlan(config, store, train_rows, val_rows, test_sets, subsets, jobs, encoders, pretrain_configs, notes,
-                     val_subsets)
+                     val_subsets, protocols, infos, skipped)
 
 
-def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.ndarray,
-                        train_y: np.ndarray) -> dict[int, dict[float, np.ndarray]]:
+def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.ndarray, strata: np.ndarray,
+                        class_target: bool) -> dict[int, dict[float, np.ndarray]]:
     """Proportional validation: per seed, nested stratified patient-grouped subsets with a per-class floor.
 
-    Drawn with :func:`radssl.data.splits.label_fraction_subsets` like the training subsets, from an independent
-    stream of the same seed (``[seed, 1]``); each is checked to define an AUC before any compute.
+    Drawn with :func:`radssl.data.splits.label_fraction_subsets` like the training subsets (same strata), from an
+    independent stream of the same seed (``[seed, 1]``); with class-scored protocols each is checked to define an
+    AUC before any compute (segmentation-only studies: the floor is a number of validation cases per stratum).
     """
     from radssl.data.splits import label_fraction_subsets
     from radssl.transfer.metrics import check_auc_defined
@@ -396,9 +495,11 @@ def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.nda
     out: dict[int, dict[float, np.ndarray]] = {}
     for seed in config.seeds:
         source = f"{where} [validation: proportional, seed {seed}]"
-        drawn = label_fraction_subsets(labels, val_rows, config.label_fractions, [seed, 1], store.patient_id,
+        drawn = label_fraction_subsets(strata, val_rows, config.label_fractions, [seed, 1], store.patient_id,
                                        source=source, min_rows_per_class=config.validation_min_per_class)
         for fraction, rows in drawn.items():
+            if not class_target:
+                continue
             try:
                 check_auc_defined(store.task, labels[rows], source)
             except DataError as error:
@@ -489,7 +590,11 @@ def _backbone(plan: StudyPlan, encoder: Encoder) -> nn.Module:
 
 
 class _Features:
-    """Frozen features of one backbone on the internal store and each external test set, extracted lazily once."""
+    """Frozen features of one backbone on the internal store and each external test set, extracted lazily once.
+
+    Shared by every frozen-feature protocol (linear probe, kNN, …) of one encoder; the extraction time lands in
+    the wall time of the first cell that needs it.
+    """
 
     def __init__(self, plan: StudyPlan, backbone: nn.Module, cache_dir: Path, device: torch.device) -> None:
         from radssl.transfer.features import FeatureCache
@@ -497,93 +602,34 @@ class _Features:
         self.plan, self.backbone, self.device = plan, backbone, device
         self.cache = FeatureCache(cache_dir)  # one per encoder: memory is freed when the encoder is done
         self._by_store: dict[int, torch.Tensor] = {}
-        self.pending_time = 0.0
 
     def of(self, store: ImageStore) -> torch.Tensor:
         key = id(store)
         if key not in self._by_store:
-            start = time.perf_counter()
             self._by_store[key] = self.cache.features(self.backbone, store, self.plan.config.feature_batch_size,
                                                       self.device)
-            self.pending_time += time.perf_counter() - start
         return self._by_store[key]
 
-    def take_time(self) -> float:
-        """Extraction time not yet charged to a cell (charged to the first cells that needed the features)."""
-        spent, self.pending_time = self.pending_time, 0.0
-        return spent
+
+def _case_count(test_sets: dict[str, tuple[ImageStore, np.ndarray]], name: str) -> int:
+    return len(test_sets[name][1])
 
 
-@dataclass
-class _Outcome:
-    scores: dict[str, np.ndarray]
-    extra: dict[str, float]
-    balanced_accuracy: dict[str, float]
-    wall_time_s: float
-
-
-def _run_protocol(plan: StudyPlan, encoder: Encoder, backbone: nn.Module, features: _Features, protocol: str,
-                  rows: np.ndarray, seed: int, test_names: list[str], device: torch.device,
-                  val_rows: np.ndarray | None = None) -> _Outcome:
-    from radssl.engine.pretrain import derived_seed
-
-    config, store = plan.config, plan.store
-    options = config.protocols.enabled()[protocol]
-    labels = store.labels
-    val_rows = plan.val_rows if val_rows is None else val_rows
-    start = time.perf_counter()
-    if protocol in ("linear", "knn"):
-        internal = features.of(store)
-        tests = {}
-        for name in test_names:
-            test_store, test_rows = plan.test_sets[name]
-            feats = internal if test_store is store else features.of(test_store)
-            index = torch.from_numpy(test_rows)
-            tests[name] = (feats[index], test_store.labels[index])
-        train_index, val_index = torch.from_numpy(rows), torch.from_numpy(val_rows)
-        start = time.perf_counter()
-        if protocol == "linear":
-            from radssl.transfer.linear_probe import linear_probe
-
-            result = linear_probe(internal[train_index], labels[train_index], internal[val_index], labels[val_index],
-                                  tests, store.task, Cs=options.Cs, seed=seed, max_iter=options.max_iter)
-            extra = {"val_auc": result.val_metric, "selected_C": result.best_C}
+def _check_outcome(protocol: Protocol, outputs: dict[str, CaseOutputs], plan: StudyPlan, names: list[str]) -> None:
+    """A protocol returned per-case outputs of the expected kind and length for every requested test set."""
+    for name in names:
+        if name not in outputs:
+            raise RuntimeError(f"protocol '{protocol.name}' returned no outputs for test set '{name}'")
+        out, n = outputs[name], _case_count(plan.test_sets, name)
+        if protocol.case_metric == "scores":
+            if out.y_score is None or len(np.asarray(out.y_score)) != n:
+                raise RuntimeError(f"protocol '{protocol.name}' must return one score per case of '{name}' ({n})")
         else:
-            from radssl.transfer.knn import knn_evaluate
-
-            result = knn_evaluate(internal[train_index], labels[train_index], tests, store.task, k=options.k,
-                                  temperature=options.temperature, device=device)
-            extra = {"k": float(min(options.k, len(rows)))}
-        scores, metrics = result.scores, result.metrics
-    else:
-        from radssl.transfer.finetune import finetune
-
-        # Equal budgets: exactly this many steps per epoch at every fraction ("subset": the legacy one pass).
-        steps_per_epoch = None if options.steps_per_epoch == "subset" else plan.finetune_steps_per_epoch(len(rows))
-        result = None
-        for scale in options.backbone_lr_scale:  # same candidates and rule for every initialisation
-            candidate = finetune(
-                backbone, store, rows, val_rows, {n: plan.test_sets[n] for n in test_names}, task=store.task,
-                epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, backbone_lr_scale=scale,
-                weight_decay=options.weight_decay, early_stopping_patience=options.early_stopping_patience,
-                augment=options.augment, hflip=options.hflip, class_balanced=options.class_balanced,
-                seed=derived_seed(config.seed, seed, 31), device=device, precision=options.precision,
-                steps_per_epoch=steps_per_epoch, min_epochs=options.early_stopping_floor,
-            )
-            if result is None or candidate.val_metric > result[1].val_metric:  # ties keep the earlier candidate
-                result = (scale, candidate)
-        assert result is not None
-        scale, chosen = result
-        scores, metrics = chosen.scores, chosen.metrics
-        extra = {"val_auc": chosen.val_metric, "best_epoch": float(chosen.best_epoch),
-                 "epochs_run": float(chosen.epochs_run), "backbone_lr_scale": float(scale),
-                 "steps_per_epoch": float(chosen.steps_per_epoch), "finetune_steps": float(chosen.steps_run),
-                 "finetune_budget_steps": float(options.epochs * chosen.steps_per_epoch)}
-    if protocol != "knn":  # kNN selects nothing on validation
-        extra["val_images"] = float(len(val_rows))
-    wall = time.perf_counter() - start + features.take_time()
-    balanced = {name: float(metrics[name].get("balanced_accuracy", math.nan)) for name in test_names}
-    return _Outcome(scores, extra, balanced, wall)
+            if protocol.metric not in out.values:
+                raise RuntimeError(f"protocol '{protocol.name}' returned no per-case '{protocol.metric}' for '{name}'")
+            bad = {k: len(v) for k, v in out.values.items() if len(v) != n}
+            if bad:
+                raise RuntimeError(f"protocol '{protocol.name}' returned {bad} per-case values for '{name}' ({n} cases)")
 
 
 def _cell_metrics(task_kind: str, y_true: np.ndarray, y_score: np.ndarray, n_boot: int) -> dict[str, Any]:
@@ -597,50 +643,101 @@ def _cell_metrics(task_kind: str, y_true: np.ndarray, y_score: np.ndarray, n_boo
     }
 
 
+def _value_metrics(values: dict[str, np.ndarray], n_boot: int) -> dict[str, Any]:
+    """Mean of each per-case metric with a percentile-bootstrap 95% CI over cases (undefined cases left out)."""
+    from radssl.study.statistics import bootstrap_ci, case_mean
+
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        finite = int(np.isfinite(v).sum())
+        if finite >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[name] = bootstrap_ci(np.zeros(len(v)), v, case_mean, n_boot=n_boot, seed=0, stratified=False)
+        else:
+            out[name] = (case_mean(None, v), None, None)
+    return out
+
+
+def _outputs_to_record(protocol: Protocol, test_store: ImageStore, out: CaseOutputs, n_boot: int
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, per-case arrays for the store) of one test set's outputs."""
+    if protocol.case_metric == "scores":
+        y_true = np.asarray(out.y_true)
+        y_score = np.asarray(out.y_score, dtype=np.float64)
+        metrics = _cell_metrics(test_store.task.kind, y_true, y_score, n_boot)
+        arrays: dict[str, Any] = {"y_true": y_true, "y_score": y_score}
+        if out.values:
+            arrays["case_values"] = out.values
+    else:
+        metrics = _value_metrics(out.values, n_boot)
+        arrays = {"case_values": out.values}
+    metrics.update(out.metrics)
+    return metrics, arrays
+
+
 def _run_cells(plan: StudyPlan, results: ResultsStore, encoder: Encoder, device: torch.device, log: Log,
                progress: list[int]) -> None:
-    """Every missing cell of one encoder; each committed as soon as its protocol run finishes."""
+    """Every missing cell of one encoder; each committed as soon as its protocol run finishes.
+
+    Dispatches through the protocol plugins only: the grid builds each cell's context (rows, validation rows,
+    test sets, shared frozen features) and records what ``Protocol.run`` returns.
+    """
+    from radssl.engine.pretrain import derived_seed
     from radssl.provenance import device_description, package_versions
 
     config = plan.config
     done = results.done_keys(config.name)
     work = []
-    for protocol in config.protocols.enabled():
-        for seed in config.seeds:
-            for fraction in config.label_fractions:
-                missing = [n for n in plan.test_sets
-                           if _cell_key(encoder, protocol, fraction, seed, n).key not in done]
-                if missing:
-                    work.append((protocol, seed, fraction, missing))
-                else:
-                    progress[0] += len(plan.test_sets)
+    for protocol in plan.protocols:
+        if (encoder, protocol) in plan.skipped:
+            continue
+        for seed, fraction in plan.cell_axes(protocol):
+            missing = [n for n in plan.test_sets if _cell_key(encoder, protocol, fraction, seed, n).key not in done]
+            if missing:
+                work.append((protocol, seed, fraction, missing))
+            else:
+                progress[0] += len(plan.test_sets)
     if not work:
         return
     backbone = _backbone(plan, encoder)
     features = _Features(plan, backbone, Path(config.output_dir) / "features", device)
+    info = plan.encoder_infos[encoder]
     versions = package_versions()
     device_name = device_description(device)
-    for protocol, seed, fraction, missing in work:
-        rows = plan.subsets[seed][fraction]
-        outcome = _run_protocol(plan, encoder, backbone, features, protocol, rows, seed, missing, device,
-                                plan.validation_rows(seed, fraction))
-        shares = outcome.wall_time_s / len(missing)  # one protocol run scores all its test sets
+    for name, seed, fraction, missing in work:
+        protocol = plan.protocols[name]
+        labelled = protocol.uses_labels
+        rows = plan.subsets[seed][fraction] if labelled else plan.train_rows
+        context = ProtocolContext(
+            backbone=backbone, encoder=info, store=plan.store, train_rows=rows,
+            val_rows=plan.validation_rows(seed, fraction) if labelled else plan.val_rows,
+            test_sets={n: plan.test_sets[n] for n in missing}, full_train_rows=len(plan.train_rows),
+            label_fraction=fraction, seed=seed, run_seed=derived_seed(config.seed, seed, 31), device=device,
+            features=features.of if protocol.frozen_features else None, log=log)
+        start = time.perf_counter()
+        outcome = protocol.run(context)
+        wall = time.perf_counter() - start
+        _check_outcome(protocol, outcome.outputs, plan, missing)
+        shares = wall / len(missing)  # one protocol run scores all its test sets
         summary = []
-        for name in missing:
-            test_store, test_rows = plan.test_sets[name]
-            y_true = test_store.labels[torch.from_numpy(test_rows)].numpy()
-            y_score = np.asarray(outcome.scores[name], dtype=np.float64)
-            metrics = _cell_metrics(test_store.task.kind, y_true, y_score, config.bootstrap_samples)
-            metrics["balanced_accuracy"] = outcome.balanced_accuracy[name]
-            metrics["train_images"] = float(len(rows))
-            metrics.update(outcome.extra)
-            key = _cell_key(encoder, protocol, fraction, seed, name)
+        for test_name in missing:
+            test_store, _ = plan.test_sets[test_name]
+            metrics, arrays = _outputs_to_record(protocol, test_store, outcome.outputs[test_name],
+                                                 config.bootstrap_samples)
+            metrics["train_images"] = float(len(rows)) if labelled else 0.0
+            metrics.update(outcome.records)
+            key = _cell_key(encoder, name, fraction, seed, test_name)
             results.record_cell(config.name, key, metrics, wall_time_s=shares, device=device_name,
-                                versions=versions, y_true=y_true, y_score=y_score)
-            summary.append(f"{name} AUC {metrics['auc'][0]:.3f}")
+                                versions=versions, primary_metric=protocol.metric, **arrays)
+            value = metrics[protocol.metric]
+            value = value[0] if isinstance(value, tuple) else value
+            summary.append(f"{test_name} {protocol.metric} {value:.3f}")
         progress[0] += len(plan.test_sets)
-        log(f"[{progress[0]}/{progress[1]}] {encoder.label} {protocol} labels={fraction:g} seed={seed}: "
-            f"{', '.join(summary)} ({outcome.wall_time_s:.1f} s)")
+        labels_text = f"labels={fraction:g} seed={seed}" if labelled else "no labels"
+        log(f"[{progress[0]}/{progress[1]}] {encoder.label} {name} {labels_text}: "
+            f"{', '.join(summary)} ({wall:.1f} s)")
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -688,14 +785,10 @@ def _rules_line(plan: StudyPlan) -> str:
                f"{config.validation_min_per_class} per class)"
     else:
         rule = f"validation: full ({len(plan.val_rows)} images for every fraction)"
-    finetune = config.protocols.finetune
-    if finetune is not None:
-        steps = "one pass over each subset (grows with the fraction)" if finetune.steps_per_epoch == "subset" else \
-            f"{finetune.epochs} × {plan.finetune_steps_per_epoch(len(plan.train_rows))} steps at every fraction"
-        scales = finetune.backbone_lr_scale
-        lr = f"backbone LR scale {scales[0]:g} for every init" if len(scales) == 1 else \
-            f"backbone LR scale chosen on validation from {[float(v) for v in scales]} for every init"
-        rule += f"; fine-tuning: {steps}, {lr}"
+    for protocol in plan.protocols.values():
+        text = protocol.rules(len(plan.train_rows))
+        if text:
+            rule += f"; {text}"
     return rule
 
 
@@ -720,21 +813,23 @@ def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = No
         _check_compatible(results.study_config(config.name), config.to_dict(), results_path)
         results.save_study_config(config.name, config.to_dict())
         write_text_atomic(output_dir / "config.yaml", dump_config(config))
+        results.save_study_notes(config.name, plan.notes)
         _save_subsets(plan, output_dir / "subsets")
-        total = len(plan.encoders) * len(config.protocols.enabled()) * len(config.seeds) * \
-            len(config.label_fractions) * len(plan.test_sets)
+        total = len(plan.cell_keys())
         progress = [0, total]
         started = time.perf_counter()
         log(f"radssl study '{config.name}': {total} cells ({len(plan.encoders)} encoders × "
-            f"{len(config.protocols.enabled())} protocols × {len(config.seeds)} seeds × "
-            f"{len(config.label_fractions)} label fractions × {len(plan.test_sets)} test sets), "
+            f"{len(plan.protocols)} protocols × {len(config.seeds)} seeds × "
+            f"{len(config.label_fractions)} label fractions × {len(plan.test_sets)} test sets"
+            f"{'; label-free protocols once per encoder' if any(not p.uses_labels for p in plan.protocols.values()) else ''}"
+            f"{f'; {len(plan.skipped)} encoder × protocol pairs skipped' if plan.skipped else ''}), "
             f"{len(plan.jobs)} pretraining runs; {len(results.done_keys(config.name))} cells already done")
         log(f"radssl study: {_rules_line(plan)}")
         for encoder in plan.encoders:
             if encoder.job is not None:
                 _run_pretraining(plan, results, encoder.job, log)
             _run_cells(plan, results, encoder, device, log, progress)
-        report = render_report(results, config.name, output_dir / REPORT_DIR)
+        report = render_report(results, config.name, output_dir / REPORT_DIR, primary_metric=None)
     log(f"radssl study '{config.name}' finished in {time.perf_counter() - started:.0f} s; report: {report}")
     return output_dir
 

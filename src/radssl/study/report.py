@@ -44,6 +44,7 @@ from radssl.study.statistics import (
     SeedsAndCases,
     accuracy,
     binary_auc,
+    case_mean,
     delong_seed_averaged,
     fraction_matching_baseline,
     macro_auc,
@@ -52,6 +53,7 @@ from radssl.study.statistics import (
     seed_t_interval,
     seeds_and_cases_interval,
     seeds_and_cases_paired_test,
+    wilcoxon_paired,
 )
 
 __all__ = ["render_report"]
@@ -59,11 +61,15 @@ __all__ = ["render_report"]
 INTERNAL_TEST_SET = "test"
 SUPERVISED_INIT = "random"
 SUPERVISED_PROTOCOL = "finetune"
-_PROTOCOL_ORDER = ("linear", "finetune", "knn")
+SUPERVISED_PROTOCOLS = {"auc": "finetune", "dice": "segmentation_finetune"}
+"""The fully supervised baseline's protocol per primary metric (random init, 100% labels)."""
+_PROTOCOL_ORDER = ("linear", "finetune", "knn", "segmentation_finetune", "segmentation_frozen", "zero_shot")
 _INIT_ORDER = ("random", "imagenet", "ssl", "imagenet+ssl")
 _INIT_NAMES = {"random": "Random", "imagenet": "ImageNet", "ssl": "SSL", "imagenet+ssl": "ImageNet+SSL"}
 _PROTOCOL_NAMES = {"linear": "linear probe", "knn": "kNN", "finetune": "fine-tune"}
-_METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "macro_auc": "macro AUC", "f1": "F1"}
+_METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "macro_auc": "macro AUC", "f1": "F1", "dice": "Dice",
+                 "hd95": "HD95"}
+_LOWER_IS_BETTER_PREFIXES = ("hd95",)
 _AUC_METRICS = {"auc", "roc_auc", "auroc", "macro_auc"}
 # Okabe & Ito (2008) colour-blind-safe palette; random stays neutral grey.
 _INIT_COLOURS = {"random": "#7a7a7a", "imagenet": "#0072B2", "ssl": "#E69F00", "imagenet+ssl": "#009E73"}
@@ -97,6 +103,8 @@ class _Cell:
     ci_low: float | None
     ci_high: float | None
     has_predictions: bool
+    metric: str = "auc"
+    has_case_values: bool = False
 
 
 @dataclass
@@ -151,6 +159,13 @@ class _Analysis:
     seeds: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     bands: dict[tuple[Line, str, float], _Band] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Metric of each protocol's curves (its cells' primary metric, or the one asked for)."""
+    reference_lines: set[Line] = field(default_factory=set)
+    """Lines of label-free protocols (zero-shot: label fraction 0): drawn as horizontal reference lines."""
+
+    def metric_of(self, protocol: str) -> str:
+        return self.metrics.get(protocol, self.metric)
 
 
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -158,17 +173,23 @@ def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
     return [v for v in preferred if v in values] + sorted(values - set(preferred))
 
 
-def _analyse(store: ResultsStore, study: str, metric: str) -> _Analysis:
+def _analyse(store: ResultsStore, study: str, metric: str | None) -> _Analysis:
+    """Group a study's rows into curves. ``metric`` None: every cell's own primary metric (AUC for classification
+    protocols, Dice for segmentation, …); a name: that metric for every protocol that recorded it."""
     rows = store.cells(study)
-    analysis = _Analysis(study, metric, rows)
-    chosen = [r for r in rows if r["metric"] == metric and r["value"] is not None]
+    wanted = (lambda r: r["metric"] == r["primary_metric"]) if metric is None else (lambda r: r["metric"] == metric)
+    chosen = [r for r in rows if wanted(r) and r["value"] is not None]
+    primaries = sorted({r["primary_metric"] for r in chosen}) or [metric or "auc"]
+    analysis = _Analysis(study, metric or primaries[0], rows)
     if rows and not chosen:
         available = sorted({r["metric"] for r in rows if r["metric"]})
         analysis.notes.append(f"No cell has the metric “{metric}”; available: {', '.join(available) or 'none'}.")
     by_line: dict[Line, list[_Cell]] = defaultdict(list)
     for r in chosen:
-        cell = _Cell(CellKey.from_row(r), float(r["value"]), r["ci_low"], r["ci_high"], bool(r["has_predictions"]))
+        cell = _Cell(CellKey.from_row(r), float(r["value"]), r["ci_low"], r["ci_high"], bool(r["has_predictions"]),
+                     r["metric"], bool(r.get("has_case_values")))
         by_line[Line(r["init"], r["pretrain"], r["protocol"])].append(cell)
+        analysis.metrics.setdefault(r["protocol"], r["metric"])
     for line, cells in by_line.items():
         # Curves use the full pretraining set (largest pretraining fraction); smaller ones feed the
         # pretraining-set-size section.
@@ -180,7 +201,9 @@ def _analyse(store: ResultsStore, study: str, metric: str) -> _Analysis:
                 curve[(c.key.test_set, c.key.label_fraction)].append(c)
             sizes[(c.key.test_set, c.key.label_fraction, c.key.pretrain_fraction)].append(c)
         analysis.cells[line] = dict(curve)
-        if len({c.key.pretrain_fraction for c in cells}) > 1:
+        if all(c.key.label_fraction == 0.0 for c in cells):
+            analysis.reference_lines.add(line)
+        elif len({c.key.pretrain_fraction for c in cells}) > 1:
             analysis.size_cells[line] = dict(sizes)
     init_rank = {init: i for i, init in enumerate(_order({ln.init for ln in by_line}, _INIT_ORDER))}
     proto_rank = {p: i for i, p in enumerate(_order({ln.protocol for ln in by_line}, _PROTOCOL_ORDER))}
@@ -189,7 +212,7 @@ def _analyse(store: ResultsStore, study: str, metric: str) -> _Analysis:
     analysis.test_sets = ([INTERNAL_TEST_SET] if INTERNAL_TEST_SET in test_sets else []) + sorted(
         test_sets - {INTERNAL_TEST_SET})
     analysis.protocols = list(proto_rank)
-    analysis.fractions = sorted({float(r["label_fraction"]) for r in chosen})
+    analysis.fractions = sorted({float(r["label_fraction"]) for r in chosen if float(r["label_fraction"]) > 0})
     analysis.seeds = sorted({int(r["seed"]) for r in chosen})
     return analysis
 
@@ -204,7 +227,7 @@ def _esc(value: Any) -> str:
 
 
 def _pct(fraction: float) -> str:
-    return f"{100 * fraction:.3g}%"
+    return "no labels" if fraction == 0 else f"{100 * fraction:.3g}%"
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -223,6 +246,10 @@ def _p(value: float | None) -> str:
     return f"p={value:.3f}" if value < 0.1 else f"p={value:.2f}"
 
 
+def _labels_header(fraction: float) -> str:
+    return "no labels" if fraction == 0 else f"{_pct(fraction)} labels"
+
+
 def _matched_pct(analysis: _Analysis, fraction: float) -> str:
     """'≤1%' when reached at the smallest measured fraction (no extrapolation), else '≈7.3%'."""
     if analysis.fractions and fraction <= analysis.fractions[0]:
@@ -233,7 +260,19 @@ def _matched_pct(analysis: _Analysis, fraction: float) -> str:
 
 
 def _metric_name(metric: str) -> str:
-    return _METRIC_NAMES.get(metric, metric)
+    if metric in _METRIC_NAMES:
+        return _METRIC_NAMES[metric]
+    for prefix in ("dice_", "hd95_"):
+        if metric.startswith(prefix):
+            return f"{_METRIC_NAMES[prefix[:-1]]} ({metric[len(prefix):]})"
+    return metric
+
+
+def _metrics_text(analysis: "_Analysis", protocols: Sequence[str] | None = None) -> str:
+    """The metric name(s) of these protocols' curves, e.g. "AUC" or "AUC / Dice"."""
+    chosen = analysis.protocols if protocols is None else protocols
+    return " / ".join(dict.fromkeys(_metric_name(analysis.metric_of(p)) for p in chosen)) or \
+        _metric_name(analysis.metric)
 
 
 def _init_name(init: str) -> str:
@@ -241,7 +280,16 @@ def _init_name(init: str) -> str:
 
 
 def _protocol_name(protocol: str) -> str:
-    return _PROTOCOL_NAMES.get(protocol, protocol)
+    if protocol in _PROTOCOL_NAMES:
+        return _PROTOCOL_NAMES[protocol]
+    from radssl.transfer.protocols import PROTOCOLS, protocol_class
+
+    if protocol in PROTOCOLS:  # a registered protocol names itself (its title)
+        try:
+            return protocol_class(protocol).title or protocol
+        except Exception:  # an unimportable plugin must not break a report of stored results
+            return protocol
+    return protocol
 
 
 def _test_set_name(test_set: str) -> str:
@@ -315,8 +363,13 @@ CASES_ONLY = "test cases only (1 seed)"
 SEEDS_ONLY = "seeds only (no predictions stored)"
 
 
-def _metric_function(metric: str, y_true: np.ndarray, y_score: np.ndarray) -> Any:
-    """The statistics function of a stored metric for these predictions, or None (no case-level method)."""
+def _metric_function(metric: str, y_true: np.ndarray, y_score: np.ndarray, per_case: bool = False) -> Any:
+    """The statistics function of a stored metric for these per-case outputs, or None (no case-level method).
+
+    ``per_case``: the outputs are per-case values of the metric itself (Dice, HD95): its set value is their mean.
+    """
+    if per_case:
+        return case_mean
     if metric in _AUC_METRICS:
         return macro_auc if y_true.ndim == 2 or y_score.ndim == 2 else binary_auc
     if metric == "accuracy":
@@ -325,18 +378,24 @@ def _metric_function(metric: str, y_true: np.ndarray, y_score: np.ndarray) -> An
 
 
 def _aligned_predictions(predictions: "_Predictions", cells: Sequence[_Cell]
-                         ) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """(y_true, one score array per cell) when every cell stored predictions of the same cases, else None."""
+                         ) -> tuple[np.ndarray, list[np.ndarray], bool] | None:
+    """(y_true, one score array per cell, per-case values?) when every cell stored per-case outputs of the same
+    cases, else None. Per-case values (Dice, …) come with zeros as ``y_true`` (one stratum)."""
     loaded = [predictions.get(c) for c in cells]
     if not loaded or any(p is None for p in loaded):
+        return None
+    per_case = {p[2] for p in loaded}
+    if len(per_case) != 1:
         return None
     y_true = loaded[0][0]
     if not all(p[0].shape == y_true.shape and np.array_equal(p[0], y_true) for p in loaded):
         return None
+    if per_case == {True}:
+        return y_true, [p[1] for p in loaded], True
     binary = [_binary_scores(y_true, p[1]) for p in loaded]
     if all(b is not None for b in binary):
-        return y_true, [np.asarray(b) for b in binary]
-    return y_true, [p[1] for p in loaded]
+        return y_true, [np.asarray(b) for b in binary], False
+    return y_true, [p[1] for p in loaded], False
 
 
 def _band(analysis: _Analysis, predictions: "_Predictions", cells: Sequence[_Cell]) -> _Band:
@@ -350,7 +409,7 @@ def _band(analysis: _Analysis, predictions: "_Predictions", cells: Sequence[_Cel
     if lows and len(lows) == len(highs) == len(cells):
         band.case_low, band.case_high = float(np.mean(lows)), float(np.mean(highs))
     aligned = _aligned_predictions(predictions, cells)
-    function = None if aligned is None else _metric_function(analysis.metric, aligned[0], aligned[1][0])
+    function = None if aligned is None else _metric_function(cells[0].metric, aligned[0], aligned[1][0], aligned[2])
     if aligned is not None and function is not None:
         try:
             result = seeds_and_cases_interval(aligned[0], aligned[1], function, n_boot=_N_BOOT, seed=0)
@@ -386,17 +445,23 @@ def _matching_line(analysis: _Analysis, treatment: Line, baseline_init: str) -> 
 
 
 class _Predictions:
-    """Loads per-case predictions lazily, once per cell."""
+    """Loads per-case outputs lazily, once per cell: (y_true, scores or values, per-case values?)."""
 
     def __init__(self, store: ResultsStore, study: str) -> None:
         self._store, self._study, self._cache = store, study, {}
 
-    def get(self, cell: _Cell) -> tuple[np.ndarray, np.ndarray] | None:
-        if not cell.has_predictions:
-            return None
-        if cell.key.key not in self._cache:
-            self._cache[cell.key.key] = self._store.predictions(self._study, cell.key)
-        return self._cache[cell.key.key]
+    def get(self, cell: _Cell) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        key = (cell.key.key, cell.metric)
+        if key not in self._cache:
+            if cell.has_case_values:  # the metric's own per-case values (Dice, HD95, …)
+                values = self._store.case_values(self._study, cell.key)[cell.metric]
+                self._cache[key] = (np.zeros(len(values), dtype=np.int64), values, True)
+            elif cell.has_predictions:
+                stored = self._store.predictions(self._study, cell.key)
+                self._cache[key] = None if stored is None else (stored.y_true, stored.y_score, False)
+            else:
+                self._cache[key] = None
+        return self._cache[key]
 
 
 def _binary_scores(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray | None:
@@ -434,14 +499,18 @@ def _compare(analysis: _Analysis, predictions: _Predictions, a: Line, b: Line, t
     gain.difference = float(np.mean(paired))
 
     aligned = _aligned_predictions(predictions, [ca for ca, _ in pairs] + [cb for _, cb in pairs])
-    function = None if aligned is None else _metric_function(analysis.metric, aligned[0], aligned[1][0])
+    function = None if aligned is None else _metric_function(pairs[0][0].metric, aligned[0], aligned[1][0],
+                                                             aligned[2])
     if aligned is not None and function is not None:
-        y_true, scores = aligned
+        y_true, scores, _ = aligned
         side_a, side_b = scores[:len(pairs)], scores[len(pairs):]
         try:
             if function is binary_auc:
                 r = delong_seed_averaged(y_true, side_a, side_b)
                 gain.case_p, gain.case_method = r.p_value, "DeLong"
+            elif function is case_mean:  # per-case values (Dice): distribution-free signed-rank test
+                w = wilcoxon_paired(side_a, side_b)
+                gain.case_p, gain.case_method = w.p_value, "Wilcoxon signed-rank"
             else:
                 rb = paired_bootstrap_seed_averaged(y_true, side_a, side_b, function, n_boot=_N_BOOT, seed=0)
                 gain.case_p, gain.case_method = rb.p_value, "paired case bootstrap"
@@ -475,13 +544,25 @@ def _gains(analysis: _Analysis, predictions: _Predictions, baseline_init: str,
     return out
 
 
+def _curve_protocols(analysis: _Analysis) -> list[str]:
+    """Protocols with label-efficiency curves (not only label-free reference lines)."""
+    return [p for p in analysis.protocols
+            if any(ln.protocol == p and ln not in analysis.reference_lines for ln in analysis.lines)]
+
+
 def _primary_protocol(analysis: _Analysis) -> str | None:
-    return analysis.protocols[0] if analysis.protocols else None
+    curves = _curve_protocols(analysis)
+    return curves[0] if curves else None
 
 
 def _supervised_baseline(analysis: _Analysis, test_set: str, protocol: str) -> tuple[Line, float] | None:
-    """Random-init fine-tuning with 100% labels (or the line's own protocol when nobody fine-tuned)."""
-    for proto in (SUPERVISED_PROTOCOL, protocol):
+    """Random-init full fine-tuning with 100% labels for the protocol's metric (classification: ``finetune``,
+    segmentation: ``segmentation_finetune``), or the line's own protocol when nobody fine-tuned."""
+    metric = analysis.metric_of(protocol)
+    supervised = SUPERVISED_PROTOCOLS.get(metric, SUPERVISED_PROTOCOL)
+    for proto in (supervised, protocol):
+        if analysis.metric_of(proto) != metric:
+            continue
         for line in analysis.lines:
             if line.init == SUPERVISED_INIT and line.protocol == proto:
                 cells = analysis.cells[line].get((test_set, 1.0))
@@ -518,10 +599,10 @@ def _fraction_axis(ax: Any, fractions: Sequence[float]) -> None:
     ax.minorticks_off()
 
 
-def _panel_grid(analysis: _Analysis, height: float) -> tuple[Any, Any]:
+def _panel_grid(analysis: _Analysis, height: float, protocols: Sequence[str] | None = None) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
 
-    rows, cols = len(analysis.protocols), len(analysis.test_sets)
+    rows, cols = len(protocols if protocols is not None else analysis.protocols), len(analysis.test_sets)
     fig = Figure(figsize=(min(4.6 * cols, 13.5), height * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey="row")
     return fig, axes
@@ -537,47 +618,63 @@ def _curves_figure(analysis: _Analysis, names: _Names) -> str:
     with matplotlib.rc_context(_RC):
         fig, axes = _panel_grid(analysis, 3.1)
         handles: dict[str, Any] = {}
+        span = (analysis.fractions[0], analysis.fractions[-1]) if analysis.fractions else (0.01, 1.0)
         for r, protocol in enumerate(analysis.protocols):
             for c, test_set in enumerate(analysis.test_sets):
                 ax = axes[r][c]
                 for line in (ln for ln in analysis.lines if ln.protocol == protocol):
+                    colour = names.colours[line.encoder]
+                    if line in analysis.reference_lines:  # label-free: one value, drawn across the label axis
+                        band = analysis.bands.get((line, test_set, 0.0))
+                        if band is None:
+                            continue
+                        handle = ax.axhline(band.mean, color=colour, lw=2, ls="--", zorder=3)
+                        if math.isfinite(band.low) and math.isfinite(band.high):
+                            ax.axhspan(band.low, band.high, color=colour, alpha=0.12, lw=0, zorder=1)
+                        ax.set_xlim(span[0] / 1.3, span[1] * 1.3)
+                        handles.setdefault(f"{names.encoder(line)} (no labels)", handle)
+                        continue
                     points = sorted((lf, _band_tuple(analysis.bands[(line, ts, lf)]), cells)
                                     for (ts, lf), cells in analysis.cells[line].items() if ts == test_set)
                     if not points:
                         continue
                     x = np.array([p[0] for p in points])
                     mean, low, high = (np.array([p[1][i] for p in points]) for i in range(3))
-                    colour = names.colours[line.encoder]
                     (handle,) = ax.plot(x, mean, "-o", color=colour, lw=2, ms=4.5, zorder=3)
                     ax.fill_between(x, low, high, color=colour, alpha=0.16, lw=0, zorder=1)
                     seeds_x = [lf for lf, _, cells in points for _ in cells]
                     seeds_y = [cell.value for _, _, cells in points for cell in cells]
                     ax.scatter(seeds_x, seeds_y, s=9, color=colour, alpha=0.45, lw=0, zorder=2)
                     handles.setdefault(names.encoder(line), handle)
-                _fraction_axis(ax, analysis.fractions)
+                if analysis.fractions:
+                    _fraction_axis(ax, analysis.fractions)
                 ax.set_title(f"{_test_set_name(test_set)} · {_protocol_name(protocol)}")
                 if c == 0:
-                    ax.set_ylabel(_metric_name(analysis.metric))
+                    ax.set_ylabel(_metric_name(analysis.metric_of(protocol)))
                 if r == len(analysis.protocols) - 1:
                     ax.set_xlabel("labelled training data (log scale)")
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 6))
-        return _figure_html(fig, f"{_metric_name(analysis.metric)} versus label fraction",
-                            f"{_metric_name(analysis.metric)} versus the fraction of labelled training data. Lines: "
+        metrics = " / ".join(dict.fromkeys(_metric_name(analysis.metric_of(p)) for p in analysis.protocols))
+        reference = (" Dashed horizontal lines: label-free protocols (zero-shot), one value per encoder with its "
+                     "95% interval over test cases." if analysis.reference_lines else "")
+        return _figure_html(fig, f"{metrics} versus label fraction",
+                            f"{metrics} versus the fraction of labelled training data. Lines: "
                             "mean over seeds; dots: single seeds; bands: 95% interval over seeds and test cases "
                             "(label subsets, training runs and test-case sampling; test cases only with one seed, "
-                            "seeds only where no predictions were stored).")
+                            f"seeds only where no predictions were stored).{reference}")
 
 
 def _gains_figure(analysis: _Analysis, gains: Sequence[_Gain], names: _Names, title: str) -> str:
     import matplotlib
 
+    protocols = _curve_protocols(analysis)
     with matplotlib.rc_context(_RC):
-        fig, axes = _panel_grid(analysis, 2.5)
+        fig, axes = _panel_grid(analysis, 2.5, protocols)
         handles: dict[str, Any] = {}
         groups: dict[tuple[Line, Line], list[_Gain]] = defaultdict(list)
         for g in gains:
             groups[(g.treatment, g.baseline)].append(g)
-        for r, protocol in enumerate(analysis.protocols):
+        for r, protocol in enumerate(protocols):
             for c, test_set in enumerate(analysis.test_sets):
                 ax = axes[r][c]
                 ax.axhline(0, color="#52606d", lw=1, zorder=1)
@@ -598,8 +695,8 @@ def _gains_figure(analysis: _Analysis, gains: Sequence[_Gain], names: _Names, ti
                 _fraction_axis(ax, analysis.fractions)
                 ax.set_title(f"{_test_set_name(test_set)} · {_protocol_name(protocol)}")
                 if c == 0:
-                    ax.set_ylabel(f"Δ {_metric_name(analysis.metric)}")
-                if r == len(analysis.protocols) - 1:
+                    ax.set_ylabel(f"Δ {_metric_name(analysis.metric_of(protocol))}")
+                if r == len(protocols) - 1:
                     ax.set_xlabel("labelled training data (log scale)")
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 4))
         return _figure_html(fig, title, f"{_esc(title)}: difference of the seed means (paired by seed) with its 95% "
@@ -631,7 +728,7 @@ def _size_figure(analysis: _Analysis, names: _Names) -> str:
                 ax.set_title(f"{names.line(line)} · {test_set}")
                 ax.set_xlabel("pretraining data used (log scale)")
                 if c == 0:
-                    ax.set_ylabel(_metric_name(analysis.metric))
+                    ax.set_ylabel(_metric_name(analysis.metric_of(line.protocol)))
             axes[r][0].legend(fontsize=8)
         return _figure_html(fig, "metric versus pretraining-set size",
                             "Effect of the pretraining-set size: mean over seeds at each label fraction.")
@@ -664,23 +761,26 @@ def _gain_phrase(g: _Gain, names: _Names, metric: str) -> str:
 def _headline(analysis: _Analysis, names: _Names, gains_random: Sequence[_Gain], gains_imagenet: Sequence[_Gain],
               matches: dict[tuple[Line, str], tuple[float | None, float, Line]], cost: tuple[float, float, int]) -> str:
     protocol = _primary_protocol(analysis)
-    if protocol is None:
+    if protocol is None and not analysis.reference_lines:
         return _note("No finished cells with this metric yet: the report will fill in as the study runs.")
     test_set = analysis.test_sets[0]
-    smallest = analysis.fractions[0]
     place = "internal test set" if test_set == INTERNAL_TEST_SET else f"test set “{_esc(test_set)}”"
+    sentences = _reference_sentences(analysis, names, test_set, place)
+    if protocol is None:
+        return '<ul class="headline">' + "".join(f"<li>{s}</li>" for s in sentences) + "</ul>"
+    metric = analysis.metric_of(protocol)
+    smallest = analysis.fractions[0]
     where = f"At <strong>{_pct(smallest)} labels</strong> ({_esc(_protocol_name(protocol))}, {place}):"
-    sentences = []
     picked = [g for gains in (gains_random, gains_imagenet) for g in gains
               if g.treatment.protocol == protocol and g.test_set == test_set and g.label_fraction == smallest
               and "ssl" in g.treatment.init]
     if picked:
-        items = "".join(f"<li>{_gain_phrase(g, names, analysis.metric)}.</li>" for g in picked[:6])
+        items = "".join(f"<li>{_gain_phrase(g, names, metric)}.</li>" for g in picked[:6])
         sentences.append(f'{where}<ul class="sub">{items}</ul>')
     for (line, ts), (fraction, base_value, base_line) in matches.items():
         if ts != test_set or line.protocol != protocol or "ssl" not in line.init:
             continue
-        baseline = (f"{_esc(names.line(base_line))} with 100% labels, {_esc(_metric_name(analysis.metric))} "
+        baseline = (f"{_esc(names.line(base_line))} with 100% labels, {_esc(_metric_name(metric))} "
                     f"{_num(base_value)}")
         if fraction is None:
             sentences.append(f"{_esc(names.line(line))} does <strong>not reach</strong> the supervised baseline "
@@ -698,7 +798,7 @@ def _headline(analysis: _Analysis, names: _Names, gains_random: Sequence[_Gain],
                 parts.append(f"{_esc(names.encoder(line))} {_signed(_point(outside)[0] - _point(inside)[0])}")
         if parts:
             sentences.append(f"Moving from the internal test set to the external set “{_esc(external[0])}” at "
-                             f"{_pct(smallest)} labels changes {_esc(_metric_name(analysis.metric))} by: "
+                             f"{_pct(smallest)} labels changes {_esc(_metric_name(metric))} by: "
                              + ", ".join(parts) + ".")
     cell_hours, pretrain_hours, n_runs = cost
     runs = (f"{n_runs} pretraining run{'s' if n_runs != 1 else ''} used {pretrain_hours:.2f}" if n_runs
@@ -706,6 +806,23 @@ def _headline(analysis: _Analysis, names: _Names, gains_random: Sequence[_Gain],
     sentences.append(f"The {len({r['cell_key'] for r in analysis.rows})} finished cells used "
                      f"{cell_hours:.2f} device-hours; {runs}.")
     return '<ul class="headline">' + "".join(f"<li>{s}</li>" for s in sentences) + "</ul>"
+
+
+def _reference_sentences(analysis: _Analysis, names: _Names, test_set: str, place: str) -> list[str]:
+    """One sentence per label-free protocol (zero-shot): each encoder's value with its interval over test cases."""
+    out = []
+    for protocol in analysis.protocols:
+        lines = [ln for ln in analysis.lines if ln.protocol == protocol and ln in analysis.reference_lines]
+        parts = []
+        for line in lines:
+            band = analysis.bands.get((line, test_set, 0.0))
+            if band is not None:
+                parts.append(f"{_esc(names.encoder(line))} <strong>{_num(band.mean)}</strong> "
+                             f"(95% CI {_num(band.low)} to {_num(band.high)}, {_esc(band.method)})")
+        if parts:
+            out.append(f"{_esc(_protocol_name(protocol)).capitalize()} without any training label ({place}, "
+                       f"{_esc(_metric_name(analysis.metric_of(protocol)))}): " + "; ".join(parts) + ".")
+    return out
 
 
 def _gains_section(analysis: _Analysis, names: _Names, gains: Sequence[_Gain], baseline_init: str) -> str:
@@ -752,7 +869,7 @@ def _gains_section(analysis: _Analysis, names: _Names, gains: Sequence[_Gain], b
     headers = ["Test set", "Protocol", "Comparison"] + [f"{_pct(f)} labels" for f in analysis.fractions] + [
         "CI and p over", "Paired seeds"]
     table = _table(headers, rows, numeric=tuple(range(3, 3 + len(analysis.fractions))))
-    legend = (f'<p class="muted">Each cell: Δ {_esc(_metric_name(analysis.metric))} (A − B, mean of the per-seed '
+    legend = (f'<p class="muted">Each cell: Δ {_esc(_metrics_text(analysis, _curve_protocols(analysis)))} (A − B, mean of the per-seed '
               "differences), its 95% CI and p over seeds and test cases; below, for reference, the p-value of the "
               "test on the test cases alone (DeLong: the trained models held fixed) and of the paired t-test over "
               "seeds alone (the test set held fixed). Green / red: the CI over seeds and test cases excludes zero. "
@@ -764,14 +881,15 @@ def _generalisation_section(analysis: _Analysis, names: _Names) -> str:
     external = [t for t in analysis.test_sets if t != INTERNAL_TEST_SET]
     if INTERNAL_TEST_SET not in analysis.test_sets or not external:
         return _note("Skipped: needs the internal test set “test” and at least one external test set.")
-    out = (f"<p>Mean {_esc(_metric_name(analysis.metric))} over seeds on the internal test set → on each external "
+    out = (f"<p>Mean {_esc(_metrics_text(analysis))} over seeds on the internal test set → on each external "
            "set, and the change Δ = external − internal (red: the model loses performance on data from elsewhere)."
            "</p>")
+    columns = ([0.0] if analysis.reference_lines else []) + analysis.fractions
     for t in external:
         rows = []
         for line in analysis.lines:
             row = [_esc(names.encoder(line)), _esc(_protocol_name(line.protocol))]
-            for lf in analysis.fractions:
+            for lf in columns:
                 inside = analysis.cells[line].get((INTERNAL_TEST_SET, lf))
                 outside = analysis.cells[line].get((t, lf))
                 if not inside or not outside:
@@ -783,8 +901,8 @@ def _generalisation_section(analysis: _Analysis, names: _Names) -> str:
                            f"<small>{_num(m_in)} → {_num(m_out)}</small>")
             rows.append(row)
         out += f"<h3>internal → {_esc(t)}</h3>" + _table(
-            ["Initialisation", "Protocol"] + [f"{_pct(f)} labels" for f in analysis.fractions], rows,
-            numeric=tuple(range(2, 2 + len(analysis.fractions))))
+            ["Initialisation", "Protocol"] + [_labels_header(f) for f in columns], rows,
+            numeric=tuple(range(2, 2 + len(columns))))
     return out
 
 
@@ -792,6 +910,8 @@ def _matches(analysis: _Analysis) -> dict[tuple[Line, str], tuple[float | None, 
     out = {}
     for test_set in analysis.test_sets:
         for line in analysis.lines:
+            if line in analysis.reference_lines:  # label-free: no label fraction to find
+                continue
             base = _supervised_baseline(analysis, test_set, line.protocol)
             if base is None or base[0] == line:
                 continue
@@ -824,7 +944,7 @@ def _matching_section(analysis: _Analysis, names: _Names,
         rows.append(row)
     baselines = sorted({(t, names.line(b), v) for (_, t), (_, v, b) in matches.items()})
     described = "; ".join(f"{_esc(t)}: {_esc(n)} = {_num(v)}" for t, n, v in baselines)
-    return (f"<p>Smallest label fraction at which the mean {_esc(_metric_name(analysis.metric))} reaches the fully "
+    return (f"<p>Smallest label fraction at which the mean {_esc(_metrics_text(analysis, _curve_protocols(analysis)))} reaches the fully "
             f"supervised baseline trained on 100% of the labels ({described}). Crossings are interpolated "
             "linearly on the log-fraction axis; a curve that starts above the baseline reports its smallest "
             "measured fraction.</p>" + _table(headers, rows, numeric=tuple(range(2, len(headers)))))
@@ -993,12 +1113,14 @@ def _numbers_table(analysis: _Analysis, names: _Names) -> str:
     rows = []
     for test_set in analysis.test_sets:
         for line in analysis.lines:
-            for fraction in analysis.fractions:
+            fractions = [0.0] if line in analysis.reference_lines else analysis.fractions
+            for fraction in fractions:
                 band = analysis.bands.get((line, test_set, fraction))
                 if band is None:
                     continue
                 rows.append([
                     _esc(test_set), _esc(names.encoder(line)), _esc(_protocol_name(line.protocol)), _pct(fraction),
+                    _esc(_metric_name(analysis.metric_of(line.protocol))),
                     f"{_num(band.mean)} <small>({band.n})</small>",
                     f"{_num(band.low)} – {_num(band.high)}<br><small>{_esc(band.method)}</small>",
                     f"{_num(band.seed_low)} – {_num(band.seed_high)}",
@@ -1006,11 +1128,10 @@ def _numbers_table(analysis: _Analysis, names: _Names) -> str:
                     _num(band.seed_sd)])
     if not rows:
         return ""
-    metric = _esc(_metric_name(analysis.metric))
-    table = _table(["Test set", "Initialisation", "Protocol", "Labels", f"Mean {metric} (seeds)",
+    table = _table(["Test set", "Initialisation", "Protocol", "Labels", "Metric", "Mean (seeds)",
                     "95% CI over seeds + test cases", "95% t over seeds (test set fixed)",
                     "Per-seed 95% CI over test cases (mean of bounds)", "Seed SD"], rows,
-                   numeric=(4, 5, 6, 7, 8))
+                   numeric=(5, 6, 7, 8, 9))
     return f"<details><summary>Numbers behind the curves, with every interval</summary>{table}</details>"
 
 
@@ -1131,8 +1252,55 @@ footer{color:var(--muted);font-size:12.5px;text-align:center;margin-top:26px}
 """
 
 
-def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric: str = "auc") -> Path:
-    """Write ``out_dir/report.html`` (self-contained) and ``out_dir/results.csv``; return the HTML path."""
+def _secondary_section(analysis: _Analysis, names: _Names, predictions: _Predictions) -> str:
+    """Per-class Dice and HD95 of segmentation protocols: mean over seeds with the seeds + test cases interval."""
+    wanted = {p for p in analysis.protocols if analysis.metric_of(p) == "dice"}
+    if not wanted:
+        return ""
+    full_pf = {line: max(c.key.pretrain_fraction for cells in points.values() for c in cells)
+               for line, points in analysis.cells.items()}
+    groups: dict[tuple[Line, str], dict[tuple[str, float], list[_Cell]]] = defaultdict(lambda: defaultdict(list))
+    for r in analysis.rows:
+        metric = r["metric"] or ""
+        line = Line(r["init"], r["pretrain"], r["protocol"])
+        if (r["protocol"] not in wanted or r["value"] is None or line not in full_pf
+                or not (metric.startswith("dice_") or metric.startswith("hd95"))
+                or r["pretrain_fraction"] != full_pf[line]):
+            continue
+        groups[(line, metric)][(r["test_set"], float(r["label_fraction"]))].append(
+            _Cell(CellKey.from_row(r), float(r["value"]), r["ci_low"], r["ci_high"], bool(r["has_predictions"]),
+                  metric, bool(r.get("has_case_values"))))
+    if not groups:
+        return ""
+    out = ("<p>Secondary segmentation metrics: Dice per foreground class and the 95th-percentile Hausdorff distance "
+           "(HD95, lower is better; cases where it is undefined — an empty prediction or reference — are left out "
+           "of its mean). Each entry: mean over seeds and its 95% interval over seeds and test cases.</p>")
+    rank = {ln: i for i, ln in enumerate(analysis.lines)}
+    for test_set in analysis.test_sets:
+        rows = []
+        for (line, metric), points in sorted(groups.items(), key=lambda kv: (rank.get(kv[0][0], 0), kv[0][1])):
+            row = [_esc(names.encoder(line)), _esc(_protocol_name(line.protocol)), _esc(_metric_name(metric))]
+            for fraction in analysis.fractions:
+                cells = points.get((test_set, fraction))
+                if not cells:
+                    row.append("–")
+                    continue
+                band = _band(analysis, predictions, cells)
+                row.append(f"{_num(band.mean)}<br><small>{_num(band.low)} – {_num(band.high)}</small>")
+            rows.append(row)
+        if rows:
+            out += f"<h3>{_esc(_test_set_name(test_set))}</h3>" + _table(
+                ["Initialisation", "Protocol", "Metric"] + [_labels_header(f) for f in analysis.fractions], rows,
+                numeric=tuple(range(3, 3 + len(analysis.fractions))))
+    return out
+
+
+def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric: str | None = None) -> Path:
+    """Write ``out_dir/report.html`` (self-contained) and ``out_dir/results.csv``; return the HTML path.
+
+    ``primary_metric`` None: every protocol's curves show its cells' own primary metric (AUC for classification,
+    Dice for segmentation); a metric name (``accuracy``) shows that metric wherever it was recorded.
+    """
     from radssl import __version__
 
     out_dir = Path(out_dir)
@@ -1151,7 +1319,8 @@ def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric
     cell_hours = sum((r["device_hours"] or 0.0) for r in unique_cells.values())
     pretrain_hours = sum((r["device_hours"] or 0.0) for r in pretrain_runs)
 
-    metric = _esc(_metric_name(primary_metric))
+    metric = _esc(_metrics_text(analysis))
+    analysis.notes[:0] = [f"Study note: {n}" for n in store.study_notes(study)]
     sections: list[tuple[str, str, str]] = []
     sections.append(("summary", "Headline", _headline(analysis, names, vs_random, vs_imagenet, matches,
                                                       (cell_hours, pretrain_hours, len(pretrain_runs)))))
@@ -1159,6 +1328,9 @@ def render_report(store: ResultsStore, study: str, out_dir: Path, primary_metric
         sections.append(("methods", "How the numbers were made", _methods_section(analysis, names, config)))
         sections.append(("curves", "Label efficiency",
                          _curves_figure(analysis, names) + _numbers_table(analysis, names)))
+        secondary = _secondary_section(analysis, names, predictions)
+        if secondary:
+            sections.append(("secondary", "Per-class Dice and HD95", secondary))
         sections.append(("gain-random", "Gain over random initialisation",
                          _gains_section(analysis, names, vs_random, "random")))
         sections.append(("gain-imagenet", "Gain over ImageNet initialisation",

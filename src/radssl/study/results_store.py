@@ -8,7 +8,14 @@ a study killed at any moment holds only whole cells; rerunning the grid skips th
 WAL journal mode lets the report (a reader) run while the grid (a writer) is still filling the store;
 ``synchronous=FULL`` makes a committed cell survive a power cut, which costs nothing next to a cell's
 minutes of training. Per-case predictions are stored as little-endian float32/int32 blobs (4 bytes per
-value) because paired DeLong tests between initialisations need the scores of the same test cases.
+value) because paired DeLong tests between initialisations need the scores of the same test cases; protocols
+whose metric is a mean over cases (segmentation: each case's Dice, HD95) store their per-case values instead
+(``case_values``), which paired bootstraps and Wilcoxon tests need in the same way.
+
+Each cell records its protocol's primary metric (``primary_metric``: ``auc``, ``dice``, …) so the report and the
+statistics follow the task. Schema history: v1 (radssl ≤ 0.1: classification only, no ``primary_metric``, no
+``case_values``, no study notes) is upgraded in place when opened — its cells read as ``auc`` cells; a store
+written by a newer radssl is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -32,13 +39,16 @@ from radssl.errors import DataError
 
 __all__ = ["CellKey", "Predictions", "ResultsStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+LEGACY_PRIMARY_METRIC = "auc"
+"""The primary metric of cells stored before ``primary_metric`` existed (schema v1: classification only)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study TEXT PRIMARY KEY,
     config_json TEXT NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    notes_json TEXT
 );
 CREATE TABLE IF NOT EXISTS cells (
     study TEXT NOT NULL,
@@ -55,6 +65,7 @@ CREATE TABLE IF NOT EXISTS cells (
     device_hours REAL,
     versions_json TEXT,
     finished_at TEXT NOT NULL,
+    primary_metric TEXT,
     PRIMARY KEY (study, cell_key)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -76,6 +87,13 @@ CREATE TABLE IF NOT EXISTS predictions (
     y_score_shape TEXT NOT NULL,
     PRIMARY KEY (study, cell_key)
 );
+CREATE TABLE IF NOT EXISTS case_values (
+    study TEXT NOT NULL,
+    cell_key TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    vals BLOB NOT NULL,
+    PRIMARY KEY (study, cell_key, metric)
+);
 CREATE TABLE IF NOT EXISTS pretrain_runs (
     study TEXT NOT NULL,
     run_name TEXT NOT NULL,
@@ -91,6 +109,8 @@ CREATE TABLE IF NOT EXISTS pretrain_runs (
 """
 
 _CELL_COLUMNS = ("pretrain", "init", "protocol", "label_fraction", "pretrain_fraction", "seed", "test_set")
+_ADDED_COLUMNS = {"cells": ("primary_metric", "TEXT"), "studies": ("notes_json", "TEXT")}
+"""Columns schema v2 added to v1 tables (``ALTER TABLE`` on upgrade)."""
 
 
 def _now() -> str:
@@ -116,7 +136,8 @@ class CellKey:
 
     ``pretrain`` names the SSL pretraining run the encoder came from; use ``"none"`` for inits that use
     no pretraining run (random, imagenet). Floats are normalised and written with ``repr`` so the
-    same cell always gets the same key (0.1 -> "0.1", 1 -> "1.0").
+    same cell always gets the same key (0.1 -> "0.1", 1 -> "1.0"). ``label_fraction`` 0 marks a label-free
+    protocol (zero-shot), which uses no training labels at all.
     """
 
     pretrain: str
@@ -136,8 +157,10 @@ class CellKey:
         for name in ("label_fraction", "pretrain_fraction"):
             # 6 significant digits: np.float32(0.05) and 0.05 name the same cell (float32 holds ~7).
             value = float(f"{float(getattr(self, name)):.6g}")
-            if not 0.0 < value <= 1.0:
-                raise DataError("CellKey", f"field {name}={value} is outside (0, 1]", "pass a fraction such as 0.05")
+            low_ok = value >= 0.0 if name == "label_fraction" else value > 0.0
+            if not (low_ok and value <= 1.0):
+                span = "[0, 1] (0: a label-free protocol)" if name == "label_fraction" else "(0, 1]"
+                raise DataError("CellKey", f"field {name}={value} is outside {span}", "pass a fraction such as 0.05")
             object.__setattr__(self, name, value)
         if float(self.seed) != int(self.seed):
             raise DataError("CellKey", f"field seed={self.seed!r} is not an integer")
@@ -209,16 +232,24 @@ class ResultsStore:
                     if statement.strip():
                         self._conn.execute(statement)
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version > SCHEMA_VERSION:
+                if version > SCHEMA_VERSION:
                     raise DataError(str(self.path), f"results store schema v{version} is newer than this radssl "
                                     f"(v{SCHEMA_VERSION})", "upgrade radssl to read this store")
+                self._upgrade()
+                if version < SCHEMA_VERSION:
+                    self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
             raise DataError(str(self.path), f"not a readable results store ({error})",
                             "point to a radssl results .sqlite file or a new path") from error
 
     # -- plumbing --------------------------------------------------------------------------------------
+
+    def _upgrade(self) -> None:
+        """Add the columns a v1 store lacks (its cells are classification cells: primary metric ``auc``)."""
+        for table, (column, kind) in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._conn.close()
@@ -257,6 +288,17 @@ class ResultsStore:
         row = self._conn.execute("SELECT config_json FROM studies WHERE study = ?", (study,)).fetchone()
         return None if row is None else json.loads(row["config_json"])
 
+    def save_study_notes(self, study: str, notes: list[str]) -> None:
+        """Record the study's data caveats and plan notes (shown by the report); replaces earlier notes."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO studies(study, config_json, created, notes_json) VALUES (?, '{}', ?, ?) "
+                       "ON CONFLICT(study) DO UPDATE SET notes_json = excluded.notes_json",
+                       (study, _now(), _json([str(n) for n in notes])))
+
+    def study_notes(self, study: str) -> list[str]:
+        row = self._conn.execute("SELECT notes_json FROM studies WHERE study = ?", (study,)).fetchone()
+        return [] if row is None or row["notes_json"] is None else list(json.loads(row["notes_json"]))
+
     def study_created(self, study: str) -> str | None:
         row = self._conn.execute("SELECT created FROM studies WHERE study = ?", (study,)).fetchone()
         return None if row is None else row["created"]
@@ -280,12 +322,16 @@ class ResultsStore:
 
     def record_cell(self, study: str, key: CellKey, metrics: Mapping[str, MetricValue], wall_time_s: float,
                     device: str, versions: Mapping[str, Any], y_true: Any = None, y_score: Any = None,
-                    device_hours: float | None = None) -> None:
-        """Write one finished cell, its metrics and (optionally) its per-case predictions atomically.
+                    device_hours: float | None = None, primary_metric: str | None = None,
+                    case_values: Mapping[str, Any] | None = None) -> None:
+        """Write one finished cell, its metrics and (optionally) its per-case outputs atomically.
 
         ``metrics`` maps name -> (value, ci_low, ci_high) (a bare float means no CI). ``device_hours``
-        defaults to ``wall_time_s / 3600`` (one device); pass it for multi-device cells. Recording a
-        cell that already exists replaces it (and its metrics/predictions) in the same transaction.
+        defaults to ``wall_time_s / 3600`` (one device); pass it for multi-device cells. ``primary_metric``
+        names the cell's main metric (default ``auc``; it must be one of ``metrics``). Per-case outputs are
+        ``y_true``/``y_score`` (classification scores) and/or ``case_values`` (metric name → one value per
+        case, e.g. each case's Dice; NaN where undefined). Recording a cell that already exists replaces it
+        (and its metrics and per-case outputs) in the same transaction.
         """
         if not isinstance(key, CellKey):
             raise DataError("record_cell", f"key must be a CellKey, got {type(key).__name__}",
@@ -296,22 +342,51 @@ class ResultsStore:
             raise DataError("record_cell", "pass both y_true and y_score, or neither")
         if y_true is not None:
             prediction_row = self._encode_predictions(key, y_true, y_score)
+        primary = primary_metric or LEGACY_PRIMARY_METRIC
+        if primary_metric is not None and primary not in triples:
+            raise DataError(f"record_cell {key.key}", f"primary metric {primary!r} is not among the metrics "
+                            f"{sorted(triples)}", "record the primary metric's value with the cell")
+        values_rows = self._encode_case_values(key, case_values or {})
         hours = wall_time_s / 3600.0 if device_hours is None else device_hours
         with self._transaction() as db:
             self._delete_cell(db, study, key.key)
             db.execute(
                 "INSERT INTO cells(study, cell_key, pretrain, init, protocol, label_fraction, pretrain_fraction, "
-                "seed, test_set, wall_time_s, device, device_hours, versions_json, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "seed, test_set, wall_time_s, device, device_hours, versions_json, finished_at, primary_metric) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (study, key.key, *(getattr(key, c) for c in _CELL_COLUMNS), float(wall_time_s), device,
-                 float(hours), _json(dict(versions)), _now()))
+                 float(hours), _json(dict(versions)), _now(), primary))
             self._insert_metrics(db, study, key.key, triples)
             if prediction_row is not None:
                 self._insert_predictions(db, study, key.key, prediction_row)
+            db.executemany("INSERT INTO case_values(study, cell_key, metric, vals) VALUES (?, ?, ?, ?)",
+                           [(study, key.key, name, blob) for name, blob in values_rows])
+
+    @staticmethod
+    def _encode_case_values(key: CellKey, case_values: Mapping[str, Any]) -> list[tuple[str, bytes]]:
+        """Per-case values as float64 blobs (NaN kept: "undefined for this case"); equal lengths required."""
+        rows, lengths = [], set()
+        for name, values in case_values.items():
+            array = np.asarray(values, dtype=np.float64)
+            if array.ndim != 1:
+                raise DataError(f"record_cell {key.key}", f"case values {name!r} have shape {array.shape}",
+                                "pass one value per test case")
+            lengths.add(array.size)
+            rows.append((str(name), array.astype("<f8").tobytes()))
+        if len(lengths) > 1:
+            raise DataError(f"record_cell {key.key}", f"case values have different lengths {sorted(lengths)}",
+                            "pass one value per test case for every metric, in the same case order")
+        return rows
+
+    def case_values(self, study: str, key: CellKey | str) -> dict[str, np.ndarray]:
+        """Per-case metric values of a cell (metric name → (cases,) float64, NaN where undefined); {} if none."""
+        rows = self._conn.execute("SELECT metric, vals FROM case_values WHERE study = ? AND cell_key = ? "
+                                  "ORDER BY metric", (study, _key_of(key)))
+        return {r["metric"]: np.frombuffer(r["vals"], dtype="<f8").copy() for r in rows}
 
     @staticmethod
     def _delete_cell(db: sqlite3.Connection, study: str, cell_key: str) -> None:
-        for table in ("cells", "metrics", "predictions"):
+        for table in ("cells", "metrics", "predictions", "case_values"):
             db.execute(f"DELETE FROM {table} WHERE study = ? AND cell_key = ?", (study, cell_key))
 
     @staticmethod
@@ -351,14 +426,19 @@ class ResultsStore:
     def cells(self, study: str) -> list[dict[str, Any]]:
         """Flat long-format rows: one per (cell, metric), cell columns + metric, value, ci_low, ci_high.
 
-        A cell recorded without metrics appears once with ``metric`` None.
+        A cell recorded without metrics appears once with ``metric`` None. ``primary_metric`` is the cell's main
+        metric (``auc`` for cells stored before it was recorded); ``has_case_values`` says whether per-case values
+        of *this row's* metric are stored.
         """
         rows = self._conn.execute(
             "SELECT c.study, c.cell_key, c.pretrain, c.init, c.protocol, c.label_fraction, c.pretrain_fraction, "
             "c.seed, c.test_set, c.wall_time_s, c.device, c.device_hours, c.versions_json, c.finished_at, "
+            f"COALESCE(c.primary_metric, '{LEGACY_PRIMARY_METRIC}') AS primary_metric, "
             "m.metric, m.value, m.ci_low, m.ci_high, "
             "EXISTS(SELECT 1 FROM predictions p WHERE p.study = c.study AND p.cell_key = c.cell_key) "
-            "AS has_predictions "
+            "AS has_predictions, "
+            "EXISTS(SELECT 1 FROM case_values v WHERE v.study = c.study AND v.cell_key = c.cell_key "
+            "AND v.metric = m.metric) AS has_case_values "
             "FROM cells c LEFT JOIN metrics m ON m.study = c.study AND m.cell_key = c.cell_key "
             "WHERE c.study = ? ORDER BY c.pretrain, c.init, c.protocol, c.test_set, c.label_fraction, "
             "c.pretrain_fraction, c.seed, m.metric", (study,))
@@ -366,6 +446,7 @@ class ResultsStore:
         for row in rows:
             record = dict(row)
             record["has_predictions"] = bool(record["has_predictions"])
+            record["has_case_values"] = bool(record["has_case_values"])
             out.append(record)
         return out
 
@@ -399,8 +480,9 @@ class ResultsStore:
         """Write :meth:`cells` as CSV (atomically) and return the path."""
         rows = self.cells(study)
         columns = list(rows[0]) if rows else ["study", "cell_key", *_CELL_COLUMNS, "wall_time_s", "device",
-                                              "device_hours", "versions_json", "finished_at", "metric", "value",
-                                              "ci_low", "ci_high", "has_predictions"]
+                                              "device_hours", "versions_json", "finished_at", "primary_metric",
+                                              "metric", "value", "ci_low", "ci_high", "has_predictions",
+                                              "has_case_values"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()

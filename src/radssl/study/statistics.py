@@ -1,7 +1,9 @@
 """Statistics for label-efficiency studies: bootstrap CIs, paired AUC tests, seed summaries.
 
 Why this module exists: a study compares initialisations on the *same* test cases, so the honest
-uncertainty of a difference is a *paired* one (DeLong for AUC, a paired bootstrap otherwise), and the
+uncertainty of a difference is a *paired* one (DeLong for AUC; for metrics that are a mean of per-case values,
+such as Dice, the exact paired covariance of case means and a Wilcoxon signed-rank test; a paired bootstrap
+otherwise), and the
 uncertainty of one trained model's number is a bootstrap over test cases. A study cell is one of several
 seeds, though: each seed draws another label subset and trains the read-out again, and at small label
 fractions that spread (0.03–0.10 AUC) dwarfs the test-case noise of one model. Intervals and tests of the
@@ -19,6 +21,7 @@ References
 - Hall & Wilson (1991), "Two guidelines for bootstrap hypothesis testing", Biometrics 47:757-762.
 - Bouthillier et al. (2021), "Accounting for variance in machine learning benchmarks", MLSys: data sampling
   and seeds are both sources of variance a comparison must include.
+- Wilcoxon (1945), "Individual comparisons by ranking methods", Biometrics Bulletin 1(6):80-83.
 - Satterthwaite (1946), "An approximate distribution of estimates of variance components", Biometrics
   Bulletin 2:110-114 (effective degrees of freedom of a sum of variance estimates; JCGM 100:2008 G.4).
 """
@@ -40,8 +43,11 @@ __all__ = [
     "DeLongResult",
     "PairedResult",
     "SeedsAndCases",
+    "WilcoxonResult",
     "accuracy",
     "binary_auc",
+    "case_mean",
+    "case_mean_covariance",
     "bootstrap_ci",
     "delong_covariance",
     "delong_seed_averaged",
@@ -56,6 +62,7 @@ __all__ = [
     "seed_t_interval",
     "seeds_and_cases_interval",
     "seeds_and_cases_paired_test",
+    "wilcoxon_paired",
 ]
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -174,6 +181,80 @@ def _macro_auc_batched(y_true_b: np.ndarray, y_score_b: np.ndarray) -> np.ndarra
 
 
 macro_auc.batched = _macro_auc_batched  # type: ignore[attr-defined]
+
+
+def case_mean(y_true: Any, values: Any) -> float:
+    """Mean of per-case metric values (each case's Dice, HD95, …), ignoring cases where the value is undefined.
+
+    The metric of protocols that score each case on its own (segmentation): the set's metric is the mean over cases,
+    so every tool here that takes a ``metric(y_true, y_score)`` works for it with ``y_score`` = the per-case values
+    (``y_true`` is ignored; pass zeros of the same length). Non-finite values (NaN: undefined for that case; inf:
+    an HD95 with an empty prediction) are left out. Its case covariance is computed exactly, not by a bootstrap
+    (:func:`case_covariance`).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    return float(v[finite].mean()) if finite.any() else math.nan
+
+
+def _case_mean_batched(y_true_b: np.ndarray, values_b: np.ndarray) -> np.ndarray:
+    v = np.asarray(values_b, dtype=np.float64)
+    finite = np.isfinite(v)
+    count = finite.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.where(finite, v, 0.0).sum(axis=-1) / count, np.nan)
+
+
+case_mean.batched = _case_mean_batched  # type: ignore[attr-defined]
+
+
+def case_mean_covariance(values: Any) -> np.ndarray:
+    """(k, k) covariance of the case means of k per-case value vectors scored on the same cases.
+
+    Exact for a mean: Cov(mean_a, mean_b) = Cov_cases(a_i, b_i) / n (sample covariance, ddof=1), the paired-sample
+    result behind the paired t-test. Cases where any vector is non-finite are left out (they cannot be paired).
+    """
+    v = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    keep = np.isfinite(v).all(axis=0)
+    n = int(keep.sum())
+    if n < 2:
+        raise DataError("case_mean_covariance", f"{n} case(s) have a finite value in every compared vector",
+                        "a case-level interval needs at least 2 cases scored by every model")
+    return np.atleast_2d(np.cov(v[:, keep])) / n
+
+
+@dataclass(frozen=True)
+class WilcoxonResult:
+    """Wilcoxon signed-rank test of per-case differences (a minus b) being symmetric about zero."""
+
+    statistic: float
+    p_value: float
+    n_cases: int
+    median_difference: float
+
+
+def wilcoxon_paired(values_a: Sequence[Any], values_b: Sequence[Any]) -> WilcoxonResult:
+    """Wilcoxon signed-rank test on per-case differences of the seed-averaged values of two models (Wilcoxon 1945).
+
+    ``values_a`` / ``values_b``: one per-case vector per seed (the same cases). Each case's values are averaged over
+    the seeds first, so a case counts once (pooling seeds would count it once per seed). Cases where any value is
+    non-finite are left out. Conditions on the trained models (the case-level test beside DeLong for AUC);
+    distribution-free, so a few cases with a very different Dice do not dominate as they do a t-test. scipy's exact
+    null distribution is used for small samples without ties, the normal approximation otherwise; zero
+    differences are dropped (Wilcoxon's convention). All differences zero: p = 1.
+    """
+    a = np.atleast_2d(np.asarray([np.asarray(v, dtype=np.float64) for v in values_a]))
+    b = np.atleast_2d(np.asarray([np.asarray(v, dtype=np.float64) for v in values_b]))
+    if a.shape[1] != b.shape[1]:
+        raise DataError("wilcoxon_paired", f"{a.shape[1]} cases vs {b.shape[1]}", "pass values of the same cases")
+    keep = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+    differences = a[:, keep].mean(axis=0) - b[:, keep].mean(axis=0)
+    n = int(differences.size)
+    median = float(np.median(differences)) if n else math.nan
+    if n == 0 or np.all(differences == 0):
+        return WilcoxonResult(0.0, 1.0, n, median)
+    result = stats.wilcoxon(differences, zero_method="wilcox", alternative="two-sided")
+    return WilcoxonResult(float(result.statistic), float(result.pvalue), n, median)
 
 
 def accuracy(y_true: np.ndarray, y_score: np.ndarray) -> float:
@@ -616,7 +697,8 @@ def case_covariance(y_true: Any, scores_a: Sequence[Any], metric: Metric, scores
     """(S, S) test-case covariance of per-seed metric(a_s) (or of metric(a_s) − metric(b_s), paired by seed).
 
     The trained models are held fixed and the test cases resampled. Binary AUC: DeLong's joint covariance of
-    every model's AUC on the shared cases. Other metrics: the covariance over case bootstrap resamples, one
+    every model's AUC on the shared cases. A mean of per-case values (:func:`case_mean`, e.g. Dice): the exact
+    covariance of case means (:func:`case_mean_covariance`). Other metrics: the covariance over case bootstrap resamples, one
     resample scoring every seed (and both sides), so the dependence through shared cases is kept.
     """
     if not scores_a or (scores_b is not None and len(scores_b) != len(scores_a)):
@@ -628,6 +710,8 @@ def case_covariance(y_true: Any, scores_a: Sequence[Any], metric: Metric, scores
     if _is_binary_auc(metric, y, checked):
         _, cov = delong_covariance(y, np.stack(checked))
         return contrast @ cov @ contrast.T
+    if metric is case_mean:  # exact: the covariance of case means (no resampling needed)
+        return contrast @ case_mean_covariance(np.stack(checked)) @ contrast.T
     idx = _resample_indices(y, n_boot, np.random.default_rng(seed), stratified)
     values = np.stack([_metric_on_resamples(metric, y, s, idx) for s in checked], axis=1) @ contrast.T  # (B, k)
     values = values[np.isfinite(values).all(axis=1)]

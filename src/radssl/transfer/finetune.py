@@ -3,7 +3,8 @@
 Protocol: AdamW with a lower learning rate for the pretrained backbone than for the new head
 (``backbone_lr_scale``; discriminative fine-tuning as in Howard & Ruder, ULMFiT, ACL 2018 — use 1.0 when
 training from a random initialisation), cosine decay per step, light augmentation (random shift by
-zero-padding + crop, optional horizontal flip; the CIFAR/MedMNIST recipe), model selection on the
+zero-padding + crop, optional left–right flip; the CIFAR/MedMNIST recipe, on every axis of a volume for 3D
+stores), model selection on the
 validation split's AUC with early stopping, and the best-validation weights restored before the test sets
 are scored. The caller's backbone is deep-copied, so one initialisation can be fine-tuned many times.
 Determinism: the head is initialised and batches are shuffled/augmented from generators seeded by
@@ -74,25 +75,40 @@ def scores_from_logits(task: TaskInfo, logits: torch.Tensor) -> torch.Tensor:
 def random_shift_flip(
     images: torch.Tensor, max_shift: int, hflip: bool, generator: torch.Generator
 ) -> torch.Tensor:
-    """Per-sample random translation (zero padding + crop) and horizontal flip, in one vectorised gather.
+    """Per-sample random translation (zero padding + crop) and left–right flip, in one vectorised gather.
 
-    ``images`` is float (B, C, H, W) in [0, 1]. Why local: a single advanced-indexing gather on the batch's
-    device costs one pass over the pixels, with random numbers drawn from ``generator`` (on the CPU, so
-    results are identical on every device); no per-sample Python loop and no extra dependency.
+    ``images`` is float (B, C, H, W) or, for volumes, (B, C, D, H, W) in [0, 1]: every spatial axis is shifted by
+    up to ``max_shift`` voxels and the last (left–right) axis flipped with probability 1/2 — the CIFAR/MedMNIST
+    recipe, and for volumes its 3D analogue (MedMNIST v2's 3D baselines use the same light augmentation; other
+    axes are not flipped because head–feet and front–back are not symmetric in anatomy). Why local: a single
+    advanced-indexing gather on the batch's device costs one pass over the voxels, with random numbers drawn from
+    ``generator`` (on the CPU, so results are identical on every device); no per-sample loop, no dependency.
     """
-    b, _, h, w = images.shape
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(images.shape)}")
+    b = images.shape[0]
+    sizes = images.shape[2:]
     device = images.device
-    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift)) if max_shift > 0 else images
-    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(device)
-    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(device)
+    padded = F.pad(images, (max_shift,) * (2 * len(sizes))) if max_shift > 0 else images
+    if len(sizes) == 2:  # draw order kept from the 2D-only version: (dy, dx, flip) → same augmentations as before
+        offsets = [torch.randint(0, 2 * max_shift + 1, (b,), generator=generator) for _ in range(2)]
+    else:
+        offsets = [torch.randint(0, 2 * max_shift + 1, (b,), generator=generator) for _ in range(3)]
     flip = torch.rand(b, generator=generator) < 0.5 if hflip else torch.zeros(b, dtype=torch.bool)
     flip = flip.to(device)
-    rows = dy[:, None] + torch.arange(h, device=device)  # (B, H)
-    columns = torch.arange(w, device=device).expand(b, w)
-    columns = torch.where(flip[:, None], columns.flip(1), columns) + dx[:, None]  # (B, W)
-    batch_index = torch.arange(b, device=device)[:, None, None]
-    # (B, H', W', C)[b, rows, cols] → (B, H, W, C) → back to channels-first.
-    return padded.permute(0, 2, 3, 1)[batch_index, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2)
+    index = []
+    for axis, (size, offset) in enumerate(zip(sizes, offsets, strict=True)):
+        positions = torch.arange(size, device=device).expand(b, size)
+        if axis == len(sizes) - 1:
+            positions = torch.where(flip[:, None], positions.flip(1), positions)
+        positions = positions + offset.to(device)[:, None]  # (B, size)
+        shape = [b] + [1] * len(sizes)
+        shape[axis + 1] = size
+        index.append(positions.reshape(shape))
+    batch_index = torch.arange(b, device=device).reshape([b] + [1] * len(sizes))
+    # channels last, gather (B, *spatial) positions, channels first again
+    channels_last = padded.movedim(1, -1)
+    return channels_last[(batch_index, *index)].movedim(-1, 1)
 
 
 @torch.no_grad()
@@ -171,8 +187,12 @@ def _loss_function(task: TaskInfo, train_y: torch.Tensor, class_balanced: bool) 
 
 
 def _check_store(store: ImageStore, backbone: nn.Module, what: str) -> None:
-    if store.spatial_dims != 2:
-        raise DataError(store.origin or store.name, f"{what} holds 3D volumes; fine-tuning supports 2D images")
+    dims = getattr(backbone, "spatial_dims", None)
+    if dims is not None and store.spatial_dims != dims:
+        kind = {2: "2D images", 3: "3D volumes"}
+        raise DataError(store.origin or store.name, f"{what} holds {kind.get(store.spatial_dims)} but the backbone "
+                        f"takes {kind.get(dims, f'{dims}D inputs')}",
+                        "build the backbone for the data's dimensionality (a *_3d family for volumes)")
     expected = getattr(backbone, "in_channels", None)
     if expected is not None and store.channels != expected:
         raise DataError(
@@ -211,7 +231,8 @@ def finetune(
     """Fine-tune a copy of ``backbone`` with a new linear head; select the epoch on validation AUC.
 
     ``train_rows``/``val_rows`` index ``store``; ``test_sets`` maps a name to ``(store, rows)`` (external
-    test sets may come from other stores). ``max_shift`` defaults to 1/8 of the image side (4 px at 32 px).
+    test sets may come from other stores). 2D images and 3D volumes (a 3D backbone) alike. ``max_shift`` defaults
+    to 1/8 of the smallest image side (4 px at 32 px).
     ``early_stopping_patience=None`` trains all ``epochs``. ``precision='bf16'`` autocasts on CUDA only.
     ``min_steps_per_epoch`` lets an "epoch" of a tiny label fraction (say 1 % = 47 images, one step) run
     several passes, so small fractions are not also under-trained: label-efficiency curves then compare

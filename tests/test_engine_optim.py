@@ -111,3 +111,15 @@ def test_set_lr_sets_every_group():
     optimizer = build_optimizer(_net(), _optim(optimizer="sgd"), lr=0.1)
     set_lr(optimizer, 0.0123)
     assert [g["lr"] for g in optimizer.param_groups] == [0.0123, 0.0123]
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay() -> None:
+    from radssl.engine.optim import parameter_groups
+    from radssl.models.registry import build_backbone
+
+    vit = build_backbone("vit_tiny", image_size=28, options={"depth": 1})
+    decay, no_decay = parameter_groups(vit, 0.05)
+    exempt = {id(p) for p in no_decay["params"]}
+    assert id(vit.vit.pos_embed) in exempt and id(vit.vit.cls_token) in exempt
+    assert id(vit.vit.patch_embed.proj.weight) not in exempt
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

@@ -60,3 +60,14 @@ def test_method_preset_fills_only_what_the_user_left_out(monkeypatch: pytest.Mon
     assert (config.optim.optimizer, config.optim.lr, config.views.blur_p) == ("sgd", 0.5, 0.0)
     off = load_config(None, ["method.name=simclr", "method.preset=false"])
     assert off.optim.optimizer == "lars" and off.views.blur_p == 0.5
+
+
+def test_preset_keys_of_another_policy_are_dropped_when_the_user_picks_a_policy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from radssl.methods.simclr import SimCLR
+
+    preset = {"views": {"policy": "multi_crop", "local_views": 4, "blur_p": 0.0}}
+    monkeypatch.setattr(SimCLR, "preset", preset)
+    config = load_config(None, ["method.name=simclr", "views.policy=two_view"])
+    assert config.views.policy == "two_view" and config.views.blur_p == 0.0  # shared augmentation keys still apply
+    assert "local_views" not in config.views.policy_params()

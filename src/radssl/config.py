@@ -263,8 +263,12 @@ def merge_method_preset(raw: Any) -> Any:
     preset = method_class(name).preset
     merged = dict(raw)
     for section in PRESET_SECTIONS:
-        defaults = preset.get(section)
+        defaults = dict(preset.get(section) or {})
         given = raw.get(section)
+        if section == "views" and isinstance(given, dict) and "policy" in given \
+                and given["policy"] != defaults.get("policy", "two_view"):
+            # The user chose another view policy: the preset's keys that belong to its own policy do not apply.
+            defaults = {k: v for k, v in defaults.items() if k in ViewsSection.model_fields and k != "policy"}
         if defaults and (given is None or isinstance(given, dict)):
             merged[section] = {**defaults, **(given or {})}
     return merged

@@ -16,13 +16,29 @@ from torch import nn
 from radssl.config import OptimSection
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters their own module exempts from weight decay (timm's ``no_weight_decay()``: a ViT's
+    position embedding and class/register tokens), as MAE, DINO and timm's own recipes do."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        exempt = getattr(module, "no_weight_decay", None)
+        if callable(exempt):
+            try:
+                local = exempt()
+            except TypeError:  # a method with another signature: not the timm convention
+                continue
+            names |= {f"{prefix}.{name}" if prefix else str(name) for name in local}
+    return names
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters: decayed weights vs. biases and norm parameters (1-D) without decay."""
+    """Split trainable parameters: decayed weights vs. biases, norm parameters (1-D) and ViT tokens without decay."""
+    exempt = no_weight_decay_names(model)
     decay, no_decay = [], []
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+        (no_decay if parameter.ndim <= 1 or name in exempt else decay).append(parameter)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -1,0 +1,245 @@
+"""Shared pieces of the method bake-off and the preset sweep: one pretraining run at a stated budget, read out by a
+frozen-feature linear probe (C chosen on validation) and kNN at several label fractions, in a child process.
+
+Why a child process per run: the peak memory of a run is the process's high-water mark (``VmHWM``), which only a
+fresh process measures for that run alone; and a crash or a kill loses one run, not the bake-off. Each child writes
+its result JSON atomically; a parent that finds the file skips the run, so a killed bake-off resumes.
+
+Budget: ``--budget-minutes M`` is wall-clock pretraining time on this machine, the budget the issue's bar is stated
+in. A short calibration run (a few steps after a warm-up step) measures the method's images/s, and the real run gets
+``floor(M·60·img/s / batch)`` steps, so the LR schedule knows its length in advance and every method gets the same
+minutes. The actual wall time and images seen are recorded beside it. ``--budget-images N`` gives every method the
+same number of images instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radssl.atomic import write_text_atomic
+
+FRACTIONS = (0.01, 0.1, 1.0)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_at_start": os.getloadavg()}
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark in MiB (Linux ``VmHWM``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def load_store(dataset: str, size: int, data_root: str | None):  # noqa: ANN201 - ImageStore
+    from radssl.data.medmnist import load_medmnist
+
+    root = data_root or os.environ.get("RADSSL_DATA_DIR")
+    if not root:
+        raise SystemExit("set --data-root or RADSSL_DATA_DIR to a folder with the MedMNIST .npz files")
+    return load_medmnist(dataset, size=size, root=Path(root), allow_download=False)
+
+
+def method_model(method: str, backbone: str, stem: str) -> dict[str, Any]:
+    """The model section for a method: the common backbone, or the first family a method insists on (MAE: ViT)."""
+    from radssl.methods.registry import method_class
+
+    cls = method_class(method)
+    families = cls.requirements(cls.Params()).backbone_families
+    if families is not None and backbone not in families:
+        return {"backbone": families[0]}
+    return {"backbone": backbone, "small_input": stem == "small"} if backbone.startswith("resnet") \
+        else {"backbone": backbone}
+
+
+def pretrain_config(method: str, model: dict[str, Any], steps: int, batch: int, seed: int, threads: int,
+                    output_dir: Path, overrides: list[str]):  # noqa: ANN201 - PretrainConfig
+    from radssl.config import load_config
+
+    base = [
+        f"output_dir={output_dir}", f"seed={seed}", f"method.name={method}",
+        f"model={json.dumps(model)}",
+        "train.accelerator=cpu" if not torch.cuda.is_available() else "train.accelerator=cuda",
+        "train.devices=1", f"train.steps={steps}", f"train.batch_size={batch}", f"train.threads={threads}",
+        f"train.checkpoint_every={max(steps, 1)}", "train.log_every=5", "train.progress_bar=false",
+        "eval.enabled=false",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def calibrate_images_per_s(store, method: str, model: dict[str, Any], batch: int, threads: int,  # noqa: ANN001
+                           overrides: list[str], steps: int = 4) -> float:
+    """Images/s of the method's engine step here: ``steps`` timed steps after one warm-up step."""
+    from radssl.engine.pretrain import pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = pretrain_config(method, model, steps + 1, batch, 0, threads, Path(tmp) / "calibration", overrides)
+        config = config.model_copy(update={"train": config.train.model_copy(update={"log_every": 1})})
+        pretrain(config, store=store)
+        rows = (Path(tmp) / "calibration" / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        rates = [float(r.split(",")[header.index("images_per_s")]) for r in rows[2:]]  # drop the warm-up step
+    return float(np.median(rates))
+
+
+def readouts(backbone, store, seed: int, device: str = "cpu") -> dict[str, Any]:  # noqa: ANN001
+    """Linear probe (C on validation AUC) and kNN test AUC at each label fraction, subsets seeded by ``seed``."""
+    from radssl.data.splits import label_fraction_subsets
+    from radssl.transfer.features import extract_features
+    from radssl.transfer.knn import knn_evaluate
+    from radssl.transfer.linear_probe import linear_probe
+
+    features = extract_features(backbone, store.images, device=device)
+    labels = store.labels
+    train, val, test = (store.indices(s) for s in ("train", "val", "test"))
+    subsets = label_fraction_subsets(labels.numpy(), train, FRACTIONS, seed, store.patient_id,
+                                     source=store.name)
+    tests = {"test": (features[test], labels[test])}
+    out: dict[str, Any] = {"linear": {}, "knn": {}}
+    for fraction, rows in subsets.items():
+        index = torch.from_numpy(rows)
+        probe = linear_probe(features[index], labels[index], features[val], labels[val], tests, store.task,
+                             seed=seed)
+        knn = knn_evaluate(features[index], labels[index], tests, store.task, k=min(20, len(rows)))
+        out["linear"][f"{fraction:g}"] = {"test_auc": probe.metrics["test"]["auc"], "val_auc": probe.val_metric,
+                                          "C": probe.best_C, "train_images": int(len(rows))}
+        out["knn"][f"{fraction:g}"] = {"test_auc": knn.metrics["test"]["auc"], "train_images": int(len(rows))}
+    return out
+
+
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    """One (method, seed) run in this process: calibrate, pretrain at the budget, read out SSL and random init."""
+    from radssl.engine.pretrain import pretrain
+    from radssl.models.registry import build_from_spec
+
+    torch.set_num_threads(args.threads)
+    store = load_store(args.dataset, args.size, args.data_root)
+    model = method_model(args.method, args.backbone, args.stem)
+    overrides = list(args.override or [])
+    started = time.perf_counter()
+    if args.budget_minutes:
+        rate = calibrate_images_per_s(store, args.method, model, args.batch_size, args.threads, overrides)
+        steps = max(1, math.floor(args.budget_minutes * 60.0 * rate / args.batch_size))
+    else:
+        rate = float("nan")
+        steps = max(1, math.ceil(args.budget_images / args.batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = pretrain_config(args.method, model, steps, args.batch_size, args.seed, args.threads,
+                                 Path(tmp) / "run", overrides)
+        result = pretrain(config, store=store)
+        pretrain_wall = result.wall_time_s
+        spec = result.backbone_spec
+        ssl = readouts(result.backbone.eval(), store, args.seed)
+        metrics = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
+    torch.manual_seed(args.seed)  # the run's own starting point, as the engine builds it
+    random = readouts(build_from_spec(spec).eval(), store, args.seed)
+    header = metrics[0].split(",")
+    losses = [float(r.split(",")[header.index("loss")]) for r in metrics[1:]]
+    return {
+        "dataset": args.dataset, "method": args.method, "seed": args.seed, "overrides": overrides,
+        "backbone": spec.describe(), "backbone_spec": spec.to_dict(),
+        "budget": {"minutes": args.budget_minutes, "images": args.budget_images},
+        "calibrated_images_per_s": rate, "steps": steps, "batch_size": args.batch_size,
+        "images_seen": steps * args.batch_size, "pretrain_wall_s": pretrain_wall,
+        "pretrain_images_per_s": steps * args.batch_size / max(pretrain_wall, 1e-9),
+        "first_loss": losses[0] if losses else None, "final_loss": result.final_loss,
+        "config": config.to_dict(), "peak_rss_mb": peak_rss_mb(),
+        "run_wall_s": time.perf_counter() - started,
+        "ssl": ssl, "random_init": random, "machine": machine(),
+    }
+
+
+def child_command(script: Path, args: argparse.Namespace, method: str, seed: int, out: Path,
+                  overrides: list[str]) -> list[str]:
+    command = [sys.executable, str(script), "--child", "--dataset", args.dataset, "--size", str(args.size),
+               "--method", method, "--seed", str(seed), "--backbone", args.backbone, "--stem", args.stem,
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--child-output", str(out)]
+    if args.data_root:
+        command += ["--data-root", args.data_root]
+    command += ["--budget-minutes", str(args.budget_minutes)] if args.budget_minutes else \
+        ["--budget-images", str(args.budget_images)]
+    for text in overrides:
+        command += ["--override", text]
+    return command
+
+
+def run_in_child(script: Path, args: argparse.Namespace, method: str, seed: int, out: Path,
+                 overrides: list[str]) -> dict[str, Any] | None:
+    """The run's result JSON (computed in a child process unless it already exists); None if the child failed."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = child_command(script, args, method, seed, out, overrides)
+    print(f"[{time.strftime('%H:%M:%S')}] {args.dataset} {method} seed {seed} {' '.join(overrides)}", flush=True)
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0 or not out.is_file():
+        print(completed.stdout[-2000:] + completed.stderr[-4000:], file=sys.stderr, flush=True)
+        return None
+    return json.loads(out.read_text())
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root")
+    parser.add_argument("--dataset", default="breastmnist")
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--stem", choices=["small", "standard"], default="standard")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-minutes", type=float, help="wall-clock pretraining minutes per run")
+    budget.add_argument("--budget-images", type=int, help="images seen per run")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", help=argparse.SUPPRESS)
+
+
+def child_main(args: argparse.Namespace) -> int:
+    record = run_child(args)
+    write_text_atomic(args.child_output, json.dumps(record, indent=2, default=float))
+    return 0
+
+
+def mean_sd_interval(values: list[float]) -> dict[str, float]:
+    """Mean, SD and the 95 % t-interval over seeds (what varies: pretraining seed and label subset together)."""
+    from scipy import stats
+
+    array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(array) == 0:
+        return {"mean": float("nan"), "sd": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    mean = float(array.mean())
+    if len(array) < 2:
+        return {"mean": mean, "sd": float("nan"), "low": float("nan"), "high": float("nan"), "n": 1}
+    sd = float(array.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(array) - 1)) * sd / math.sqrt(len(array))
+    return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "n": int(len(array))}

@@ -1,0 +1,231 @@
+"""Method bake-off: every SSL method on one MedMNIST set at one stated, equal pretraining budget on this machine.
+
+For each method × seed (one child process each, see ``bakeoff_lib``): pretrain with the method's radiology preset on
+the training split, then read out frozen features with a linear probe (C chosen on the validation split's AUC) and
+cosine kNN at 1 / 10 / 100 % of the training labels (stratified, nested subsets drawn with the same seed), scored on
+the test split; the random-init twin of the same backbone (the run's own starting point) is read out the same way.
+Also recorded per run: calibrated and actual img/s, images seen, wall time and peak resident memory.
+
+Fairness: the same backbone (ResNet-18, 1 channel, standard 7×7 stem, 28 px unless set) for every method except those
+that need another family (MAE needs a ViT: it runs ViT-Ti, and its rows say so); the same budget (wall-clock
+minutes, or images seen), batch size and threads for every method; hyper-parameters are each method's preset (chosen
+on validation data only, see ``benchmarks/preset_sweep.py``); the probe's C is chosen on validation only. Intervals
+are 95 % t-intervals over seeds (each seed changes the pretraining run *and* the label subsets).
+
+The bar (issue 8, measured on this 2-core CPU): lightly's own SimCLR example — ResNet-18, standard stem, 1 channel,
+28 px, batch 256, two DataLoader workers, linear probe with C on validation — reaches test AUC .758 / .813 / .894 at
+1 / 10 / 100 % labels on BreastMNIST after 5 minutes of pretraining and .947 / .947 / .949 on PneumoniaMNIST after
+10 minutes. Checked here: the best method beats it at every fraction; every method beats random init at 1 %.
+
+Usage:
+  RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --seeds 0 1 2
+  python benchmarks/method_bakeoff.py --dataset pneumoniamnist --budget-minutes 10 --methods simclr byol
+Writes benchmarks/results/method_bakeoff_<dataset>.json and .html (runs cached under benchmarks/results/runs/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import bakeoff_lib as lib
+
+from radssl.atomic import write_text_atomic
+from radssl.provenance import package_versions
+
+RESULTS = Path(__file__).parent / "results"
+LIGHTLY_BAR = {
+    "breastmnist": {"minutes": 5, "linear": {"0.01": 0.758, "0.1": 0.813, "1": 0.894}},
+    "pneumoniamnist": {"minutes": 10, "linear": {"0.01": 0.947, "0.1": 0.947, "1": 0.949}},
+}
+
+
+def default_methods() -> list[str]:
+    from radssl.methods.registry import METHODS, method_class
+
+    names = []
+    for name in sorted(METHODS):
+        cls = method_class(name)
+        requirements = cls.requirements(cls.Params())
+        if 2 in requirements.spatial_dims and not requirements.text:
+            names.append(name)
+    return names
+
+
+def summarise(runs: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    rows: dict[str, Any] = {}
+    random_values: dict[str, dict[str, list[float]]] = {"linear": {}, "knn": {}}
+    for method, method_runs in sorted(by_method.items()):
+        entry: dict[str, Any] = {
+            "backbone": method_runs[0]["backbone"], "seeds": [r["seed"] for r in method_runs],
+            "images_seen": lib.mean_sd_interval([r["images_seen"] for r in method_runs]),
+            "pretrain_wall_s": lib.mean_sd_interval([r["pretrain_wall_s"] for r in method_runs]),
+            "images_per_s": lib.mean_sd_interval([r["pretrain_images_per_s"] for r in method_runs]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in method_runs),
+            "final_loss": lib.mean_sd_interval([r["final_loss"] for r in method_runs]),
+        }
+        for arm in ("ssl", "random_init"):
+            for protocol in ("linear", "knn"):
+                for fraction in method_runs[0][arm][protocol]:
+                    values = [r[arm][protocol][fraction]["test_auc"] for r in method_runs]
+                    entry.setdefault(arm, {}).setdefault(protocol, {})[fraction] = lib.mean_sd_interval(values)
+                    if arm == "random_init" and method_runs[0]["backbone"].startswith("resnet"):
+                        random_values[protocol].setdefault(fraction, []).extend(values)
+        # Paired by seed: SSL − its own random init, per fraction (same seed = same label subset).
+        for protocol in ("linear", "knn"):
+            for fraction in method_runs[0]["ssl"][protocol]:
+                gains = [r["ssl"][protocol][fraction]["test_auc"] - r["random_init"][protocol][fraction]["test_auc"]
+                         for r in method_runs]
+                entry.setdefault("gain_over_random", {}).setdefault(protocol, {})[fraction] = \
+                    lib.mean_sd_interval(gains)
+        rows[method] = entry
+
+    bar = LIGHTLY_BAR.get(dataset)
+    checks: dict[str, Any] = {}
+    if rows:
+        best = max(rows, key=lambda m: sum(rows[m]["ssl"]["linear"][f]["mean"] for f in rows[m]["ssl"]["linear"]))
+        checks["best_method_by_mean_linear_auc"] = best
+        if bar:
+            checks["best_beats_lightly_bar_at_every_fraction"] = {
+                fraction: {"ours": rows[best]["ssl"]["linear"][fraction]["mean"], "bar": value,
+                           "beats": rows[best]["ssl"]["linear"][fraction]["mean"] > value}
+                for fraction, value in bar["linear"].items() if fraction in rows[best]["ssl"]["linear"]}
+        checks["every_method_beats_random_at_1_percent"] = {
+            method: {"gain": entry["gain_over_random"]["linear"].get("0.01", {}).get("mean"),
+                     "beats": (entry["gain_over_random"]["linear"].get("0.01", {}).get("mean") or 0) > 0}
+            for method, entry in rows.items()}
+    return {"methods": rows, "checks": checks, "lightly_bar": bar}
+
+
+def render_html(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["summary"]["methods"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, protocol in zip(axes, ("linear", "knn")):
+        for method, entry in rows.items():
+            fractions = sorted(entry["ssl"][protocol], key=float)
+            xs = [float(f) for f in fractions]
+            axis.errorbar(xs, [entry["ssl"][protocol][f]["mean"] for f in fractions],
+                          yerr=[[entry["ssl"][protocol][f]["mean"] - entry["ssl"][protocol][f]["low"]
+                                 for f in fractions],
+                                [entry["ssl"][protocol][f]["high"] - entry["ssl"][protocol][f]["mean"]
+                                 for f in fractions]], marker="o", capsize=2, label=method)
+        if rows:
+            first = next(iter(rows.values()))
+            fractions = sorted(first["random_init"][protocol], key=float)
+            axis.plot([float(f) for f in fractions], [first["random_init"][protocol][f]["mean"] for f in fractions],
+                      "k--", label="random init")
+        bar = record["summary"].get("lightly_bar")
+        if bar and protocol == "linear":
+            axis.plot([float(f) for f in bar["linear"]], list(bar["linear"].values()), "r:", marker="x",
+                      label="lightly example (bar)")
+        axis.set_xscale("log")
+        axis.set_xlabel("label fraction")
+        axis.set_ylabel("test AUC")
+        axis.set_title(f"{protocol} read-out")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    image = base64.b64encode(buffer.getvalue()).decode()
+
+    def cell(stat: dict[str, float]) -> str:
+        if stat.get("n", 0) >= 2:
+            return f"{stat['mean']:.3f} <small>[{stat['low']:.3f}, {stat['high']:.3f}]</small>"
+        return f"{stat['mean']:.3f}"
+
+    header = "<tr><th>method</th><th>backbone</th><th>img/s</th><th>images seen</th><th>peak MiB</th>" + \
+        "".join(f"<th>linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + \
+        "".join(f"<th>kNN {f}</th>" for f in ("1 %", "10 %", "100 %")) + "<th>gain vs random, linear 1 %</th></tr>"
+    body = []
+    for method, entry in rows.items():
+        fr = ("0.01", "0.1", "1")
+        body.append(
+            f"<tr><td>{html.escape(method)}</td><td>{html.escape(entry['backbone'])}</td>"
+            f"<td>{entry['images_per_s']['mean']:.0f}</td><td>{entry['images_seen']['mean']:.0f}</td>"
+            f"<td>{entry['peak_rss_mb']:.0f}</td>"
+            + "".join(f"<td>{cell(entry['ssl']['linear'][f])}</td>" for f in fr if f in entry['ssl']['linear'])
+            + "".join(f"<td>{cell(entry['ssl']['knn'][f])}</td>" for f in fr if f in entry['ssl']['knn'])
+            + f"<td>{cell(entry['gain_over_random']['linear'].get('0.01', {'mean': float('nan')}))}</td></tr>")
+    settings = html.escape(json.dumps(record["settings"], indent=1))
+    checks = html.escape(json.dumps(record["summary"]["checks"], indent=1))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>radssl method bake-off</title>
+<style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+pre{{background:#f6f6f6;padding:8px;font-size:12px}}</style></head><body>
+<h1>Method bake-off: {html.escape(record['settings']['dataset'])}</h1>
+<p>{html.escape(record['budget_statement'])}</p>
+<p>Machine: {html.escape(json.dumps(record['machine']))}</p>
+<img src="data:image/png;base64,{image}" alt="label-efficiency curves per method">
+<table>{header}{''.join(body)}</table>
+<p>Cells: mean test AUC over seeds [95 % t-interval over seeds; each seed changes the pretraining run and the label
+subsets]. C of the linear probe chosen on the validation split. Random init = each run's own starting weights.</p>
+<h2>Checks</h2><pre>{checks}</pre><h2>Settings</h2><pre>{settings}</pre></body></html>"""
+    write_text_atomic(path, page)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lib.add_common_arguments(parser)
+    parser.add_argument("--methods", nargs="*", help="default: every registered 2D image method")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--tag", default="", help="suffix of the output files (e.g. a budget name)")
+    args = parser.parse_args(argv)
+    if args.child:
+        return lib.child_main(args)
+    if not args.budget_minutes and not args.budget_images:
+        args.budget_minutes = LIGHTLY_BAR.get(args.dataset, {}).get("minutes", 5)
+    methods = args.methods or default_methods()
+    stem = f"method_bakeoff_{args.dataset}{('_' + args.tag) if args.tag else ''}"
+    runs_dir = RESULTS / "runs" / stem
+    budget_key = f"{args.budget_minutes}min" if args.budget_minutes else f"{args.budget_images}img"
+    runs = []
+    for method in methods:
+        for seed in args.seeds:
+            out = runs_dir / f"{method}_seed{seed}_{budget_key}.json"
+            result = lib.run_in_child(Path(__file__), args, method, seed, out, [])
+            if result is not None:
+                runs.append(result)
+    budget = (f"{args.budget_minutes:g} wall-clock minutes of pretraining per run (steps set from a calibration of "
+              f"each method's img/s here)" if args.budget_minutes else f"{args.budget_images} images seen per run")
+    record = {
+        "settings": {"dataset": args.dataset, "size": args.size, "backbone": args.backbone, "stem": args.stem,
+                     "batch_size": args.batch_size, "threads": args.threads, "seeds": args.seeds,
+                     "budget_minutes": args.budget_minutes, "budget_images": args.budget_images,
+                     "methods": methods},
+        "budget_statement": f"Equal budget for every method: {budget}, batch {args.batch_size}, "
+                            f"{args.threads} torch threads; presets as shipped; linear probe C chosen on validation.",
+        "machine": lib.machine(),
+        "versions": package_versions(),
+        "summary": summarise(runs, args.dataset),
+        "runs": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(record, indent=2, default=float))
+    render_html(record, RESULTS / f"{stem}.html")
+    for method, entry in record["summary"]["methods"].items():
+        linear = entry["ssl"]["linear"]
+        print(f"{method:<16} {entry['backbone'][:40]:<42} "
+              + " ".join(f"{linear[f]['mean']:.3f}" for f in sorted(linear, key=float))
+              + f"  ({entry['images_per_s']['mean']:.0f} img/s)")
+    print(json.dumps(record["summary"]["checks"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -259,3 +259,104 @@ def test_report_renders_in_headless_chromium(report: tuple[Path, ResultsStore], 
     keep = os.environ.get("RADSSL_KEEP_SCREENSHOT")
     if keep:  # lets a developer look at the rendering
         shutil.copy(shot, keep)
+
+
+# ------------------------------------------------------------------------------------- segmentation + zero-shot
+SEG = "segmentation"
+SEG_CASES = 30
+
+
+def _dice(init: str, fraction: float, seed: int, test_set: str) -> dict[str, np.ndarray]:
+    """Per-case Dice of two foreground classes (and their mean), HD95 with an undefined case."""
+    rng = np.random.default_rng([list(INITS).index(init), FRACTIONS.index(fraction), seed,
+                                 list(TEST_SETS).index(test_set), 7])
+    level = 0.45 + (0.15 if init == "ssl" else 0.0) + 0.1 * math.log10(fraction * 100)
+    organ = np.clip(level + 0.05 + rng.normal(0, 0.08, SEG_CASES), 0, 1)
+    finding = np.clip(level - 0.1 + rng.normal(0, 0.12, SEG_CASES), 0, 1)
+    hd95 = np.abs(rng.normal(8 - 4 * level, 1.0, SEG_CASES))
+    hd95[3] = np.nan  # both prediction and reference empty: undefined for this case
+    return {"dice": (organ + finding) / 2, "dice_organ": organ, "dice_finding": finding, "hd95": hd95}
+
+
+@pytest.fixture(scope="module")
+def seg_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ResultsStore]:
+    from radssl.study.statistics import case_mean
+
+    root = tmp_path_factory.mktemp("seg")
+    store = ResultsStore(root / "results.sqlite")
+    store.save_study_config(SEG, {"seeds": list(SEEDS), "protocols": {"segmentation_finetune": {"epochs": 3}}})
+    store.save_study_notes(SEG, ["data: no patient ids: splits per image, patients may leak"])
+    for init in INITS:
+        for fraction in FRACTIONS:
+            for seed in SEEDS:
+                for test_set in TEST_SETS:
+                    values = _dice(init, fraction, seed, test_set)
+                    metrics = {name: bootstrap_ci(np.zeros(SEG_CASES), v, case_mean, n_boot=100, stratified=False)
+                               for name, v in values.items()}
+                    key = CellKey(INITS[init][0], init, "segmentation_finetune", fraction, 1.0, seed, test_set)
+                    store.record_cell(SEG, key, metrics, wall_time_s=5.0, device="cpu", versions={},
+                                      primary_metric="dice", case_values=values)
+    for test_set in TEST_SETS:  # a label-free protocol: one cell per encoder and test set at label fraction 0
+        y, s = _labels(test_set), _scores("ssl", 0.25, 0, test_set)
+        store.record_cell(SEG, CellKey("convirt", "ssl", "zero_shot", 0.0, 1.0, 0, test_set),
+                          {"auc": bootstrap_ci(y, s, binary_auc, n_boot=100)}, wall_time_s=1.0, device="cpu",
+                          versions={}, y_true=y, y_score=s)
+    return render_report(store, SEG, root / "out"), store
+
+
+def test_segmentation_report_follows_dice_with_wilcoxon_and_seeds_plus_cases(
+        seg_report: tuple[Path, ResultsStore]) -> None:
+    from radssl.study.statistics import case_mean, wilcoxon_paired
+
+    path, _ = seg_report
+    page = path.read_text()
+    parser = _TagBalance()
+    parser.feed(page)
+    assert parser.open == {}
+    assert "Dice / AUC" in page or "AUC / Dice" in page  # the header names both protocols' metrics
+    headline = page[page.index('id="summary"'):page.index('id="curves"')]
+    side_a = [_dice("ssl", 0.05, s, "test")["dice"] for s in SEEDS]
+    side_b = [_dice("random", 0.05, s, "test")["dice"] for s in SEEDS]
+    both = seeds_and_cases_paired_test(np.zeros(SEG_CASES), side_a, side_b, case_mean)
+    wilcoxon = wilcoxon_paired(side_a, side_b)
+    assert f"{both.estimate:+.3f} Dice".replace("-", "−") in headline
+    assert f"95% CI {both.low:+.3f} to {both.high:+.3f} over seeds + test cases".replace("-", "−") in headline
+    assert "Wilcoxon signed-rank on the test cases alone" in headline
+    p_text = "p&lt;0.001" if wilcoxon.p_value < 0.001 else (
+        f"p={wilcoxon.p_value:.3f}" if wilcoxon.p_value < 0.1 else f"p={wilcoxon.p_value:.2f}")
+    assert f"Wilcoxon signed-rank on the test cases alone {p_text}" in headline
+    # The label-free protocol: one value per encoder, its interval over test cases, no label fraction.
+    y, s = _labels("test"), _scores("ssl", 0.25, 0, "test")
+    # Two SSL encoders (simclr, convirt) share the init "ssl", so the report names their runs.
+    assert ("Zero-shot without any training label (internal test set, AUC): SSL (convirt) "
+            f"<strong>{binary_auc(y, s):.3f}") in headline
+    curves = page[page.index('id="curves"'):page.index('id="secondary"')]
+    assert "<td>test</td><td>SSL (convirt)</td><td>zero-shot</td><td>no labels</td><td>AUC</td>" in curves
+    assert "<td>test</td><td>SSL (simclr)</td><td>segmentation (fine-tuned)</td><td>5%</td><td>Dice</td>" in curves
+    assert "Dashed horizontal lines: label-free protocols" in curves
+    matching = page[page.index('id="matching"'):page.index('id="cost"')]
+    assert "zero-shot" not in matching, "a label-free line has no label fraction to match"
+
+
+def test_segmentation_report_lists_per_class_dice_and_hd95_and_the_data_notes(
+        seg_report: tuple[Path, ResultsStore]) -> None:
+    from radssl.study.statistics import case_mean
+
+    page = seg_report[0].read_text()
+    section = page[page.index('id="secondary"'):page.index('id="gain-random"')]
+    assert "Dice (organ)" in section and "Dice (finding)" in section and "HD95" in section
+    hd95 = [_dice("ssl", 1.0, s, "site_b")["hd95"] for s in SEEDS]
+    mean = float(np.mean([case_mean(None, v) for v in hd95]))  # the undefined case is left out
+    assert np.isnan(hd95[0][3]) and f"{mean:.3f}<br>" in section
+    assert "no patient ids: splits per image, patients may leak" in page[:page.index('id="summary"')]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium binary on PATH (apt-get install chromium to run this)")
+def test_segmentation_report_renders_in_headless_chromium(seg_report: tuple[Path, ResultsStore],
+                                                          tmp_path: Path) -> None:
+    binary = _chromium()
+    assert binary is not None
+    dom = _run_chromium(binary, ["--dump-dom", seg_report[0].resolve().as_uri()], tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert len(re.findall(r"<img[^>]+src=\"data:image/png;base64,", dom.stdout)) >= 2
+    assert "Per-class Dice and HD95" in dom.stdout and "Wilcoxon signed-rank" in dom.stdout

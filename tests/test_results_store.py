@@ -184,3 +184,73 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(DataError, match="not-a-db.sqlite"):
         ResultsStore(bad)
+
+
+def test_per_case_values_primary_metric_and_notes_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "results.sqlite"
+    dice = np.array([0.9, 0.5, np.nan, 0.7])
+    hd95 = np.array([1.0, 3.5, np.nan, np.inf])
+    key = _key(protocol="segmentation_finetune")
+    with ResultsStore(path) as store:
+        store.save_study_config(STUDY, {"seeds": [1]})
+        store.save_study_notes(STUDY, ["data: no patient ids: splits per image, patients may leak"])
+        store.record_cell(STUDY, key, {"dice": (0.7, 0.5, 0.9), "hd95": 2.25}, wall_time_s=1.0, device="cpu",
+                          versions={}, primary_metric="dice", case_values={"dice": dice, "hd95": hd95})
+        with pytest.raises(DataError, match="primary metric 'auc' is not among the metrics"):
+            store.record_cell(STUDY, _key(), {"dice": 0.5}, wall_time_s=1.0, device="cpu", versions={},
+                              primary_metric="auc")
+        with pytest.raises(DataError, match="different lengths"):
+            store.record_cell(STUDY, _key(), {"dice": 0.5}, wall_time_s=1.0, device="cpu", versions={},
+                              primary_metric="dice", case_values={"dice": dice, "hd95": hd95[:2]})
+    with ResultsStore(path) as store:
+        values = store.case_values(STUDY, key)
+        assert set(values) == {"dice", "hd95"}
+        np.testing.assert_array_equal(values["dice"], dice)  # NaN and inf kept bit for bit (float64)
+        np.testing.assert_array_equal(values["hd95"], hd95)
+        rows = {r["metric"]: r for r in store.cells(STUDY)}
+        assert {r["primary_metric"] for r in rows.values()} == {"dice"}
+        assert rows["dice"]["has_case_values"] and not rows["dice"]["has_predictions"]
+        assert store.study_notes(STUDY) == ["data: no patient ids: splits per image, patients may leak"]
+        assert store.study_config(STUDY) == {"seeds": [1]}
+        store.record_cell(STUDY, key, {"dice": 0.1}, wall_time_s=1.0, device="cpu", versions={},
+                          primary_metric="dice")
+        assert store.case_values(STUDY, key) == {}, "re-recording a cell replaces its per-case values too"
+
+
+_V1_SCHEMA = """
+CREATE TABLE studies (study TEXT PRIMARY KEY, config_json TEXT NOT NULL, created TEXT NOT NULL);
+CREATE TABLE cells (study TEXT NOT NULL, cell_key TEXT NOT NULL, pretrain TEXT NOT NULL, init TEXT NOT NULL,
+    protocol TEXT NOT NULL, label_fraction REAL NOT NULL, pretrain_fraction REAL NOT NULL, seed INTEGER NOT NULL,
+    test_set TEXT NOT NULL, wall_time_s REAL, device TEXT, device_hours REAL, versions_json TEXT,
+    finished_at TEXT NOT NULL, PRIMARY KEY (study, cell_key));
+CREATE TABLE metrics (study TEXT NOT NULL, cell_key TEXT NOT NULL, metric TEXT NOT NULL, value REAL, ci_low REAL,
+    ci_high REAL, PRIMARY KEY (study, cell_key, metric));
+CREATE TABLE predictions (study TEXT NOT NULL, cell_key TEXT NOT NULL, y_true BLOB NOT NULL,
+    y_true_dtype TEXT NOT NULL, y_true_shape TEXT NOT NULL, y_score BLOB NOT NULL, y_score_shape TEXT NOT NULL,
+    PRIMARY KEY (study, cell_key));
+CREATE TABLE pretrain_runs (study TEXT NOT NULL, run_name TEXT NOT NULL, checkpoint TEXT, wall_time_s REAL,
+    device TEXT, device_hours REAL, images_seen INTEGER, config_json TEXT, finished_at TEXT NOT NULL,
+    PRIMARY KEY (study, run_name));
+PRAGMA user_version=1;
+"""
+
+
+def test_a_v1_store_is_upgraded_in_place_and_its_cells_read_as_auc(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    key = _key()
+    with sqlite3.connect(path) as db:  # a store as radssl 0.1 wrote it (schema v1)
+        db.executescript(_V1_SCHEMA)
+        db.execute("INSERT INTO studies VALUES (?, '{}', 'then')", (STUDY,))
+        db.execute("INSERT INTO cells VALUES (?, ?, 'simclr', 'ssl', 'linear', 0.05, 1.0, 1, 'test', 2.0, 'cpu', "
+                   "0.001, '{}', 'then')", (STUDY, key.key))
+        db.execute("INSERT INTO metrics VALUES (?, ?, 'auc', 0.8, 0.7, 0.9)", (STUDY, key.key))
+    with ResultsStore(path) as store:
+        (row,) = store.cells(STUDY)
+        assert row["primary_metric"] == "auc" and row["value"] == 0.8 and not row["has_case_values"]
+        assert store.study_notes(STUDY) == [] and store.case_values(STUDY, key) == {}
+        store.record_cell(STUDY, _key(seed=2), {"auc": 0.7}, wall_time_s=1.0, device="cpu", versions={})
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(DataError, match="schema v99 is newer than this radssl"):
+        ResultsStore(path)

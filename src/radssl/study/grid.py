@@ -256,8 +256,10 @@ def _pretrain_config(config: StudyConfig, job: PretrainJob) -> PretrainConfig:
         "data": config.data.model_dump(mode="json"),
         "model": model,
         "method": run.method.model_dump(mode="json"),
-        "views": run.views.model_dump(mode="json"),
-        "optim": run.optim.model_dump(mode="json"),
+        # Only the keys the study wrote: the method's radiology preset fills the rest (user keys win), as in
+        # `radssl pretrain` — dumping every default would hide the preset (ConVIRT's image_text views, …).
+        "views": run.views.model_dump(mode="json", exclude_unset=True),
+        "optim": run.optim.model_dump(mode="json", exclude_unset=True),
         "train": {**run.train.model_dump(mode="json"), "pretrain_fraction": job.pretrain_fraction},
         "eval": {"enabled": False},
     }
@@ -437,6 +439,8 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
     val_subsets = _validation_subsets(config, store, val_rows, strata, class_target)
 
     encoders, jobs = _encoders(config)
+    if any(e.init == "random" for e in encoders):  # the random encoder's spec fits the data (2D vs 3D, channels)
+        config.model.spec_for(store.channels, store.image_shape)
     pretrain_configs: dict[PretrainJob, PretrainConfig] = {}
     for job in jobs:
         pretrain_config = _pretrain_config(config, job)

@@ -214,3 +214,20 @@ def test_shape_count_and_emptiness_errors_name_the_file() -> None:
         ImageStore("x", torch.zeros(0, 1, 8, 8, dtype=torch.uint8), labels[:0], split[:0], pid[:0], task, origin="e.npz")
     with pytest.raises(DataError, match="label 5 is outside the declared 2 classes"):
         ImageStore("x", torch.zeros(3, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 5]), split, pid, task)
+
+
+def test_volumes_train_channels_last_3d_and_reload_to_the_same_outputs(tmp_path: Path) -> None:
+    from radssl.transfer.initialisation import initialise_backbone
+
+    images = torch.randint(0, 255, (32, 1, 12, 12, 12), dtype=torch.uint8)
+    store = ImageStore("vol", images, torch.zeros(32, dtype=torch.long), np.array(["train"] * 32),
+                       np.array([""] * 32), TaskInfo("binary", 2), origin="volumes.npz")
+    config = _config(tmp_path, "vol3d", "model.backbone=small_cnn_3d", "model.options={width: 4}",
+                     "train.steps=2", "train.channels_last=true")
+    result = pretrain(config, store=store)
+    weight = next(p for p in result.backbone.parameters() if p.ndim == 5)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 1, 12, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(initialise_backbone(f"ssl:{result.checkpoint}").eval()(x),
+                                   result.backbone.eval()(x), rtol=1e-4, atol=1e-4)

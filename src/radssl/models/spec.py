@@ -78,5 +78,5 @@ class BackboneSpec:
         if self.patch_size:
             parts.append(f"patch {self.patch_size}")
         if self.image_size:
-            parts.append("×".join(map(str, self.image_size)) + " px")
+            parts.append("×".join(map(str, self.image_size)) + (" px" if self.spatial_dims == 2 else " voxels"))
         return f"{self.family} ({', '.join(parts)})"

@@ -171,7 +171,7 @@ def checkpoint_backbone_spec(checkpoint: Mapping[str, object], source: str) -> B
     return BackboneSpec.from_dict(checkpoint.get("backbone_spec"), source)  # type: ignore[arg-type]
 
 
-def _ssl_backbone(path: Path, name: str | None, in_channels: int, small_input: bool | None) -> Backbone:
+def _ssl_backbone(path: Path, name: str | None, in_channels: int | None, small_input: bool | None) -> Backbone:
     checkpoint = _load(path, "ssl", name or "resnet18")
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("backbone"), Mapping):
         raise CheckpointError(
@@ -184,7 +184,7 @@ def _ssl_backbone(path: Path, name: str | None, in_channels: int, small_input: b
             f"{path}: checkpoint holds a '{spec.family}' backbone but '{name}' was requested — use "
             f"backbone '{spec.family}' for this checkpoint"
         )
-    if spec.in_channels != in_channels:
+    if in_channels is not None and spec.in_channels != in_channels:
         raise CheckpointError(
             f"{path}: backbone was pretrained on {spec.in_channels}-channel images but in_channels={in_channels} "
             f"was requested — use in_channels={spec.in_channels}"
@@ -205,7 +205,7 @@ def _ssl_backbone(path: Path, name: str | None, in_channels: int, small_input: b
 def initialise_backbone(
     spec: str,
     backbone_name: str | None = None,
-    in_channels: int = 1,
+    in_channels: int | None = None,
     small_input: bool | None = None,
     image_size: int | tuple[int, ...] | None = None,
     seed: int | None = None,
@@ -213,8 +213,8 @@ def initialise_backbone(
 ) -> Backbone:
     """Build a backbone and initialise it from ``spec`` (``random``, ``imagenet:<pth>``, ``ssl:<pt>``).
 
-    ``ssl`` rebuilds the checkpoint's own recorded spec (``backbone_name``/``in_channels``/``small_input`` are then
-    checks). ``random`` and ``imagenet`` build ``backbone_spec`` when given, else the spec made from
+    ``ssl`` rebuilds the checkpoint's own recorded spec (``backbone_name``/``in_channels``/``small_input``, when
+    given, are then checks). ``in_channels`` defaults to 1 for ``random``/``imagenet``. ``random`` and ``imagenet`` build ``backbone_spec`` when given, else the spec made from
     ``backbone_name`` (default resnet18), ``in_channels``, ``small_input`` and ``image_size`` (≤ 64 px → small stem;
     ImageNet always keeps the ImageNet stem). ``seed`` makes a random initialisation reproducible without touching
     the global RNG.
@@ -226,6 +226,7 @@ def initialise_backbone(
         backbone_name, in_channels = backbone_spec.family, backbone_spec.in_channels
         image_size = backbone_spec.image_size
     name = backbone_name or "resnet18"
+    in_channels = 1 if in_channels is None else in_channels
     if kind == "imagenet":
         return _imagenet_backbone(Path(path), name, in_channels, small_input, image_size)  # type: ignore[arg-type]
     with torch.random.fork_rng(devices=[]):

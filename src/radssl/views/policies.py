@@ -53,10 +53,10 @@ class PolicyContext:
 
 
 def normalise_view(view: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """[0, 1] float view → backbone input convention, in place; channels-last memory for 2D when asked."""
+    """[0, 1] float view → backbone input convention, in place; channels-last memory (2D or 3D) when asked."""
     view = view.sub_(NORMALISATION_MEAN).div_(NORMALISATION_STD)
-    if channels_last and view.ndim == 4:
-        view = view.contiguous(memory_format=torch.channels_last)
+    if channels_last and view.ndim in (4, 5):
+        view = view.contiguous(memory_format=torch.channels_last if view.ndim == 4 else torch.channels_last_3d)
     return view
 
 

@@ -260,7 +260,8 @@ def machine() -> dict[str, Any]:
 def _fmt(stats: dict[str, float] | None, digits: int = 3) -> str:
     if not stats:
         return "–"
-    return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}" if stats["n"] > 1 else f"{stats['mean']:.{digits}f}"
+    mean = f"{stats['mean']:.{digits}f}"
+    return f"{mean} ± {stats['sd']:.{digits}f}" if stats["n"] > 1 else mean
 
 
 def html_page(results: dict[str, Any]) -> str:

@@ -26,7 +26,8 @@ def _free_port() -> int:
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(4)
-    image, text = torch.randn(WORLD * PER_RANK, 6, generator=generator), torch.randn(WORLD * PER_RANK, 6, generator=generator)
+    image = torch.randn(WORLD * PER_RANK, 6, generator=generator)
+    text = torch.randn(WORLD * PER_RANK, 6, generator=generator)
     has_text = torch.tensor([True, True, False, True, True, True, True, True, False, True])
     ids = torch.tensor([0, 1, 2, 3, 0, 5, 6, 1, 8, 9])  # shared reports across the two ranks' halves
     return image, text, has_text, ids

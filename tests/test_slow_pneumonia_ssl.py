@@ -12,7 +12,9 @@ import pytest
 from support import medmnist_file
 
 from radssl.config import load_config
+from radssl.data.build import build_store
 from radssl.engine.pretrain import pretrain
+from radssl.evaluation.quick import evaluate_pretraining
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +44,10 @@ def test_simclr_on_pneumoniamnist_beats_random_init(data_dir: Path, tmp_path: Pa
             "train.checkpoint_every=50",
         ],
     )
-    result = pretrain(config)
-    evaluation = result.evaluation
+    store = build_store(config.data)
+    result = pretrain(config, store=store)
+    evaluation = evaluate_pretraining(result, store, config)  # what `radssl pretrain` prints and writes
+    assert evaluation is not None
     ssl_auc = evaluation["ssl"]["linear_probe"]["test"]["auc"]
     random_auc = evaluation["random_init"]["linear_probe"]["test"]["auc"]
     print(f"linear probe test AUC: SSL {ssl_auc:.3f} vs random init {random_auc:.3f}")

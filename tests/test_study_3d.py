@@ -99,3 +99,25 @@ def test_3d_shift_and_flip_move_every_voxel_of_a_volume_together() -> None:
                 assert (d2 - d1, h2 - h1) == (3, 3) and abs(w2 - w1) == 5
     flipped = random_shift_flip(volume, 0, True, torch.Generator().manual_seed(1))
     assert torch.equal(flipped, volume) or torch.equal(flipped, volume.flip(-1)), "shift 0: identity or L–R flip"
+
+
+@pytest.mark.slow
+def test_vesselmnist3d_study_runs_on_real_volumes(data_dir: Path, tmp_path: Path) -> None:
+    """The shipped 3D config passes every check on the real file, and a CPU-sized variant of it runs."""
+    from radssl.study.config import load_study_config
+    from support import medmnist_file
+
+    folder = medmnist_file(data_dir, "vesselmnist3d.npz").parent
+    root = Path(__file__).resolve().parents[1] / "configs" / "vesselmnist3d.yaml"
+    common = [f"data.root={folder}", "data.download=false", f"output_dir={tmp_path / 'study'}"]
+    full = prepare_study(load_study_config(root, common), **QUIET)
+    assert full.store.spatial_dims == 3 and len(full.train_rows) == 1335
+    assert len(full.cell_keys()) == 2 * 3 * 3 * 3  # encoders × protocols × seeds × fractions
+    small = load_study_config(root, common + [
+        "model.backbone=small_cnn_3d", "model.options={width: 8}", "pretraining=[]", "initialisations=[random]",
+        "seeds=[0]", "label_fractions=[0.1, 1.0]", "protocols={linear: {Cs: [0.1, 1.0]}, knn: {k: 20}}",
+        "bootstrap_samples=200"])
+    output = run_study(small, **QUIET)
+    with ResultsStore(output / "results.sqlite") as results:
+        aucs = {r["cell_key"]: r["value"] for r in results.cells("vesselmnist3d") if r["metric"] == "auc"}
+    assert len(aucs) == 4 and all(0.5 < v <= 1.0 for v in aucs.values()), aucs  # random 3D features beat chance

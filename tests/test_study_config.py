@@ -204,6 +204,19 @@ def test_shipped_study_files_validate() -> None:
                                                                "imagenet+ssl:simclr"]
 
 
+def test_segmentation_demo_preset_validates_and_passes_every_check(tmp_path: Path) -> None:
+    from radssl.study.commands import demo_study_preset
+
+    demo = load_study_config(demo_study_preset("segmentation"), [f"output_dir={tmp_path / 'demo'}"])
+    assert list(demo.protocols.enabled()) == ["segmentation_finetune"]
+    assert demo.data.masks and all(t.data.masks for t in demo.external_test_sets)
+    plan = prepare_study(demo, log=lambda _: None)
+    assert len(plan.cell_keys()) == 2 * 2 * 3 * 2  # encoders × seeds × fractions × test sets
+    assert not (tmp_path / "demo").exists(), "preparing writes nothing"
+    with pytest.raises(DataError, match="unknown task 'detection'"):
+        demo_study_preset("detection")
+
+
 @pytest.mark.parametrize(("name", "train_images"), [("breastmnist", 546), ("pneumoniamnist", 4708)])
 def test_real_medmnist_grids_prepare(data_dir: Path, name: str, train_images: int) -> None:
     """The shipped full grids pass every pre-compute check on the real files (no training here)."""

@@ -71,7 +71,7 @@ def local_model(tmp_path_factory: pytest.TempPathFactory, store) -> Path:  # noq
     return directory
 
 
-def test_local_hugging_face_model_trains_offline_and_reloads_identically(store, local_model: Path) -> None:  # noqa: ANN001
+def test_local_hugging_face_model_trains_offline_and_reloads_identically(store, local_model) -> None:  # noqa: ANN001
     _, batch = _batch(store, tokenizer=str(local_model), max_length=40)
     params = {"text_encoder": str(local_model), "text_trainable_layers": 1}
     torch.manual_seed(0)

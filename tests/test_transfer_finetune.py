@@ -230,7 +230,7 @@ def test_pneumoniamnist_from_scratch_reaches_published_auc():
     path = Path(root or "") / "medmnist" / "pneumoniamnist.npz"
     if not root or not path.is_file():
         pytest.skip("set RADSSL_DATA_DIR to a folder holding medmnist/pneumoniamnist.npz")
-    from radssl.models.backbones import SmallCNN
+    from radssl.models.registry import build_backbone
     from radssl.transfer.initialisation import initialise_backbone
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -242,7 +242,7 @@ def test_pneumoniamnist_from_scratch_reaches_published_auc():
         device, epochs = "cpu", 6
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            backbone = SmallCNN(width=16)
+            backbone = build_backbone("small_cnn", in_channels=1)  # width 16 by default
     start = time.perf_counter()
     result = finetune(
         backbone, store, store.indices("train"), store.indices("val"), {"test": (store, store.indices("test"))},

@@ -38,7 +38,8 @@ def _decode(path: Path, encoding: str) -> str:
     try:
         text = raw.decode(encoding)
     except LookupError:
-        raise DataError(str(path), f"unknown report_encoding '{encoding}'", "use e.g. utf-8, latin-1 or cp1252") from None
+        raise DataError(str(path), f"unknown report_encoding '{encoding}'",
+                        "use e.g. utf-8, latin-1 or cp1252") from None
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(

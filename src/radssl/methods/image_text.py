@@ -108,7 +108,7 @@ class ImageTextParams(MethodParams):
                                                      "Hugging Face model directory (never downloaded)")
     text_vocab_size: int = Field(4096, gt=4, description="token embedding rows of the scratch encoder "
                                                          "(>= the fitted tokenizer's vocabulary, views.vocab_size)")
-    text_width: int = Field(64, gt=0, description="scratch encoder width (default: 'tiny'; see benchmarks/multimodal.py)")
+    text_width: int = Field(64, gt=0, description="scratch encoder width (the 'tiny' default: benchmarks/multimodal.py)")
     text_depth: int = Field(1, ge=1, description="scratch encoder Transformer layers")
     text_heads: int = Field(4, ge=1)
     text_pooling: Literal["mean", "cls"] | None = Field(None, description="null: mean (scratch), cls (pretrained)")

@@ -13,28 +13,35 @@ from pathlib import Path
 from radssl.errors import DataError
 
 DEMO_PRESET = "demo_study"
+DEMO_PRESETS = {"classification": "demo_study", "segmentation": "demo_segmentation"}
+"""``radssl demo --task``: the embedded demo study of each task (``radssl/presets/<name>.yaml``)."""
 OVERRIDES_HELP = (
     "study overrides as key.path=value (YAML values), e.g. seeds=[0,1] protocols.finetune.epochs=10; entries of "
     "the pretraining and external_test_sets lists by name: pretraining.simclr.train.steps=200"
 )
 
 
-def demo_study_preset() -> Path:
-    """Path of the embedded demo study YAML (``radssl/presets/demo_study.yaml``)."""
-    return Path(str(resources.files("radssl.presets") / f"{DEMO_PRESET}.yaml"))
+def demo_study_preset(task: str = "classification") -> Path:
+    """Path of the embedded demo study YAML of a task (``radssl/presets/demo_study.yaml``, ``demo_segmentation``)."""
+    if task not in DEMO_PRESETS:
+        raise DataError("radssl demo --task", f"unknown task '{task}'", f"choose one of {', '.join(DEMO_PRESETS)}")
+    return Path(str(resources.files("radssl.presets") / f"{DEMO_PRESETS[task]}.yaml"))
 
 
-def run_demo_study(output_dir: Path | None = None, overrides: list[str] | None = None) -> Path:
-    """Run the embedded demo study (synthetic data, random vs SSL, internal + shifted-site test sets).
+def run_demo_study(output_dir: Path | None = None, overrides: list[str] | None = None,
+                   task: str = "classification") -> Path:
+    """Run an embedded demo study on synthetic data (random vs SSL, internal + shifted-site test sets).
 
-    Returns the study output folder; the report is ``<folder>/report/report.html``.
+    ``task``: ``classification`` (AUC; linear probe, kNN, fine-tuning) or ``segmentation`` (Dice; frozen-encoder and
+    fine-tuned U-Net decoders on the synthetic findings' masks). Returns the study output folder; the report is
+    ``<folder>/report/report.html``.
     """
     from radssl.study.grid import run_study
 
     extra = list(overrides or [])
     if output_dir is not None:
         extra.append(f"output_dir={output_dir}")
-    return run_study(demo_study_preset(), extra)
+    return run_study(demo_study_preset(task), extra)
 
 
 def _study_overrides(args: argparse.Namespace) -> list[str]:

@@ -239,7 +239,7 @@ def _external_store(config: StudyConfig, index: int, internal: ImageStore, train
         check_classes_covered(store.task, train_y, labels, where)
         check_auc_defined(store.task, labels, where)
     if mask_target:
-        _check_masks(store, np.arange(len(store)), where)
+        _check_masks(store, where)
     return replace(store, name=entry.name, split=np.full(len(store), "test", dtype="<U10"), _fingerprint=None)
 
 
@@ -344,22 +344,13 @@ def _check_protocols_fit(protocols: dict[str, Protocol], store: ImageStore) -> N
                             f"'{store.task.kind}'", "use labelled data for it, or remove the protocol")
 
 
-def _check_masks(store: ImageStore, rows: np.ndarray, where: str) -> None:
-    """Masks exist, have the images' spatial shape and hold class indices (segmentation protocols)."""
-    mask = store.meta.get("mask")
-    if mask is None:
+def _check_masks(store: ImageStore, where: str) -> None:
+    """Segmentation protocols score against masks: every evaluated store must have them (the store validated their
+    grid and labels when it was built, see ``ImageStore.mask_classes``)."""
+    if "mask" not in store.meta:
         raise DataError(where, "has no segmentation masks (store.meta['mask'])",
-                        "every evaluated store of a segmentation study needs masks")
-    mask = np.asarray(mask)
-    if mask.shape[0] != len(store) or tuple(mask.shape[1:]) != tuple(store.image_shape):
-        raise DataError(where, f"masks have shape {tuple(mask.shape)} but the images are "
-                        f"{len(store)}×{'×'.join(map(str, store.image_shape))}",
-                        "store one mask per image with the image's spatial size")
-    values = mask[rows]
-    if values.size and (values.min() < 0 or not np.issubdtype(values.dtype, np.integer) and
-                        not np.all(values == np.round(values))):
-        raise DataError(where, "masks hold values that are not class indices ≥ 0",
-                        "store integer labels (0 = background)")
+                        "every evaluated store of a segmentation study needs masks (e.g. synthetic masks: true, "
+                        "NIfTI mask_folder / mask_suffix)")
 
 
 def _encoder_info(config: StudyConfig, encoder: Encoder) -> EncoderInfo:
@@ -412,8 +403,7 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
         _check_split_labels(store, train_rows, {f"{where} [test split]": test_rows,
                                                 f"{where} [validation split]": val_rows})
     if mask_target:
-        for split, rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows)):
-            _check_masks(store, rows, f"{where} [{split} split]")
+        _check_masks(store, where)
     test_sets: dict[str, tuple[ImageStore, np.ndarray]] = {INTERNAL_TEST_SET: (store, test_rows)}
     for index in range(len(config.external_test_sets)):
         external = _external_store(config, index, store, train_y, class_target, mask_target)

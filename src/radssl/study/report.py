@@ -1047,7 +1047,8 @@ def _finetune_rules(analysis: _Analysis, names: _Names, stored: dict[str, Any], 
 
 def _validation_rule(analysis: _Analysis, stored: dict[str, Any], raw: dict[str, Any]) -> str:
     rule = stored.get("validation", "full")
-    images = _by_fraction(_per_cell(analysis, "val_images"), ("linear", "finetune"))
+    images = _by_fraction(_per_cell(analysis, "val_images"),
+                          ("linear", "finetune", "segmentation_frozen", "segmentation_finetune"))
     if rule == "proportional":
         text = ("<strong>proportional</strong>: each cell selects its model (probe C; fine-tuning epoch and "
                 "backbone LR) on the same fraction of the validation split as of the training labels — drawn per "
@@ -1064,6 +1065,51 @@ def _validation_rule(analysis: _Analysis, stored: dict[str, Any], raw: dict[str,
     return f"<strong>Validation (model selection)</strong>: {text}."
 
 
+def _other_protocol_rules(analysis: _Analysis, names: _Names, stored: dict[str, Any]) -> list[str]:
+    """Budget and selection rules of segmentation protocols; what label-free protocols (zero-shot) did."""
+    items = []
+    for protocol, options in (stored.get("protocols") or {}).items():
+        if not isinstance(options, dict):
+            continue
+        title = _esc(_protocol_name(protocol)).capitalize()
+        if protocol.startswith("segmentation"):
+            epochs = int(options.get("epochs", 0))
+            rule = options.get("steps_per_epoch", "full")
+            planned = _by_fraction(_per_cell(analysis, "finetune_budget_steps"), (protocol,))
+            if rule == "subset":
+                text = f"{epochs} epochs of one pass over the subset each (the budget grows with the label fraction)"
+            else:
+                what = "one pass over the whole training split" if rule == "full" else f"exactly {rule} steps"
+                text = (f"the <strong>same number of optimiser steps</strong> at every label fraction: {epochs} epochs "
+                        f"of {what} (batch {options.get('batch_size')})")
+            if planned:
+                text += f"; planned steps per cell: {planned}"
+            text += (f"; early stopping on validation Dice after {options.get('early_stopping_patience')} epochs "
+                     f"without gain, never before epoch {min(int(options.get('min_epochs', 1)), epochs)}")
+            scales = options.get("encoder_lr_scale")
+            if protocol == "segmentation_frozen":
+                text += "; encoder frozen (only the U-Net decoder trains)"
+            elif isinstance(scales, list) and len(scales) > 1:
+                chosen = _per_cell(analysis, "encoder_lr_scale")
+                picked = sorted({v for (_, _, p, _), values in chosen.items() if p == protocol for v in values})
+                text += (f"; encoder LR scale chosen on validation Dice per cell from {', '.join(f'{v:g}' for v in scales)}"
+                         f" for every initialisation (chosen: {', '.join(f'{v:g}' for v in picked) or '–'})")
+            elif scales:
+                value = scales[0] if isinstance(scales, list) else scales
+                text += f"; encoder LR {value}× the decoder LR {options.get('lr')} for every initialisation"
+            items.append(f"<strong>{title}</strong>: {text}. Metric: Dice per case averaged over the foreground "
+                         "classes (a case where a class is absent from both prediction and reference counts 1).")
+        elif protocol == "zero_shot":
+            prompts = options.get("prompts") or {}
+            listed = "; ".join(f"{_esc(k)}: " + " / ".join(f"“{_esc(t)}”" for t in v) for k, v in prompts.items())
+            items.append(f"<strong>{title}</strong>: no training labels — each class is described by prompts "
+                         f"({listed}); an image–text encoder scores each test case by its similarity to each class. "
+                         "Recorded once per image–text encoder and test set (label fraction 0, the study’s seed: "
+                         "the only randomness is the pretraining run’s) and drawn as a horizontal reference line; "
+                         "encoders without a text tower are skipped.")
+    return items
+
+
 def _methods_section(analysis: _Analysis, names: _Names, config: dict[str, Any] | None) -> str:
     """The rules the cells were computed with, and what every interval and p-value covers."""
     from radssl.study.config import legacy_study_settings
@@ -1075,7 +1121,10 @@ def _methods_section(analysis: _Analysis, names: _Names, config: dict[str, Any] 
     else:
         stored = legacy_study_settings(config)
         raw_finetune = (config.get("protocols") or {}).get("finetune") or {}
-        items += _finetune_rules(analysis, names, stored, raw_finetune)
+        others = _other_protocol_rules(analysis, names, stored)
+        if raw_finetune or not others:
+            items += _finetune_rules(analysis, names, stored, raw_finetune)
+        items += others
         items.append(_validation_rule(analysis, stored, config))
     seeds = len(analysis.seeds)
     items.append(

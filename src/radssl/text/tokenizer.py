@@ -319,7 +319,7 @@ class ReportTokenizer:
             if payload.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {payload.get('format')} (this radssl reads {FORMAT_VERSION})")
             tokenizer = Tokenizer.from_str(payload["tokenizer"])
-        except (ValueError, KeyError, TypeError, Exception) as error:  # noqa: BLE001 - tokenizers raises plain Exception
+        except Exception as error:  # noqa: BLE001 - json/KeyError/TypeError, and tokenizers raises plain Exception
             raise ConfigError(f"not a radssl report tokenizer ({error})") from None
         return cls(tokenizer, max_length=int(payload["max_length"]), source=str(payload["source"]),
                    pad_id=int(payload["pad_id"]))

@@ -344,7 +344,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, patch_size: Sequence[
 def predict_labels(model: nn.Module, images: torch.Tensor, patch_size: Sequence[int] | None = None,
                    batch_size: int = 4, sw_batch_size: int = 4, sw_overlap: float = 0.25, sw_mode: str = "gaussian",
                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """Label maps (N, *S) uint8 (argmax of the logits) of stored images (N, C, *S), in eval mode, batch by batch."""
+    """Label maps (N, *S) (argmax of the logits; uint8 up to 256 classes) of stored images (N, C, *S), in eval mode,
+    batch by batch."""
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
@@ -352,7 +353,7 @@ def predict_labels(model: nn.Module, images: torch.Tensor, patch_size: Sequence[
         for start in range(0, images.shape[0], batch_size):
             batch = normalise_for_backbone(images[start:start + batch_size].to(device))
             logits = predict_logits(model, batch, patch_size, sw_batch_size, sw_overlap, sw_mode)
-            out.append(logits.argmax(1).to(torch.uint8).cpu())
+            out.append(logits.argmax(1).to(_label_dtype(logits.shape[1])).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)
@@ -457,7 +458,7 @@ def finetune_segmentation(
 
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     train_images = store.images[torch.from_numpy(train_rows)]
-    train_masks = torch.from_numpy(np.ascontiguousarray(store.meta["mask"][train_rows])).to(torch.uint8)
+    train_masks = torch.from_numpy(np.ascontiguousarray(store.meta["mask"][train_rows])).to(_label_dtype(k))
     val_images = store.images[torch.from_numpy(val_rows)]
     val_masks = torch.from_numpy(np.ascontiguousarray(store.meta["mask"][val_rows])).long()
     sampler = PatchSampler(train_masks.numpy(), patch, foreground_ratio) if patch is not None else None
@@ -577,6 +578,11 @@ def finetune_segmentation(
         epochs_run=len(history), stopped_early=stopped_early, train_seconds=train_seconds,
         train_samples=train_samples, settings=settings, model=model, predictions=predictions,
     )
+
+
+def _label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer type holding every label (masks are copied to the device in it)."""
+    return torch.uint8 if num_classes <= 256 else torch.int64
 
 
 def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:

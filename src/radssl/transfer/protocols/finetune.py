@@ -135,9 +135,12 @@ def check_min_rows(setup: StudySetup, what: str, minimum: int = 2) -> None:
                                 "raise the smallest label fraction")
 
 
-def budget_rule_text(rule: str | int, epochs: int, steps: int, scales: list[float], scale_name: str) -> str:
+def budget_rule_text(rule: str | int, epochs: int, steps: int, scales: list[float] | None, scale_name: str) -> str:
+    """'4 × 13 steps at every fraction, backbone LR scale 1 for every init' (the study log's rules line)."""
     steps_text = "one pass over each subset (grows with the fraction)" if rule == "subset" else \
         f"{epochs} × {steps} steps at every fraction"
+    if scales is None:
+        return f"{steps_text}, {scale_name}"
     lr = f"{scale_name} {scales[0]:g} for every init" if len(scales) == 1 else \
         f"{scale_name} chosen on validation from {[float(v) for v in scales]} for every init"
     return f"{steps_text}, {lr}"

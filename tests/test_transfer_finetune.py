@@ -115,6 +115,17 @@ def test_learns_restores_best_weights_and_early_stops():
     assert all(torch.equal(original[k], v) for k, v in backbone.state_dict().items())  # caller's copy untouched
 
 
+def test_encoder_weights_frozen_by_the_pretext_are_fine_tuned():
+    """MoCo v3 freezes its patch embedding and a DINO teacher has no gradients in memory; fine-tuning trains all."""
+    store = _store(n=120)
+    backbone = _tiny()
+    backbone.requires_grad_(False)
+    first_conv = backbone.body[0].weight.detach().clone()
+    result = _run(store, backbone=backbone, epochs=2, early_stopping_patience=None)
+    assert not torch.equal(result.model.backbone.body[0].weight.detach().cpu(), first_conv)
+    assert not backbone.body[0].weight.requires_grad  # the caller's module is left as it was
+
+
 def test_deterministic_under_seed():
     store = _store(n=120)
     a = _run(store, epochs=3, early_stopping_patience=None)

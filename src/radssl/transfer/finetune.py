@@ -279,6 +279,9 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier(copy.deepcopy(backbone), feature_dim, outputs)
+    # Fine-tuning trains every encoder weight, even ones the pretext froze in memory (MoCo v3's patch embedding,
+    # a DINO teacher handed over as the encoder).
+    model.backbone.requires_grad_(True)
     model.to(device)
 
     train_images = store.images[torch.from_numpy(train_rows)]

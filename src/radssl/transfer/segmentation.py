@@ -120,6 +120,7 @@ class SegmentationNetwork(nn.Module):
                                    spatial_dims=self.spatial_dims, decoder_channels=decoder_channels, norm=norm,
                                    max_channels=max_channels)
         self.freeze_encoder = freeze_encoder
+        self.backbone.requires_grad_(not freeze_encoder)  # a pretext may have frozen weights in memory (MoCo v3)
         if freeze_encoder:
             for parameter in self.backbone.parameters():
                 parameter.requires_grad_(False)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import SHORT_RUN_OPTIM
 from radssl.config import PretrainConfig
 from radssl.data.build import build_store
 from radssl.engine.pretrain import pretrain
@@ -39,6 +40,7 @@ def _config(name: str, output_dir: Path) -> PretrainConfig:
     if backbone.startswith("vit"):
         model["options"] = {"depth": 2}
     return PretrainConfig.model_validate({
+        "optim": SHORT_RUN_OPTIM.get(name, {}),
         "seed": 0,
         "output_dir": str(output_dir),
         "data": {"source": "synthetic", "n_patients": 64, "images_per_patient": 2, "image_size": 32},

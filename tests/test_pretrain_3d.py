@@ -70,7 +70,11 @@ def _config(name: str, output_dir: Path, **sections: Any) -> PretrainConfig:
         "output_dir": str(output_dir),
         "data": DATA,
         "model": {"backbone": "small_cnn_3d", "options": {"width": 8}},
-        "method": {"name": name},
+        # SimCLR's preset was chosen on 2D radiographs at batch 256 for ≥ 87 steps (benchmarks/preset_sweep.py); on
+        # these volumes at batch 32 over 20 steps the loss rises with its τ 0.2 (4.64 → 5.08 as shipped,
+        # 4.49 → 4.64 with LARS),
+        # so the smoke test runs SimCLR on the engine defaults (LARS, warm-up + cosine, τ 0.1), which move here.
+        "method": {"name": name, **({"preset": False} if name == "simclr" else {})},
         # channels_last off: a 20-step loss trend is a smoke check, kept independent of the memory-format speed-up
         # (tests/test_engine_pretrain.py checks channels-last 3D runs against their reloaded checkpoint).
         "train": {"steps": STEPS, "batch_size": 32, "log_every": 1, "checkpoint_every": 10, "progress_bar": False,

@@ -241,11 +241,11 @@ class EvalSection(Section):
     compare_random: bool = Field(True, description="also evaluate a random-init backbone, as the baseline")
 
 
-PRESET_SECTIONS = ("views", "optim")
+PRESET_SECTIONS = ("views", "optim", "method")
 
 
 def merge_method_preset(raw: Any) -> Any:
-    """Fill ``views``/``optim`` keys the user left out from the method's radiology preset (user keys win).
+    """Fill ``views``/``optim``/``method`` keys the user left out from the method's radiology preset (user keys win).
 
     Applied to raw mappings before validation (pretraining configs and a study's pretraining entries), so the
     validated, recorded config shows the values actually used. ``method.preset: false`` turns it off.

@@ -39,7 +39,33 @@ def _positive_steps(value: str | int) -> str | int:
     return value
 
 
-class FinetuneParams(ProtocolParams):
+class StepBudgetParams(ProtocolParams):
+    """The equal-budget keys every trained read-out shares (fine-tuning, segmentation): epochs, optimiser steps per
+    epoch under the budget rule, and the early-stopping floor."""
+
+    epochs: int = Field(30, gt=0)
+    steps_per_epoch: Literal["full", "subset"] | int = Field(
+        "full", description="full | subset | N: optimiser steps per epoch (see the budget rule)")
+    min_epochs: int = Field(5, gt=0, description="early stopping never stops before this epoch (floor)")
+
+    @field_validator("steps_per_epoch")
+    @classmethod
+    def _positive_steps(cls, value: str | int) -> str | int:
+        return _positive_steps(value)
+
+    @model_validator(mode="after")
+    def _floor_within_epochs(self) -> "StepBudgetParams":
+        if "min_epochs" in self.model_fields_set and self.min_epochs > self.epochs:
+            raise ValueError(f"min_epochs ({self.min_epochs}) is larger than epochs ({self.epochs}); lower it")
+        return self
+
+    @property
+    def early_stopping_floor(self) -> int:
+        """``min_epochs`` capped at ``epochs`` (the default floor must not break a short run)."""
+        return min(self.min_epochs, self.epochs)
+
+
+class FinetuneParams(StepBudgetParams):
     """End-to-end fine-tuning (backbone + linear head) with early stopping on validation AUC.
 
     Fine-tuning dominates a study's cost (one training run per cell), so ``epochs`` is the knob to turn first.
@@ -66,10 +92,6 @@ class FinetuneParams(ProtocolParams):
     full rate; choosing on validation gives neither arm a hand-picked advantage, at twice the fine-tuning cost.
     """
 
-    epochs: int = Field(30, gt=0)
-    steps_per_epoch: Literal["full", "subset"] | int = Field(
-        "full", description="full | subset | N: optimiser steps per epoch (see the budget rule)")
-    min_epochs: int = Field(5, gt=0, description="early stopping never stops before this epoch (floor)")
     batch_size: int = Field(128, gt=1)
     lr: float = Field(1e-3, gt=0.0)
     backbone_lr_scale: list[float] = Field(
@@ -102,22 +124,6 @@ class FinetuneParams(ProtocolParams):
     @classmethod
     def _positive_scales(cls, values: list[float]) -> list[float]:
         return _positive_scales(values, "backbone_lr_scale")
-
-    @field_validator("steps_per_epoch")
-    @classmethod
-    def _positive_steps(cls, value: str | int) -> str | int:
-        return _positive_steps(value)
-
-    @model_validator(mode="after")
-    def _floor_within_epochs(self) -> "FinetuneParams":
-        if "min_epochs" in self.model_fields_set and self.min_epochs > self.epochs:
-            raise ValueError(f"min_epochs ({self.min_epochs}) is larger than epochs ({self.epochs}); lower it")
-        return self
-
-    @property
-    def early_stopping_floor(self) -> int:
-        """``min_epochs`` capped at ``epochs`` (the default floor must not break a short run)."""
-        return min(self.min_epochs, self.epochs)
 
     def steps_for(self, subset_rows: int, full_rows: int) -> int:
         """Optimiser steps per epoch of a cell with ``subset_rows`` training cases (see the budget rule)."""

@@ -17,10 +17,10 @@ and the 95th-percentile Hausdorff distance (``hd95`` mean over classes, ``hd95_<
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from radssl.errors import DataError
 from radssl.transfer.protocols.base import (
@@ -28,16 +28,15 @@ from radssl.transfer.protocols.base import (
     Protocol,
     ProtocolContext,
     ProtocolOutcome,
-    ProtocolParams,
     StudySetup,
 )
-from radssl.transfer.protocols.finetune import _positive_scales, _positive_steps, _scale_list, check_min_rows
+from radssl.transfer.protocols.finetune import StepBudgetParams, _positive_scales, _scale_list, check_min_rows
 
 _RENAMED = {"dice_mean": "dice", "hd95_mean": "hd95"}
 """Per-case metric names of :mod:`radssl.transfer.segmentation` → names in the results store."""
 
 
-class SegmentationParams(ProtocolParams):
+class SegmentationParams(StepBudgetParams):
     """Options shared by both segmentation protocols (see :func:`radssl.transfer.segmentation.finetune_segmentation`).
 
     ``steps_per_epoch`` follows the fine-tuning budget rule: ``full`` (default) = as many steps per epoch as one pass
@@ -45,9 +44,6 @@ class SegmentationParams(ProtocolParams):
     fraction), N = exactly N. Early stopping on validation Dice, never before ``min_epochs``.
     """
 
-    epochs: int = Field(30, gt=0)
-    steps_per_epoch: Literal["full", "subset"] | int = "full"
-    min_epochs: int = Field(5, gt=0)
     batch_size: int = Field(4, gt=0)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -60,25 +56,10 @@ class SegmentationParams(ProtocolParams):
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     hd95: bool = Field(True, description="also compute HD95 (slow on large volumes)")
 
-    @field_validator("steps_per_epoch")
-    @classmethod
-    def _steps(cls, value: str | int) -> str | int:
-        return _positive_steps(value)
-
     @field_validator("patch_size", mode="before")
     @classmethod
     def _one_number(cls, value: Any) -> Any:
         return [value] if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @model_validator(mode="after")
-    def _floor_within_epochs(self) -> "SegmentationParams":
-        if "min_epochs" in self.model_fields_set and self.min_epochs > self.epochs:
-            raise ValueError(f"min_epochs ({self.min_epochs}) is larger than epochs ({self.epochs}); lower it")
-        return self
-
-    @property
-    def early_stopping_floor(self) -> int:
-        return min(self.min_epochs, self.epochs)
 
     def steps_for(self, subset_rows: int, full_rows: int) -> int:
         """Optimiser steps per epoch (a pass = ceil(cases / batch), as the segmentation recipe counts it)."""

@@ -422,20 +422,6 @@ def load_config(
         raise ConfigError(format_validation_error(error, source, model, raw)) from None
 
 
-def load_data_section(path: Path, overrides: list[str] | None = None) -> Any:
-    """Only the ``data`` section of any radssl YAML (pretrain or study), validated like in a full config."""
-    from pydantic import TypeAdapter
-
-    raw = read_yaml_mapping(path)
-    if "data" not in raw:
-        raise ConfigError(f"{path}: no 'data' section to inspect")
-    wrapped = apply_overrides({"data": raw["data"]}, overrides or [])
-    try:
-        return TypeAdapter(DataSection).validate_python(wrapped["data"])
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, str(path), PretrainConfig, wrapped)) from None
-
-
 def dump_config(config: BaseModel) -> str:
     """YAML text of a validated config (what is written beside outputs)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

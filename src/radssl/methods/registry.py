@@ -6,10 +6,10 @@ the others.
 
 from __future__ import annotations
 
-import importlib
 
 from radssl.methods.base import MethodParams, SSLMethod
 from radssl.models.base import Backbone
+from radssl.registry import load_entry
 
 METHODS: dict[str, str] = {
     "simclr": "radssl.methods.simclr:SimCLR",
@@ -31,8 +31,7 @@ def method_class(name: str) -> type[SSLMethod]:
     """The class registered under ``name``; a clear error listing the choices otherwise."""
     if name not in METHODS:
         raise KeyError(f"unknown method '{name}'; choose one of {sorted(METHODS)}")
-    module_name, class_name = METHODS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return load_entry(METHODS[name])
 
 
 def validate_params(name: str, params: dict) -> MethodParams:

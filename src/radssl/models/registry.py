@@ -6,13 +6,13 @@ import paths so a family with a heavy or optional dependency (timm, MONAI) costs
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from radssl.models.base import Backbone
 from radssl.models.spec import BackboneSpec
+from radssl.registry import load_entry
 
 BACKBONE_FAMILIES: dict[str, str] = {
     "resnet18": "radssl.models.backbones:ResNet18",
@@ -31,8 +31,7 @@ def backbone_class(family: str) -> type[Backbone]:
     """The class registered under ``family``; a clear error listing the choices otherwise."""
     if family not in BACKBONE_FAMILIES:
         raise ValueError(f"unknown backbone '{family}'; choose one of {sorted(BACKBONE_FAMILIES)}")
-    module_name, class_name = BACKBONE_FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return load_entry(BACKBONE_FAMILIES[family])
 
 
 def resolve_spec(spec: BackboneSpec) -> BackboneSpec:

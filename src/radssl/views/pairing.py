@@ -29,13 +29,13 @@ Adding a pairing = one :class:`Pairing` subclass + one line in ``PAIRINGS``.
 
 from __future__ import annotations
 
-import importlib
 from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from radssl.errors import ConfigError
+from radssl.registry import load_entry
 from radssl.views.columns import PairingColumns
 
 _OFFSET_KINDS = ("slice", "frame")
@@ -359,8 +359,7 @@ PAIRINGS: dict[str, str] = {
 def pairing_class(kind: str) -> type[Pairing]:
     if kind not in PAIRINGS:
         raise ValueError(f"unknown pairing '{kind}'; choose one of {sorted(PAIRINGS)}")
-    module_name, class_name = PAIRINGS[kind].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return load_entry(PAIRINGS[kind])
 
 
 def build_pairing(params: PairingParams, columns: PairingColumns) -> Pairing:

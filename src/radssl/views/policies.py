@@ -13,7 +13,6 @@ modelling). Every view is normalised with the project's one input convention
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from radssl.data.store import NORMALISATION_MEAN, NORMALISATION_STD, images_to_float
 from radssl.errors import ConfigError
+from radssl.registry import load_entry
 from radssl.views.augment import AugmentationParams, BatchAugmenter
 from radssl.views.batch import ViewBatch, ViewLayout
 from radssl.views.columns import PairingColumns
@@ -165,11 +165,7 @@ def register_policy(cls: type[ViewPolicy]) -> type[ViewPolicy]:
 def policy_class(name: str) -> type[ViewPolicy]:
     if name not in POLICIES:
         raise ValueError(f"unknown view policy '{name}'; choose one of {sorted(POLICIES)}")
-    entry = POLICIES[name]
-    if isinstance(entry, str):
-        module_name, class_name = entry.split(":")
-        return getattr(importlib.import_module(module_name), class_name)
-    return entry
+    return load_entry(POLICIES[name])
 
 
 def build_policy(settings: ViewSettings, context: PolicyContext) -> ViewPolicy:

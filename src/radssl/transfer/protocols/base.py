@@ -31,7 +31,6 @@ values, in the test set's fixed case order, so paired tests between initialisati
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
 from radssl.data.store import ImageStore
+from radssl.registry import load_entry
 
 __all__ = [
     "PROTOCOLS",
@@ -245,11 +245,7 @@ def protocol_class(name: str) -> type[Protocol]:
         close = difflib.get_close_matches(name, list(PROTOCOLS), n=1)
         hint = f" — did you mean '{close[0]}'?" if close else ""
         raise KeyError(f"unknown protocol '{name}'{hint}; registered: {', '.join(PROTOCOLS)}")
-    entry = PROTOCOLS[name]
-    if isinstance(entry, str):
-        module_name, class_name = entry.split(":")
-        entry = getattr(importlib.import_module(module_name), class_name)
-    return entry
+    return load_entry(PROTOCOLS[name])
 
 
 def build_protocol(name: str, params: ProtocolParams | Mapping[str, Any] | None = None) -> Protocol:

@@ -33,6 +33,9 @@ def test_simclr_on_pneumoniamnist_beats_random_init(data_dir: Path, tmp_path: Pa
             "method.name=simclr",
             "method.temperature=0.2",
             "views.crop_scale=[0.5, 1.0]",
+            "views.rotation_degrees=10",  # the views this test was measured with (not SimCLR's later preset)
+            "views.blur_p=0.5",
+            "views.noise_p=0.5",
             "optim.optimizer=adamw",
             "optim.lr=0.002",
             "optim.lr_scaling=none",

@@ -71,3 +71,17 @@ def test_preset_keys_of_another_policy_are_dropped_when_the_user_picks_a_policy(
     config = load_config(None, ["method.name=simclr", "views.policy=two_view"])
     assert config.views.policy == "two_view" and config.views.blur_p == 0.0  # shared augmentation keys still apply
     assert "local_views" not in config.views.policy_params()
+
+
+def test_preset_optimiser_recipe_is_dropped_when_the_user_picks_another_optimiser(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from radssl.methods.simclr import SimCLR
+
+    preset = {"optim": {"optimizer": "sgd", "lr": 0.06, "momentum": 0.0, "min_lr_ratio": 1.0},
+              "method": {"temperature": 0.3}}
+    monkeypatch.setattr(SimCLR, "preset", preset)
+    lars = load_config(None, ["method.name=simclr", "optim.optimizer=lars"])
+    assert (lars.optim.lr, lars.optim.momentum, lars.optim.min_lr_ratio) == (0.3, 0.9, 0.0)  # engine defaults
+    assert lars.method.params()["temperature"] == 0.3  # method keys still come from the preset
+    same = load_config(None, ["method.name=simclr", "optim.optimizer=sgd", "optim.lr=0.1"])
+    assert (same.optim.lr, same.optim.momentum, same.optim.min_lr_ratio) == (0.1, 0.0, 1.0)

@@ -139,7 +139,7 @@ class MethodSection(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = "simclr"
-    preset: bool = Field(True, description="fill views/optim keys you leave out from the method's radiology preset")
+    preset: bool = Field(True, description="fill views/optim/method keys you leave out from the method's radiology preset")
 
     @model_validator(mode="after")
     def _validate_params(self) -> "MethodSection":
@@ -269,6 +269,11 @@ def merge_method_preset(raw: Any) -> Any:
                 and given["policy"] != defaults.get("policy", "two_view"):
             # The user chose another view policy: the preset's keys that belong to its own policy do not apply.
             defaults = {k: v for k, v in defaults.items() if k in ViewsSection.model_fields and k != "policy"}
+        if section == "optim" and isinstance(given, dict) and "optimizer" in given \
+                and given["optimizer"] != defaults.get("optimizer", given["optimizer"]):
+            # The user chose another optimiser: the preset's momentum, schedule and decay were tuned with its own
+            # optimiser and do not carry over (e.g. SGD's momentum 0 would silently reach a LARS config).
+            defaults = {}
         if defaults and (given is None or isinstance(given, dict)):
             merged[section] = {**defaults, **(given or {})}
     return merged

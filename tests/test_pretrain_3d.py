@@ -183,7 +183,7 @@ def test_vesselmnist3d_pretrains_with_the_small_3d_cnn(tmp_path: Path, data_dir:
     config = {"output_dir": str(tmp_path / "vessel"), "data": {"source": "medmnist", "name": "vesselmnist3d",
                                                                   "root": str(data_dir), "download": False},
               "model": {"backbone": "small_cnn_3d", "options": {"width": 8}},
-              "method": {"name": "simclr"}, "views": {"modality": "mr", "bias_field_p": 0.0},
+              "method": {"name": "simclr", "preset": False}, "views": {"modality": "mr", "bias_field_p": 0.0},
               "train": _train(12, 32), "eval": {"enabled": True, "compare_random": False}}
     record, rows = _radssl_pretrain(config, tmp_path)
     assert record["backbone_spec"]["family"] == "small_cnn_3d" and record["backbone_spec"]["spatial_dims"] == 3
@@ -199,7 +199,8 @@ def _nifti_config(tmp_path: Path, source: dict[str, Any], preprocess: dict[str, 
     return {"output_dir": str(tmp_path / "run"),
             "data": {"name": "volumes", "source": source, "preprocess": preprocess,
                      "cache_dir": str(tmp_path / "cache"), "split_fractions": [1.0, 0.0, 0.0], "task": {"kind": "none"}},
-            "model": model, "method": {"name": "simclr"}, "views": views, "train": _train(steps, batch),
+            "model": model, "method": {"name": "simclr", "preset": False},  # SimCLR's preset is a 2D choice
+            "views": views, "train": _train(steps, batch),
             "eval": {"enabled": False}}
 
 

@@ -38,8 +38,9 @@ class SimCLR(SSLMethod):
         # tau 0.1, rotation + blur, warm-up + cosine) .793. Mild crops (50-100 %) and no rotation, blur or noise:
         # at 28 px a blurred or strongly cropped nodule/lesion is gone, and the pair then teaches nothing.
         # One seed and 78 validation images: the ranking of the top candidates is within noise, the gap to the old
-        # defaults is not. A short-budget CPU preset; no long GPU budget could be swept here (the paper's LARS
-        # 0.3 x B/256 with warm-up + cosine remains the usual choice for hundreds of epochs).
+        # defaults is not. A short-budget CPU preset for 2D radiographs (volumes: see configs/vesselmnist3d.yaml);
+        # no long GPU budget could be swept here (the paper's LARS 0.3 x B/256 with warm-up + cosine remains the
+        # usual choice for hundreds of epochs).
         "method": {"temperature": 0.2},
         "views": {"crop_scale": (0.5, 1.0), "rotation_degrees": 0.0, "blur_p": 0.0, "noise_p": 0.0},
         "optim": {"optimizer": "sgd", "lr": 0.06, "lr_scaling": "none", "momentum": 0.0, "weight_decay": 0.0,

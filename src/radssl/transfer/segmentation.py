@@ -122,8 +122,6 @@ class SegmentationNetwork(nn.Module):
         self.freeze_encoder = freeze_encoder
         self.backbone.requires_grad_(not freeze_encoder)  # a pretext may have frozen weights in memory (MoCo v3)
         if freeze_encoder:
-            for parameter in self.backbone.parameters():
-                parameter.requires_grad_(False)
             self.backbone.eval()
 
     def train(self, mode: bool = True) -> "SegmentationNetwork":

@@ -8,7 +8,8 @@ its result JSON atomically; a parent that finds the file skips the run, so a kil
 Budget: ``--budget-minutes M`` is wall-clock pretraining time on this machine, the budget the issue's bar is stated
 in. A short calibration run (a few steps after a warm-up step) measures the method's images/s, and the real run gets
 ``floor(M·60·img/s / batch)`` steps, so the LR schedule knows its length in advance and every method gets the same
-minutes. The actual wall time and images seen are recorded beside it. ``--budget-images N`` gives every method the
+minutes. A method is calibrated once, by its first seed's run; its other seeds reuse those steps (same images seen
+for every seed, whatever else the machine was doing then). The actual wall time and images seen are recorded. ``--budget-images N`` gives every method the
 same number of images instead.
 """
 
@@ -145,7 +146,13 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     model = method_model(args.method, args.backbone, args.stem)
     overrides = list(args.override or [])
     started = time.perf_counter()
-    if args.budget_minutes:
+    calibration_from = getattr(args, "calibration_from", None)
+    if args.budget_minutes and calibration_from:
+        # Another seed of this method was calibrated already: reuse its rate and steps, so every seed of a method
+        # sees the same images (seed variance is then not confounded with the machine's load when it ran).
+        reference = json.loads(Path(calibration_from).read_text())
+        rate, steps = float(reference["calibrated_images_per_s"]), int(reference["steps"])
+    elif args.budget_minutes:
         rate = calibrate_images_per_s(store, args.method, model, args.batch_size, args.threads, overrides)
         steps = max(1, math.floor(args.budget_minutes * 60.0 * rate / args.batch_size))
     else:
@@ -167,7 +174,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset, "method": args.method, "seed": args.seed, "overrides": overrides,
         "backbone": spec.describe(), "backbone_spec": spec.to_dict(),
         "budget": {"minutes": args.budget_minutes, "images": args.budget_images},
-        "calibrated_images_per_s": rate, "steps": steps, "batch_size": args.batch_size,
+        "calibrated_images_per_s": rate, "calibration_from": str(calibration_from) if calibration_from else None,
+        "steps": steps, "batch_size": args.batch_size,
         "images_seen": steps * args.batch_size, "pretrain_wall_s": pretrain_wall,
         "pretrain_images_per_s": steps * args.batch_size / max(pretrain_wall, 1e-9),
         "first_loss": losses[0] if losses else None, "final_loss": result.final_loss,
@@ -178,7 +186,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_command(script: Path, args: argparse.Namespace, method: str, seed: int, out: Path,
-                  overrides: list[str]) -> list[str]:
+                  overrides: list[str], calibration_from: Path | None = None) -> list[str]:
     command = [sys.executable, str(script), "--child", "--dataset", args.dataset, "--size", str(args.size),
                "--method", method, "--seed", str(seed), "--backbone", args.backbone, "--stem", args.stem,
                "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--child-output", str(out)]
@@ -186,18 +194,23 @@ def child_command(script: Path, args: argparse.Namespace, method: str, seed: int
         command += ["--data-root", args.data_root]
     command += ["--budget-minutes", str(args.budget_minutes)] if args.budget_minutes else \
         ["--budget-images", str(args.budget_images)]
+    if calibration_from is not None:
+        command += ["--calibration-from", str(calibration_from)]
     for text in overrides:
         command += ["--override", text]
     return command
 
 
 def run_in_child(script: Path, args: argparse.Namespace, method: str, seed: int, out: Path,
-                 overrides: list[str]) -> dict[str, Any] | None:
-    """The run's result JSON (computed in a child process unless it already exists); None if the child failed."""
+                 overrides: list[str], calibration_from: Path | None = None) -> dict[str, Any] | None:
+    """The run's result JSON (computed in a child process unless it already exists); None if the child failed.
+
+    ``calibration_from``: a finished run of the same method (another seed) whose calibrated steps this run reuses.
+    """
     if out.is_file():
         return json.loads(out.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = child_command(script, args, method, seed, out, overrides)
+    command = child_command(script, args, method, seed, out, overrides, calibration_from)
     print(f"[{time.strftime('%H:%M:%S')}] {args.dataset} {method} seed {seed} {' '.join(overrides)}", flush=True)
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0 or not out.is_file():
@@ -222,6 +235,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--override", action="append", help=argparse.SUPPRESS)
+    parser.add_argument("--calibration-from", type=Path, help=argparse.SUPPRESS)
 
 
 def child_main(args: argparse.Namespace) -> int:

@@ -149,7 +149,7 @@ def render_html(record: dict[str, Any], path: Path) -> None:
             return f"{stat['mean']:.3f} <small>[{stat['low']:.3f}, {stat['high']:.3f}]</small>"
         return f"{stat['mean']:.3f}"
 
-    header = "<tr><th>method</th><th>backbone</th><th>img/s</th><th>images seen</th><th>peak MiB</th>" + \
+    header = "<tr><th>method</th><th>backbone</th><th>seeds</th><th>img/s</th><th>images seen</th><th>peak MiB</th>" + \
         "".join(f"<th>linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + \
         "".join(f"<th>kNN {f}</th>" for f in ("1 %", "10 %", "100 %")) + "<th>gain vs random, linear 1 %</th></tr>"
     body = []
@@ -157,6 +157,7 @@ def render_html(record: dict[str, Any], path: Path) -> None:
         fr = ("0.01", "0.1", "1")
         body.append(
             f"<tr><td>{html.escape(method)}</td><td>{html.escape(entry['backbone'])}</td>"
+            f"<td>{len(entry['seeds'])}</td>"
             f"<td>{entry['images_per_s']['mean']:.0f}</td><td>{entry['images_seen']['mean']:.0f}</td>"
             f"<td>{entry['peak_rss_mb']:.0f}</td>"
             + "".join(f"<td>{cell(entry['ssl']['linear'][f])}</td>" for f in fr if f in entry['ssl']['linear'])
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", help="default: every registered 2D image method")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--tag", default="", help="suffix of the output files (e.g. a budget name)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="summarise the runs already cached, run nothing (methods with fewer seeds say so)")
     args = parser.parse_args(argv)
     if args.child:
         return lib.child_main(args)
@@ -196,13 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     budget_key = f"{args.budget_minutes}min" if args.budget_minutes else f"{args.budget_images}img"
     runs = []
     for method in methods:
+        calibrated: Path | None = None  # the method's first finished run: later seeds reuse its steps
         for seed in args.seeds:
             out = runs_dir / f"{method}_seed{seed}_{budget_key}.json"
-            result = lib.run_in_child(Path(__file__), args, method, seed, out, [])
+            if args.cached_only and not out.is_file():
+                continue
+            result = lib.run_in_child(Path(__file__), args, method, seed, out, [],
+                                      calibrated if args.budget_minutes else None)
             if result is not None:
                 runs.append(result)
+                calibrated = calibrated or out
     budget = (f"{args.budget_minutes:g} wall-clock minutes of pretraining per run (steps set from a calibration of "
-              f"each method's img/s here)" if args.budget_minutes else f"{args.budget_images} images seen per run")
+              f"each method's img/s here, by its first seed; its other seeds reuse those steps)" if args.budget_minutes else f"{args.budget_images} images seen per run")
     record = {
         "settings": {"dataset": args.dataset, "size": args.size, "backbone": args.backbone, "stem": args.stem,
                      "batch_size": args.batch_size, "threads": args.threads, "seeds": args.seeds,
@@ -224,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(f"{linear[f]['mean']:.3f}" for f in sorted(linear, key=float))
               + f"  ({entry['images_per_s']['mean']:.0f} img/s)")
     print(json.dumps(record["summary"]["checks"], indent=1))
+    if args.cached_only:
+        print("seeds per method: " + ", ".join(f"{m} {len(e['seeds'])}" for m, e in record["summary"]["methods"].items()))
     return 0
 
 

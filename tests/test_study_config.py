@@ -231,3 +231,23 @@ def test_real_medmnist_grids_prepare(data_dir: Path, name: str, train_images: in
     for subsets in plan.subsets.values():
         assert set(labels[subsets[0.01]]) == {0, 1}  # 1 % keeps both classes (6 images on BreastMNIST)
     assert len(plan.cell_keys()) == 2 * 3 * 3 * 5  # random + ssl (no ImageNet file) × protocols × seeds × fractions
+
+
+def test_study_pretraining_entries_take_the_method_preset_where_they_are_silent(tmp_path: Path) -> None:
+    """A study entry naming only the method gets SimCLR's shipped preset (τ, views, optimiser), as `radssl pretrain`
+    does; keys the entry writes still win. (The shipped MedMNIST study configs rely on this.)"""
+    from radssl.methods.simclr import SimCLR
+
+    entry = {**_PRETRAIN, "method": {"name": "simclr"}, "views": {"crop_scale": [0.3, 1.0]}}
+    plan = prepare_study(load_study_config(_study(tmp_path, pretraining=[entry])), log=lambda _: None)
+    (pretrain_config,) = plan.pretrain_configs.values()
+    preset = SimCLR.preset
+    assert pretrain_config.method.temperature == preset["method"]["temperature"] != SimCLR.Params().temperature
+    assert pretrain_config.optim.optimizer == preset["optim"]["optimizer"]
+    assert pretrain_config.optim.lr == preset["optim"]["lr"]
+    assert pretrain_config.views.rotation_degrees == preset["views"]["rotation_degrees"]
+    assert tuple(pretrain_config.views.crop_scale) == (0.3, 1.0)  # the entry's own key
+    for shipped in ("pneumoniamnist", "breastmnist"):  # the shipped configs leave SimCLR's recipe to the preset
+        raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{shipped}.yaml").read_text())
+        simclr = next(run for run in raw["pretraining"] if run["name"] == "simclr")
+        assert not {"views", "optim"} & set(simclr) and set(simclr["method"]) == {"name"}

@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"benchmark": "label_efficiency", "machine": machine(), "settings": {
         "steps": args.steps, "epochs": args.epochs, "seeds": args.seeds, "fractions": args.fractions,
         "backbone": args.backbone, "stem": args.stem, "batch_size": args.batch_size, "protocols": args.protocols,
+        "threads": args.threads, "device": args.device,
         "imagenet_weights": args.imagenet_weights, "smoke": args.smoke, "overrides": args.override},
         "reference_auc": REFERENCE_AUC, "datasets": {}}
     for dataset in args.datasets:

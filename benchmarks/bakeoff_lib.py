@@ -9,8 +9,8 @@ Budget: ``--budget-minutes M`` is wall-clock pretraining time on this machine, t
 in. A short calibration run (a few steps after a warm-up step) measures the method's images/s, and the real run gets
 ``floor(M·60·img/s / batch)`` steps, so the LR schedule knows its length in advance and every method gets the same
 minutes. A method is calibrated once, by its first seed's run; its other seeds reuse those steps (same images seen
-for every seed, whatever else the machine was doing then). The actual wall time and images seen are recorded. ``--budget-images N`` gives every method the
-same number of images instead.
+for every seed, whatever else the machine was doing then). The actual wall time and images seen are recorded.
+``--budget-images N`` gives every method the same number of images instead.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     model = method_model(args.method, args.backbone, args.stem)
     overrides = list(args.override or [])
     started = time.perf_counter()
-    calibration_from = getattr(args, "calibration_from", None)
+    calibration_from = args.calibration_from
     if args.budget_minutes and calibration_from:
         # Another seed of this method was calibrated already: reuse its rate and steps, so every seed of a method
         # sees the same images (seed variance is then not confounded with the machine's load when it ran).

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
                 calibrated = calibrated or out
     budget = (f"{args.budget_minutes:g} wall-clock minutes of pretraining per run (steps set from a calibration of "
-              f"each method's img/s here, by its first seed; its other seeds reuse those steps)" if args.budget_minutes else f"{args.budget_images} images seen per run")
+              f"each method's img/s here, by its first seed; its other seeds reuse those steps)"
+              if args.budget_minutes else f"{args.budget_images} images seen per run")
     record = {
         "settings": {"dataset": args.dataset, "size": args.size, "backbone": args.backbone, "stem": args.stem,
                      "batch_size": args.batch_size, "threads": args.threads, "seeds": args.seeds,
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
               + f"  ({entry['images_per_s']['mean']:.0f} img/s)")
     print(json.dumps(record["summary"]["checks"], indent=1))
     if args.cached_only:
-        print("seeds per method: " + ", ".join(f"{m} {len(e['seeds'])}" for m, e in record["summary"]["methods"].items()))
+        seeds = {method: len(entry["seeds"]) for method, entry in record["summary"]["methods"].items()}
+        print("seeds per method: " + ", ".join(f"{method} {count}" for method, count in seeds.items()))
     return 0
 
 

@@ -19,7 +19,8 @@ from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class SimCLRParams(MethodParams):
-    temperature: float = Field(0.1, gt=0.0, description="NT-Xent temperature (the preset sets 0.2, chosen on validation)")
+    temperature: float = Field(0.1, gt=0.0,
+                               description="NT-Xent temperature (the preset sets 0.2, chosen on validation)")
     projection_hidden_dim: int = Field(512, gt=0)
     projection_dim: int = Field(128, gt=0)
     gather_distributed: bool = Field(True, description="gather negatives across DDP processes")
@@ -38,9 +39,10 @@ class SimCLR(SSLMethod):
         # tau 0.1, rotation + blur, warm-up + cosine) .793. Mild crops (50-100 %) and no rotation, blur or noise:
         # a likely reason is that at 28 px a blurred or tightly cropped lesion is gone and the pair teaches nothing.
         # One seed and 78 validation images: the ranking of the top candidates is within noise; the old defaults'
-        # deficit (.04 here) agrees with the earlier independent test-set measurement (issue 7, point 8). A short-budget CPU preset for 2D radiographs (volumes: see configs/vesselmnist3d.yaml);
-        # no long GPU budget could be swept here (the paper's LARS 0.3 x B/256 with warm-up + cosine remains the
-        # usual choice for hundreds of epochs).
+        # deficit (.04 here) agrees with the earlier independent test-set measurement (issue 7, point 8).
+        # A short-budget CPU preset for 2D radiographs (volumes: see configs/vesselmnist3d.yaml); no long GPU budget
+        # could be swept here (the paper's LARS 0.3 x B/256 with warm-up + cosine remains the usual choice for
+        # hundreds of epochs).
         "method": {"temperature": 0.2},
         "views": {"crop_scale": (0.5, 1.0), "rotation_degrees": 0.0, "blur_p": 0.0, "noise_p": 0.0},
         "optim": {"optimizer": "sgd", "lr": 0.06, "lr_scaling": "none", "momentum": 0.0, "weight_decay": 0.0,

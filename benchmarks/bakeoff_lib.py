@@ -155,6 +155,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     elif args.budget_minutes:
         rate = calibrate_images_per_s(store, args.method, model, args.batch_size, args.threads, overrides)
         steps = max(1, math.floor(args.budget_minutes * 60.0 * rate / args.batch_size))
+        if getattr(args, "calibrate_only", False):
+            return {"dataset": args.dataset, "method": args.method, "calibrated_images_per_s": rate,
+                    "steps": steps, "batch_size": args.batch_size, "budget": {"minutes": args.budget_minutes},
+                    "threads": args.threads, "machine": machine()}
     else:
         rate = float("nan")
         steps = max(1, math.ceil(args.budget_images / args.batch_size))
@@ -196,6 +200,8 @@ def child_command(script: Path, args: argparse.Namespace, method: str, seed: int
         ["--budget-images", str(args.budget_images)]
     if calibration_from is not None:
         command += ["--calibration-from", str(calibration_from)]
+    if getattr(args, "calibrate_only", False):
+        command += ["--calibrate-only"]
     for text in overrides:
         command += ["--override", text]
     return command
@@ -236,6 +242,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--override", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--calibration-from", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="only measure each method's img/s and write its step count for the budget (run this on "
+                             "a quiet machine; the runs then reuse those steps, so they may share the machine)")
 
 
 def child_main(args: argparse.Namespace) -> int:

@@ -197,9 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"method_bakeoff_{args.dataset}{('_' + args.tag) if args.tag else ''}"
     runs_dir = RESULTS / "runs" / stem
     budget_key = f"{args.budget_minutes}min" if args.budget_minutes else f"{args.budget_images}img"
+    if args.calibrate_only:
+        if not args.budget_minutes:
+            parser.error("--calibrate-only needs a wall-clock budget (--budget-minutes)")
+        for method in methods:
+            out = runs_dir / f"{method}_calibration_{budget_key}.json"
+            out.unlink(missing_ok=True)  # a calibration is always measured anew
+            result = lib.run_in_child(Path(__file__), args, method, 0, out, [])
+            if result is not None:
+                print(f"{method:<16} {result['calibrated_images_per_s']:.1f} img/s -> {result['steps']} steps")
+        return 0
     runs = []
     for method in methods:
-        calibrated: Path | None = None  # the method's first finished run: later seeds reuse its steps
+        # Steps come from a calibration on a quiet machine (--calibrate-only) where one exists, else from the
+        # method's first finished run; every later seed reuses them.
+        calibration = runs_dir / f"{method}_calibration_{budget_key}.json"
+        calibrated: Path | None = calibration if calibration.is_file() else None
         for seed in args.seeds:
             out = runs_dir / f"{method}_seed{seed}_{budget_key}.json"
             if args.cached_only and not out.is_file():
@@ -210,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
                 calibrated = calibrated or out
     budget = (f"{args.budget_minutes:g} wall-clock minutes of pretraining per run (steps set from a calibration of "
-              f"each method's img/s here, by its first seed; its other seeds reuse those steps)"
+              f"each method's img/s here, by its first seed or a --calibrate-only pass on a quiet machine; its "
+              f"seeds reuse those steps)"
               if args.budget_minutes else f"{args.budget_images} images seen per run")
     record = {
         "settings": {"dataset": args.dataset, "size": args.size, "backbone": args.backbone, "stem": args.stem,

@@ -180,6 +180,12 @@ subsets]. C of the linear probe chosen on the validation split. Random init = ea
     write_text_atomic(path, page)
 
 
+def threads_text(runs: list[dict[str, Any]], default: int) -> str:
+    """The torch threads the runs really used (cached runs may differ from this invocation's ``--threads``)."""
+    used = sorted({int(run.get("machine", {}).get("torch_threads", default)) for run in runs}) or [default]
+    return f"{'/'.join(map(str, used))} torch threads per run (a run's steps come from its calibration, not its speed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     lib.add_common_arguments(parser)
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                      "budget_minutes": args.budget_minutes, "budget_images": args.budget_images,
                      "methods": methods},
         "budget_statement": f"Equal budget for every method: {budget}, batch {args.batch_size}, "
-                            f"{args.threads} torch threads; presets as shipped; linear probe C chosen on validation.",
+                            f"{threads_text(runs, args.threads)}; presets as shipped; linear probe C chosen on "
+                            f"validation.",
         "machine": lib.machine(),
         "versions": package_versions(),
         "summary": summarise(runs, args.dataset),

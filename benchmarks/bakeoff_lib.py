@@ -155,7 +155,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     elif args.budget_minutes:
         rate = calibrate_images_per_s(store, args.method, model, args.batch_size, args.threads, overrides)
         steps = max(1, math.floor(args.budget_minutes * 60.0 * rate / args.batch_size))
-        if getattr(args, "calibrate_only", False):
+        if args.calibrate_only:
             return {"dataset": args.dataset, "method": args.method, "calibrated_images_per_s": rate,
                     "steps": steps, "batch_size": args.batch_size, "budget": {"minutes": args.budget_minutes},
                     "threads": args.threads, "machine": machine()}
@@ -200,7 +200,7 @@ def child_command(script: Path, args: argparse.Namespace, method: str, seed: int
         ["--budget-images", str(args.budget_images)]
     if calibration_from is not None:
         command += ["--calibration-from", str(calibration_from)]
-    if getattr(args, "calibrate_only", False):
+    if args.calibrate_only:
         command += ["--calibrate-only"]
     for text in overrides:
         command += ["--override", text]

@@ -1,0 +1,70 @@
+"""benchmarks/method_bakeoff.py (issue 8): the summary's checks compare like with like.
+
+A method with one lucky seed must not be named "best" over methods with three seeds, and a check passes on the mean
+but is only "confident" when the whole seed interval clears the bar.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bakeoff():  # noqa: ANN201 - a module
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling bakeoff_lib
+    try:
+        spec = importlib.util.spec_from_file_location("method_bakeoff", ROOT / "benchmarks" / "method_bakeoff.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _run(method: str, seed: int, ssl: list[float], random: list[float]) -> dict:
+    fractions = ("0.01", "0.1", "1")
+
+    def readout(values: list[float]) -> dict:
+        return {protocol: {f: {"test_auc": v} for f, v in zip(fractions, values)} for protocol in ("linear", "knn")}
+
+    return {"method": method, "seed": seed, "backbone": "resnet18", "images_seen": 1000, "pretrain_wall_s": 60.0,
+            "pretrain_images_per_s": 16.0, "peak_rss_mb": 900.0, "final_loss": 1.0,
+            "ssl": readout(ssl), "random_init": readout(random)}
+
+
+def test_best_method_is_chosen_among_methods_with_the_most_seeds(bakeoff) -> None:  # noqa: ANN001
+    runs = [_run("steady", s, [0.90 + 0.01 * s, 0.91, 0.92], [0.80, 0.85, 0.88]) for s in range(3)]
+    runs.append(_run("lucky", 0, [0.99, 0.99, 0.99], [0.80, 0.85, 0.88]))  # one seed, higher mean
+    summary = bakeoff.summarise(runs, "breastmnist")
+    checks = summary["checks"]
+    assert checks["best_method_by_mean_linear_auc"] == "steady"
+    assert checks["best_method_chosen_among"] == {"seeds": 3, "methods": ["steady"]}
+    bar = checks["best_beats_lightly_bar_at_every_fraction"]
+    # steady: 0.91 mean at 1 % (bar .758) with a tight interval; 0.92 at 100 % beats .894 on the mean and interval.
+    assert bar["0.01"]["beats"] and bar["0.01"]["confident"]
+    assert bar["1"]["beats"] and bar["1"]["confident"]
+
+
+def test_beating_on_the_mean_is_not_confident_when_the_interval_holds_the_bar(bakeoff) -> None:  # noqa: ANN001
+    runs = [_run("noisy", s, [0.70 + 0.15 * s, 0.81, 0.89], [0.75, 0.80, 0.85]) for s in range(3)]
+    checks = bakeoff.summarise(runs, "breastmnist")["checks"]
+    one_percent = checks["best_beats_lightly_bar_at_every_fraction"]["0.01"]
+    assert one_percent["ours"] == pytest.approx(0.85)
+    assert one_percent["beats"] and not one_percent["confident"]  # interval of .70/.85/1.0 reaches below .758
+    assert not checks["best_beats_lightly_bar_at_every_fraction"]["0.1"]["beats"]  # .81 < .813
+    random = checks["every_method_beats_random_at_1_percent"]["noisy"]
+    assert random["seeds"] == 3
+    assert random["gain"] == pytest.approx(0.10)
+    assert random["beats"] and not random["confident"]  # gains −.05/.10/.25
+
+
+def test_a_method_below_its_random_twin_fails_the_random_check(bakeoff) -> None:  # noqa: ANN001
+    runs = [_run("weak", s, [0.70, 0.80, 0.85], [0.72 + 0.001 * s, 0.80, 0.85]) for s in range(2)]
+    random = bakeoff.summarise(runs, "pneumoniamnist")["checks"]["every_method_beats_random_at_1_percent"]["weak"]
+    assert random["gain"] < 0 and not random["beats"] and not random["confident"]

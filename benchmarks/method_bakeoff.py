@@ -16,6 +16,8 @@ The bar (issue 8, measured on this 2-core CPU): lightly's own SimCLR example —
 28 px, batch 256, two DataLoader workers, linear probe with C on validation — reaches test AUC .758 / .813 / .894 at
 1 / 10 / 100 % labels on BreastMNIST after 5 minutes of pretraining and .947 / .947 / .949 on PneumoniaMNIST after
 10 minutes. Checked here: the best method beats it at every fraction; every method beats random init at 1 %.
+The bar is one run; ``benchmarks/lightly_bar.py`` reruns that example with seeds, and where its runs exist every
+method is also compared with it paired by seed (same label subsets on both sides).
 
 Usage:
   RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --seeds 0 1 2
@@ -58,7 +60,35 @@ def default_methods() -> list[str]:
     return names
 
 
-def summarise(runs: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
+def paired_with_reference(method_runs: list[dict[str, Any]], reference_runs: list[dict[str, Any]],
+                          protocol: str = "linear") -> dict[str, Any]:
+    """Method − reference test AUC per fraction, paired by seed (same seed = same label subsets on both sides).
+
+    Only seeds both sides have enter; the interval is the 95 % t-interval of the per-seed differences, so the
+    subset-to-subset variance that dominates a one-run bar cancels.
+    """
+    reference = {run["seed"]: run for run in reference_runs}
+    common = [run for run in method_runs if run["seed"] in reference]
+    out: dict[str, Any] = {}
+    if not common:
+        return out
+    for fraction in common[0]["ssl"][protocol]:
+        diffs = [run["ssl"][protocol][fraction]["test_auc"]
+                 - reference[run["seed"]]["ssl"][protocol][fraction]["test_auc"] for run in common
+                 if fraction in reference[run["seed"]]["ssl"][protocol]]
+        stat = lib.mean_sd_interval(diffs)
+        out[fraction] = {**stat, "seeds": sorted(run["seed"] for run in common),
+                         "beats": stat["mean"] > 0, "confident": stat["n"] >= 2 and stat["low"] > 0}
+    return out
+
+
+def summarise(runs: list[dict[str, Any]], dataset: str,
+              reference_runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per-method means and intervals, the gain over each run's random init, and issue 8's checks.
+
+    ``reference_runs``: lightly's example rerun with seeds by ``benchmarks/lightly_bar.py`` (the bar re-measured);
+    each method is then also compared with it paired by seed.
+    """
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_method.setdefault(run["method"], []).append(run)
@@ -87,10 +117,24 @@ def summarise(runs: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
                          for r in method_runs]
                 entry.setdefault("gain_over_random", {}).setdefault(protocol, {})[fraction] = \
                     lib.mean_sd_interval(gains)
+        if reference_runs:
+            entry["minus_lightly_example_paired"] = paired_with_reference(method_runs, reference_runs)
         rows[method] = entry
 
     bar = LIGHTLY_BAR.get(dataset)
-    return {"methods": rows, "checks": issue_checks(rows, bar), "lightly_bar": bar}
+    checks = issue_checks(rows, bar)
+    summary: dict[str, Any] = {"methods": rows, "checks": checks, "lightly_bar": bar}
+    if reference_runs:
+        summary["lightly_example_rerun"] = {
+            "seeds": sorted(run["seed"] for run in reference_runs),
+            "images_seen": lib.mean_sd_interval([run["images_seen"] for run in reference_runs]),
+            "linear": {fraction: lib.mean_sd_interval([run["ssl"]["linear"][fraction]["test_auc"]
+                                                       for run in reference_runs])
+                       for fraction in reference_runs[0]["ssl"]["linear"]}}
+        best = checks.get("best_method_by_mean_linear_auc")
+        if best:
+            checks["best_minus_lightly_example_rerun_paired_by_seed"] = rows[best]["minus_lightly_example_paired"]
+    return summary
 
 
 def issue_checks(rows: dict[str, Any], bar: dict[str, Any] | None) -> dict[str, Any]:
@@ -151,7 +195,15 @@ def render_html(record: dict[str, Any], path: Path) -> None:
         bar = record["summary"].get("lightly_bar")
         if bar and protocol == "linear":
             axis.plot([float(f) for f in bar["linear"]], list(bar["linear"].values()), "r:", marker="x",
-                      label="lightly example (bar)")
+                      label="lightly example (bar, 1 run)")
+        rerun = record["summary"].get("lightly_example_rerun")
+        if rerun and protocol == "linear":
+            fractions = sorted(rerun["linear"], key=float)
+            axis.errorbar([float(f) for f in fractions], [rerun["linear"][f]["mean"] for f in fractions],
+                          yerr=[[rerun["linear"][f]["mean"] - rerun["linear"][f]["low"] for f in fractions],
+                                [rerun["linear"][f]["high"] - rerun["linear"][f]["mean"] for f in fractions]],
+                          fmt="r--", marker="s", capsize=2,
+                          label=f"lightly example rerun ({len(rerun['seeds'])} seeds)")
         axis.set_xscale("log")
         axis.set_xlabel("label fraction")
         axis.set_ylabel("test AUC")
@@ -171,8 +223,10 @@ def render_html(record: dict[str, Any], path: Path) -> None:
 
     header = "<tr><th>method</th><th>backbone</th><th>seeds</th><th>img/s</th><th>images seen</th><th>peak MiB</th>" + \
         "".join(f"<th>linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + \
-        "".join(f"<th>kNN {f}</th>" for f in ("1 %", "10 %", "100 %")) + "<th>gain vs random, linear 1 %</th></tr>"
+        "".join(f"<th>kNN {f}</th>" for f in ("1 %", "10 %", "100 %")) + "<th>gain vs random, linear 1 %</th>" + \
+        "".join(f"<th>− lightly rerun, paired, linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + "</tr>"
     body = []
+    missing = {"mean": float("nan")}
     for method, entry in rows.items():
         fr = ("0.01", "0.1", "1")
         body.append(
@@ -182,7 +236,9 @@ def render_html(record: dict[str, Any], path: Path) -> None:
             f"<td>{entry['peak_rss_mb']:.0f}</td>"
             + "".join(f"<td>{cell(entry['ssl']['linear'][f])}</td>" for f in fr if f in entry['ssl']['linear'])
             + "".join(f"<td>{cell(entry['ssl']['knn'][f])}</td>" for f in fr if f in entry['ssl']['knn'])
-            + f"<td>{cell(entry['gain_over_random']['linear'].get('0.01', {'mean': float('nan')}))}</td></tr>")
+            + f"<td>{cell(entry['gain_over_random']['linear'].get('0.01', {'mean': float('nan')}))}</td>"
+            + "".join(f"<td>{cell(entry.get('minus_lightly_example_paired', {}).get(f, missing))}</td>" for f in fr)
+            + "</tr>")
     settings = html.escape(json.dumps(record["settings"], indent=1))
     checks = html.escape(json.dumps(record["summary"]["checks"], indent=1))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>radssl method bake-off</title>
@@ -195,7 +251,9 @@ pre{{background:#f6f6f6;padding:8px;font-size:12px}}</style></head><body>
 <img src="data:image/png;base64,{image}" alt="label-efficiency curves per method">
 <table>{header}{''.join(body)}</table>
 <p>Cells: mean test AUC over seeds [95 % t-interval over seeds; each seed changes the pretraining run and the label
-subsets]. C of the linear probe chosen on the validation split. Random init = each run's own starting weights.</p>
+subsets]. C of the linear probe chosen on the validation split. Random init = each run's own starting weights.
+"− lightly rerun, paired": this method minus lightly's own SimCLR example rerun at the same budget
+(benchmarks/lightly_bar.py), seed by seed, so both sides are read out on the same label subsets.</p>
 <h2>Checks</h2><pre>{checks}</pre><h2>Settings</h2><pre>{settings}</pre></body></html>"""
     write_text_atomic(path, page)
 
@@ -248,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None:
                 runs.append(result)
                 calibrated = calibrated or out
+    # lightly's example rerun with seeds at the same budget (benchmarks/lightly_bar.py), when it has been run.
+    reference_dir = RESULTS / "runs" / f"lightly_bar_{args.dataset}"
+    pattern = f"seed*_{args.budget_minutes:g}min.json" if args.budget_minutes else None
+    reference_runs = [json.loads(path.read_text()) for path in sorted(reference_dir.glob(pattern))] if pattern else []
     budget = (f"{args.budget_minutes:g} wall-clock minutes of pretraining per run (steps set from a calibration of "
               f"each method's img/s here, by its first seed or a --calibrate-only pass on a quiet machine; its "
               f"seeds reuse those steps)"
@@ -262,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"validation.",
         "machine": lib.machine(),
         "versions": package_versions(),
-        "summary": summarise(runs, args.dataset),
+        "summary": summarise(runs, args.dataset, reference_runs),
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         }
     scored = {n: r for n, r in results.items() if not r.get("failed")}
     winner = max(scored, key=lambda n: scored[n]["val_score"]["mean"]) if scored else None
+    # A margin fixed in the sweep file before running ("min_val_gain_to_change") guards against adopting noise: the
+    # preset changes only if the winner beats the candidate named "preset" (the shipped one) by more than it.
+    margin = float(spec.get("min_val_gain_to_change", 0.0))
+    baseline = scored.get("preset")
+    gain = scored[winner]["val_score"]["mean"] - baseline["val_score"]["mean"] if winner and baseline else None
+    decision = {"min_val_gain_to_change": margin, "winner_gain_over_preset": gain,
+                "change_preset": bool(winner and winner != "preset" and (gain is None or gain > margin))}
     record = {
         "method": method, "dataset": args.dataset,
         "budget": {"minutes": args.budget_minutes, "images": args.budget_images},
@@ -82,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": args.threads, "seeds": args.seeds},
         "selection_rule": "highest mean validation AUC of the linear probe (C on validation) over 1/10/100 % labels "
                           "and seeds; test AUC recorded but not used",
-        "winner": winner, "winner_overrides": scored[winner]["overrides"] if winner else None,
+        "winner": winner, "winner_overrides": scored[winner]["overrides"] if winner else None, "decision": decision,
         "candidates": results, "machine": lib.machine(), "versions": package_versions(),
     }
     write_text_atomic(RESULTS / f"{stem}.json", json.dumps(record, indent=2, default=float))
     for name, entry in sorted(scored.items(), key=lambda item: -item[1]["val_score"]["mean"]):
         print(f"{name:<28} val {entry['val_score']['mean']:.4f}   (test {entry['test_score_not_used_for_selection']['mean']:.4f}, "
               f"{entry['images_seen']['mean']:.0f} images)")
-    print(f"winner: {winner}")
+    print(f"winner: {winner}; change the preset: {decision['change_preset']} "
+          f"(gain over the preset {gain if gain is not None else float('nan'):+.4f}, margin {margin})")
     return 0
 
 

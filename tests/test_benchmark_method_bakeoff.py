@@ -68,3 +68,19 @@ def test_a_method_below_its_random_twin_fails_the_random_check(bakeoff) -> None:
     runs = [_run("weak", s, [0.70, 0.80, 0.85], [0.72 + 0.001 * s, 0.80, 0.85]) for s in range(2)]
     random = bakeoff.summarise(runs, "pneumoniamnist")["checks"]["every_method_beats_random_at_1_percent"]["weak"]
     assert random["gain"] < 0 and not random["beats"] and not random["confident"]
+
+
+def test_comparison_with_the_lightly_rerun_is_paired_by_seed(bakeoff) -> None:  # noqa: ANN001
+    # The subsets of seed s are hard or easy for both sides alike: the paired difference is a steady +.02, although
+    # the unpaired intervals overlap widely. Seeds only one side has are left out.
+    runs = [_run("ours", s, [0.70 + 0.10 * s + 0.02, 0.90, 0.90], [0.6, 0.7, 0.8]) for s in range(3)]
+    reference = [{"seed": s, "images_seen": 500, "ssl": {"linear": {"0.01": {"test_auc": 0.70 + 0.10 * s},
+                                                                   "0.1": {"test_auc": 0.91},
+                                                                   "1": {"test_auc": 0.89}}}} for s in (0, 1, 2, 7)]
+    reference[1], reference[2] = reference[2], reference[1]  # order must not matter
+    summary = bakeoff.summarise(runs, "breastmnist", reference)
+    paired = summary["checks"]["best_minus_lightly_example_rerun_paired_by_seed"]
+    assert paired["0.01"]["mean"] == pytest.approx(0.02) and paired["0.01"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert paired["0.01"]["seeds"] == [0, 1, 2] and paired["0.01"]["beats"]
+    assert not paired["0.1"]["beats"] and paired["1"]["confident"]  # .90 vs .89 on every seed
+    assert summary["lightly_example_rerun"]["seeds"] == [0, 1, 2, 7]

@@ -194,7 +194,7 @@ def render_html(record: dict[str, Any], path: Path) -> None:
                       "k--", label="random init")
         bar = record["summary"].get("lightly_bar")
         if bar and protocol == "linear":
-            axis.plot([float(f) for f in bar["linear"]], list(bar["linear"].values()), "r:", marker="x",
+            axis.plot([float(f) for f in bar["linear"]], list(bar["linear"].values()), "k:", marker="x",
                       label="lightly example (bar, 1 run)")
         rerun = record["summary"].get("lightly_example_rerun")
         if rerun and protocol == "linear":
@@ -202,7 +202,7 @@ def render_html(record: dict[str, Any], path: Path) -> None:
             axis.errorbar([float(f) for f in fractions], [rerun["linear"][f]["mean"] for f in fractions],
                           yerr=[[rerun["linear"][f]["mean"] - rerun["linear"][f]["low"] for f in fractions],
                                 [rerun["linear"][f]["high"] - rerun["linear"][f]["mean"] for f in fractions]],
-                          fmt="r--", marker="s", capsize=2,
+                          fmt="k-.", marker="s", capsize=2,
                           label=f"lightly example rerun ({len(rerun['seeds'])} seeds)")
         axis.set_xscale("log")
         axis.set_xlabel("label fraction")
@@ -210,6 +210,10 @@ def render_html(record: dict[str, Any], path: Path) -> None:
         axis.set_title(f"{protocol} read-out")
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    lightly = [(h, t) for h, t in zip(handles, labels) if t.startswith("lightly")]
+    if lightly:  # the method colours are in the right panel's legend; the left one names the two lightly lines
+        axes[0].legend(*zip(*lightly), fontsize=7, loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -37,6 +37,19 @@ def score(run: dict[str, Any], split: str) -> float:
     return float(sum(values) / len(values))
 
 
+def decide(scored: dict[str, Any], winner: str | None, margin: float) -> dict[str, Any]:
+    """Whether the sweep changes the shipped preset.
+
+    A margin fixed in the sweep file before running (``min_val_gain_to_change``) guards against adopting noise: the
+    preset changes only if the winner beats the candidate named "preset" (the shipped one) by more than it. A sweep
+    without a "preset" candidate has nothing to compare with, and its winner is adopted.
+    """
+    baseline = scored.get("preset")
+    gain = scored[winner]["val_score"]["mean"] - baseline["val_score"]["mean"] if winner and baseline else None
+    return {"min_val_gain_to_change": margin, "winner_gain_over_preset": gain,
+            "change_preset": bool(winner and winner != "preset" and (gain is None or gain > margin))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidates", type=Path, nargs="?")
@@ -75,13 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     scored = {n: r for n, r in results.items() if not r.get("failed")}
     winner = max(scored, key=lambda n: scored[n]["val_score"]["mean"]) if scored else None
-    # A margin fixed in the sweep file before running ("min_val_gain_to_change") guards against adopting noise: the
-    # preset changes only if the winner beats the candidate named "preset" (the shipped one) by more than it.
-    margin = float(spec.get("min_val_gain_to_change", 0.0))
-    baseline = scored.get("preset")
-    gain = scored[winner]["val_score"]["mean"] - baseline["val_score"]["mean"] if winner and baseline else None
-    decision = {"min_val_gain_to_change": margin, "winner_gain_over_preset": gain,
-                "change_preset": bool(winner and winner != "preset" and (gain is None or gain > margin))}
+    decision = decide(scored, winner, float(spec.get("min_val_gain_to_change", 0.0)))
+    margin, gain = decision["min_val_gain_to_change"], decision["winner_gain_over_preset"]
     record = {
         "method": method, "dataset": args.dataset,
         "budget": {"minutes": args.budget_minutes, "images": args.budget_images},

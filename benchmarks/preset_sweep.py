@@ -64,12 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --budget-minutes or --budget-images")
     budget_key = f"{args.budget_minutes:g}min" if args.budget_minutes else f"{args.budget_images}img"
     stem = f"preset_sweep_{method}_{args.dataset}_{budget_key}"
+    # Runs are cached per (method, dataset, budget, candidate name, seed), shared by every sweep file of that method:
+    # a follow-up file (its "tag" names its summary) adds seeds to a few candidates without rerunning the others.
+    summary_stem = f"{stem}_{spec['tag']}" if spec.get("tag") else stem
     results: dict[str, Any] = {}
     for name, overrides in spec["candidates"].items():
         runs = []
         for seed in args.seeds:
             args.method = method
             out = RESULTS / "runs" / stem / f"{name}_seed{seed}.json"
+            if out.is_file() and json.loads(out.read_text()).get("overrides") != list(overrides):
+                raise SystemExit(f"{out}: cached run of candidate {name!r} has other overrides than "
+                                 f"{args.candidates}; rename the candidate or delete the stale run")
             run = lib.run_in_child(Path(__file__), args, method, seed, out, list(overrides))
             if run is not None:
                 runs.append(run)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "winner": winner, "winner_overrides": scored[winner]["overrides"] if winner else None, "decision": decision,
         "candidates": results, "machine": lib.machine(), "versions": package_versions(),
     }
-    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(record, indent=2, default=float))
+    write_text_atomic(RESULTS / f"{summary_stem}.json", json.dumps(record, indent=2, default=float))
     for name, entry in sorted(scored.items(), key=lambda item: -item[1]["val_score"]["mean"]):
         print(f"{name:<28} val {entry['val_score']['mean']:.4f}   (test {entry['test_score_not_used_for_selection']['mean']:.4f}, "
               f"{entry['images_seen']['mean']:.0f} images)")

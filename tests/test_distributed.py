@@ -66,6 +66,10 @@ def _rank_loss(rank: int, port: int, name: str, params: dict, out: str) -> None:
         loss = method(ViewBatch(views=[local0, local1], rows=torch.arange(BATCH)))["loss"]
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": local0.grad}, Path(out) / f"rank{rank}.pt")
+        # Both ranks leave the last collective before either tears gloo down: a rank that destroys the group while
+        # its peer is still finishing the backward all-gather can abort the peer (seen once as SIGABRT, "terminate
+        # called without an active exception", on a loaded 2-core machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

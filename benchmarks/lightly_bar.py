@@ -187,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("no finished runs", file=sys.stderr)
         return 1
-    record = {"dataset": args.dataset, "budget_minutes": args.budget_minutes, "summary": summarise(runs),
-              "runs": [{k: v for k, v in r.items() if k != "machine"} | {"machine": r["machine"]} for r in runs],
+    record = {"dataset": args.dataset, "budget_minutes": args.budget_minutes,
+              "protocol": "lightly's example recipe as documented (no tuning); steps: the first seed's wall-clock count "
+                          "or --steps, reused by every seed; read-out = the bake-off's (linear probe C chosen on "
+                          "validation, kNN, label subsets drawn with the seed); intervals are 95 % t over seeds",
+              "summary": summarise(runs),
+              "runs": runs,
               "versions": package_versions()}
     write_text_atomic(RESULTS / f"lightly_bar_{args.dataset}.json", json.dumps(record, indent=2, default=float))
     for protocol in ("linear", "knn"):

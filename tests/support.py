@@ -108,3 +108,19 @@ SHORT_RUN_OPTIM: dict[str, dict[str, object]] = {
     "simclr": {"optimizer": "adamw", "lr": 0.002, "lr_scaling": "none", "weight_decay": 1e-4},
 }
 """Optimiser overrides that make a method's loss move measurably in a 20-step test (others use their presets)."""
+
+
+def load_benchmark_script(name: str):  # noqa: ANN201 - a module
+    """``benchmarks/<name>.py`` as a module; its directory stays on sys.path while loading (it imports bakeoff_lib)."""
+    import importlib.util
+    import sys
+
+    directory = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(directory))
+    try:
+        spec = importlib.util.spec_from_file_location(name, directory / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(directory))

@@ -6,25 +6,13 @@ but is only "confident" when the whole seed interval clears the bar.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bakeoff():  # noqa: ANN201 - a module
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling bakeoff_lib
-    try:
-        spec = importlib.util.spec_from_file_location("method_bakeoff", ROOT / "benchmarks" / "method_bakeoff.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_benchmark_script("method_bakeoff")
 
 
 def _run(method: str, seed: int, ssl: list[float], random: list[float]) -> dict:

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def sweep():  # noqa: ANN201 - a module
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling bakeoff_lib
-    try:
-        spec = importlib.util.spec_from_file_location("preset_sweep", ROOT / "benchmarks" / "preset_sweep.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_benchmark_script("preset_sweep")
 
 
 def _scored(**scores: float) -> dict:

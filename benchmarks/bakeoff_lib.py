@@ -1,5 +1,6 @@
 """Shared pieces of the method bake-off and the preset sweep: one pretraining run at a stated budget, read out by a
-frozen-feature linear probe (C chosen on validation) and kNN at several label fractions, in a child process.
+frozen-feature linear probe (C chosen on validation) and kNN at several label fractions — and, with
+``--finetune-epochs``, end-to-end fine-tuning — in a child process.
 
 Why a child process per run: the peak memory of a run is the process's high-water mark (``VmHWM``), which only a
 fresh process measures for that run alone; and a crash or a kill loses one run, not the bake-off. Each child writes
@@ -136,6 +137,48 @@ def readouts(backbone, store, seed: int, device: str = "cpu") -> dict[str, Any]:
     return out
 
 
+FINETUNE_BACKBONE_LR_SCALES = (0.1, 1.0)
+"""Backbone-LR candidates of the fine-tuning read-out, chosen on validation AUC for every initialisation alike."""
+
+
+def finetune_readouts(backbone, store, seed: int, epochs: int, batch_size: int = 128,  # noqa: ANN001
+                      device: str = "cpu") -> dict[str, Any]:
+    """End-to-end fine-tuning test AUC at each label fraction (same seeded subsets as :func:`readouts`).
+
+    Why a fourth read-out: restorative and masked-image pretraining (Models Genesis, MAE) are meant to be
+    fine-tuned (Zhou et al., MedIA 2021; He et al., CVPR 2022); frozen linear/kNN read-outs alone judge them by a use
+    they were not built for. Protocol, the same for SSL and random init: AdamW, head LR 1e-3, backbone LR scale from
+    :data:`FINETUNE_BACKBONE_LR_SCALES` chosen on validation AUC, ``epochs`` epochs of one full training-split pass
+    each at every fraction (small subsets are cycled: the fractions compare labels, not optimiser steps), the
+    best-validation epoch restored before the test split is scored.
+    """
+    from radssl.data.splits import label_fraction_subsets
+    from radssl.transfer.finetune import finetune
+
+    train, val, test = (store.indices(s) for s in ("train", "val", "test"))
+    subsets = label_fraction_subsets(store.labels.numpy(), train, FRACTIONS, seed, store.patient_id,
+                                     source=store.name)
+    full_pass = max(1, math.ceil(len(train) / batch_size))
+    out: dict[str, Any] = {}
+    for fraction, rows in subsets.items():
+        tried = []
+        for scale in FINETUNE_BACKBONE_LR_SCALES:
+            result = finetune(backbone, store, rows, val, {"test": (store, test)}, epochs=epochs,
+                              batch_size=batch_size, backbone_lr_scale=scale, early_stopping_patience=None,
+                              steps_per_epoch=full_pass, seed=seed, device=device)
+            tried.append({"backbone_lr_scale": scale, "val_auc": float(result.val_metric),
+                          "test_auc": float(result.metrics["test"]["auc"]), "best_epoch": result.best_epoch,
+                          "steps": result.steps_run, "wall_s": result.wall_time_s})
+        chosen = select_on_validation(tried)
+        out[f"{fraction:g}"] = {**chosen, "train_images": int(len(rows)), "candidates": tried}
+    return out
+
+
+def select_on_validation(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate with the best validation AUC (ties: the first listed); test AUC never enters the choice."""
+    return dict(max(candidates, key=lambda c: (c["val_auc"], -candidates.index(c))))
+
+
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     """One (method, seed) run in this process: calibrate, pretrain at the budget, read out SSL and random init."""
     from radssl.engine.pretrain import pretrain
@@ -169,15 +212,21 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         pretrain_wall = result.wall_time_s
         spec = result.backbone_spec
         ssl = readouts(result.backbone.eval(), store, args.seed)
+        if args.finetune_epochs:
+            ssl["finetune"] = finetune_readouts(result.backbone, store, args.seed, args.finetune_epochs)
         metrics = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
     torch.manual_seed(args.seed)  # the run's own starting point, as the engine builds it
-    random = readouts(build_from_spec(spec).eval(), store, args.seed)
+    random_backbone = build_from_spec(spec)
+    random = readouts(random_backbone.eval(), store, args.seed)
+    if args.finetune_epochs:
+        random["finetune"] = finetune_readouts(random_backbone, store, args.seed, args.finetune_epochs)
     header = metrics[0].split(",")
     losses = [float(r.split(",")[header.index("loss")]) for r in metrics[1:]]
     return {
         "dataset": args.dataset, "method": args.method, "seed": args.seed, "overrides": overrides,
         "backbone": spec.describe(), "backbone_spec": spec.to_dict(),
         "budget": {"minutes": args.budget_minutes, "images": args.budget_images},
+        "finetune_epochs": args.finetune_epochs,
         "calibrated_images_per_s": rate, "calibration_from": str(calibration_from) if calibration_from else None,
         "steps": steps, "batch_size": args.batch_size,
         "images_seen": steps * args.batch_size, "pretrain_wall_s": pretrain_wall,
@@ -202,6 +251,8 @@ def child_command(script: Path, args: argparse.Namespace, method: str, seed: int
         command += ["--calibration-from", str(calibration_from)]
     if args.calibrate_only:
         command += ["--calibrate-only"]
+    if getattr(args, "finetune_epochs", 0):
+        command += ["--finetune-epochs", str(args.finetune_epochs)]
     for text in overrides:
         command += ["--override", text]
     return command
@@ -242,6 +293,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--override", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--calibration-from", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="also fine-tune SSL and random init end to end for this many full-split epochs at each "
+                             "label fraction (backbone LR chosen on validation); 0 = frozen read-outs only")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only measure each method's img/s and write its step count for the budget (run this on "
                              "a quiet machine; the runs then reuse those steps, so they may share the machine)")

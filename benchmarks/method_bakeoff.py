@@ -22,6 +22,9 @@ method is also compared with it paired by seed (same label subsets on both sides
 Usage:
   RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --seeds 0 1 2
   python benchmarks/method_bakeoff.py --dataset pneumoniamnist --budget-minutes 10 --methods simclr byol
+  # the same pretraining (steps of the untagged runs) plus a fine-tuning read-out, cached under its own tag:
+  python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --methods models_genesis simclr mae \
+      --tag finetune --steps-from "" --finetune-epochs 10
 Writes benchmarks/results/method_bakeoff_<dataset>.json and .html (runs cached under benchmarks/results/runs/).
 """
 
@@ -82,6 +85,12 @@ def paired_with_reference(method_runs: list[dict[str, Any]], reference_runs: lis
     return out
 
 
+def run_protocols(method_runs: list[dict[str, Any]]) -> list[str]:
+    """The read-outs every run of a method has (linear and kNN always; fine-tuning where it was asked for)."""
+    return [protocol for protocol in ("linear", "knn", "finetune")
+            if all(protocol in run["ssl"] and protocol in run["random_init"] for run in method_runs)]
+
+
 def summarise(runs: list[dict[str, Any]], dataset: str,
               reference_runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per-method means and intervals, the gain over each run's random init, and issue 8's checks.
@@ -93,7 +102,6 @@ def summarise(runs: list[dict[str, Any]], dataset: str,
     for run in runs:
         by_method.setdefault(run["method"], []).append(run)
     rows: dict[str, Any] = {}
-    random_values: dict[str, dict[str, list[float]]] = {"linear": {}, "knn": {}}
     for method, method_runs in sorted(by_method.items()):
         entry: dict[str, Any] = {
             "backbone": method_runs[0]["backbone"], "seeds": [r["seed"] for r in method_runs],
@@ -103,15 +111,14 @@ def summarise(runs: list[dict[str, Any]], dataset: str,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in method_runs),
             "final_loss": lib.mean_sd_interval([r["final_loss"] for r in method_runs]),
         }
+        protocols = run_protocols(method_runs)
         for arm in ("ssl", "random_init"):
-            for protocol in ("linear", "knn"):
+            for protocol in protocols:
                 for fraction in method_runs[0][arm][protocol]:
                     values = [r[arm][protocol][fraction]["test_auc"] for r in method_runs]
                     entry.setdefault(arm, {}).setdefault(protocol, {})[fraction] = lib.mean_sd_interval(values)
-                    if arm == "random_init" and method_runs[0]["backbone"].startswith("resnet"):
-                        random_values[protocol].setdefault(fraction, []).extend(values)
         # Paired by seed: SSL − its own random init, per fraction (same seed = same label subset).
-        for protocol in ("linear", "knn"):
+        for protocol in protocols:
             for fraction in method_runs[0]["ssl"][protocol]:
                 gains = [r["ssl"][protocol][fraction]["test_auc"] - r["random_init"][protocol][fraction]["test_auc"]
                          for r in method_runs]
@@ -159,15 +166,22 @@ def issue_checks(rows: dict[str, Any], bar: dict[str, Any] | None) -> dict[str, 
                        "high": linear[fraction]["high"], "bar": value, "beats": linear[fraction]["mean"] > value,
                        "confident": linear[fraction]["low"] > value}
             for fraction, value in bar["linear"].items() if fraction in linear}
-    checks["every_method_beats_random_at_1_percent"] = {}
+    checks["every_method_beats_random_at_1_percent"] = random_check(rows, "linear")
+    if any("finetune" in entry["gain_over_random"] for entry in rows.values()):
+        checks["every_method_beats_random_at_1_percent_finetuned"] = random_check(rows, "finetune")
+    return checks
+
+
+def random_check(rows: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """SSL − its own random init at 1 % labels under one read-out, paired by seed: mean and 95 % interval."""
+    out: dict[str, Any] = {}
     for method, entry in rows.items():
-        gain = entry["gain_over_random"]["linear"].get("0.01")
+        gain = entry["gain_over_random"].get(protocol, {}).get("0.01")
         if gain is None:
             continue
-        checks["every_method_beats_random_at_1_percent"][method] = {
-            "gain": gain["mean"], "low": gain["low"], "high": gain["high"], "seeds": gain["n"],
-            "beats": gain["mean"] > 0, "confident": gain["low"] > 0}
-    return checks
+        out[method] = {"gain": gain["mean"], "low": gain["low"], "high": gain["high"], "seeds": gain["n"],
+                       "beats": gain["mean"] > 0, "confident": gain["low"] > 0}
+    return out
 
 
 def render_html(record: dict[str, Any], path: Path) -> None:
@@ -177,9 +191,13 @@ def render_html(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = record["summary"]["methods"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, protocol in zip(axes, ("linear", "knn")):
+    protocols = [p for p in ("linear", "knn", "finetune") if any(p in entry["ssl"] for entry in rows.values())] \
+        or ["linear", "knn"]
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 4))
+    for axis, protocol in zip(axes, protocols):
         for method, entry in rows.items():
+            if protocol not in entry["ssl"]:
+                continue
             fractions = sorted(entry["ssl"][protocol], key=float)
             xs = [float(f) for f in fractions]
             axis.errorbar(xs, [entry["ssl"][protocol][f]["mean"] for f in fractions],
@@ -187,11 +205,12 @@ def render_html(record: dict[str, Any], path: Path) -> None:
                                  for f in fractions],
                                 [entry["ssl"][protocol][f]["high"] - entry["ssl"][protocol][f]["mean"]
                                  for f in fractions]], marker="o", capsize=2, label=method)
-        if rows:
-            first = next(iter(rows.values()))
+        first = next((entry for entry in rows.values() if protocol in entry["random_init"]
+                      and entry["backbone"].startswith("resnet")), None)
+        if first:
             fractions = sorted(first["random_init"][protocol], key=float)
             axis.plot([float(f) for f in fractions], [first["random_init"][protocol][f]["mean"] for f in fractions],
-                      "k--", label="random init")
+                      "k--", label="random init (ResNet)")
         bar = record["summary"].get("lightly_bar")
         if bar and protocol == "linear":
             axis.plot([float(f) for f in bar["linear"]], list(bar["linear"].values()), "k:", marker="x",
@@ -209,7 +228,7 @@ def render_html(record: dict[str, Any], path: Path) -> None:
         axis.set_ylabel("test AUC")
         axis.set_title(f"{protocol} read-out")
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[-1].legend(fontsize=7, loc="lower right")
     handles, labels = axes[0].get_legend_handles_labels()
     lightly = [(h, t) for h, t in zip(handles, labels) if t.startswith("lightly")]
     if lightly:  # the method colours are in the right panel's legend; the left one names the two lightly lines
@@ -228,6 +247,8 @@ def render_html(record: dict[str, Any], path: Path) -> None:
     header = "<tr><th>method</th><th>backbone</th><th>seeds</th><th>img/s</th><th>images seen</th><th>peak MiB</th>" + \
         "".join(f"<th>linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + \
         "".join(f"<th>kNN {f}</th>" for f in ("1 %", "10 %", "100 %")) + "<th>gain vs random, linear 1 %</th>" + \
+        ("".join(f"<th>fine-tune {f}</th>" for f in ("1 %", "10 %", "100 %")) +
+         "<th>gain vs random, fine-tune 1 %</th>" if "finetune" in protocols else "") + \
         "".join(f"<th>− lightly rerun, paired, linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + "</tr>"
     body = []
     missing = {"mean": float("nan")}
@@ -241,6 +262,9 @@ def render_html(record: dict[str, Any], path: Path) -> None:
             + "".join(f"<td>{cell(entry['ssl']['linear'][f])}</td>" for f in fr if f in entry['ssl']['linear'])
             + "".join(f"<td>{cell(entry['ssl']['knn'][f])}</td>" for f in fr if f in entry['ssl']['knn'])
             + f"<td>{cell(entry['gain_over_random']['linear'].get('0.01', {'mean': float('nan')}))}</td>"
+            + ("".join(f"<td>{cell(entry['ssl'].get('finetune', {}).get(f, missing))}</td>" for f in fr)
+               + f"<td>{cell(entry['gain_over_random'].get('finetune', {}).get('0.01', missing))}</td>"
+               if "finetune" in protocols else "")
             + "".join(f"<td>{cell(entry.get('minus_lightly_example_paired', {}).get(f, missing))}</td>" for f in fr)
             + "</tr>")
     settings = html.escape(json.dumps(record["settings"], indent=1))
@@ -256,10 +280,24 @@ pre{{background:#f6f6f6;padding:8px;font-size:12px}}</style></head><body>
 <table>{header}{''.join(body)}</table>
 <p>Cells: mean test AUC over seeds [95 % t-interval over seeds; each seed changes the pretraining run and the label
 subsets]. C of the linear probe chosen on the validation split. Random init = each run's own starting weights.
+Fine-tune (where run): backbone + linear head trained end to end at each fraction, backbone LR scale chosen on
+validation, the same rule for SSL and random init (bakeoff_lib.finetune_readouts).
 "− lightly rerun, paired": this method minus lightly's own SimCLR example rerun at the same budget
 (benchmarks/lightly_bar.py), seed by seed, so both sides are read out on the same label subsets.</p>
 <h2>Checks</h2><pre>{checks}</pre><h2>Settings</h2><pre>{settings}</pre></body></html>"""
     write_text_atomic(path, page)
+
+
+def calibration_file(runs_dir: Path, method: str, budget_key: str, seeds: list[int]) -> Path | None:
+    """Where a method's steps come from: its --calibrate-only file, else its first seed's finished run, else none."""
+    calibration = runs_dir / f"{method}_calibration_{budget_key}.json"
+    if calibration.is_file():
+        return calibration
+    for seed in sorted(set(seeds) | {0, 1, 2}):
+        run = runs_dir / f"{method}_seed{seed}_{budget_key}.json"
+        if run.is_file():
+            return run
+    return None
 
 
 def threads_text(runs: list[dict[str, Any]], default: int) -> str:
@@ -274,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", help="default: every registered 2D image method")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--tag", default="", help="suffix of the output files (e.g. a budget name)")
+    parser.add_argument("--steps-from", metavar="TAG",
+                        help="reuse the calibrated steps of another bake-off's runs (its tag, '' for the untagged "
+                             "one), so a tagged rerun (say with --finetune-epochs) pretrains on exactly those images")
     parser.add_argument("--cached-only", action="store_true",
                         help="summarise the runs already cached, run nothing (methods with fewer seeds say so)")
     args = parser.parse_args(argv)
@@ -299,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         # Steps come from a calibration on a quiet machine (--calibrate-only) where one exists, else from the
         # method's first finished run; every later seed reuses them.
-        calibration = runs_dir / f"{method}_calibration_{budget_key}.json"
-        calibrated: Path | None = calibration if calibration.is_file() else None
+        calibrated = calibration_file(runs_dir if args.steps_from is None else RESULTS / "runs" /
+                                      f"method_bakeoff_{args.dataset}{('_' + args.steps_from) if args.steps_from else ''}",
+                                      method, budget_key, args.seeds)
+        if args.steps_from is not None and calibrated is None and not args.cached_only:
+            parser.error(f"--steps-from {args.steps_from!r}: no calibration or run of {method} at {budget_key}")
         for seed in args.seeds:
             out = runs_dir / f"{method}_seed{seed}_{budget_key}.json"
             if args.cached_only and not out.is_file():

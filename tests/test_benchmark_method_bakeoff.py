@@ -72,3 +72,37 @@ def test_comparison_with_the_lightly_rerun_is_paired_by_seed(bakeoff) -> None:  
     assert paired["0.01"]["seeds"] == [0, 1, 2] and paired["0.01"]["beats"]
     assert not paired["0.1"]["beats"] and paired["1"]["confident"]  # .90 vs .89 on every seed
     assert summary["lightly_example_rerun"]["seeds"] == [0, 1, 2, 7]
+
+
+def _with_finetune(run: dict, ssl: list[float], random: list[float]) -> dict:
+    fractions = ("0.01", "0.1", "1")
+    run["ssl"]["finetune"] = {f: {"test_auc": v} for f, v in zip(fractions, ssl)}
+    run["random_init"]["finetune"] = {f: {"test_auc": v} for f, v in zip(fractions, random)}
+    return run
+
+
+def test_finetune_readout_is_summarised_and_checked_against_random_when_every_seed_has_it(bakeoff) -> None:  # noqa: ANN001
+    runs = [_with_finetune(_run("genesis", s, [0.60, 0.70, 0.80], [0.65, 0.70, 0.80]),
+                           [0.70 + 0.01 * s, 0.80, 0.85], [0.60, 0.75, 0.84]) for s in range(3)]
+    summary = bakeoff.summarise(runs, "breastmnist")
+    entry = summary["methods"]["genesis"]
+    assert entry["ssl"]["finetune"]["0.01"]["mean"] == pytest.approx(0.71)
+    assert entry["gain_over_random"]["finetune"]["0.01"]["mean"] == pytest.approx(0.11)
+    checks = summary["checks"]
+    assert not checks["every_method_beats_random_at_1_percent"]["genesis"]["beats"]  # linear: .60 vs .65
+    assert checks["every_method_beats_random_at_1_percent_finetuned"]["genesis"]["confident"]
+    # One seed without the fine-tuning read-out: the protocol is left out rather than averaged over fewer seeds.
+    del runs[2]["ssl"]["finetune"]
+    partial = bakeoff.summarise(runs, "breastmnist")
+    assert "finetune" not in partial["methods"]["genesis"]["ssl"]
+    assert "every_method_beats_random_at_1_percent_finetuned" not in partial["checks"]
+
+
+def test_steps_come_from_the_calibration_file_else_the_first_finished_seed(bakeoff, tmp_path) -> None:  # noqa: ANN001
+    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min", [0, 1, 2]) is None
+    (tmp_path / "simclr_seed1_5.0min.json").write_text("{}")
+    (tmp_path / "simclr_seed2_5.0min.json").write_text("{}")
+    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min", [0, 1, 2]).name == "simclr_seed1_5.0min.json"
+    (tmp_path / "simclr_calibration_5.0min.json").write_text("{}")
+    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min", [2]).name == "simclr_calibration_5.0min.json"
+    assert bakeoff.calibration_file(tmp_path, "byol", "5.0min", [0]) is None

@@ -1,6 +1,10 @@
 """Every registered 2D method trains through the engine: 20 steps on the synthetic data with a falling loss, and a
 checkpoint whose backbone transfer rebuilds by spec with identical outputs.
 
+The loss is watched on one fixed batch (the method's own views, ``support.on_one_fixed_batch``): on fresh images a
+20-step trend at batch 32 is smaller than the step-to-step noise for SimCLR, MoCo v3 and Barlow Twins, and its sign
+would depend on the CPU. MoCo v2 (a queue of past keys) runs on fresh images, where its trend is steady.
+
 New methods are picked up from the registry automatically; a method's preset (views policy, optimiser) must make it
 train out of the box, and a method that needs a particular backbone family says so in its requirements.
 """
@@ -12,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import SHORT_RUN_OPTIM
+from support import SHORT_RUN_OPTIM, on_one_fixed_batch
 from radssl.config import PretrainConfig
 from radssl.data.build import build_store
 from radssl.engine.pretrain import pretrain
@@ -59,7 +63,7 @@ def _one_thread() -> None:
 
 @pytest.mark.parametrize("name", _methods_2d())
 def test_method_trains_and_its_checkpoint_transfers(tmp_path: Path, name: str) -> None:
-    config = _config(name, tmp_path / name)
+    config = on_one_fixed_batch(_config(name, tmp_path / name))
     store = build_store(config.data)
     result = pretrain(config, store=store)
     rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
@@ -67,7 +71,7 @@ def test_method_trains_and_its_checkpoint_transfers(tmp_path: Path, name: str) -
     losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first, f"{name}: loss did not fall ({first:.4f} → {last:.4f})"
+    assert last < first, f"{name}: loss did not fall ({first:.4f} → {last:.4f}; views {config.views.policy})"
 
     loaded = initialise_backbone(f"ssl:{result.checkpoint}").eval()
     exported = result.backbone.eval()

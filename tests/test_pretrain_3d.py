@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from support import on_one_fixed_batch
+
 from radssl.config import PretrainConfig
 from radssl.data.build import build_store
 from radssl.data.store import ImageStore
@@ -28,15 +30,9 @@ from radssl.errors import ConfigError
 from radssl.methods.registry import METHODS, method_class
 from radssl.transfer.initialisation import initialise_backbone
 from radssl.views.batch import ViewRequirements
-from radssl.views.policies import policy_class, register_policy
 
 STEPS = 20
 SIZE = 16
-REMEMBERS_PAST_BATCHES = {
-    "moco_v2": "its negatives are a queue of earlier steps' keys, none of the query's own image: on one fixed batch "
-               "every queued key is the query's own and is dropped, so its loss there says nothing",
-}
-"""Methods checked on fresh volumes every step instead of one fixed batch (their 20-step trend is steady there)."""
 
 
 def _requirements(name: str) -> ViewRequirements:
@@ -91,31 +87,9 @@ def _metrics(output_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def _on_one_fixed_batch(config: PretrainConfig) -> PretrainConfig:
-    """The same config, its view policy made to return the same views of the same volumes at every step.
-
-    Why: on fresh volumes every step, a contrastive loss at batch 32 moves by ±1 from step to step and a 20-step
-    trend is a coin flip that a CPU's summation order decides (SimCLR and MoCo v3 rose on one machine and fell on
-    another). On one fixed batch, a method whose gradients reach its loss must lower it — that is what this checks.
-    The policy is the method's own (its views, sizes, masks and targets), registered under a new name, not patched.
-    """
-    base = policy_class(config.views.policy)
-
-    class OneFixedBatch(base):  # type: ignore[misc, valid-type]
-        name = f"one_fixed_batch_{base.name}"
-
-        def __call__(self, rows: torch.Tensor, images: torch.Tensor, columns: Any,
-                     generator: torch.Generator) -> Any:
-            return super().__call__(torch.arange(len(rows)), images, columns, torch.Generator().manual_seed(0))
-
-    register_policy(OneFixedBatch)
-    return config.model_copy(update={"views": config.views.model_copy(update={"policy": OneFixedBatch.name})})
-
-
 @pytest.mark.parametrize("name", _methods(dims_3d=True))
 def test_3d_method_pretrains_and_its_checkpoint_transfers(tmp_path: Path, name: str, volumes: ImageStore) -> None:
-    config = _config(name, tmp_path / name)
-    config = config if name in REMEMBERS_PAST_BATCHES else _on_one_fixed_batch(config)
+    config = on_one_fixed_batch(_config(name, tmp_path / name))
     result = pretrain(config, store=volumes)
     losses = [float(row["loss"]) for row in _metrics(tmp_path / name)]
     assert len(losses) == STEPS and all(np.isfinite(losses))

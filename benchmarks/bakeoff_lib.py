@@ -112,6 +112,14 @@ def calibrate_images_per_s(store, method: str, model: dict[str, Any], batch: int
     return float(np.median(rates))
 
 
+def fraction_subsets(store, seed: int) -> dict[float, np.ndarray]:  # noqa: ANN001
+    """The seeded, stratified, nested training-label subsets every read-out of a run uses."""
+    from radssl.data.splits import label_fraction_subsets
+
+    return label_fraction_subsets(store.labels.numpy(), store.indices("train"), FRACTIONS, seed, store.patient_id,
+                                  source=store.name)
+
+
 def readouts(backbone, store, seed: int, device: str = "cpu") -> dict[str, Any]:  # noqa: ANN001
     """Linear probe (C on validation AUC) and kNN test AUC at each label fraction, subsets seeded by ``seed``."""
     from radssl.data.splits import label_fraction_subsets
@@ -122,8 +130,7 @@ def readouts(backbone, store, seed: int, device: str = "cpu") -> dict[str, Any]:
     features = extract_features(backbone, store.images, device=device)
     labels = store.labels
     train, val, test = (store.indices(s) for s in ("train", "val", "test"))
-    subsets = label_fraction_subsets(labels.numpy(), train, FRACTIONS, seed, store.patient_id,
-                                     source=store.name)
+    subsets = fraction_subsets(store, seed)
     tests = {"test": (features[test], labels[test])}
     out: dict[str, Any] = {"linear": {}, "knn": {}}
     for fraction, rows in subsets.items():
@@ -152,12 +159,10 @@ def finetune_readouts(backbone, store, seed: int, epochs: int, batch_size: int =
     each at every fraction (small subsets are cycled: the fractions compare labels, not optimiser steps), the
     best-validation epoch restored before the test split is scored.
     """
-    from radssl.data.splits import label_fraction_subsets
     from radssl.transfer.finetune import finetune
 
     train, val, test = (store.indices(s) for s in ("train", "val", "test"))
-    subsets = label_fraction_subsets(store.labels.numpy(), train, FRACTIONS, seed, store.patient_id,
-                                     source=store.name)
+    subsets = fraction_subsets(store, seed)
     full_pass = max(1, math.ceil(len(train) / batch_size))
     out: dict[str, Any] = {}
     for fraction, rows in subsets.items():
@@ -176,7 +181,7 @@ def finetune_readouts(backbone, store, seed: int, epochs: int, batch_size: int =
 
 def select_on_validation(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """The candidate with the best validation AUC (ties: the first listed); test AUC never enters the choice."""
-    return dict(max(candidates, key=lambda c: (c["val_auc"], -candidates.index(c))))
+    return dict(max(candidates, key=lambda c: c["val_auc"]))  # max keeps the first of equal keys
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,7 +256,7 @@ def child_command(script: Path, args: argparse.Namespace, method: str, seed: int
         command += ["--calibration-from", str(calibration_from)]
     if args.calibrate_only:
         command += ["--calibrate-only"]
-    if getattr(args, "finetune_epochs", 0):
+    if args.finetune_epochs:
         command += ["--finetune-epochs", str(args.finetune_epochs)]
     for text in overrides:
         command += ["--override", text]

@@ -288,16 +288,19 @@ validation, the same rule for SSL and random init (bakeoff_lib.finetune_readouts
     write_text_atomic(path, page)
 
 
-def calibration_file(runs_dir: Path, method: str, budget_key: str, seeds: list[int]) -> Path | None:
-    """Where a method's steps come from: its --calibrate-only file, else its first seed's finished run, else none."""
+def bakeoff_stem(dataset: str, tag: str) -> str:
+    """The name of a bake-off's summary files and run folder (a tag keeps a variant's runs apart)."""
+    return f"method_bakeoff_{dataset}{('_' + tag) if tag else ''}"
+
+
+def calibration_file(runs_dir: Path, method: str, budget_key: str) -> Path | None:
+    """Where a method's steps come from: its --calibrate-only file, else its lowest finished seed's run, else none."""
     calibration = runs_dir / f"{method}_calibration_{budget_key}.json"
     if calibration.is_file():
         return calibration
-    for seed in sorted(set(seeds) | {0, 1, 2}):
-        run = runs_dir / f"{method}_seed{seed}_{budget_key}.json"
-        if run.is_file():
-            return run
-    return None
+    runs = sorted(runs_dir.glob(f"{method}_seed*_{budget_key}.json"),
+                  key=lambda path: int(path.name[len(method) + 5:].split("_")[0]))
+    return runs[0] if runs else None
 
 
 def threads_text(runs: list[dict[str, Any]], default: int) -> str:
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.budget_minutes and not args.budget_images:
         args.budget_minutes = LIGHTLY_BAR.get(args.dataset, {}).get("minutes", 5)
     methods = args.methods or default_methods()
-    stem = f"method_bakeoff_{args.dataset}{('_' + args.tag) if args.tag else ''}"
+    stem = bakeoff_stem(args.dataset, args.tag)
     runs_dir = RESULTS / "runs" / stem
     budget_key = f"{args.budget_minutes}min" if args.budget_minutes else f"{args.budget_images}img"
     if args.calibrate_only:
@@ -340,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         # Steps come from a calibration on a quiet machine (--calibrate-only) where one exists, else from the
         # method's first finished run; every later seed reuses them.
-        calibrated = calibration_file(runs_dir if args.steps_from is None else RESULTS / "runs" /
-                                      f"method_bakeoff_{args.dataset}{('_' + args.steps_from) if args.steps_from else ''}",
-                                      method, budget_key, args.seeds)
+        steps_dir = runs_dir if args.steps_from is None else RESULTS / "runs" / bakeoff_stem(args.dataset, args.steps_from)
+        calibrated = calibration_file(steps_dir, method, budget_key)
         if args.steps_from is not None and calibrated is None and not args.cached_only:
             parser.error(f"--steps-from {args.steps_from!r}: no calibration or run of {method} at {budget_key}")
         for seed in args.seeds:

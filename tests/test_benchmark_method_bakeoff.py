@@ -98,11 +98,14 @@ def test_finetune_readout_is_summarised_and_checked_against_random_when_every_se
     assert "every_method_beats_random_at_1_percent_finetuned" not in partial["checks"]
 
 
-def test_steps_come_from_the_calibration_file_else_the_first_finished_seed(bakeoff, tmp_path) -> None:  # noqa: ANN001
-    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min", [0, 1, 2]) is None
-    (tmp_path / "simclr_seed1_5.0min.json").write_text("{}")
-    (tmp_path / "simclr_seed2_5.0min.json").write_text("{}")
-    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min", [0, 1, 2]).name == "simclr_seed1_5.0min.json"
+def test_steps_come_from_the_calibration_file_else_the_lowest_finished_seed(bakeoff, tmp_path) -> None:  # noqa: ANN001
+    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min") is None
+    for seed in (10, 2):
+        (tmp_path / f"simclr_seed{seed}_5.0min.json").write_text("{}")
+    (tmp_path / "simclr_seed1_10.0min.json").write_text("{}")  # another budget: not a source
+    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min").name == "simclr_seed2_5.0min.json"
     (tmp_path / "simclr_calibration_5.0min.json").write_text("{}")
-    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min", [2]).name == "simclr_calibration_5.0min.json"
-    assert bakeoff.calibration_file(tmp_path, "byol", "5.0min", [0]) is None
+    assert bakeoff.calibration_file(tmp_path, "simclr", "5.0min").name == "simclr_calibration_5.0min.json"
+    assert bakeoff.calibration_file(tmp_path, "byol", "5.0min") is None
+    assert bakeoff.bakeoff_stem("breastmnist", "") == "method_bakeoff_breastmnist"
+    assert bakeoff.bakeoff_stem("breastmnist", "finetune") == "method_bakeoff_breastmnist_finetune"

@@ -6,7 +6,7 @@ import platform
 import sys
 from importlib import metadata
 
-PACKAGES = ("radssl", "torch", "torchvision", "lightly", "lightning", "kornia", "numpy", "scikit-learn", "pydantic")
+PACKAGES = ("radssl", "torch", "torchvision", "lightly", "lightning", "numpy", "scikit-learn", "pydantic")
 
 
 def package_versions() -> dict[str, str]:

@@ -159,3 +159,26 @@ def size_figure(analysis: Analysis, names: Names) -> EmbeddedFigure:
             axes[r][0].legend(fontsize=8)
         return EmbeddedFigure.from_matplotlib(fig, "metric versus pretraining-set size",
                             "Effect of the pretraining-set size: mean over seeds at each label fraction.")
+
+
+def interval_curves(series: dict[str, Sequence[tuple[float, float, float, float]]], y_label: str,
+                    y_range: tuple[float, float], reference: tuple[str, float] | None = None,
+                    caption: str = "") -> EmbeddedFigure:
+    """A small figure for benchmark pages: one line per series of (label fraction, value, low, high) on a log
+    fraction axis, with error bars and an optional dashed reference line; the study report's style (``RC``)."""
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(5.2, 3.2), layout="constrained")
+        ax = fig.subplots()
+        fractions = sorted({p[0] for points in series.values() for p in points})
+        for name, points in series.items():
+            x, y, low, high = (np.array([p[i] for p in points], dtype=float) for i in range(4))
+            ax.errorbar(x, y, yerr=np.vstack([y - low, high - y]), fmt="-o", ms=4, lw=1.8, capsize=2.5, label=name)
+        if reference is not None:
+            ax.axhline(reference[1], color="#7a7a7a", lw=1, ls="--", label=reference[0])
+        if fractions:
+            fraction_axis(ax, fractions)
+        ax.set_ylim(*y_range)
+        ax.set_xlabel("labelled training data (log scale)")
+        ax.set_ylabel(y_label)
+        ax.legend(fontsize=8)
+        return EmbeddedFigure.from_matplotlib(fig, f"{y_label} versus label fraction", caption)

@@ -46,7 +46,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -56,14 +55,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import machine as shared_machine
+
 from radssl.atomic import write_text_atomic
-from radssl.config import MedMNISTData, load_config
+from radssl.config import load_config
 from radssl.data.build import build_store
 from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.engine.pretrain import backbone_for, pretrain
 from radssl.models.registry import build_from_spec
-from radssl.provenance import package_versions
 from radssl.study.figures import interval_curves
 from radssl.study.pages import Section, figure, render_page
 from radssl.study.statistics import (
@@ -115,12 +115,8 @@ class Phases:
 
 
 def machine() -> dict[str, Any]:
-    return {
-        "description": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU "
-                       f"(cuda available: {torch.cuda.is_available()}), shared with other jobs; torch threads 1",
-        "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(), "load_average_at_start": list(os.getloadavg()),
-        "nice": os.nice(0), "versions": package_versions(),
-    }
+    return shared_machine(description=f"{os.cpu_count()}-core CPU, no GPU (cuda available: {torch.cuda.is_available()}), "
+                                      "shared with other jobs; torch threads 1")
 
 
 def _data_root(args: argparse.Namespace) -> Path:

@@ -32,7 +32,6 @@ import argparse
 import html
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -42,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
+
+from common import machine as shared_machine
 
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
@@ -252,10 +253,7 @@ def summarise(section: dict[str, Any], arms: list[str]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return shared_machine(load_average_at_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
 
 
 def _fmt(stats: dict[str, float] | None, digits: int = 3) -> str:

@@ -36,7 +36,6 @@ import html
 import json
 import math
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -46,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import machine as shared_machine
+
 from radssl.atomic import write_text_atomic
 from radssl.config import MedMNISTData, load_config
 from radssl.data.build import build_store
@@ -53,7 +54,6 @@ from radssl.data.slices import SlicesConfig
 from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.engine.pretrain import backbone_for, pretrain
-from radssl.provenance import package_versions
 from radssl.study.pages import Section, render_page, table
 from radssl.study.statistics import binary_auc, seed_t_interval, seeds_and_cases_interval, seeds_and_cases_paired_test
 from radssl.transfer.features import extract_features
@@ -70,16 +70,8 @@ def cpu_seconds() -> float:
 
 
 def machine() -> dict[str, Any]:
-    return {
-        "description": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, shared "
-                       "with other jobs (load average at start recorded)",
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.is_available(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-        "nice": os.nice(0),
-        "versions": package_versions(),
-    }
+    return shared_machine(description=f"{os.cpu_count()}-core CPU, no GPU, shared with other jobs (load average at "
+                                      "start recorded)")
 
 
 def pretrain_arm(store: ImageStore, arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:

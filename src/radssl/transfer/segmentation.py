@@ -384,6 +384,31 @@ def _augmentation(augment: bool | Mapping[str, Any] | AugmentationParams) -> Aug
     return AugmentationParams(**dict(augment))
 
 
+def _score_test_sets(model: nn.Module, test_sets: Mapping[str, tuple[ImageStore, np.ndarray]],
+                     names: tuple[str, ...], evaluate: dict[str, Any], spacing: Sequence[float] | None, hd95: bool,
+                     return_predictions: bool) -> dict[str, Any]:
+    """Per-case Dice (and HD95) of every test set, their summaries and which structures each case shows."""
+    scored: dict[str, dict[str, Any]] = {key: {} for key in ("per_case", "metrics", "counts", "rows", "hd95_unit",
+                                                              "predictions")}
+    suffixes = [metric_suffix(name) for name in names[FOREGROUND_START:]]
+    labels = range(1, len(names))
+    for name, (eval_store, rows) in test_sets.items():
+        rows = _rows(rows)
+        truth = torch.from_numpy(np.ascontiguousarray(eval_store.meta["mask"][rows])).long()
+        predicted = predict_labels(model, eval_store.images[torch.from_numpy(rows)], **evaluate)
+        case_spacing = _case_spacing(eval_store, rows, spacing)
+        values = case_metrics(predicted, truth, names, case_spacing, hd95=hd95)
+        truth_present = {s: (truth == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, labels)}
+        predicted_present = {s: (predicted == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, labels)}
+        scored["per_case"][name] = values
+        scored["metrics"][name], scored["counts"][name] = summarise(values, truth_present, predicted_present)
+        scored["rows"][name] = rows
+        scored["hd95_unit"][name] = "mm" if case_spacing is not None else "voxel"
+        if return_predictions:
+            scored["predictions"][name] = predicted.numpy()
+    return scored
+
+
 @dataclass
 class _SegmentationTask:
     """Segmentation's own part of the supervised loop: cases from a continuing shuffled stream, optional
@@ -520,27 +545,7 @@ def finetune_segmentation(
     # The encoder at its own learning rate; a frozen encoder is not optimised at all.
     parts = [(model.decoder, 1.0)] + ([] if freeze_encoder else [(model.backbone, encoder_lr_scale)])
     outcome = fit(model, parts, task, recipe, device, where, what="segmentation", on_epoch_end=on_epoch_end)
-    per_case: dict[str, dict[str, np.ndarray]] = {}
-    metrics: dict[str, dict[str, float]] = {}
-    counts: dict[str, dict[str, int]] = {}
-    rows_out: dict[str, np.ndarray] = {}
-    units: dict[str, str] = {}
-    predictions: dict[str, np.ndarray] = {}
-    suffixes = [metric_suffix(name) for name in names[FOREGROUND_START:]]
-    for name, (eval_store, rows) in test_sets.items():
-        rows = _rows(rows)
-        truth = torch.from_numpy(np.ascontiguousarray(eval_store.meta["mask"][rows])).long()
-        predicted = predict_labels(model, eval_store.images[torch.from_numpy(rows)], **evaluate)
-        case_spacing = _case_spacing(eval_store, rows, spacing)
-        values = case_metrics(predicted, truth, names, case_spacing, hd95=hd95)
-        truth_present = {s: (truth == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, range(1, k))}
-        predicted_present = {s: (predicted == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, range(1, k))}
-        per_case[name] = values
-        metrics[name], counts[name] = summarise(values, truth_present, predicted_present)
-        rows_out[name] = rows
-        units[name] = "mm" if case_spacing is not None else "voxel"
-        if return_predictions:
-            predictions[name] = predicted.numpy()
+    scored = _score_test_sets(model, test_sets, names, evaluate, spacing, hd95, return_predictions)
     settings = {
         "protocol": "segmentation_frozen" if freeze_encoder else "segmentation_finetune",
         "freeze_encoder": freeze_encoder, "epochs": epochs, "steps_per_epoch": per_epoch, "batch_size": batch_size,
@@ -552,11 +557,10 @@ def finetune_segmentation(
         "decoder_norm": decoder_norm, "class_names": list(names), "train_cases": int(n), "val_cases": len(val_rows),
     }
     return SegmentationResult(
-        per_case=per_case, metrics=metrics, counts=counts, rows=rows_out, hd95_unit=units, class_names=names,
-        val_metric=outcome.best_metric, best_epoch=outcome.best_epoch, history=outcome.history,
-        wall_time_s=time.perf_counter() - start_time, steps=outcome.steps_run, steps_per_epoch=per_epoch,
-        epochs_run=len(outcome.history), stopped_early=outcome.stopped_early, train_seconds=outcome.train_seconds,
-        train_samples=outcome.train_samples, settings=settings, model=model, predictions=predictions,
+        **scored, class_names=names, val_metric=outcome.best_metric, best_epoch=outcome.best_epoch,
+        history=outcome.history, wall_time_s=time.perf_counter() - start_time, steps=outcome.steps_run,
+        steps_per_epoch=per_epoch, epochs_run=len(outcome.history), stopped_early=outcome.stopped_early,
+        train_seconds=outcome.train_seconds, train_samples=outcome.train_samples, settings=settings, model=model,
     )
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,23 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import machine, mean_sd_interval  # noqa: F401 (re-exported to the bake-off scripts)
+
 from radssl.atomic import write_text_atomic
 
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_start": os.getloadavg()}
+
 
 
 def peak_rss_mb() -> float:
@@ -312,16 +302,3 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def mean_sd_interval(values: list[float]) -> dict[str, float]:
-    """Mean, SD and the 95 % t-interval over seeds (what varies: pretraining seed and label subset together)."""
-    from scipy import stats
-
-    array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if len(array) == 0:
-        return {"mean": float("nan"), "sd": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    mean = float(array.mean())
-    if len(array) < 2:
-        return {"mean": mean, "sd": float("nan"), "low": float("nan"), "high": float("nan"), "n": 1}
-    sd = float(array.std(ddof=1))
-    half = float(stats.t.ppf(0.975, len(array) - 1)) * sd / math.sqrt(len(array))
-    return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "n": int(len(array))}

@@ -35,17 +35,16 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+
+from common import machine as shared_machine
 
 from radssl.atomic import write_text_atomic
-from radssl.provenance import package_versions
 from radssl.study.config import load_study_config
 from radssl.study.grid import REPORT_DIR, RESULTS_FILE, run_study
 from radssl.study.results_store import CellKey, ResultsStore
@@ -71,16 +70,7 @@ STEMS = {"small": "true", "standard": "false", "auto": "null"}
 
 
 def machine() -> dict[str, Any]:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "versions": package_versions(),
-    }
+    return shared_machine()
 
 
 def study_overrides(args: argparse.Namespace, dataset: str) -> list[str]:

@@ -46,7 +46,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -56,14 +55,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import machine as shared_machine
+
 from radssl.atomic import write_text_atomic
-from radssl.config import MedMNISTData, load_config
+from radssl.config import load_config
 from radssl.data.build import build_store
 from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.engine.pretrain import backbone_for, pretrain
 from radssl.models.registry import build_from_spec
-from radssl.provenance import package_versions
+from radssl.study.figures import interval_curves
+from radssl.study.pages import Section, figure, render_page
 from radssl.study.statistics import (
     binary_auc,
     bootstrap_ci,
@@ -113,12 +115,8 @@ class Phases:
 
 
 def machine() -> dict[str, Any]:
-    return {
-        "description": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU "
-                       f"(cuda available: {torch.cuda.is_available()}), shared with other jobs; torch threads 1",
-        "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(), "load_average_at_start": list(os.getloadavg()),
-        "nice": os.nice(0), "versions": package_versions(),
-    }
+    return shared_machine(description=f"{os.cpu_count()}-core CPU, no GPU (cuda available: {torch.cuda.is_available()}), "
+                                      "shared with other jobs; torch threads 1")
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -417,49 +415,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _svg_curve(series: dict[str, list[tuple[float, float, float, float]]], y_label: str, y_range: tuple[float, float],
-               reference: tuple[str, float] | None = None) -> str:
-    """A small inline SVG: y (with interval) against label fraction on a log axis, one line per series."""
-    width, height, left, bottom, top, right = 420, 260, 48, 36, 12, 110
-    xs = sorted({p[0] for points in series.values() for p in points})
-    lo_x, hi_x = math.log10(min(xs)), math.log10(max(xs))
-    lo_y, hi_y = y_range
-
-    def px(x: float) -> float:
-        return left + (math.log10(x) - lo_x) / max(hi_x - lo_x, 1e-9) * (width - left - right)
-
-    def py(y: float) -> float:
-        return height - bottom - (min(max(y, lo_y), hi_y) - lo_y) / (hi_y - lo_y) * (height - bottom - top)
-
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#333"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#333"/>']
-    for x in xs:
-        parts.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.0%}</text>')
-    for i in range(5):
-        y = lo_y + (hi_y - lo_y) * i / 4
-        parts.append(f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
-    parts.append(f'<text x="{left}" y="{height - 4}">label fraction (log)</text>'
-                 f'<text x="4" y="{top + 4}" transform="rotate(90 4 {top + 4})">{html.escape(y_label)}</text>')
-    if reference is not None:
-        name, value = reference
-        parts.append(f'<line x1="{left}" y1="{py(value):.1f}" x2="{width - right}" y2="{py(value):.1f}" '
-                     f'stroke="#888" stroke-dasharray="4 3"/><text x="{width - right + 4}" y="{py(value) + 4:.1f}">'
-                     f'{html.escape(name)}</text>')
-    for index, (name, points) in enumerate(series.items()):
-        colour = colours[index % len(colours)]
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _, _ in points)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
-        for x, y, low, high in points:
-            parts.append(f'<line x1="{px(x):.1f}" y1="{py(low):.1f}" x2="{px(x):.1f}" y2="{py(high):.1f}" '
-                         f'stroke="{colour}"/><circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>')
-        parts.append(f'<text x="{width - right + 4}" y="{top + 14 * (index + 1)}" fill="{colour}">'
-                     f'{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 def render_html(payload: dict[str, Any]) -> str:
     sections = []
     vessel = payload.get("vessel")
@@ -476,19 +431,19 @@ def render_html(payload: dict[str, Any]) -> str:
             f"<td>{s['ssl_minus_random'][f]['mean']:+.3f} <small>[{_fmt(s['ssl_minus_random'][f]['seeds_and_cases_interval'][0])}, "
             f"{_fmt(s['ssl_minus_random'][f]['seeds_and_cases_interval'][1])}], p {_fmt(s['ssl_minus_random'][f]['p'], 3)}"
             "</small></td>" for f in fractions) + "</tr>"
-        curve = _svg_curve({init: [(float(f), s["arms"][init][f]["mean"], *s["arms"][init][f]["seed_t_interval"])
+        curve = figure(interval_curves({init: [(float(f), s["arms"][init][f]["mean"], *s["arms"][init][f]["seed_t_interval"])
                                    for f in fractions] for init in ("random", "ssl")}, "test AUC", (0.4, 1.0),
-                           ("ResNet-18+3D .874", MEDMNIST_REFERENCE["ResNet-18+3D"]))
+                           ("ResNet-18+3D .874", MEDMNIST_REFERENCE["ResNet-18+3D"]),
+                           "Linear-probe test AUC, mean over seeds with the t-interval over seeds."))
         p = vessel["pretraining"]
-        sections.append(f"""<h2>(a) VesselMNIST3D classification — linear probe test AUC</h2>
-<p>{html.escape(vessel['data']['description'])}; splits {vessel['data']['splits']}, positives
+        sections.append(Section("vessel", "(a) VesselMNIST3D classification — linear probe test AUC", f"""<p>{html.escape(vessel['data']['description'])}; splits {vessel['data']['splits']}, positives
 {vessel['data']['positives']}. SSL: {html.escape(p['method'])}, {html.escape(p['backbone'])}, {p['steps']} steps ×
 batch {p['batch_size']} ({p['images_seen']} volumes seen), final loss {_fmt(p['final_loss'])}.
 Protocol: {html.escape(vessel['protocol'])}.</p>
 <table><tr><th>encoder</th>{head}</tr>{rows}{diff}</table>
 <p><small>Mean over seeds [t-interval over seeds]; SSL − random: mean paired difference [interval over seeds and test
 cases], p. Reference (supervised, from scratch, all labels; MedMNIST v2): ResNet-18+3D .874, ResNet-18+ACS .930.
-</small></p>{curve}""")
+</small></p>{curve}"""))
     hippo = payload.get("hippocampus")
     if hippo:
         s = hippo["summary"]
@@ -518,13 +473,14 @@ cases], p. Reference (supervised, from scratch, all labels; MedMNIST v2): ResNet
                              f"{_fmt(e['paired_bootstrap_ci'][1])}], bootstrap p {_fmt(e['paired_bootstrap_p'], 3)}, "
                              f"Wilcoxon p {_fmt(e['wilcoxon_p'], 3)}</small></td>")
             diffs.append(f"<tr><td>SSL − random ({protocol})</td>{''.join(cells)}</tr>")
-        curve = _svg_curve({arm: [(float(f), s["arms"][arm][f]["dice_mean"]["mean"],
+        curve = figure(interval_curves({arm: [(float(f), s["arms"][arm][f]["dice_mean"]["mean"],
                                    *s["arms"][arm][f]["dice_mean"]["case_bootstrap_ci"]) for f in fractions]
                             for arm in ("finetune/random", "finetune/ssl")}, "test mean Dice", (0.0, 1.0),
-                           ("nnU-Net ≈ .89", NNUNET_REFERENCE))
+                           ("nnU-Net ≈ .89", NNUNET_REFERENCE),
+                           "Test mean Dice over cases with the case-bootstrap 95 % CI."))
         p = hippo["pretraining"]
-        sections.append(f"""<h2>(b) MSD hippocampus segmentation — test mean Dice of the two structures</h2>
-<p>{html.escape(hippo['data']['description'])}; splits {hippo['data']['splits']}.
+        sections.append(Section("hippocampus", "(b) MSD hippocampus segmentation — test mean Dice of the two structures",
+                                f"""<p>{html.escape(hippo['data']['description'])}; splits {hippo['data']['splits']}.
 <b>Caveat</b>: {html.escape(hippo['data']['caveat'])}. SSL: {html.escape(p['method'])}, {html.escape(p['backbone'])},
 {p['steps']} steps × batch {p['batch_size']} on the {p['pretrain_images']} training cases' images, final loss
 {_fmt(p['final_loss'])}. Protocol: {html.escape(hippo['protocol'])}.</p>
@@ -532,27 +488,24 @@ cases], p. Reference (supervised, from scratch, all labels; MedMNIST v2): ResNet
 <p><small>Mean over test cases of each case's mean Dice [case bootstrap 95 % CI]; per-structure Dice and HD95 (mm;
 both-empty cases left out, a missed or hallucinated structure counts the image diagonal). SSL − random: paired
 bootstrap over test cases [95 % CI] and Wilcoxon signed-rank p. Reference: nnU-Net ≈ .89 (all cases, GPU, 1000
-epochs).</small></p>{curve}""")
+epochs).</small></p>{curve}"""))
     probes = payload.get("resources")
     if probes:
         rows = "".join(f"<tr><td>{html.escape(r['kind'])}</td><td>{_fmt(r['samples_per_s'], 2)}</td>"
                        f"<td>{html.escape(r['unit'])}</td><td>{r['peak_rss_mb']}</td></tr>" for r in probes)
-        sections.append(f"""<h2>(c) 3D throughput and peak memory (each workload alone in a fresh process)</h2>
-<table><tr><th>workload</th><th>samples/s (wall)</th><th>unit</th><th>peak RSS MB</th></tr>{rows}</table>
+        sections.append(Section("resources", "(c) 3D throughput and peak memory (each workload alone in a fresh process)",
+                                f"""<table><tr><th>workload</th><th>samples/s (wall)</th><th>unit</th><th>peak RSS MB</th></tr>{rows}</table>
 <p><small>Peak RSS includes the Python + torch + radssl baseline (the 'baseline' row). 1 torch thread on a shared
-2-core CPU: wall-clock rates are lower bounds.</small></p>""")
+2-core CPU: wall-clock rates are lower bounds.</small></p>"""))
     m, b = payload["machine"], payload["budget"]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in payload["notes"])
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>3D label efficiency</title>
-<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}td,th{{padding:.3em .6em;border-bottom:1px solid
-#ddd;text-align:left;vertical-align:top}}small{{color:#555}}</style></head><body>
-<h1>3D label efficiency: random vs self-supervised 3D encoders (CPU budget)</h1>
-<p>{html.escape(payload['question'])}</p>
-<p><b>Machine</b>: {html.escape(m['description'])}; load average at start {m['load_average_at_start']}.
-<b>Budget</b>: {html.escape(b['statement'])}</p>
-{''.join(sections)}
-<h2>Reading</h2><ul>{notes}</ul>
-<p><small>Settings: {html.escape(json.dumps(payload['settings']))}</small></p></body></html>"""
+    sections.append(Section("reading", "Reading", f"<ul>{notes}</ul><p><small>Settings: "
+                                                  f"{html.escape(json.dumps(payload['settings']))}</small></p>"))
+    return render_page(title="3D label efficiency",
+                       heading="3D label efficiency: random vs self-supervised 3D encoders (CPU budget)",
+                       subtitle=payload["question"], sections=sections,
+                       footer=f"Machine: {m['description']}; load average at start {m['load_average_at_start']}. "
+                              f"Budget: {b['statement']}")
 
 
 def reading(payload: dict[str, Any]) -> list[str]:

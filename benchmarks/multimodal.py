@@ -32,7 +32,6 @@ import argparse
 import html
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -43,6 +42,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from common import machine as shared_machine
+
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
 from radssl.data.build import build_store
@@ -50,6 +51,7 @@ from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore
 from radssl.engine.pretrain import backbone_for, pretrain
 from radssl.provenance import package_versions
+from radssl.study.pages import Section, render_page, table
 from radssl.transfer.features import extract_features
 from radssl.transfer.linear_probe import linear_probe
 from radssl.transfer.zero_shot import (
@@ -251,10 +253,7 @@ def summarise(section: dict[str, Any], arms: list[str]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return shared_machine(load_average_at_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
 
 
 def _fmt(stats: dict[str, float] | None, digits: int = 3) -> str:
@@ -265,14 +264,14 @@ def _fmt(stats: dict[str, float] | None, digits: int = 3) -> str:
 
 
 def html_page(results: dict[str, Any]) -> str:
-    """A small self-contained page: settings, machine, and the tables."""
+    """A self-contained page (radssl's page template): settings, machine, and the tables."""
     esc = html.escape
     rows = []
     for dataset, arms in results["summary"].items():
         for arm, entry in arms.items():
             if "image_to_text" not in entry:
                 continue
-            cells = [dataset, arm]
+            cells = [esc(dataset), esc(arm)]
             for direction in ("image_to_text", "text_to_image"):
                 for k in ("R@1", "R@5", "R@10"):
                     chance = entry.get(f"chance_{direction}", {}).get(k)
@@ -280,34 +279,27 @@ def html_page(results: dict[str, Any]) -> str:
             cells.append(_fmt(entry.get("zero_shot_auc")))
             cells.append(_fmt(entry.get("covid_vs_other_zero_shot_auc")))
             cells.append(_fmt(entry.get("seconds_per_step"), 2))
-            rows.append("<tr>" + "".join(f"<td>{c if '<' in c else esc(c)}</td>" for c in cells) + "</tr>")
-    retrieval_table = (
-        "<table><tr><th>data</th><th>arm</th><th>I→T R@1</th><th>I→T R@5</th><th>I→T R@10</th><th>T→I R@1</th>"
-        "<th>T→I R@5</th><th>T→I R@10</th><th>zero-shot AUC</th><th>COVID-19 vs other zero-shot AUC</th>"
-        "<th>s / step</th></tr>" + "".join(rows) + "</table>")
-    probe_rows = []
-    for arm, entry in results["summary"].get("synthetic", {}).items():
-        if "probe_auc" in entry:
-            probe_rows.append(f"<tr><td>{esc(arm)}</td>" + "".join(
-                f"<td>{_fmt(entry['probe_auc'].get(f'{f:g}'))}</td>" for f in FRACTIONS) + "</tr>")
-    probe_table = ("<table><tr><th>image encoder</th>" + "".join(f"<th>{f:.0%} labels</th>" for f in FRACTIONS)
-                   + "</tr>" + "".join(probe_rows) + "</table>")
-    settings = esc(json.dumps(results["settings"], indent=1))
-    machine_text = esc(json.dumps(results["machine"], indent=1))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>radssl: image–report pretraining</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;
-margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right;font-size:13px}}th{{background:#eee}}
-small{{color:#777}}pre{{background:#f6f6f6;padding:8px;font-size:12px}}</style></head><body>
-<h1>Image–report pretraining (ConVIRT) on CPU</h1>
-<p>{esc(results['budget'])}</p>
-<h2>Retrieval on held-out patients and zero-shot classification</h2>
-<p>Mean ± SD over seeds; chance levels beside each recall (reports shared by several images count once).
-Zero-shot: synthetic — nodule vs normal; real — CT vs X-ray (the store's label), and COVID-19 vs other named
-findings.</p>{retrieval_table}
-<h2>Linear probe of the image encoder (synthetic, test AUC)</h2>{probe_table}
-<h2>Settings</h2><pre>{settings}</pre><h2>Machine</h2><pre>{machine_text}</pre>
-<p>Total wall time: {results['wall_time_s']:.0f} s.</p></body></html>
-"""
+            rows.append(cells)
+    retrieval_table = table(["data", "arm", "I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10",
+                             "zero-shot AUC", "COVID-19 vs other zero-shot AUC", "s / step"], rows,
+                            numeric=range(2, 11))
+    probe_rows = [[esc(arm)] + [_fmt(entry["probe_auc"].get(f"{f:g}")) for f in FRACTIONS]
+                  for arm, entry in results["summary"].get("synthetic", {}).items() if "probe_auc" in entry]
+    probe_table = table(["image encoder"] + [f"{f:.0%} labels" for f in FRACTIONS], probe_rows,
+                        numeric=range(1, 1 + len(FRACTIONS)))
+    sections = [
+        Section("retrieval", "Retrieval on held-out patients and zero-shot classification",
+                "<p>Mean ± SD over seeds; chance levels beside each recall (reports shared by several images count "
+                "once). Zero-shot: synthetic — nodule vs normal; real — CT vs X-ray (the store's label), and COVID-19 "
+                "vs other named findings.</p>" + retrieval_table),
+        Section("probe", "Linear probe of the image encoder (synthetic, test AUC)", probe_table),
+        Section("settings", "Settings and machine",
+                f'<pre class="config">{esc(json.dumps(results["settings"], indent=1))}</pre>'
+                f'<pre class="config">{esc(json.dumps(results["machine"], indent=1))}</pre>'),
+    ]
+    return render_page(title="radssl: image–report pretraining", heading="Image–report pretraining (ConVIRT) on CPU",
+                       subtitle=results["budget"], sections=sections,
+                       footer=f"Total wall time: {results['wall_time_s']:.0f} s · data: multimodal.json")
 
 
 def main() -> None:

@@ -36,7 +36,6 @@ import html
 import json
 import math
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -46,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import machine as shared_machine
+
 from radssl.atomic import write_text_atomic
 from radssl.config import MedMNISTData, load_config
 from radssl.data.build import build_store
@@ -53,7 +54,7 @@ from radssl.data.slices import SlicesConfig
 from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.engine.pretrain import backbone_for, pretrain
-from radssl.provenance import package_versions
+from radssl.study.pages import Section, render_page, table
 from radssl.study.statistics import binary_auc, seed_t_interval, seeds_and_cases_interval, seeds_and_cases_paired_test
 from radssl.transfer.features import extract_features
 from radssl.transfer.linear_probe import linear_probe
@@ -69,16 +70,8 @@ def cpu_seconds() -> float:
 
 
 def machine() -> dict[str, Any]:
-    return {
-        "description": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, shared "
-                       "with other jobs (load average at start recorded)",
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.is_available(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-        "nice": os.nice(0),
-        "versions": package_versions(),
-    }
+    return shared_machine(description=f"{os.cpu_count()}-core CPU, no GPU, shared with other jobs (load average at "
+                                      "start recorded)")
 
 
 def pretrain_arm(store: ImageStore, arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -208,59 +201,46 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def render_html(payload: dict[str, Any]) -> str:
+    """A self-contained page (radssl's page template) of the summary, the contrast and the runs."""
     s, summary = payload["settings"], payload["summary"]
     fractions = s["label_fractions"]
-    rows = []
-    for level in LEVELS:
-        for arm in (*ARMS, FLOOR):
-            cells = []
-            for f in fractions:
-                e = summary["arms"][arm][level][str(f)]
-                extra = ""
-                if "seeds_and_cases_interval" in e:
-                    extra = f"<br><small>seeds+cases [{_fmt(e['seeds_and_cases_interval'][0])}, " \
-                            f"{_fmt(e['seeds_and_cases_interval'][1])}]</small>"
-                cells.append(f"<td>{_fmt(e['mean'])} <small>[{_fmt(e['seed_t_interval'][0])}, "
-                             f"{_fmt(e['seed_t_interval'][1])}]</small>{extra}</td>")
-            rows.append(f"<tr><td>{level}</td><td>{arm}</td>{''.join(cells)}</tr>")
-    contrast_rows = []
-    for level in LEVELS:
-        cells = []
-        for f in fractions:
-            e = summary["slice_pairs_minus_two_view"][level][str(f)]
-            extra = ""
-            if "seeds_and_cases_interval" in e:
-                extra = (f"<br><small>seeds+cases [{_fmt(e['seeds_and_cases_interval'][0])}, "
-                         f"{_fmt(e['seeds_and_cases_interval'][1])}], p {_fmt(e['seeds_and_cases_p'], 2)}</small>")
-            cells.append(f"<td>{e['mean']:+.3f} <small>[{_fmt(e['seed_t_interval'][0])}, "
-                         f"{_fmt(e['seed_t_interval'][1])}]</small>{extra}</td>")
-        contrast_rows.append(f"<tr><td>{level}</td>{''.join(cells)}</tr>")
-    runs = []
-    for arm in ARMS:
-        for seed, record in payload["pretraining"][arm].items():
-            runs.append(f"<tr><td>{arm}</td><td>{seed}</td><td>{record['images_seen']}</td>"
-                        f"<td>{_fmt(record['cross_image_share'], 3)}</td><td>{_fmt(record['final_loss'], 3)}</td>"
-                        f"<td>{record['cpu_s']}</td><td>{record['wall_s']}</td></tr>")
-    head = "".join(f"<th>{f:.0%} labels</th>" for f in fractions)
+
+    def interval(e: dict[str, Any], signed: bool = False) -> str:
+        text = (f"{e['mean']:+.3f}" if signed else _fmt(e["mean"])) + \
+            f" <small>[{_fmt(e['seed_t_interval'][0])}, {_fmt(e['seed_t_interval'][1])}]</small>"
+        if "seeds_and_cases_interval" in e:
+            low, high = e["seeds_and_cases_interval"]
+            p = f", p {_fmt(e['seeds_and_cases_p'], 2)}" if signed and "seeds_and_cases_p" in e else ""
+            text += f"<br><small>seeds+cases [{_fmt(low)}, {_fmt(high)}]{p}</small>"
+        return text
+
+    rows = [[level, arm] + [interval(summary["arms"][arm][level][str(f)]) for f in fractions]
+            for level in LEVELS for arm in (*ARMS, FLOOR)]
+    contrast_rows = [[level] + [interval(summary["slice_pairs_minus_two_view"][level][str(f)], signed=True)
+                                for f in fractions] for level in LEVELS]
+    runs = [[arm, str(seed), str(record["images_seen"]), _fmt(record["cross_image_share"], 3),
+             _fmt(record["final_loss"], 3), str(record["cpu_s"]), str(record["wall_s"])]
+            for arm in ARMS for seed, record in payload["pretraining"][arm].items()]
+    head = [f"{f:.0%} labels" for f in fractions]
     m = payload["machine"]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Slice pairs vs two-view</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.3em .6em;border-bottom:1px solid #ddd;
-text-align:left}}small{{color:#555}}</style></head><body>
-<h1>Slice-pair positives vs plain two-view SimCLR, equal budget</h1>
-<p>{html.escape(payload['question'])}</p>
-<p><b>Data</b>: {html.escape(payload['data']['description'])}</p>
-<p><b>Budget</b>: {html.escape(payload['budget']['statement'])}</p>
-<h2>Linear-probe test AUC (mean over {len(s['seeds'])} seeds [t-interval over seeds])</h2>
-<table><tr><th>level</th><th>encoder</th>{head}</tr>{''.join(rows)}</table>
-<h2>slice_pairs − two_view (paired by seed)</h2>
-<table><tr><th>level</th>{head}</tr>{''.join(contrast_rows)}</table>
-<h2>Pretraining runs</h2>
-<table><tr><th>arm</th><th>seed</th><th>images seen</th><th>cross-image share</th><th>final loss</th>
-<th>CPU s</th><th>wall s</th></tr>{''.join(runs)}</table>
-<h2>Reading</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in payload['notes'])}</ul>
-<p><small>Machine: {html.escape(m['description'])}; load average at start {m['load_average_at_start']}; torch
-{html.escape(m['versions'].get('torch', ''))}. Settings: {html.escape(json.dumps(s))}</small></p>
-</body></html>"""
+    sections = [
+        Section("probe", f"Linear-probe test AUC (mean over {len(s['seeds'])} seeds [t-interval over seeds])",
+                f"<p><b>Data</b>: {html.escape(payload['data']['description'])}</p>"
+                f"<p><b>Budget</b>: {html.escape(payload['budget']['statement'])}</p>"
+                + table(["level", "encoder", *head], rows, numeric=range(2, 2 + len(head)))),
+        Section("contrast", "slice_pairs − two_view (paired by seed)",
+                table(["level", *head], contrast_rows, numeric=range(1, 1 + len(head)))),
+        Section("runs", "Pretraining runs",
+                table(["arm", "seed", "images seen", "cross-image share", "final loss", "CPU s", "wall s"], runs,
+                      numeric=range(2, 7))),
+        Section("reading", "Reading", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in payload["notes"])
+                + "</ul>" + f"<p><small>Settings: {html.escape(json.dumps(s))}</small></p>"),
+    ]
+    return render_page(title="Slice pairs vs two-view",
+                       heading="Slice-pair positives vs plain two-view SimCLR, equal budget",
+                       subtitle=payload["question"], sections=sections,
+                       footer=f"Machine: {m['description']}; load average at start {m['load_average_at_start']}; "
+                              f"torch {m['versions'].get('torch', '')}")
 
 
 def main() -> None:

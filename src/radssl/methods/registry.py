@@ -6,12 +6,11 @@ the others.
 
 from __future__ import annotations
 
-
 from radssl.methods.base import MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.registry import load_entry
+from radssl.registry import Registry
 
-METHODS: dict[str, str] = {
+METHODS: Registry[SSLMethod] = Registry("method", {
     "simclr": "radssl.methods.simclr:SimCLR",
     "byol": "radssl.methods.byol:BYOL",
     "moco_v2": "radssl.methods.moco_v2:MoCoV2",
@@ -24,14 +23,12 @@ METHODS: dict[str, str] = {
     "models_genesis": "radssl.methods.genesis:ModelsGenesis",
     "convirt": "radssl.methods.convirt:ConVIRT",
     "clip": "radssl.methods.clip:CLIP",
-}
+})
 
 
 def method_class(name: str) -> type[SSLMethod]:
-    """The class registered under ``name``; a clear error listing the choices otherwise."""
-    if name not in METHODS:
-        raise KeyError(f"unknown method '{name}'; choose one of {sorted(METHODS)}")
-    return load_entry(METHODS[name])
+    """The class registered under ``name``; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
+    return METHODS.load(name)
 
 
 def validate_params(name: str, params: dict) -> MethodParams:

@@ -83,38 +83,45 @@ class SmallCNNOptions(BaseModel):
 
 
 class SmallCNN(Backbone):
-    """A four-stage conv net (≈0.3 M parameters at width 16) for quick CPU runs, demos and tests.
+    """A four-stage conv net (≈0.3 M parameters at width 16 in 2D) for quick CPU runs, demos and tests.
 
     Why not a tiny ResNet: BatchNorm + ReLU conv stages with stride-2 downsampling train well under SSL, and at
     width 16 every stage costs the same (~5 M multiply-adds at 48 px), so it runs ~15× faster than the
-    small-stem ResNet-18 at 28–64 px on a laptop CPU.
+    small-stem ResNet-18 at 28–64 px on a laptop CPU. One network for 2D and 3D, parametrised by the spec's spatial
+    dims (as MONAI's networks are): ``small_cnn_3d`` is this class with Conv3d stages and a stem choice.
     """
 
     family = "small_cnn"
     Options = SmallCNNOptions
 
+    def first_stride(self, spec: BackboneSpec) -> int:
+        """Stride of the first stage (2D: always full resolution)."""
+        return 1
+
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__(spec)
         width = self.options(spec).width
         widths = (width, width * 2, width * 4, width * 8)
+        conv, norm, pool = ((nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if spec.spatial_dims == 2
+                            else (nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d))
+        first = self.first_stride(spec)
         stages: list[nn.Module] = []
         previous = spec.in_channels
         for stage, channels in enumerate(widths):
-            stride = 1 if stage == 0 else 2
             stages.append(nn.Sequential(
-                nn.Conv2d(previous, channels, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(channels),
+                conv(previous, channels, 3, stride=first if stage == 0 else 2, padding=1, bias=False),
+                norm(channels),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                nn.BatchNorm2d(channels),
+                conv(channels, channels, 3, padding=1, bias=False),
+                norm(channels),
                 nn.ReLU(inplace=True),
             ))
             previous = channels
         self.stages = nn.ModuleList(stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = pool(1)
         self.feature_dim = widths[-1]
         self.feature_channels = widths
-        self.feature_strides = (1, 2, 4, 8)
+        self.feature_strides = tuple(first * 2**i for i in range(4))
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         maps = []

@@ -44,6 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from radssl.models.backbones import SmallCNN
 from radssl.models.base import Backbone
 from radssl.models.spec import BackboneSpec
 
@@ -108,64 +109,25 @@ class ResNet18_3D(Backbone):
 
 
 # ---------------------------------------------------------------------------------------------- small CNN
-class SmallCNN3DOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    width: int = Field(16, gt=0, description="channels of the first stage (doubled per stage)")
-
-
-class SmallCNN3D(Backbone):
+class SmallCNN3D(SmallCNN):
     """Four Conv3d-BN-ReLU stages (widths w, 2w, 4w, 8w; ≈0.9 M parameters at width 16) for quick CPU runs.
 
-    The 3D twin of ``small_cnn``: same stage layout, so 2D and 3D results compare like for like. SimCLR on the
-    2-core AMD EPYC CPU, 1 thread, model step only (``benchmarks/throughput_3d.py``): 7.1 volumes per CPU-second at
-    28³ (small stem), 4.0 at 64³ (standard stem); SegResNet encoder 9.0 / 0.66; full-width ResNet-18 3D 0.23 / 0.02.
+    The 3D twin of ``small_cnn`` (the same class, 3D stages): same stage layout, so 2D and 3D results compare like
+    for like. SimCLR on the 2-core AMD EPYC CPU, 1 thread, model step only (``benchmarks/throughput_3d.py``): 7.1
+    volumes per CPU-second at 28³ (small stem), 4.0 at 64³ (standard stem); SegResNet encoder 9.0 / 0.66;
+    full-width ResNet-18 3D 0.23 / 0.02.
     """
 
     family = "small_cnn_3d"
     spatial_dims_supported = (3,)
-    Options = SmallCNN3DOptions
 
     @classmethod
     def resolve(cls, spec: BackboneSpec) -> BackboneSpec:
         return _automatic_stem(spec, SMALL_CNN_FULL_RES_MAX_SIZE)
 
-    def __init__(self, spec: BackboneSpec) -> None:
-        super().__init__(spec)
-        width = self.options(spec).width
-        widths = (width, width * 2, width * 4, width * 8)
-        first_stride = 1 if spec.stem == "small" else 2
-        stages: list[nn.Module] = []
-        previous = spec.in_channels
-        for stage, channels in enumerate(widths):
-            stride = first_stride if stage == 0 else 2
-            stages.append(nn.Sequential(
-                nn.Conv3d(previous, channels, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm3d(channels),
-                nn.ReLU(inplace=True),
-                nn.Conv3d(channels, channels, 3, padding=1, bias=False),
-                nn.BatchNorm3d(channels),
-                nn.ReLU(inplace=True),
-            ))
-            previous = channels
-        self.stages = nn.ModuleList(stages)
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.feature_dim = widths[-1]
-        self.feature_channels = widths
-        self.feature_strides = tuple(first_stride * 2**i for i in range(4))
-
-    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        maps = []
-        x = images
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
-        for stage in self.stages:
-            x = stage(x)
-        return torch.flatten(self.pool(x), 1)
+    def first_stride(self, spec: BackboneSpec) -> int:
+        """Large volumes start at half resolution (the standard stem): the first stage dominates 3D cost."""
+        return 1 if spec.stem == "small" else 2
 
 
 # ---------------------------------------------------------------------------------------------- SegResNet

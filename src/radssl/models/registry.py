@@ -7,14 +7,13 @@ import paths so a family with a heavy or optional dependency (timm, MONAI) costs
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from radssl.models.base import Backbone
 from radssl.models.spec import BackboneSpec
-from radssl.registry import load_entry
+from radssl.registry import Registry
 
-BACKBONE_FAMILIES: dict[str, str] = {
+BACKBONE_FAMILIES: Registry[Backbone] = Registry("backbone", {
     "resnet18": "radssl.models.backbones:ResNet18",
     "resnet50": "radssl.models.backbones:ResNet50",
     "small_cnn": "radssl.models.backbones:SmallCNN",
@@ -24,14 +23,12 @@ BACKBONE_FAMILIES: dict[str, str] = {
     "resnet18_3d": "radssl.models.backbones3d:ResNet18_3D",
     "small_cnn_3d": "radssl.models.backbones3d:SmallCNN3D",
     "segresnet_encoder_3d": "radssl.models.backbones3d:SegResNetEncoder3D",
-}
+})
 
 
 def backbone_class(family: str) -> type[Backbone]:
-    """The class registered under ``family``; a clear error listing the choices otherwise."""
-    if family not in BACKBONE_FAMILIES:
-        raise ValueError(f"unknown backbone '{family}'; choose one of {sorted(BACKBONE_FAMILIES)}")
-    return load_entry(BACKBONE_FAMILIES[family])
+    """The class registered under ``family``; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
+    return BACKBONE_FAMILIES.load(family)
 
 
 def resolve_spec(spec: BackboneSpec) -> BackboneSpec:
@@ -39,8 +36,7 @@ def resolve_spec(spec: BackboneSpec) -> BackboneSpec:
     cls = backbone_class(spec.family)
     if spec.spatial_dims not in cls.spatial_dims_supported:
         dims = " or ".join(f"{d}D" for d in cls.spatial_dims_supported)
-        fitting = [name for name in sorted(BACKBONE_FAMILIES)
-                   if spec.spatial_dims in backbone_class(name).spatial_dims_supported]
+        fitting = sorted(BACKBONE_FAMILIES.names(where=lambda family: spec.spatial_dims in family.spatial_dims_supported))
         raise ValueError(f"backbone '{spec.family}' takes {dims} inputs, but the data are {spec.spatial_dims}D — "
                          f"choose a backbone for {spec.spatial_dims}D data: {fitting}")
     cls.options(spec)  # raises pydantic.ValidationError naming unknown or bad option keys
@@ -71,6 +67,3 @@ def build_backbone(family: str, in_channels: int = 1, small_input: bool | None =
     """Convenience: :func:`make_spec` + :func:`build_from_spec` (tests, notebooks)."""
     return build_from_spec(make_spec(family, in_channels, image_size, small_input, **knobs))
 
-
-def with_image_size(spec: BackboneSpec, image_size: tuple[int, ...]) -> BackboneSpec:
-    return resolve_spec(replace(spec, image_size=tuple(image_size)))

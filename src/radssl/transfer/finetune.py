@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from radssl.data.store import ImageStore, TaskInfo, images_to_float
-from radssl.errors import DataError, RadsslError
+from radssl.engine.supervised import NonFiniteLossError, SupervisedRecipe, TrainingBatch, fit  # noqa: F401 (re-export)
+from radssl.errors import DataError
 from radssl.transfer.features import normalise_for_backbone
 from radssl.transfer.metrics import (
     PRIMARY_METRIC,
@@ -38,10 +39,6 @@ from radssl.transfer.metrics import (
 
 ON_DEVICE_LIMIT_BYTES = 1 << 30
 """Training subsets smaller than this are moved to the device once (no per-batch host→device copies)."""
-
-
-class NonFiniteLossError(RadsslError, FloatingPointError):
-    """The training loss became NaN or inf; raised at the first such step, before weights are ruined."""
 
 
 class Classifier(nn.Module):
@@ -202,6 +199,54 @@ def _check_store(store: ImageStore, backbone: nn.Module, what: str) -> None:
         )
 
 
+@dataclass
+class _ClassificationTask:
+    """Fine-tuning's own part of the supervised loop: shuffled batches with shift/flip augmentation, the
+    classification loss, and validation AUC (the draws keep radssl's order: the epoch's permutation, then each
+    step's augmentation)."""
+
+    task: TaskInfo
+    train_images: torch.Tensor
+    train_y: torch.Tensor
+    batch_size: int
+    exact: bool
+    passes: int
+    augment: bool
+    max_shift: int
+    hflip: bool
+    loss_function: Callable
+    generator: torch.Generator
+    device: torch.device
+    val_images: torch.Tensor
+    val_y: torch.Tensor
+    eval_batch_size: int
+    stream: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def epoch_batches(self, epoch: int, steps: int) -> Iterator[TrainingBatch]:
+        n, size = len(self.train_y), self.batch_size
+        if self.exact:  # exact steps: shuffled passes continue across epochs
+            while len(self.stream) < steps * size:
+                self.stream = torch.cat([self.stream, torch.randperm(n, generator=self.generator)])
+            order, self.stream = self.stream[:steps * size], self.stream[steps * size:]
+        else:
+            order = torch.cat([torch.randperm(n, generator=self.generator) for _ in range(self.passes)])
+        for step in range(steps):
+            index = order[step * size : (step + 1) * size].to(self.train_images.device)
+            images = images_to_float(self.train_images[index].to(self.device, non_blocking=True))
+            if self.augment:
+                images = random_shift_flip(images, self.max_shift, self.hflip, self.generator)
+            yield TrainingBatch(normalise_for_backbone(images), self.train_y[index].to(self.device, non_blocking=True),
+                                len(index))
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_function(outputs, targets)
+
+    def validate(self, model: nn.Module) -> tuple[float, dict[str, float]]:
+        scores = predict_scores(model, self.val_images, self.task, self.eval_batch_size, self.device)
+        metrics = classification_metrics(self.task, self.val_y, scores, name="validation set")
+        return metrics[PRIMARY_METRIC], {f"val_{k}": v for k, v in metrics.items()}
+
+
 def finetune(
     backbone: nn.Module,
     store: ImageStore,
@@ -287,95 +332,21 @@ def finetune(
     train_images = store.images[torch.from_numpy(train_rows)]
     if device.type != "cpu" and train_images.numel() * train_images.element_size() < ON_DEVICE_LIMIT_BYTES:
         train_images, train_y = train_images.to(device), train_y.to(device)
-    val_images = store.images[torch.from_numpy(val_rows)]
-    if max_shift is None:
-        max_shift = max(1, min(store.image_shape) // 8)
-
-    # Weight decay on conv/linear weights only: decaying BatchNorm scales and biases hurts (Goyal et al. 2017).
-    groups: list[dict] = []
-    for module, scale in ((model.backbone, backbone_lr_scale), (model.head, 1.0)):
-        decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-        groups += [
-            {"params": decay, "lr": lr * scale, "weight_decay": weight_decay},
-            {"params": no_decay, "lr": lr * scale, "weight_decay": 0.0},
-        ]
-    optimiser = torch.optim.AdamW([g for g in groups if g["params"]])
     n = len(train_rows)
     one_pass = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a 1-sample batch breaks BatchNorm
-    exact = steps_per_epoch is not None
     per_epoch = steps_per_epoch if steps_per_epoch is not None else max(one_pass, min_steps_per_epoch)
-    passes = 1 if per_epoch == one_pass else math.ceil(per_epoch * batch_size / n)
-    total_steps = max(1, epochs * per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
-    loss_function = _loss_function(task, train_y.cpu(), class_balanced)
-    generator = torch.Generator().manual_seed(seed)
-    autocast = device.type == "cuda" and precision == "bf16"
-
-    history: list[dict[str, float]] = []
-    best_metric, best_epoch, best_state, epochs_without_gain = -math.inf, 0, None, 0
-    stopped_early = False
-    steps_run = 0
-    stream = torch.empty(0, dtype=torch.long)  # exact steps: shuffled passes continue across epochs
-    for epoch in range(1, epochs + 1):
-        model.train()
-        if exact:
-            while len(stream) < per_epoch * batch_size:
-                stream = torch.cat([stream, torch.randperm(n, generator=generator)])
-            order, stream = stream[:per_epoch * batch_size], stream[per_epoch * batch_size:]
-        else:
-            order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
-        running, seen = 0.0, 0
-        for step in range(per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size].to(train_images.device)
-            images = images_to_float(train_images[index].to(device, non_blocking=True))
-            if augment:
-                images = random_shift_flip(images, max_shift, hflip, generator)
-            targets = train_y[index].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(normalise_for_backbone(images))
-            loss = loss_function(logits.float(), targets)
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(
-                    f"{where}: fine-tuning loss became {loss.detach().item()} at epoch {epoch}, step {step + 1} "
-                    f"(lr {scheduler.get_last_lr()[0]:.3g}) — lower lr, check the initialisation's weights "
-                    f"for NaN, or use precision='32'"
-                )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            steps_run += 1
-            running += float(loss.detach()) * len(index)
-            seen += len(index)
-        val_scores = predict_scores(model, val_images, task, eval_batch_size, device)
-        val_metrics = classification_metrics(task, val_y, val_scores, name="validation set")
-        record = {
-            "epoch": float(epoch),
-            "train_loss": running / max(seen, 1),
-            "train_samples": float(seen),
-            "lr": scheduler.get_last_lr()[-1],
-        }
-        record.update({f"val_{k}": v for k, v in val_metrics.items()})
-        history.append(record)
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        metric = val_metrics[PRIMARY_METRIC]
-        if metric > best_metric:
-            best_metric, best_epoch, epochs_without_gain = metric, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            epochs_without_gain += 1
-            if (early_stopping_patience is not None and epochs_without_gain >= early_stopping_patience
-                    and epoch >= min_epochs):
-                stopped_early = epoch < epochs
-                break
-
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
+    recipe = SupervisedRecipe(epochs=epochs, steps_per_epoch=per_epoch, lr=lr, weight_decay=weight_decay,
+                              early_stopping_patience=early_stopping_patience, min_epochs=min_epochs,
+                              precision=precision)
+    task_part = _ClassificationTask(
+        task=task, train_images=train_images, train_y=train_y, batch_size=batch_size,
+        exact=steps_per_epoch is not None, passes=1 if per_epoch == one_pass else math.ceil(per_epoch * batch_size / n),
+        augment=augment, max_shift=max(1, min(store.image_shape) // 8) if max_shift is None else max_shift,
+        hflip=hflip, loss_function=_loss_function(task, train_y.cpu(), class_balanced),
+        generator=torch.Generator().manual_seed(seed), device=device,
+        val_images=store.images[torch.from_numpy(val_rows)], val_y=val_y, eval_batch_size=eval_batch_size)
+    outcome = fit(model, [(model.backbone, backbone_lr_scale), (model.head, 1.0)], task_part, recipe, device, where,
+                  hint="or use precision='32'", on_epoch_end=on_epoch_end)
     scores: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, float]] = {}
     for name, eval_store, rows in evaluation[1:]:
@@ -383,15 +354,15 @@ def finetune(
         scores[name] = predict_scores(model, images, task, eval_batch_size, device)
         metrics[name] = classification_metrics(task, eval_store.labels[torch.from_numpy(rows)], scores[name], name=name)
     return FinetuneResult(
-        best_epoch=best_epoch,
-        val_metric=best_metric,
-        history=history,
+        best_epoch=outcome.best_epoch,
+        val_metric=outcome.best_metric,
+        history=outcome.history,
         scores=scores,
         metrics=metrics,
         wall_time_s=time.perf_counter() - start_time,
-        epochs_run=len(history),
-        stopped_early=stopped_early,
+        epochs_run=len(outcome.history),
+        stopped_early=outcome.stopped_early,
         model=model,
         steps_per_epoch=per_epoch,
-        steps_run=steps_run,
+        steps_run=outcome.steps_run,
     )

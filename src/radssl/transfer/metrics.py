@@ -70,10 +70,6 @@ def check_classes_covered(
         )
 
 
-def _auc_columns(task: TaskInfo) -> int:
-    return 1 if task.kind == "binary" else task.num_classes
-
-
 def check_auc_defined(task: TaskInfo, y_true: np.ndarray | torch.Tensor, name: str = "evaluation set") -> None:
     """Raise when some class (or label) has no positive or no negative example in ``y_true``."""
     problems = _undefined_auc_columns(task, _numpy(y_true))

@@ -48,18 +48,19 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from monai.losses import DiceCELoss
 from torch import nn
 
 from radssl.data.store import ImageStore, images_to_float, normalise_for_backbone
+from radssl.engine.supervised import SupervisedRecipe, TrainingBatch, fit
 from radssl.errors import DataError
 from radssl.models.decoders import UNetDecoder
-from radssl.transfer.finetune import NonFiniteLossError
 from radssl.transfer.segmentation_metrics import (
     FOREGROUND_START,
     case_metrics,
@@ -383,6 +384,78 @@ def _augmentation(augment: bool | Mapping[str, Any] | AugmentationParams) -> Aug
     return AugmentationParams(**dict(augment))
 
 
+def _score_test_sets(model: nn.Module, test_sets: Mapping[str, tuple[ImageStore, np.ndarray]],
+                     names: tuple[str, ...], evaluate: dict[str, Any], spacing: Sequence[float] | None, hd95: bool,
+                     return_predictions: bool) -> dict[str, Any]:
+    """Per-case Dice (and HD95) of every test set, their summaries and which structures each case shows."""
+    scored: dict[str, dict[str, Any]] = {key: {} for key in ("per_case", "metrics", "counts", "rows", "hd95_unit",
+                                                              "predictions")}
+    suffixes = [metric_suffix(name) for name in names[FOREGROUND_START:]]
+    labels = range(1, len(names))
+    for name, (eval_store, rows) in test_sets.items():
+        rows = _rows(rows)
+        truth = torch.from_numpy(np.ascontiguousarray(eval_store.meta["mask"][rows])).long()
+        predicted = predict_labels(model, eval_store.images[torch.from_numpy(rows)], **evaluate)
+        case_spacing = _case_spacing(eval_store, rows, spacing)
+        values = case_metrics(predicted, truth, names, case_spacing, hd95=hd95)
+        truth_present = {s: (truth == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, labels)}
+        predicted_present = {s: (predicted == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, labels)}
+        scored["per_case"][name] = values
+        scored["metrics"][name], scored["counts"][name] = summarise(values, truth_present, predicted_present)
+        scored["rows"][name] = rows
+        scored["hd95_unit"][name] = "mm" if case_spacing is not None else "voxel"
+        if return_predictions:
+            scored["predictions"][name] = predicted.numpy()
+    return scored
+
+
+@dataclass
+class _SegmentationTask:
+    """Segmentation's own part of the supervised loop: cases from a continuing shuffled stream, optional
+    foreground-biased patches and shared image/mask augmentation, MONAI's DiceCE loss, validation mean Dice."""
+
+    train_images: torch.Tensor
+    train_masks: torch.Tensor
+    batch_size: int
+    sampler: "PatchSampler | None"
+    patch: tuple[int, ...] | None
+    augmenter: BatchAugmenter | None
+    generator: torch.Generator
+    device: torch.device
+    val_images: torch.Tensor
+    val_masks: torch.Tensor
+    names: tuple[str, ...]
+    evaluate: dict[str, Any]
+    loss_function: Callable = field(default_factory=lambda: DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
+    stream: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def epoch_batches(self, epoch: int, steps: int) -> Iterator[TrainingBatch]:
+        n = len(self.train_masks)
+        for _ in range(steps):
+            while len(self.stream) < self.batch_size:
+                self.stream = torch.cat([self.stream, torch.randperm(n, generator=self.generator)])
+            cases, self.stream = self.stream[:self.batch_size], self.stream[self.batch_size:]
+            images = images_to_float(self.train_images[cases])
+            masks = self.train_masks[cases]
+            if self.sampler is not None:
+                images, masks = crop_patches(images, masks, self.sampler.starts(cases, self.generator), self.patch)
+            images, masks = images.to(self.device), masks.to(self.device)
+            if self.augmenter is not None:
+                images, warped = self.augmenter(images, _device_generator(self.generator, self.device),
+                                                masks=masks[:, None])
+                masks = warped[:, 0]
+            yield TrainingBatch(normalise_for_backbone(images), masks[:, None].long(), len(cases))
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_function(outputs, targets)
+
+    def validate(self, model: nn.Module) -> tuple[float, dict[str, float]]:
+        predicted = predict_labels(model, self.val_images, **self.evaluate)
+        dice = case_metrics(predicted, self.val_masks, self.names, hd95=False)
+        record = {f"val_{name}": float(np.mean(values)) for name, values in dice.items()}
+        return record[f"val_{PRIMARY_SEGMENTATION_METRIC}"], record
+
+
 def finetune_segmentation(
     backbone: nn.Module,
     store: ImageStore,
@@ -453,113 +526,26 @@ def finetune_segmentation(
                                     freeze_encoder=freeze_encoder)
     model.to(device)
 
-    from monai.losses import DiceCELoss
-
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    train_images = store.images[torch.from_numpy(train_rows)]
     train_masks = torch.from_numpy(np.ascontiguousarray(store.meta["mask"][train_rows])).to(_label_dtype(k))
-    val_images = store.images[torch.from_numpy(val_rows)]
-    val_masks = torch.from_numpy(np.ascontiguousarray(store.meta["mask"][val_rows])).long()
-    sampler = PatchSampler(train_masks.numpy(), patch, foreground_ratio) if patch is not None else None
-    output_size = patch or store.image_shape
-    augmenter = BatchAugmenter(augmentation, tuple(output_size)) if augmentation is not None else None
-
-    # Weight decay on conv/linear weights only (Goyal et al. 2017), the encoder at its own learning rate.
-    groups: list[dict] = []
-    parts = [(model.decoder, 1.0)] + ([] if freeze_encoder else [(model.backbone, encoder_lr_scale)])
-    for module, scale in parts:
-        decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-        groups += [{"params": decay, "lr": lr * scale, "weight_decay": weight_decay},
-                   {"params": no_decay, "lr": lr * scale, "weight_decay": 0.0}]
-    optimiser = torch.optim.AdamW([g for g in groups if g["params"]])
     n = len(train_rows)
     per_epoch = steps_per_epoch if steps_per_epoch is not None else max(1, math.ceil(n / batch_size))
-    total_steps = max(1, epochs * per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    generator = torch.Generator().manual_seed(seed)
+    recipe = SupervisedRecipe(epochs=epochs, steps_per_epoch=per_epoch, lr=lr, weight_decay=weight_decay,
+                              early_stopping_patience=early_stopping_patience, min_epochs=min_epochs)
     evaluate = dict(patch_size=patch, batch_size=eval_batch_size, sw_batch_size=sw_batch_size, sw_overlap=sw_overlap,
                     sw_mode=sw_mode, device=device)
-
-    history: list[dict[str, float]] = []
-    best_metric, best_epoch, best_state, epochs_without_gain = -math.inf, 0, None, 0
-    stopped_early, steps_run, train_seconds, train_samples = False, 0, 0.0, 0
-    stream = torch.empty(0, dtype=torch.long)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        epoch_start = time.perf_counter()
-        running, seen = 0.0, 0
-        for step in range(per_epoch):
-            while len(stream) < batch_size:
-                stream = torch.cat([stream, torch.randperm(n, generator=generator)])
-            cases, stream = stream[:batch_size], stream[batch_size:]
-            images = images_to_float(train_images[cases])
-            masks = train_masks[cases]
-            if sampler is not None:
-                images, masks = crop_patches(images, masks, sampler.starts(cases, generator), patch)
-            images, masks = images.to(device), masks.to(device)
-            if augmenter is not None:
-                images, warped = augmenter(images, _device_generator(generator, device), masks=masks[:, None])
-                masks = warped[:, 0]
-            logits = model(normalise_for_backbone(images))
-            loss = loss_function(logits.float(), masks[:, None].long())
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(
-                    f"{where}: segmentation loss became {loss.detach().item()} at epoch {epoch}, step {step + 1} "
-                    f"(lr {scheduler.get_last_lr()[0]:.3g}) — lower lr or check the initialisation's weights for NaN")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            steps_run += 1
-            running += float(loss.detach()) * len(cases)
-            seen += len(cases)
-        train_seconds += time.perf_counter() - epoch_start
-        train_samples += seen
-        predicted = predict_labels(model, val_images, **evaluate)
-        val_dice = case_metrics(predicted, val_masks, names, hd95=False)
-        record = {"epoch": float(epoch), "train_loss": running / max(seen, 1), "lr": scheduler.get_last_lr()[-1],
-                  "train_samples": float(seen)}
-        record.update({f"val_{name}": float(np.mean(values)) for name, values in val_dice.items()})
-        history.append(record)
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        metric = record[f"val_{PRIMARY_SEGMENTATION_METRIC}"]
-        if metric > best_metric:
-            best_metric, best_epoch, epochs_without_gain = metric, epoch, 0
-            best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        else:
-            epochs_without_gain += 1
-            if (early_stopping_patience is not None and epochs_without_gain >= early_stopping_patience
-                    and epoch >= min_epochs):
-                stopped_early = epoch < epochs
-                break
-
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    per_case: dict[str, dict[str, np.ndarray]] = {}
-    metrics: dict[str, dict[str, float]] = {}
-    counts: dict[str, dict[str, int]] = {}
-    rows_out: dict[str, np.ndarray] = {}
-    units: dict[str, str] = {}
-    predictions: dict[str, np.ndarray] = {}
-    suffixes = [metric_suffix(name) for name in names[FOREGROUND_START:]]
-    for name, (eval_store, rows) in test_sets.items():
-        rows = _rows(rows)
-        truth = torch.from_numpy(np.ascontiguousarray(eval_store.meta["mask"][rows])).long()
-        predicted = predict_labels(model, eval_store.images[torch.from_numpy(rows)], **evaluate)
-        case_spacing = _case_spacing(eval_store, rows, spacing)
-        values = case_metrics(predicted, truth, names, case_spacing, hd95=hd95)
-        truth_present = {s: (truth == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, range(1, k))}
-        predicted_present = {s: (predicted == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, range(1, k))}
-        per_case[name] = values
-        metrics[name], counts[name] = summarise(values, truth_present, predicted_present)
-        rows_out[name] = rows
-        units[name] = "mm" if case_spacing is not None else "voxel"
-        if return_predictions:
-            predictions[name] = predicted.numpy()
+    task = _SegmentationTask(
+        train_images=store.images[torch.from_numpy(train_rows)], train_masks=train_masks, batch_size=batch_size,
+        sampler=PatchSampler(train_masks.numpy(), patch, foreground_ratio) if patch is not None else None,
+        patch=patch,
+        augmenter=BatchAugmenter(augmentation, tuple(patch or store.image_shape)) if augmentation is not None else None,
+        generator=torch.Generator().manual_seed(seed), device=device,
+        val_images=store.images[torch.from_numpy(val_rows)],
+        val_masks=torch.from_numpy(np.ascontiguousarray(store.meta["mask"][val_rows])).long(), names=names,
+        evaluate=evaluate)
+    # The encoder at its own learning rate; a frozen encoder is not optimised at all.
+    parts = [(model.decoder, 1.0)] + ([] if freeze_encoder else [(model.backbone, encoder_lr_scale)])
+    outcome = fit(model, parts, task, recipe, device, where, what="segmentation", on_epoch_end=on_epoch_end)
+    scored = _score_test_sets(model, test_sets, names, evaluate, spacing, hd95, return_predictions)
     settings = {
         "protocol": "segmentation_frozen" if freeze_encoder else "segmentation_finetune",
         "freeze_encoder": freeze_encoder, "epochs": epochs, "steps_per_epoch": per_epoch, "batch_size": batch_size,
@@ -571,11 +557,10 @@ def finetune_segmentation(
         "decoder_norm": decoder_norm, "class_names": list(names), "train_cases": int(n), "val_cases": len(val_rows),
     }
     return SegmentationResult(
-        per_case=per_case, metrics=metrics, counts=counts, rows=rows_out, hd95_unit=units, class_names=names,
-        val_metric=best_metric, best_epoch=best_epoch, history=history,
-        wall_time_s=time.perf_counter() - start_time, steps=steps_run, steps_per_epoch=per_epoch,
-        epochs_run=len(history), stopped_early=stopped_early, train_seconds=train_seconds,
-        train_samples=train_samples, settings=settings, model=model, predictions=predictions,
+        **scored, class_names=names, val_metric=outcome.best_metric, best_epoch=outcome.best_epoch,
+        history=outcome.history, wall_time_s=time.perf_counter() - start_time, steps=outcome.steps_run,
+        steps_per_epoch=per_epoch, epochs_run=len(outcome.history), stopped_early=outcome.stopped_early,
+        train_seconds=outcome.train_seconds, train_samples=outcome.train_samples, settings=settings, model=model,
     )
 
 

@@ -21,7 +21,7 @@ through the checkpoint's ``backbone`` as usual.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,7 +245,3 @@ def retrieval_on_store(method: ImageTextMethod, store: ImageStore, rows: np.ndar
     text = method.embed_texts(list(reports))
     return retrieval_recall(image, text, reports, ks)
 
-
-def prompts_from_mapping(value: Mapping[str, Sequence[str]]) -> ZeroShotPrompts:
-    """Validate a plain mapping (e.g. a config section) as :class:`ZeroShotPrompts`."""
-    return ZeroShotPrompts(prompts={str(k): [str(t) for t in v] for k, v in value.items()})

@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from radssl.errors import ConfigError
-from radssl.registry import load_entry
+from radssl.registry import Registry
 from radssl.views.columns import PairingColumns
 
 _OFFSET_KINDS = ("slice", "frame")
@@ -348,18 +348,16 @@ class FramePairing(TablePairing):
         return f"no loop holds two frames {self.params.min_offset}–{self.params.max_offset} apart"
 
 
-PAIRINGS: dict[str, str] = {
+PAIRINGS: Registry[Pairing] = Registry("pairing", {
     "none": "radssl.views.pairing:SelfPairing",
     "patient": "radssl.views.pairing:PatientPairing",
     "slice": "radssl.views.pairing:SlicePairing",
     "frame": "radssl.views.pairing:FramePairing",
-}
+})
 
 
 def pairing_class(kind: str) -> type[Pairing]:
-    if kind not in PAIRINGS:
-        raise ValueError(f"unknown pairing '{kind}'; choose one of {sorted(PAIRINGS)}")
-    return load_entry(PAIRINGS[kind])
+    return PAIRINGS.load(kind)
 
 
 def build_pairing(params: PairingParams, columns: PairingColumns) -> Pairing:

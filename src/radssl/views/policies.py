@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from radssl.data.store import NORMALISATION_MEAN, NORMALISATION_STD, images_to_float
 from radssl.errors import ConfigError
-from radssl.registry import load_entry
+from radssl.registry import Registry
 from radssl.views.augment import AugmentationParams, BatchAugmenter
 from radssl.views.batch import ViewBatch, ViewLayout
 from radssl.views.columns import PairingColumns
@@ -146,26 +146,23 @@ class SingleViewPolicy(ViewPolicy):
         return ViewBatch(views=[normalise_view(view, self.context.channels_last)], rows=rows)
 
 
-POLICIES: dict[str, str | type[ViewPolicy]] = {
+POLICIES: Registry[ViewPolicy] = Registry("view policy", {
     "two_view": "radssl.views.policies:TwoViewPolicy",
     "single_view": "radssl.views.policies:SingleViewPolicy",
     "neighbouring_crops": "radssl.views.volume_policies:NeighbouringCropPolicy",
     "multi_crop": "radssl.views.multicrop:MultiCropPolicy",
     "restoration": "radssl.views.restoration:RestorationPolicy",
     "image_text": "radssl.views.image_text:ImageTextPolicy",
-}
+})
 
 
 def register_policy(cls: type[ViewPolicy]) -> type[ViewPolicy]:
     """Register a policy class under its ``name`` (usable as a decorator); later registrations win."""
-    POLICIES[cls.name] = cls
-    return cls
+    return POLICIES.register(cls)
 
 
 def policy_class(name: str) -> type[ViewPolicy]:
-    if name not in POLICIES:
-        raise ValueError(f"unknown view policy '{name}'; choose one of {sorted(POLICIES)}")
-    return load_entry(POLICIES[name])
+    return POLICIES.load(name)
 
 
 def build_policy(settings: ViewSettings, context: PolicyContext) -> ViewPolicy:

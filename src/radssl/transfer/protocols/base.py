@@ -43,7 +43,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
 from radssl.data.store import ImageStore
-from radssl.registry import load_entry
+from radssl.registry import Registry
 
 __all__ = [
     "PROTOCOLS",
@@ -216,14 +216,14 @@ def budget_steps_per_epoch(rule: str | int, batch_size: int, subset_rows: int, f
 
 
 # ---------------------------------------------------------------------------------------------- registry
-PROTOCOLS: dict[str, str | type[Protocol]] = {
+PROTOCOLS: Registry[Protocol] = Registry("protocol", {
     "linear": "radssl.transfer.protocols.linear:LinearProbeProtocol",
     "knn": "radssl.transfer.protocols.knn:KnnProtocol",
     "finetune": "radssl.transfer.protocols.finetune:FinetuneProtocol",
     "zero_shot": "radssl.transfer.protocols.zero_shot:ZeroShotProtocol",
     "segmentation_frozen": "radssl.transfer.protocols.segmentation:FrozenSegmentationProtocol",
     "segmentation_finetune": "radssl.transfer.protocols.segmentation:FinetuneSegmentationProtocol",
-}
+})
 """Protocol name → class or ``module:Class`` import path (imported on first use)."""
 
 
@@ -231,21 +231,16 @@ def register_protocol(cls: type[Protocol]) -> type[Protocol]:
     """Register a protocol class under its ``name`` (usable as a decorator); a later registration wins."""
     if not (isinstance(cls, type) and issubclass(cls, Protocol)) or not getattr(cls, "name", ""):
         raise TypeError(f"register_protocol takes a Protocol subclass with a name, got {cls!r}")
-    PROTOCOLS[cls.name] = cls
-    return cls
+    return PROTOCOLS.register(cls)
 
 
 def protocol_names() -> list[str]:
-    return list(PROTOCOLS)
+    return PROTOCOLS.names()
 
 
 def protocol_class(name: str) -> type[Protocol]:
-    """The class registered under ``name``; a KeyError naming the registered ones otherwise."""
-    if name not in PROTOCOLS:
-        close = difflib.get_close_matches(name, list(PROTOCOLS), n=1)
-        hint = f" — did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"unknown protocol '{name}'{hint}; registered: {', '.join(PROTOCOLS)}")
-    return load_entry(PROTOCOLS[name])
+    """The class registered under ``name``; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
+    return PROTOCOLS.load(name)
 
 
 def build_protocol(name: str, params: ProtocolParams | Mapping[str, Any] | None = None) -> Protocol:

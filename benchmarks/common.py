@@ -1,0 +1,65 @@
+"""What every benchmark script shares: the machine it ran on, seed intervals, and writing results.
+
+Kept here once so every result file describes its machine the same way (CPU model, cores, threads, GPU, load average,
+package versions) and every seed interval is :func:`radssl.study.statistics.seed_t_interval`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radssl.atomic import write_text_atomic
+from radssl.provenance import package_versions
+from radssl.study.statistics import seed_t_interval
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """The machine a result came from; ``extra`` adds the script's own keys (threads it pinned, a note)."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    record = {
+        "description": f"{os.cpu_count()}-core CPU ({cpu_model()}), " + (f"GPU {gpu}" if gpu else "no GPU")
+                       + f"; torch threads {torch.get_num_threads()}",
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+        "cuda": torch.cuda.is_available(), "platform": platform.platform(), "python": platform.python_version(),
+        "load_average_at_start": load, "nice": os.nice(0) if hasattr(os, "nice") else None,
+        "versions": package_versions(),
+    }
+    record.update(extra)
+    return record
+
+
+def mean_sd_interval(values: list[float | None]) -> dict[str, float]:
+    """Mean, SD and the 95 % t-interval over seeds of the finite values (NaN where fewer than two)."""
+    array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(array) == 0:
+        return {"mean": math.nan, "sd": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    if len(array) < 2:
+        return {"mean": float(array[0]), "sd": math.nan, "low": math.nan, "high": math.nan, "n": 1}
+    mean, low, high, _, _ = seed_t_interval(array)
+    return {"mean": float(mean), "sd": float(array.std(ddof=1)), "low": float(low), "high": float(high),
+            "n": int(len(array))}
+
+
+def write_json(path: Path, record: Any) -> None:
+    """Write a result file atomically (a killed benchmark never leaves half a JSON)."""
+    write_text_atomic(Path(path), json.dumps(record, indent=2, default=float) + "\n")

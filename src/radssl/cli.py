@@ -88,7 +88,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from radssl.study.preflight import preflight
 
     kind, datasets = preflight(args.config, list(args.overrides), log=print)
-    print(f"{args.config}: valid {kind} config" + (" (every check `radssl {kind}` runs before compute passed)"
+    print(f"{args.config}: valid {kind} config" + (f" (every check `radssl {kind}` runs before compute passed)"
                                                   if kind != "data" else ""))
     out = Path(args.out) if args.out else Path(args.config).with_suffix(".montage.png")
     for index, (where, store) in enumerate(datasets):
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser(
         "inspect",
-        help="run every check the config's command runs before compute, then print counts, mask statistics and a montage",
+        help="run the checks the config's command runs before compute, then print counts, mask stats, a montage",
         description=(
             "Validate a whole pretraining or study config (told apart by its keys) and run every check "
             "`radssl pretrain` / `radssl study` runs before compute (protocols against the data, prompts against "

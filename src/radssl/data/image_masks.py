@@ -104,7 +104,8 @@ def read_mask_file(path: Path) -> tuple[np.ndarray, int]:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(str(path), f"cannot decode mask ({error})", "re-export or remove the file") from error
     if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-        if path.suffix.lower() not in LOSSY_SUFFIXES or np.abs(rgb.astype(np.int16) - rgb.mean(-1, keepdims=True)).max() > 16:
+        chroma = float(np.abs(rgb.astype(np.float32) - rgb.mean(-1, keepdims=True)).max())
+        if path.suffix.lower() not in LOSSY_SUFFIXES or chroma > 16:
             raise DataError(str(path), f"colour mask ({mode}): its colours have no agreed label values",
                             "save the mask as a single-channel (grey or palette) image, one value per label")
         return np.round(rgb.mean(-1)).astype(np.uint8), 8  # a grey JPEG saved as RGB: chroma noise only

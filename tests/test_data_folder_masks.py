@@ -169,3 +169,22 @@ def test_folder_masks_reach_the_store_resized_nearest_and_inspect_shows_them(tmp
     assert "masks: 18 of 18 images have one; 6 empty (background only)" in text
     assert "1 lesion (in 12 images" in text and "mean foreground share:" in text
     assert "label map lesion = value 255" in text  # the value rule is said, not silent
+
+
+def test_label_maps_are_resized_nearest_neighbour_never_blending_labels(tmp_path: Path) -> None:
+    """A border between label 0 and label 2 must not turn into label 1 when the image is resized (9 → 5 px)."""
+    root = tmp_path / "data"
+    for i in range(8):  # the border at every column, so some output pixel straddles it
+        _save(root / f"{i}.png", _image(i, (9, 9)))
+        stripes = np.zeros((9, 9), np.uint8)
+        stripes[:, i + 1:] = 200  # label 2 borders the background
+        stripes[0, 0] = 100  # label 1 somewhere, so it is declared and used
+        _save(root / f"{i}_mask.png", stripes)
+    config = MedicalDataConfig.model_validate({
+        "source": {"kind": "folder", "root": str(root), "mask_suffix": "_mask", "mask_values": {"a": 100, "b": 200}},
+        "preprocess": {"target_size": [5, 5], "resize": "stretch"}, "cache_dir": str(tmp_path / "cache"),
+    })
+    mask = np.asarray(load_medical_store(config, "stripes").meta["mask"])
+    assert mask.shape == (8, 5, 5) and (mask == 2).any()
+    for row in mask:
+        assert not (row[1:, :] == 1).any(), "no label 1 appears between background and label 2"

@@ -188,3 +188,14 @@ def test_label_maps_are_resized_nearest_neighbour_never_blending_labels(tmp_path
     assert mask.shape == (8, 5, 5) and (mask == 2).any()
     for row in mask:
         assert not (row[1:, :] == 1).any(), "no label 1 appears between background and label 2"
+
+
+def test_a_folder_without_mask_settings_says_which_mask_files_it_left_out(tmp_path: Path) -> None:
+    root = busi_like(tmp_path / "busi", per_class=2)
+    config = MedicalDataConfig.model_validate({"source": {"kind": "folder", "root": str(root)},
+                                               "preprocess": {"target_size": [8, 8]},
+                                               "cache_dir": str(tmp_path / "cache")})
+    store = load_medical_store(config, "busi")
+    assert len(store) == 6 and "mask" not in store.meta
+    assert any(note.startswith("8 files named <image>_mask[_n] beside their images were not read as images")
+               and "mask_suffix: _mask" in note for note in store.notes)

@@ -382,22 +382,11 @@ def _raw_at(raw: Any, location: tuple[Any, ...]) -> Any:
 
 def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...], raw: dict[str, Any]) -> list[str]:
     """Field names valid at ``location`` (a raw pydantic location, list indices and union tags included)."""
-    current: Any = model
-    parts = [p for p in location if not isinstance(p, int)]
-    while parts:
-        part = parts.pop(0)
-        fields = getattr(current, "model_fields", {})
-        if part not in fields:
-            return []
-        members = _union_members(fields[part].annotation)
-        if len(members) > 1 and parts:  # tagged union: the next location element names the member
-            tag = parts.pop(0)
-            members = [m for m in members if _source_tag_of(m) == tag]
-        if not members:
-            return []
-        current = members[0]
+    current = _section_model(model, location)
+    if current is None:
+        return []
     keys = set(getattr(current, "model_fields", {}))
-    section = _raw_at(raw, tuple(p for p in location[:-1]))  # the mapping holding this section (e.g. one entry)
+    section = _raw_at(raw, location[:-1])  # the mapping holding this section (the file, or one list entry)
     section = section if isinstance(section, dict) else {}
     if current is MethodSection:  # the method's own hyper-parameters are allowed keys too
         from radssl.methods.registry import METHODS, method_class
@@ -431,7 +420,7 @@ def _owner_hint(model: Any, key: str) -> str:
 
 
 def _section_model(model: type[BaseModel], location: tuple[Any, ...]) -> Any:
-    """The section model at ``location`` (ViewsSection, MethodSection, ...), for the owner hint."""
+    """The section model at ``location`` (ViewsSection, MethodSection, ...); None where the location leaves it."""
     current: Any = model
     parts = [p for p in location if not isinstance(p, int)]
     while parts:

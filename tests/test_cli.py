@@ -73,6 +73,10 @@ def test_data_inspect_validates_the_whole_pretrain_config(tmp_path: Path, capsys
     assert main(["data", "inspect", str(config), "--out", str(tmp_path / "m.png")]) == 2
     assert "unknown key 'train.stepz'" in capsys.readouterr().err
     config.write_text(SYNTHETIC + "model: {backbone: small_cnn}\ntrain: {steps: 3}\n")
+    # `radssl pretrain` would refuse it before compute (12 images, batch 256), so inspect does too
+    assert main(["data", "inspect", str(config), "--out", str(tmp_path / "m.png"), "data.n_patients=6"]) == 2
+    assert "pretraining images cannot fill one global batch of 256" in capsys.readouterr().err
+    config.write_text(SYNTHETIC + "model: {backbone: small_cnn}\ntrain: {steps: 3, batch_size: 8}\n")
     # an override after --out is applied (and validated) like the file
     assert main(["data", "inspect", str(config), "--out", str(tmp_path / "m.png"), "data.n_patients=10"]) == 0
     out = capsys.readouterr().out

@@ -76,38 +76,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def config_kind(raw: dict) -> str:
-    """``study`` or ``pretrain``: which config a YAML mapping is, by the top-level keys only one of them has.
+    """``study``, ``pretrain`` or ``data`` (see :func:`radssl.study.preflight.config_kind`)."""
+    from radssl.study.preflight import config_kind as kind_of
 
-    A file with keys of neither (only ``data``/``model``/``seed``/``output_dir``) is valid as both and is
-    checked as a pretraining config.
-    """
-    from radssl.config import PretrainConfig
-    from radssl.study.config import StudyConfig
-
-    study_only = set(StudyConfig.model_fields) - set(PretrainConfig.model_fields)
-    return "study" if study_only & set(raw) else "pretrain"
+    return kind_of(raw)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    """Validate the whole config (pretrain or study, like the command that would run it), then inspect its data."""
-    from radssl.config import load_config, read_yaml_mapping
-    from radssl.data.build import build_store
+    """Run the checks the config's own command runs before compute (one validation path), then inspect its data."""
     from radssl.data.medical import inspect_store
-    from radssl.study.config import load_study_config
+    from radssl.study.preflight import preflight
 
-    kind = config_kind(read_yaml_mapping(args.config))
-    if kind == "study":
-        study = load_study_config(args.config, list(args.overrides))
-        datasets = [("data", study.data)] + [(f"external_test_sets.{t.name}", t.data) for t in study.external_test_sets]
-    else:
-        datasets = [("data", load_config(args.config, list(args.overrides)).data)]
-    print(f"{args.config}: valid {kind} config")
+    kind, datasets = preflight(args.config, list(args.overrides), log=print)
+    print(f"{args.config}: valid {kind} config" + (f" (every check `radssl {kind}` runs before compute passed)"
+                                                  if kind != "data" else ""))
     out = Path(args.out) if args.out else Path(args.config).with_suffix(".montage.png")
-    for index, (where, section) in enumerate(datasets):
+    for index, (where, store) in enumerate(datasets):
         montage = out if index == 0 else out.with_name(f"{out.stem}.{where.rsplit('.', 1)[-1]}{out.suffix}")
         if len(datasets) > 1:
             print(f"\n[{where}]")
-        print(inspect_store(build_store(section), montage))
+        print(inspect_store(store, montage))
     return 0
 
 
@@ -140,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser(
         "inspect",
-        help="validate a config, then print counts per split/class/patient/modality and write a montage PNG",
+        help="run the checks the config's command runs before compute, then print counts, mask stats, a montage",
         description=(
-            "Validate a whole pretraining or study config (told apart by its keys) exactly as `radssl pretrain` / "
-            "`radssl study` would, then build its dataset(s) and print counts per split, class, patient and "
-            "modality, the notes on how the data were split, and write a montage PNG."
+            "Validate a whole pretraining or study config (told apart by its keys) and run every check "
+            "`radssl pretrain` / `radssl study` runs before compute (protocols against the data, prompts against "
+            "the classes, views against the method, batch against the data), then print counts per split, class, "
+            "patient and modality, mask statistics, the notes on how the data were read and split, and write a "
+            "montage PNG."
         ),
     )
     inspect.add_argument("config", type=Path, help="a pretraining or study YAML")

@@ -279,6 +279,25 @@ def merge_method_preset(raw: Any) -> Any:
     return merged
 
 
+def preset_view_policy(raw: Any) -> Any:
+    """A pretraining mapping whose ``views`` name keys of a view policy but no ``policy``: the preset's policy added.
+
+    Which views keys are valid depends on the policy (``tokenizer`` belongs to ``image_text``), and a method's
+    preset may choose the policy (ConVIRT and CLIP: ``image_text``). :class:`PretrainConfig` merges the whole preset
+    before validating; a study's ``pretraining`` entry keeps only the keys the user wrote (the engine merges the
+    preset again when it runs), so it takes just the policy — and only where the user's keys need it, so entries
+    that validated before are recorded unchanged (resumed studies compare recorded entries).
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("views"), dict) or "policy" in raw["views"]:
+        return raw
+    if not set(raw["views"]) - set(ViewsSection.model_fields):
+        return raw
+    policy = (merge_method_preset({"method": raw.get("method") or {}, "views": {}}).get("views") or {}).get("policy")
+    if policy is None:
+        return raw
+    return {**raw, "views": {"policy": policy, **raw["views"]}}
+
+
 class PretrainConfig(Section):
     """Everything ``radssl pretrain`` needs."""
 
@@ -348,51 +367,108 @@ def _source_tag_of(model: Any) -> str:
     return "files"
 
 
-def _allowed_keys(model: type[BaseModel], location: tuple[str, ...], raw: dict[str, Any]) -> list[str]:
-    """Field names valid at ``location`` (a raw pydantic location, union tags included), for 'did you mean'."""
-    current: Any = model
-    parts = list(location)
-    while parts:
-        part = parts.pop(0)
-        fields = getattr(current, "model_fields", {})
-        if part not in fields:
-            return []
-        members = _union_members(fields[part].annotation)
-        if len(members) > 1 and parts:  # tagged union: the next location element names the member
-            tag = parts.pop(0)
-            members = [m for m in members if _source_tag_of(m) == tag]
-        if not members:
-            return []
-        current = members[0]
+def _raw_at(raw: Any, location: tuple[Any, ...]) -> Any:
+    """The raw mapping (or value) at a pydantic location, list indices included; None where it leaves the input."""
+    node = raw
+    for part in location:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...], raw: dict[str, Any]) -> list[str]:
+    """Field names valid at ``location`` (a raw pydantic location, list indices and union tags included)."""
+    current = _section_model(model, location)
+    if current is None:
+        return []
     keys = set(getattr(current, "model_fields", {}))
+    section = _raw_at(raw, location[:-1])  # the mapping holding this section (the file, or one list entry)
+    section = section if isinstance(section, dict) else {}
     if current is MethodSection:  # the method's own hyper-parameters are allowed keys too
         from radssl.methods.registry import METHODS, method_class
 
-        name = (raw.get("method") or {}).get("name", "simclr")
+        name = (section.get("method") or {}).get("name", "simclr")
         if name in METHODS:
             keys |= set(method_class(name).Params.model_fields)
     if current is ViewsSection:  # and the view policy's own keys
-        name = (raw.get("views") or {}).get("policy", "two_view")
+        name = (section.get("views") or {}).get("policy", "two_view")
         if name in POLICIES:
             keys |= set(policy_class(name).Params.model_fields)
     return sorted(keys)
 
 
+def _owner_hint(model: Any, key: str) -> str:
+    """Where an unknown views/method key does belong: the view policies (and the methods whose preset picks one)
+    or the methods that define it — the usual cause is a key of another policy or method."""
+    from radssl.methods.registry import METHODS, method_class
+
+    if model is ViewsSection:
+        policies = sorted(name for name in POLICIES if key in policy_class(name).Params.model_fields)
+        if not policies:
+            return ""
+        by_preset = sorted(m for m in METHODS if (method_class(m).preset.get("views") or {}).get("policy") in policies)
+        presets = f" (the preset of method {', '.join(by_preset)})" if by_preset else ""
+        return f" — '{key}' is a key of view policy {' / '.join(policies)}: set policy: {policies[0]}{presets}"
+    if model is MethodSection:
+        methods = sorted(name for name in METHODS if key in method_class(name).Params.model_fields)
+        return f" — '{key}' is a parameter of method {', '.join(methods)}" if methods else ""
+    return ""
+
+
+def _section_model(model: type[BaseModel], location: tuple[Any, ...]) -> Any:
+    """The section model at ``location`` (ViewsSection, MethodSection, ...); None where the location leaves it."""
+    current: Any = model
+    parts = [p for p in location if not isinstance(p, int)]
+    while parts:
+        fields = getattr(current, "model_fields", {})
+        part = parts.pop(0)
+        if part not in fields:
+            return None
+        members = _union_members(fields[part].annotation)
+        if len(members) > 1 and parts:
+            tag = parts.pop(0)
+            members = [m for m in members if _source_tag_of(m) == tag]
+        if not members:
+            return None
+        current = members[0]
+    return current
+
+
+def _entry_label(raw: dict[str, Any], location: tuple[Any, ...]) -> str:
+    """`` [pretraining entry 'convirt']`` for a location inside a list of named entries ('' elsewhere)."""
+    labels = []
+    for i, part in enumerate(location):
+        if isinstance(part, int) and i > 0:
+            entry = _raw_at(raw, location[: i + 1])
+            name = entry.get("name") if isinstance(entry, dict) else None
+            labels.append(f"{location[i - 1]} entry " + (f"'{name}'" if name else f"#{part}"))
+    return f" [{', '.join(labels)}]" if labels else ""
+
+
 def format_validation_error(error: ValidationError, source: str, model: type[BaseModel], raw: dict[str, Any]) -> str:
-    """Readable, one line per problem: file, dotted key, what is wrong, and close valid keys."""
+    """Readable, one line per problem: file, dotted key, what is wrong, close valid keys, and which list entry."""
     lines = [f"{source}: invalid configuration"]
     tags = {"medmnist", "synthetic", "synthetic3d", "files", "dicom", "nifti", "folder"}
     for item in error.errors():
-        location = tuple(str(p) for p in item["loc"] if not isinstance(p, int))
-        shown = tuple(p for p in location if p not in tags)  # union tags are noise for the user
+        location = tuple(p if isinstance(p, int) else str(p) for p in item["loc"])
+        shown = tuple(p for p in location if not isinstance(p, int) and p not in tags)  # union tags are noise
         key = ".".join(shown) or "<root>"
+        entry = _entry_label(raw, tuple(p for p in location if p not in tags))
         if item["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, location[:-1], raw)
-            close = difflib.get_close_matches(location[-1], allowed, n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else (f" — allowed: {', '.join(allowed)}" if allowed else "")
-            lines.append(f"  unknown key '{key}'{hint}")
+            close = difflib.get_close_matches(str(location[-1]), allowed, n=1)
+            owner = _owner_hint(_section_model(model, location[:-1]), str(location[-1]))
+            hint = f" — did you mean '{close[0]}'?" if close else (
+                owner or (f" — allowed: {', '.join(allowed)}" if allowed else ""))
+            line = f"  unknown key '{key}'{hint}{entry}"
         else:
-            lines.append(f"  {key}: {item['msg']}")
+            line = f"  {key}: {item['msg']}{entry}"
+        if line not in lines:  # one problem, one line (pydantic may report a union's member twice)
+            lines.append(line)
     return "\n".join(lines)
 
 

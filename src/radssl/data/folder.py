@@ -19,6 +19,16 @@ name* whose first group (or whole match) is the patient id (``"^(P\\d+)_"`` for 
 either, every image is its own patient: splits are then per image and images of one patient may end up on
 both sides (``radssl data inspect`` and the store's notes say so).
 
+Segmentation masks (image files, see ``radssl.data.image_masks`` for the value rules): ``mask_column`` (CSV; one
+cell may list several files, ``a.png;b.png``), or ``mask_suffix`` (``_mask`` → ``<stem>_mask.png`` and numbered
+copies ``<stem>_mask_1.png`` beside the image, or in ``mask_folder`` at the image's relative path), merged by union
+for one class or through ``mask_values`` (``{benign: 128, malignant: 255}``) for several. Each mask must lie on its
+image's pixel grid; wrong sizes and undeclared values are bad files naming the mask, before anything is cached.
+Mask files are never read as images: files following the configured rule are masks; without any mask
+configuration, ``<stem>_mask[_n].<ext>`` files whose image ``<stem>.<ext>`` lies beside them are left out too
+(``radssl data inspect`` notes how many). Every image needs a mask once masks are configured
+(``missing_mask: empty`` reads an image without one as all background, e.g. normal cases).
+
 Pixels keep their range: 8-bit files give uint8, 16-bit PNG/TIFF give uint16 (``extra["bit_depth"]`` says
 which), so preprocessing can window or take percentiles on the full range. Colour images become one channel
 explicitly with ITU-R BT.601 luma (Y = 0.299 R + 0.587 G + 0.114 B — the weights Pillow's ``convert("L")``
@@ -38,6 +48,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from radssl.data.image_masks import index_masks, mask_name_match, merge_mask_files
 from radssl.data.records import BadFileLog, Record
 from radssl.errors import DataError
 
@@ -54,6 +65,10 @@ SPLIT_ALIASES = {
     "unlabeled": "unlabelled",
 }
 LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+UNCONFIGURED_MASK_SUFFIX = "_mask"
+"""Without mask settings, ``<stem>_mask[_n].<ext>`` beside an image ``<stem>.<ext>`` is a mask, never an image."""
+MASK_SEPARATOR = ";"
+"""Separates several mask files in one ``mask_column`` cell."""
 
 
 class FolderSourceConfig(BaseModel):
@@ -86,6 +101,21 @@ class FolderSourceConfig(BaseModel):
     and joined by ``radssl.data.reports``."""
     modality: str = ""
     """DICOM-style modality code for all images (``DX``, ``CR``, ``US``, ...); empty = unknown."""
+    mask_column: str | None = None
+    """CSV column of each image's segmentation mask file(s), relative to ``root``; several joined by ``;``."""
+    mask_suffix: str | None = None
+    """Mask files are ``<image stem><mask_suffix>.<ext>`` (and numbered copies ``..._1``, ``..._2``) beside the
+    image, or in ``mask_folder``; they are never read as images."""
+    mask_folder: Path | None = None
+    """Folder of the masks (relative to ``root`` unless absolute), mirroring the images' sub-folders; a mask there is
+    named like its image (plus ``mask_suffix`` when set)."""
+    mask_values: dict[str, int] | None = None
+    """Label map: class name → its pixel value in the mask files (``{lesion: 255}``; ``{benign: 1, malignant: 2}``);
+    labels are 1, 2, ... in this order (0 = background). Unset: one class ``foreground`` (union, thresholded)."""
+    mask_threshold: int | None = None
+    """One-class masks: foreground where value >= this; unset = 1 for 0/1 files, half the bit range otherwise."""
+    missing_mask: Literal["error", "empty"] = "error"
+    """An image without a mask: a bad file (``error``) or all background (``empty``, e.g. normal cases)."""
 
     @field_validator("patient_pattern")
     @classmethod
@@ -111,7 +141,51 @@ class FolderSourceConfig(BaseModel):
                                  "only within its series (the volume or cine loop it belongs to)")
         if self.csv is not None:
             self.csv = under_root(self.root, self.csv)
+        self._check_masks()
         return self
+
+    def _check_masks(self) -> None:
+        if self.mask_column and self.csv is None:
+            raise ValueError("mask_column names a CSV column: set `csv` too (or use mask_suffix for files beside "
+                             "the images)")
+        if self.mask_column and (self.mask_suffix is not None or self.mask_folder is not None):
+            raise ValueError("set either mask_column (masks listed in the CSV) or mask_suffix/mask_folder, not both")
+        if self.mask_suffix is not None and not self.mask_suffix.strip():
+            raise ValueError("mask_suffix must not be empty (e.g. _mask); for masks named exactly like their images "
+                             "use mask_folder without mask_suffix")
+        if not self.has_masks:
+            given = [k for k in ("mask_values", "mask_threshold") if getattr(self, k) is not None]
+            given += ["missing_mask"] if self.missing_mask != "error" else []
+            if given:
+                raise ValueError(f"{given} describe masks but none are read: set mask_column, mask_suffix or "
+                                 "mask_folder")
+        if self.mask_values is not None:
+            names, values = list(self.mask_values), list(self.mask_values.values())
+            if not names:
+                raise ValueError("mask_values is empty: name at least one class (e.g. {lesion: 255})")
+            if "background" in names:
+                raise ValueError("mask_values must not name 'background': it is label 0, pixel value 0")
+            if any(v < 1 or v > 65535 for v in values) or len(set(values)) != len(values):
+                raise ValueError(f"mask_values {self.mask_values} must be distinct pixel values 1..65535 (0 is "
+                                 "the background)")
+            if self.mask_threshold is not None:
+                raise ValueError("mask_threshold is for one-class masks; with mask_values each value is a label")
+        if self.mask_threshold is not None and self.mask_threshold < 1:
+            raise ValueError("mask_threshold must be >= 1 (foreground where the mask value >= it)")
+        if self.mask_folder is not None:
+            self.mask_folder = under_root(self.root, self.mask_folder)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether this source reads segmentation masks."""
+        return bool(self.mask_column) or self.mask_suffix is not None or self.mask_folder is not None
+
+    @property
+    def mask_classes(self) -> list[str] | None:
+        """Names of the mask labels, index = label (``store.mask_classes``); None without masks."""
+        if not self.has_masks:
+            return None
+        return ["background", *(self.mask_values or {"foreground": 1})]
 
 
 def under_root(root: Path, path: Path) -> Path:
@@ -262,6 +336,93 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+class MaskFinder:
+    """Which files are masks, and each image's mask files, under a source's mask rule (each folder indexed once).
+
+    Rules: ``mask_folder`` (masks mirror the images' sub-folders, named like the image plus ``mask_suffix``),
+    ``mask_suffix`` beside the images, or — with no mask settings — ``<stem>_mask[_n]`` files whose image
+    ``<stem>.<ext>`` lies beside them (left out of the images only).
+    """
+
+    def __init__(self, config: FolderSourceConfig) -> None:
+        self.config = config
+        self.suffix = config.mask_suffix if config.has_masks else UNCONFIGURED_MASK_SUFFIX
+        self._indexes: dict[Path, dict[tuple[Path, str], list[Path]]] = {}
+        self._stems: dict[Path, set[str]] = {}
+
+    def _folder_files(self, folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if _is_image(p)) if folder.is_dir() else []
+
+    def _index(self, folder: Path) -> dict[tuple[Path, str], list[Path]]:
+        if folder not in self._indexes:
+            self._indexes[folder] = index_masks(self._folder_files(folder), self.suffix or "")
+        return self._indexes[folder]
+
+    def _mask_dir(self, image: Path) -> Path:
+        folder = self.config.mask_folder
+        if folder is None:
+            return image.parent
+        try:
+            relative = image.parent.relative_to(self.config.root)
+        except ValueError:
+            relative = Path()
+        return folder / relative
+
+    def is_mask(self, path: Path) -> bool:
+        """Whether ``path`` is a mask file under the rule (so never an image)."""
+        folder = self.config.mask_folder
+        if folder is not None:
+            return not outside_root(folder, path)
+        image_stem = mask_name_match(path.stem, self.suffix or "")
+        if image_stem is None:
+            return False
+        if self.config.has_masks:
+            return True
+        if path.parent not in self._stems:  # unconfigured: a mask only where its image lies beside it
+            self._stems[path.parent] = {p.stem for p in self._folder_files(path.parent)}
+        return image_stem in self._stems[path.parent]
+
+    def masks_for(self, image: Path) -> list[Path]:
+        """The mask files of ``image`` (plain first, then numbered copies); [] when it has none."""
+        folder = self._mask_dir(image)
+        return list(self._index(folder).get((folder, image.stem), []))
+
+
+def _mask_paths_from_cell(config: FolderSourceConfig, cell: str, where: str) -> list[Path]:
+    """The mask files one ``mask_column`` cell names (``a.png;b.png``), inside ``root``."""
+    paths = []
+    for raw in (part.strip() for part in cell.split(MASK_SEPARATOR)):
+        if not raw:
+            continue
+        path = under_root(config.root, Path(raw))
+        if outside_root(config.root, path):
+            raise DataError(where, f"mask path '{raw}' lies outside the data root {config.root}",
+                            "list masks inside `root` (paths relative to it)")
+        paths.append(path)
+    return paths
+
+
+def _attach_mask(record: Record, config: FolderSourceConfig, paths: list[Path], where: str) -> None:
+    """Read, check and merge the image's mask files into ``record.extra["mask"]`` (DataError naming the file)."""
+    shape = tuple(int(s) for s in np.shape(record.pixels))
+    if not paths:
+        if config.missing_mask == "empty":
+            record.extra["mask"] = np.zeros(shape, dtype=np.uint8)
+            record.extra["mask_files"] = 0
+            return
+        how = (f"an empty '{config.mask_column}' cell ({where})" if config.mask_column
+               else f"no {config.mask_suffix or ''}[_n] mask file in {MaskFinder(config)._mask_dir(Path(record.path))}")
+        raise DataError(record.path, f"image has no segmentation mask: {how}",
+                        "add its mask, set missing_mask: empty if it shows no finding, or skip it with "
+                        "on_bad_file: skip")
+    for path in paths:
+        if not path.is_file():
+            raise DataError(str(path), f"mask file not found (mask of {record.path}, {where})",
+                            "fix the mask path or add the file")
+    record.extra["mask"] = merge_mask_files(paths, shape, config.mask_values, config.mask_threshold, record.path)
+    record.extra["mask_files"] = len(paths)
+
+
 def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (line number, row) pairs; line numbers count the header as line 1, like an editor."""
     if not path.is_file():
@@ -289,7 +450,7 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
     header, rows = _read_csv_rows(csv_path)
     wanted = [config.path_column, *config.label_columns]
     wanted += [c for c in (config.patient_column, config.split_column, config.study_column, config.series_column,
-                           config.slice_column, config.frame_column) if c]
+                           config.slice_column, config.frame_column, config.mask_column) if c]
     missing = [c for c in wanted if c not in header]
     if missing:
         raise DataError(str(csv_path), f"columns {missing} not found; the CSV has {header}", "fix the column names")
@@ -310,6 +471,7 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
 
     first_line: dict[Path, int] = {}
     records: list[Record] = []
+    masks = MaskFinder(config) if config.has_masks else None
     for line, row in rows:
         where = f"{csv_path}: line {line}"
         raw = row[config.path_column]
@@ -336,6 +498,9 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
             )
             continue
         first_line[key] = line
+        if masks is not None and not config.mask_column and masks.is_mask(image_path):
+            raise DataError(where, f"'{raw}' is a mask file under the mask rule (mask_suffix/mask_folder), listed "
+                            f"as an image", "list only images in the CSV; their masks are found by the rule")
         if not image_path.is_file():
             log.handle(DataError(str(image_path), f"file not found (named on {csv_path} line {line})"))
             continue
@@ -358,6 +523,14 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
         record = _image_record(image_path, log, config.modality)
         if record is None:
             continue
+        if masks is not None:
+            try:
+                paths = (_mask_paths_from_cell(config, row[config.mask_column], where) if config.mask_column
+                         else masks.masks_for(image_path))
+                _attach_mask(record, config, paths, where)
+            except DataError as error:
+                log.handle(error)
+                continue
         record.label = label
         record.split = split
         record.patient_id = patient
@@ -392,11 +565,26 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record
     else:
         groups = [(None, root)]
 
+    finder = MaskFinder(config)
     entries: list[tuple[Path, str | None, str]] = []  # (file, split, class name or "")
+    mask_files: list[Path] = []
     for split, base in groups:
-        entries += [(p, split, "") for p in sorted(base.iterdir()) if _is_image(p)]
+        found = [(p, split, "") for p in sorted(base.iterdir()) if _is_image(p)]
         for class_dir in _subfolders(base, config):
-            entries += [(p, split, class_dir.name) for p in sorted(class_dir.rglob("*")) if _is_image(p)]
+            if config.mask_folder is not None and not outside_root(config.mask_folder, class_dir):
+                continue  # the mask folder inside root is no class
+            found += [(p, split, class_dir.name) for p in sorted(class_dir.rglob("*")) if _is_image(p)]
+        for entry in found:
+            if finder.is_mask(entry[0]):
+                mask_files.append(entry[0])
+            else:
+                entries.append(entry)
+    if config.has_masks and config.mask_folder is None:
+        images = {(p.parent, p.stem) for p, _, _ in entries}
+        for path in mask_files:
+            if (path.parent, mask_name_match(path.stem, config.mask_suffix or "")) not in images:
+                log.handle(DataError(str(path), f"mask file (mask_suffix '{config.mask_suffix}') with no image "
+                                     "beside it", "rename it after its image, or remove it"))
     if not entries:
         raise DataError(
             str(root),
@@ -421,6 +609,12 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record
         record = _image_record(path, log, config.modality)
         if record is None:
             continue
+        if config.has_masks:
+            try:
+                _attach_mask(record, config, finder.masks_for(path), str(path))
+            except DataError as error:
+                log.handle(error)
+                continue
         record.label = label
         record.split = split
         record.patient_id = patient
@@ -436,14 +630,17 @@ def list_folder_files(config: FolderSourceConfig) -> list[Path]:
 
     The cache keys on these files' sizes and mtimes, so it notices an edited CSV or a replaced image.
     """
+    mask_dir = [] if config.mask_folder is None or not config.mask_folder.is_dir() else \
+        [p for p in sorted(config.mask_folder.rglob("*")) if _is_image(p)]
     if config.csv is None:
         if not config.root.is_dir():
             return []
         excluded = set(config.exclude_folders)
-        return [
+        files = [
             p for p in sorted(config.root.rglob("*"))
             if _is_image(p) and not excluded & set(p.relative_to(config.root).parts[:-1][:2])  # split/class levels
         ]
+        return sorted(set(files) | set(mask_dir))
     try:
         header, rows = _read_csv_rows(config.csv)
     except (DataError, OSError, UnicodeDecodeError, csv_module.Error):
@@ -452,7 +649,22 @@ def list_folder_files(config: FolderSourceConfig) -> list[Path]:
         return [config.csv]
     named = {row[config.path_column] for _, row in rows if row.get(config.path_column)}
     paths = sorted(under_root(config.root, Path(raw)) for raw in named)
-    return [config.csv, *paths]
+    masks: set[Path] = set(mask_dir)
+    if config.mask_column and config.mask_column in header:
+        masks |= {under_root(config.root, Path(part.strip())) for _, row in rows
+                  for part in row.get(config.mask_column, "").split(MASK_SEPARATOR) if part.strip()}
+    elif config.mask_suffix is not None and config.mask_folder is None:
+        finder = MaskFinder(config)
+        masks |= {m for path in paths for m in finder.masks_for(path)}
+    return [config.csv, *paths, *sorted(masks - set(paths))]
+
+
+def unread_mask_files(config: FolderSourceConfig) -> int:
+    """How many ``<stem>_mask[_n]`` files beside their images a folder without mask settings left out as images."""
+    if config.has_masks or config.csv is not None or not config.root.is_dir():
+        return 0
+    finder = MaskFinder(config)
+    return sum(1 for p in list_folder_files(config) if finder.is_mask(p))
 
 
 def read_folder_source(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
@@ -474,3 +686,28 @@ def read_folder_source(config: FolderSourceConfig, log: BadFileLog) -> list[Reco
         record.spacing = ()  # plain image files carry no trustworthy pixel spacing
         record.extra["layout"] = "HW"
     return records
+
+
+def mask_notes(config: FolderSourceConfig) -> list[str]:
+    """What a user must know about how this folder's masks were read (or which files were left out as masks)."""
+    if not config.has_masks:
+        left_out = unread_mask_files(config)
+        if not left_out:
+            return []
+        return [f"{left_out} files named <image>{UNCONFIGURED_MASK_SUFFIX}[_n] beside their images were not read as "
+                f"images (they look like masks) — set source.mask_suffix: {UNCONFIGURED_MASK_SUFFIX} to use them as "
+                "segmentation masks"]
+    if config.mask_values:
+        rule = ("label map " + ", ".join(f"{name} = value {value}" for name, value in config.mask_values.items())
+                + " (JPEG masks: nearest declared value)")
+    elif config.mask_threshold is not None:
+        rule = f"one class 'foreground' where the mask value >= {config.mask_threshold}"
+    else:
+        rule = ("one class 'foreground': value 1 in 0/1 masks, else value >= half the bit range (128 of 255), so "
+                "anti-aliased JPEG edges are thresholded")
+    where = (f"CSV column '{config.mask_column}'" if config.mask_column
+             else f"files <image>{config.mask_suffix or ''}[_n]" + (f" in {config.mask_folder}" if config.mask_folder
+                                                                    else " beside the images"))
+    empty = "; images without a mask are all background (missing_mask: empty)" if config.missing_mask == "empty" else ""
+    return [f"masks from {where}: {rule}; several files of one image are merged by union{empty}"]
+

@@ -7,7 +7,8 @@ train and test but no val gets a validation split carved from its training patie
 ``on_bad_file: skip`` the bad files are listed in ``bad_files.json`` inside the cache entry
 (``store.origin``), never silently dropped.
 
-Segmentation sources: ``store.mask_classes`` comes from the source's ``mask_classes`` (NIfTI), and
+Segmentation sources: ``store.mask_classes`` comes from the source's ``mask_classes`` (NIfTI; image folders:
+``background`` + ``mask_values`` names, or ``foreground``), and
 ``meta["voxel_spacing"]`` (mm per stored axis) is the spacing of the *stored* grid — the source spacing, or
 ``target_spacing`` after resampling; NaN where a ``pad``/``stretch`` resize to ``target_size`` changed it by a
 per-image factor the cache does not keep — so surface distances (HD95) are in mm only where that is true.
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from radssl.atomic import write_bytes_atomic
 from radssl.data.cache import BAD_FILES_REPORT, load_or_build_cache
 from radssl.data.dicom import DicomSourceConfig, list_dicom_files, read_dicom_source
-from radssl.data.folder import FolderSourceConfig, list_folder_files, read_folder_source
+from radssl.data.folder import FolderSourceConfig, list_folder_files, mask_notes, read_folder_source
 from radssl.data.nifti import NiftiSourceConfig, list_nifti_files, read_nifti_source
 from radssl.data.preprocess import PreprocessConfig, modality_branch, preprocess_mask, preprocess_record
 from radssl.data.records import BadFileLog, Record
@@ -260,6 +261,8 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
         labels = torch.full((len(store),), -1, dtype=torch.int64)
     split, notes = _splits(store, labels, task, config, where)
     notes += [n for n in (_unused_split_column(source), _patient_note(store.patient_id, source)) if n]
+    if isinstance(source, FolderSourceConfig):
+        notes += mask_notes(source)
     meta = dict(store.meta)
     meta["voxel_spacing"] = stored_voxel_spacing(meta["spacing"], config.preprocess, store.spatial_dims)
     mask_classes = tuple(getattr(source, "mask_classes", None) or ()) if "mask" in meta else ()
@@ -371,6 +374,8 @@ def inspect_store(store: ImageStore, out_png: Path, per_split: int = 8) -> str:
     if "report" in store.meta:
         counts = report_counts(store.meta["report"])
         lines.append(f"reports: {counts['with_report']} images with one, {counts['without_report']} without")
+    if "mask" in store.meta:
+        lines += mask_summary_lines(mask_statistics(store))
     if "preprocessed_as" in store.meta:
         values, counts = np.unique(store.meta["preprocessed_as"], return_counts=True)
         lines.append("preprocessed as: " + ", ".join(f"{v} {c}" for v, c in zip(values, counts)))
@@ -386,6 +391,51 @@ def inspect_store(store: ImageStore, out_png: Path, per_split: int = 8) -> str:
     _write_montage(store, Path(out_png), per_split)
     lines.append(f"montage: {out_png}")
     return "\n".join(lines)
+
+
+def mask_statistics(store: ImageStore, chunk: int = 256) -> dict[str, object]:
+    """Segmentation masks at a glance: images with a mask, empty ones, images and pixels per label, foreground share.
+
+    Read in chunks of the memory-mapped masks (a large set is never loaded whole). ``labels`` maps each label value
+    present to its name (``mask_classes``, or the value itself), the images holding it and its share of all pixels.
+    """
+    mask = store.meta.get("mask")
+    if mask is None:
+        return {"images": len(store), "with_mask": 0}
+    n = len(mask)
+    names = list(store.mask_classes)
+    images_with: dict[int, int] = {}
+    pixels_of: dict[int, int] = {}
+    shares = np.zeros(n, dtype=np.float64)
+    for start in range(0, n, chunk):
+        block = np.asarray(mask[start:start + chunk]).reshape(min(chunk, n - start), -1)
+        shares[start:start + len(block)] = (block > 0).mean(axis=1)
+        for value in np.unique(block).tolist():
+            hit = block == value
+            images_with[value] = images_with.get(value, 0) + int(hit.any(axis=1).sum())
+            pixels_of[value] = pixels_of.get(value, 0) + int(hit.sum())
+    total = sum(pixels_of.values()) or 1
+    empty = int((shares == 0).sum())
+    return {
+        "images": len(store), "with_mask": n, "empty": empty,
+        "labels": {int(v): {"name": names[v] if 0 <= v < len(names) else str(v), "images": images_with[v],
+                            "pixel_share": pixels_of[v] / total} for v in sorted(images_with)},
+        "mean_foreground_share": float(shares.mean()) if n else 0.0,
+        "mean_foreground_share_non_empty": float(shares[shares > 0].mean()) if n > empty else 0.0,
+    }
+
+
+def mask_summary_lines(stats: dict[str, object]) -> list[str]:
+    """``mask_statistics`` as the lines ``radssl data inspect`` prints."""
+    labels = stats.get("labels") or {}
+    assert isinstance(labels, dict)
+    lines = [f"masks: {stats['with_mask']} of {stats['images']} images have one; {stats['empty']} empty "
+             "(background only)"]
+    lines.append("mask labels: " + ", ".join(f"{v} {d['name']} (in {d['images']} images, {d['pixel_share']:.1%} of "
+                                             "pixels)" for v, d in labels.items()))
+    lines.append(f"mean foreground share: {stats['mean_foreground_share']:.1%} per image "
+                 f"({stats['mean_foreground_share_non_empty']:.1%} over non-empty masks)")
+    return lines
 
 
 def _write_montage(store: ImageStore, out_png: Path, per_split: int) -> None:

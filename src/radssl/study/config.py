@@ -94,6 +94,14 @@ class PretrainingRun(Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_policy(cls, raw: Any) -> Any:
+        """Validate the views keys against the policy the method's preset chooses, as ``radssl pretrain`` does."""
+        from radssl.config import preset_view_policy
+
+        return preset_view_policy(raw)
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:

@@ -206,3 +206,22 @@ def test_the_example_config_validates() -> None:
     config = load_bakeoff_config(EXAMPLE)
     assert config.budget.rule == "images_seen" and config.methods is None
     assert bakeoff.steps_for_images(config.budget.images_seen, config.batch_size) == 200
+
+
+def test_the_benchmark_is_a_thin_caller_with_one_budget_and_outputs_outside_the_checkout() -> None:
+    import argparse
+
+    from support import load_benchmark_script
+
+    script = load_benchmark_script("method_bakeoff")
+    flags = dict(dataset="breastmnist", size=28, backbone="resnet18", stem="standard", batch_size=256, threads=2,
+                 budget_minutes=5.0, budget_images=None, calibration_warmup=5, calibration_steps=20, methods=None,
+                 seeds=[0, 1, 2], pretrain_seed=0, finetune_epochs=0, tag="", output_dir=None, data_root=None)
+    config = script.bakeoff_config(argparse.Namespace(**flags))
+    assert config.budget.wall_clock_s == 300.0 and config.budget.threads == 2 and config.threads == 2
+    assert config.data.name == "breastmnist" and config.methods is None and config.label_fractions == [0.01, 0.1, 1]
+    assert config.output_dir == Path("runs") / "method_bakeoff_breastmnist"
+    images = script.bakeoff_config(argparse.Namespace(**{**flags, "budget_minutes": None, "budget_images": 51200,
+                                                         "finetune_epochs": 3, "methods": ["simclr"]}))
+    assert images.budget.images_seen == 51200 and images.train["threads"] == 2
+    assert images.protocols.finetune.epochs == 3 and images.methods == ["simclr"]

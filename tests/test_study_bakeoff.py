@@ -190,7 +190,10 @@ def test_a_tiny_bakeoff_runs_end_to_end_from_the_example_config(tmp_path: Path) 
     assert set(summary["arms"]) == {"simclr", "byol"}
     for arm in summary["arms"].values():
         assert arm["steps"] == 3 and arm["images_seen"] == 48 and arm["pretrain_wall_s"] > 0
-    assert Path(summary["reports"]["small_cnn"]).is_file()
+    page = Path(summary["reports"]["small_cnn"]).read_text()
+    assert "equal images seen: 48 per arm" in page  # the report states the budget and each arm's images
+    assert "bake-off arm simclr (small_cnn): 3 steps × batch 16 = 48 images seen" in page
+    assert summary["flags"] == []
     rows = summary["headline"]
     assert {(r["method"], r["label_fraction"]) for r in rows} == {(m, f) for m in ("simclr", "byol")
                                                                    for f in (0.5, 1.0)}

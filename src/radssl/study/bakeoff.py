@@ -671,7 +671,7 @@ def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
                 "peak_memory_source": calibration.get("peak_memory_source",
                                                       "not measured (measured in a wall-clock budget's calibration)"),
                 "final_loss": record.get("final_loss"), "device": record.get("device", run.get("device")),
-                "threads": config.threads,
+                "threads": config.threads, "calibration": arm.calibration,
             }
     flags: list[str] = []
     deviations: dict[str, Any] = {}
@@ -686,6 +686,10 @@ def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
                              f"({d['deviation']:+.0%}, beyond ±{config.wall_clock_tolerance:.0%}): its budget was not "
                              "equal — rerun it on a quieter machine or compare at equal images seen")
     seen = {m: a["images_seen"] for m, a in arms.items() if a["images_seen"] is not None}
+    for method, images in seen.items():
+        if images != arms[method]["planned_images_seen"]:  # e.g. several devices: the global batch grew
+            flags.append(f"{method}: saw {images} images, planned {arms[method]['planned_images_seen']} "
+                         "(steps × batch × devices): set train.devices: 1 or read the budget per device")
     if config.budget.images_seen is not None and len(set(seen.values())) > 1:
         flags.append(f"images seen differ between arms: {seen}")
     rows: list[dict[str, Any]] = []
@@ -709,15 +713,42 @@ def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
     }
 
 
+def report_notes(summary: dict[str, Any], group: str) -> list[str]:
+    """What a group's study report states about the bake-off: the budget, each arm's images and time, flags."""
+    notes = [f"bake-off '{summary['name']}': {summary['budget_statement']}"]
+    for method, arm in summary["arms"].items():
+        if arm["group"] != group:
+            continue
+        wall = arm["pretrain_wall_s"]
+        notes.append(f"bake-off arm {method} ({arm['backbone']}): {arm['steps']} steps × batch {arm['batch_size']} = "
+                     f"{arm['images_seen']} images seen" + (f", {wall:.0f} s of pretraining" if wall else "")
+                     + (f", calibrated {arm['calibrated_images_per_s']:.1f} img/s"
+                        if arm["calibrated_images_per_s"] else ""))
+    notes += [f"bake-off: {reason}" for reason in summary["notes"]]
+    notes += [f"bake-off FLAG: {flag}" for flag in summary["flags"]]
+    return notes
+
+
 def run_bakeoff(config: BakeoffConfig, log: Log = _print, store: Any = None) -> Path:
-    """Plan, run every study (resumable) and write ``<output_dir>/bakeoff.json``; returns its path."""
-    from radssl.study.grid import run_study
+    """Plan, run every study (resumable) and write ``<output_dir>/bakeoff.json``; returns its path.
+
+    Each study's report is rendered again with the bake-off's budget, arms and flags among its notes, so the page
+    says what every arm was given and whether it got it.
+    """
+    from radssl.study.grid import REPORT_DIR, RESULTS_FILE, run_study
+    from radssl.study.report import render_report
+    from radssl.study.results_store import ResultsStore
 
     plan = plan_bakeoff(config, log, store)
     log(f"radssl bakeoff '{config.name}': {len(plan.arms)} methods ({', '.join(plan.arms)}) in "
         f"{len(plan.studies)} stud{'y' if len(plan.studies) == 1 else 'ies'}; budget: {budget_statement(config)}")
     study_dirs = {group: Path(run_study(study, log=log)) for group, study in plan.studies.items()}
     summary = summarise(plan, study_dirs)
+    for group, study in plan.studies.items():
+        with ResultsStore(study_dirs[group] / RESULTS_FILE) as results:
+            notes = [n for n in results.study_notes(study.name) if not n.startswith("bake-off")]
+            results.save_study_notes(study.name, notes + report_notes(summary, group))
+            render_report(results, study.name, study_dirs[group] / REPORT_DIR)
     path = Path(config.output_dir) / SUMMARY_FILE
     write_text_atomic(path, json.dumps(summary, indent=2, default=float))
     for method, arm in summary["arms"].items():

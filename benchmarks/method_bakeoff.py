@@ -299,7 +299,8 @@ def bakeoff_stem(dataset: str, tag: str) -> str:
 
 
 def calibration_file(runs_dir: Path, method: str, budget_key: str) -> Path | None:
-    """Where a method's steps come from: its --calibrate-only file, else its lowest finished seed's run, else none."""
+    """Committed runs (pre-`radssl bakeoff` format): a method's --calibrate-only file, else its lowest finished seed's
+    run, else none — where that bake-off took a method's steps from."""
     calibration = runs_dir / f"{method}_calibration_{budget_key}.json"
     if calibration.is_file():
         return calibration

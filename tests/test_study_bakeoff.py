@@ -175,7 +175,7 @@ def test_summary_flags_an_arm_whose_run_overran_the_wall_clock(tmp_path: Path, m
     summary = bakeoff.summarise(plan, {"small_cnn": tmp_path})
     assert summary["arms"]["simclr"]["wall_clock_flagged"] is True
     assert summary["arms"]["simclr"]["images_seen"] == 320
-    assert summary["flags"] and "simclr" in summary["flags"][0] and "+25%" in summary["flags"][0]
+    assert summary["flags"] and "simclr" in summary["flags"][0] and "+25.0%" in summary["flags"][0]
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -5,9 +5,9 @@ NIfTI, MedMNIST, synthetic; 2D or 3D), the shared backbone and training settings
 seeds, and ONE budget. :func:`plan_bakeoff` then
 
 1. selects the methods: every registered method whose view requirements the data meet (checked with the engine's own
-   :func:`~radssl.engine.pretrain.check_pretraining`: image–text methods only when the images carry reports, 3D-capable
-   methods for volumes, pairings only with their metadata), or the ``methods`` list (``--methods``), where a method
-   that does not fit is an error before any compute;
+   :func:`~radssl.engine.pretrain.check_pretraining`: image–text methods only when the images carry reports,
+   3D-capable methods for volumes, pairings only with their metadata), or the ``methods`` list (``--methods``),
+   where a method that does not fit is an error before any compute;
 2. gives each method a backbone: the config's, or — for a method that insists on another family (MAE needs a ViT) —
    the first family it accepts, said in a note; methods are grouped by backbone and each group becomes one study
    with its own random-initialisation twin (same backbone spec, same seed: the pretraining runs' starting point);
@@ -516,7 +516,8 @@ def _binary_column(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray | None
     return None
 
 
-def _case_outputs(results: Any, study: str, rows: list[dict[str, Any]]) -> tuple[np.ndarray, list[np.ndarray], Any] | None:
+def _case_outputs(results: Any, study: str, rows: list[dict[str, Any]]
+                  ) -> tuple[np.ndarray, list[np.ndarray], Any] | None:
     """(y_true, per-seed scores or values, metric function) when every seed stored the same cases, else None."""
     from radssl.study.statistics import accuracy, binary_auc, case_mean, macro_auc
 
@@ -682,8 +683,8 @@ def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
             arms[method]["wall_clock_deviation"] = d["deviation"]
             arms[method]["wall_clock_flagged"] = d["flagged"]
             if d["flagged"]:
-                flags.append(f"{method}: pretraining took {d['actual_s']:.0f} s against a {d['target_s']:g} s budget "
-                             f"({d['deviation']:+.0%}, beyond ±{config.wall_clock_tolerance:.0%}): its budget was not "
+                flags.append(f"{method}: pretraining took {d['actual_s']:.1f} s against a {d['target_s']:g} s budget "
+                             f"({d['deviation']:+.1%}, beyond ±{config.wall_clock_tolerance:.0%}): its budget was not "
                              "equal — rerun it on a quieter machine or compare at equal images seen")
     seen = {m: a["images_seen"] for m, a in arms.items() if a["images_seen"] is not None}
     for method, images in seen.items():

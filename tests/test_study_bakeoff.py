@@ -228,3 +228,23 @@ def test_the_benchmark_is_a_thin_caller_with_one_budget_and_outputs_outside_the_
                                                          "finetune_epochs": 3, "methods": ["simclr"]}))
     assert images.budget.images_seen == 51200 and images.train["threads"] == 2
     assert images.protocols.finetune.epochs == 3 and images.methods == ["simclr"]
+
+
+def test_a_png_folder_with_a_caption_column_brings_in_the_image_text_methods(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = ["path,label,patient_id,caption"]
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(tmp_path / f"img{i:03d}.png")
+        lines.append(f"img{i:03d}.png,{'normal' if i % 2 else 'lesion'},p{i // 2:03d},"
+                     f"{'no lesion seen' if i % 2 else 'irregular hypoechoic mass'} case {i}")
+    (tmp_path / "images.csv").write_text("\n".join(lines) + "\n")
+    source = {"kind": "folder", "root": str(tmp_path), "csv": "images.csv", "label_columns": ["label"],
+              "patient_column": "patient_id"}
+    data = {"source": source, "cache_dir": str(tmp_path / "cache")}
+    with_captions, _ = _selected(_config(data={**data, "source": {**source, "report_column": "caption"}}))
+    assert {"simclr", "convirt", "clip"} <= with_captions
+    plain, excluded = _selected(_config(data=data))
+    assert "simclr" in plain and {"convirt", "clip"} <= set(excluded)

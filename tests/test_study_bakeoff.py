@@ -181,8 +181,9 @@ def test_summary_flags_an_arm_whose_run_overran_the_wall_clock(tmp_path: Path, m
 # ------------------------------------------------------------------------------------------------ end to end
 def test_a_tiny_bakeoff_runs_end_to_end_from_the_example_config(tmp_path: Path) -> None:
     out = tmp_path / "bk"
-    code = main(["bakeoff", str(EXAMPLE), "--methods", "simclr", "byol", "--output-dir", str(out),
-                 "data.n_patients=30", "data.image_size=24", "budget.images_seen=48", "train.batch_size=16",
+    # An override right after --methods stays an override (argparse would hand it to --methods).
+    code = main(["bakeoff", str(EXAMPLE), "--methods", "simclr", "byol", "data.n_patients=30", "--output-dir", str(out),
+                 "data.image_size=24", "budget.images_seen=48", "train.batch_size=16",
                  "train.accelerator=cpu", "train.progress_bar=false", "seeds=[0]", "label_fractions=[0.5,1.0]",
                  "protocols={linear: {Cs: [1.0]}}", "bootstrap_samples=100"])
     assert code == 0

@@ -407,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also fine-tune every encoder for this many epochs (backbone LR chosen on validation)")
     parser.add_argument("--tag", default="", help="suffix of the bake-off's name (e.g. a budget name)")
     parser.add_argument("--output-dir", type=Path, help="default: runs/<method_bakeoff_dataset[_tag]>")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="only select the methods and calibrate a wall-clock budget's steps (run this on a quiet "
+                             "machine; the real run reuses the stored calibration from the same --output-dir)")
     parser.add_argument("--cached-only", action="store_true",
                         help="summarise the committed per-run results under benchmarks/results/runs (the format "
                              "before `radssl bakeoff`), run nothing")
@@ -415,8 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         args.budget_minutes = float(LIGHTLY_BAR.get(args.dataset, {}).get("minutes", 5))
     if args.cached_only:
         return summarise_cached(args, args.methods or default_methods())
-    from radssl.study.bakeoff import run_bakeoff
+    from radssl.study.bakeoff import plan_bakeoff, plan_lines, run_bakeoff
 
+    if args.calibrate_only:
+        print("\n".join(plan_lines(plan_bakeoff(bakeoff_config(args)))))
+        return 0
     path = run_bakeoff(bakeoff_config(args))
     summary = json.loads(path.read_text())
     print(f"bake-off summary: {path}")

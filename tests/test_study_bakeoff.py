@@ -249,3 +249,16 @@ def test_a_png_folder_with_a_caption_column_brings_in_the_image_text_methods(tmp
     assert {"simclr", "convirt", "clip"} <= with_captions
     plain, excluded = _selected(_config(data=data))
     assert "simclr" in plain and {"convirt", "clip"} <= set(excluded)
+
+
+def test_plan_only_prints_the_steps_and_trains_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(bakeoff, "calibrate", lambda *_: {"images_per_s": 100.0})
+    code = main(["bakeoff", str(EXAMPLE), "--plan-only", "--methods", "simclr", "--output-dir", str(tmp_path),
+                 "budget={wall_clock_s: 10, threads: 1}", "train.batch_size=16", "data.n_patients=30",
+                 "data.image_size=24"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "simclr" in out and "62 steps × batch 16 = 992 images (calibrated 100.0 img/s)" in out
+    assert (tmp_path / "calibration.json").is_file()  # kept for the real run
+    assert not (tmp_path / "small_cnn").exists()  # no study was run

@@ -120,6 +120,11 @@ def cmd_bakeoff(args: argparse.Namespace) -> int:
     methods = [m for m in args.methods or [] if not _is_override(m)] or None
     extra = [m for m in args.methods or [] if _is_override(m)]
     config = load_bakeoff_config(args.config, _common_overrides(args) + extra, methods=methods)
+    if args.plan_only:
+        from radssl.study.bakeoff import plan_bakeoff, plan_lines
+
+        print("\n".join(plan_lines(plan_bakeoff(config))))
+        return 0
     summary = run_bakeoff(config)
     print(f"bake-off summary: {summary}")
     for report in json.loads(summary.read_text())["reports"].values():
@@ -186,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     bakeoff.add_argument("config", type=Path, help="bake-off YAML (see configs/bakeoff_example.yaml)")
     bakeoff.add_argument("--methods", nargs="+", metavar="METHOD", help="only these methods (config: methods)")
     bakeoff.add_argument("--output-dir", help="where the studies and bakeoff.json go (config: output_dir)")
+    bakeoff.add_argument("--plan-only", action="store_true",
+                         help="select the methods and set the budget's steps (calibrating a wall-clock budget, kept "
+                              "for the real run), print the plan and stop before any pretraining")
     bakeoff.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     bakeoff.set_defaults(func=cmd_bakeoff)
     return parser

@@ -54,7 +54,7 @@ from radssl.study.config import ExternalTestSet, ProtocolsSection, StudyConfig
 
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",
-    "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_bakeoff", "SUMMARY_FILE",
+    "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_bakeoff", "plan_lines", "SUMMARY_FILE",
 ]
 
 SUMMARY_FILE = "bakeoff.json"
@@ -503,6 +503,17 @@ def plan_bakeoff(config: BakeoffConfig, log: Log = _print, store: Any = None) ->
     _set_budget(config, arms, store, log)
     notes = [f"{method} left out: {reason}" for method, reason in excluded.items()]
     return BakeoffPlan(config, arms, study_configs(config, arms), excluded, notes)
+
+
+def plan_lines(plan: BakeoffPlan) -> list[str]:
+    """The plan in a few lines: budget, each arm's backbone, steps and images, and the methods left out."""
+    lines = [f"budget: {budget_statement(plan.config)}"]
+    for method, arm in plan.arms.items():
+        rate = f" (calibrated {arm.calibration['images_per_s']:.1f} img/s)" if arm.calibration else ""
+        lines.append(f"{method:<15} {arm.group:<14} {arm.steps} steps × batch {arm.batch_size} = "
+                     f"{arm.images_seen} images{rate}")
+    lines += [f"{method} left out: {reason}" for method, reason in plan.excluded.items()]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- headline

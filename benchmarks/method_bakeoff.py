@@ -1,16 +1,24 @@
-"""Method bake-off: every SSL method on one MedMNIST set at one stated, equal pretraining budget on this machine.
+"""Method bake-off on a MedMNIST set: a thin caller of ``radssl bakeoff`` (:mod:`radssl.study.bakeoff`).
 
-For each method × seed (one child process each, see ``bakeoff_lib``): pretrain with the method's radiology preset on
-the training split, then read out frozen features with a linear probe (C chosen on the validation split's AUC) and
-cosine kNN at 1 / 10 / 100 % of the training labels (stratified, nested subsets drawn with the same seed), scored on
-the test split; the random-init twin of the same backbone (the run's own starting point) is read out the same way.
-Also recorded per run: calibrated and actual img/s, images seen, wall time and peak resident memory.
+Every method that fits the data (or ``--methods``) pretrains once at ONE stated budget — ``--budget-images N``
+(equal images seen, the primary rule) or ``--budget-minutes M`` (equal measured wall-clock with ``--threads``,
+calibrated per method over ``--calibration-steps`` timed steps after ``--calibration-warmup``; arms off by > 10 % are
+flagged) — and is read out beside its random-init twin with a linear probe and kNN (and ``--finetune-epochs``
+fine-tuning) at 1 / 10 / 100 % labels and ``--seeds``, as a study: results store, resume, statistics and HTML report
+under ``--output-dir`` (default ``runs/<name>``, not the checkout's benchmarks/results), plus ``bakeoff.json``.
+
+``--cached-only`` summarises the committed per-run results in ``benchmarks/results/runs/`` (made before
+``radssl bakeoff`` existed: one child process per method × seed, each seed its own pretraining run) into
+``benchmarks/results/method_bakeoff_<dataset>.json`` / ``.html``, which the README quotes; the functions below
+(``summarise``, ``issue_checks``, …) read that format.
 
 Fairness: the same backbone (ResNet-18, 1 channel, standard 7×7 stem, 28 px unless set) for every method except those
 that need another family (MAE needs a ViT: it runs ViT-Ti, and its rows say so); the same budget (wall-clock
 minutes, or images seen), batch size and threads for every method; hyper-parameters are each method's preset (chosen
-on validation data only, see ``benchmarks/preset_sweep.py``); the probe's C is chosen on validation only. Intervals
-are 95 % t-intervals over seeds (each seed changes the pretraining run *and* the label subsets).
+on validation data only, see ``benchmarks/preset_sweep.py``); the probe's C is chosen on validation only. Intervals:
+through ``radssl bakeoff`` the study's (over seeds and test cases; each method pretrains once, seeds change the label
+subsets and read-outs); in the committed runs 95 % t-intervals over seeds (each seed changed the pretraining run
+*and* the label subsets).
 
 The bar (issue 8, measured on this 2-core CPU): lightly's own SimCLR example — ResNet-18, standard stem, 1 channel,
 28 px, batch 256, two DataLoader workers, linear probe with C on validation — reaches test AUC .758 / .813 / .894 at
@@ -20,12 +28,9 @@ The bar is one run; ``benchmarks/lightly_bar.py`` reruns that example with seeds
 method is also compared with it paired by seed (same label subsets on both sides).
 
 Usage:
-  RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --seeds 0 1 2
-  python benchmarks/method_bakeoff.py --dataset pneumoniamnist --budget-minutes 10 --methods simclr byol
-  # the same pretraining (steps of the untagged runs) plus a fine-tuning read-out, cached under its own tag:
-  python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --methods models_genesis simclr mae \
-      --tag finetune --steps-from "" --finetune-epochs 10
-Writes benchmarks/results/method_bakeoff_<dataset>.json and .html (runs cached under benchmarks/results/runs/).
+  RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-images 51200 --seeds 0 1 2
+  python benchmarks/method_bakeoff.py --dataset pneumoniamnist --budget-minutes 10 --threads 2 --methods simclr byol
+  python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --cached-only   # committed runs
 """
 
 from __future__ import annotations
@@ -294,7 +299,8 @@ def bakeoff_stem(dataset: str, tag: str) -> str:
 
 
 def calibration_file(runs_dir: Path, method: str, budget_key: str) -> Path | None:
-    """Where a method's steps come from: its --calibrate-only file, else its lowest finished seed's run, else none."""
+    """Committed runs (pre-`radssl bakeoff` format): a method's --calibrate-only file, else its lowest finished seed's
+    run, else none — where that bake-off took a method's steps from."""
     calibration = runs_dir / f"{method}_calibration_{budget_key}.json"
     if calibration.is_file():
         return calibration
@@ -309,54 +315,43 @@ def threads_text(runs: list[dict[str, Any]], default: int) -> str:
     return f"{'/'.join(map(str, used))} torch threads per run (a run's steps come from its calibration, not its speed)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    lib.add_common_arguments(parser)
-    parser.add_argument("--methods", nargs="*", help="default: every registered 2D image method")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--tag", default="", help="suffix of the output files (e.g. a budget name)")
-    parser.add_argument("--steps-from", metavar="TAG",
-                        help="reuse the calibrated steps of another bake-off's runs (its tag, '' for the untagged "
-                             "one), so a tagged rerun (say with --finetune-epochs) pretrains on exactly those images")
-    parser.add_argument("--cached-only", action="store_true",
-                        help="summarise the runs already cached, run nothing (methods with fewer seeds say so)")
-    args = parser.parse_args(argv)
-    if args.child:
-        return lib.child_main(args)
-    if not args.budget_minutes and not args.budget_images:
-        args.budget_minutes = LIGHTLY_BAR.get(args.dataset, {}).get("minutes", 5)
-    methods = args.methods or default_methods()
+def bakeoff_config(args: argparse.Namespace):  # noqa: ANN201 - radssl.study.bakeoff.BakeoffConfig
+    """The ``radssl bakeoff`` config of this benchmark's flags: MedMNIST ``--dataset``, one budget, linear + kNN
+    (+ fine-tuning) read-outs at 1 / 10 / 100 % labels, every method that fits (or ``--methods``)."""
+    from radssl.study.bakeoff import BakeoffConfig
+
+    stem = bakeoff_stem(args.dataset, args.tag)
+    budget = ({"wall_clock_s": args.budget_minutes * 60.0, "threads": args.threads} if args.budget_minutes
+              else {"images_seen": args.budget_images})
+    train = {"batch_size": args.batch_size, "devices": 1, "progress_bar": False, "log_every": 5}
+    if not args.budget_minutes:
+        train["threads"] = args.threads
+    model = {"backbone": args.backbone}
+    if args.backbone.startswith("resnet"):
+        model["small_input"] = args.stem == "small"
+    protocols: dict[str, Any] = {"linear": {}, "knn": {"k": 20}}
+    if args.finetune_epochs:  # the fine-tuning read-out of bakeoff_lib: backbone LR scale chosen on validation
+        protocols["finetune"] = {"epochs": args.finetune_epochs, "min_epochs": args.finetune_epochs,
+                                 "backbone_lr_scale": list(lib.FINETUNE_BACKBONE_LR_SCALES)}
+    data: dict[str, Any] = {"source": "medmnist", "name": args.dataset, "size": args.size, "download": False}
+    if args.data_root:
+        data["root"] = args.data_root
+    return BakeoffConfig.model_validate({
+        "name": stem, "seed": args.pretrain_seed, "output_dir": str(args.output_dir or Path("runs") / stem),
+        "data": data, "model": model, "methods": args.methods or None, "budget": budget,
+        "calibration": {"warmup_steps": args.calibration_warmup, "steps": args.calibration_steps},
+        "train": train, "label_fractions": list(lib.FRACTIONS), "seeds": args.seeds, "protocols": protocols,
+    })
+
+
+def summarise_cached(args: argparse.Namespace, methods: list[str]) -> int:
+    """Summarise the committed per-run results (``benchmarks/results/runs/<stem>/``, the pre-``radssl bakeoff``
+    format the README quotes) into ``benchmarks/results/<stem>.json`` / ``.html``; runs nothing."""
     stem = bakeoff_stem(args.dataset, args.tag)
     runs_dir = RESULTS / "runs" / stem
     budget_key = f"{args.budget_minutes}min" if args.budget_minutes else f"{args.budget_images}img"
-    if args.calibrate_only:
-        if not args.budget_minutes:
-            parser.error("--calibrate-only needs a wall-clock budget (--budget-minutes)")
-        for method in methods:
-            out = runs_dir / f"{method}_calibration_{budget_key}.json"
-            out.unlink(missing_ok=True)  # a calibration is always measured anew
-            result = lib.run_in_child(Path(__file__), args, method, 0, out, [])
-            if result is not None:
-                print(f"{method:<16} {result['calibrated_images_per_s']:.1f} img/s -> {result['steps']} steps")
-        return 0
-    runs = []
-    for method in methods:
-        # Steps come from a calibration on a quiet machine (--calibrate-only) where one exists, else from the
-        # method's first finished run; every later seed reuses them.
-        steps_dir = runs_dir if args.steps_from is None else RESULTS / "runs" / bakeoff_stem(args.dataset, args.steps_from)
-        calibrated = calibration_file(steps_dir, method, budget_key)
-        if args.steps_from is not None and calibrated is None and not args.cached_only:
-            parser.error(f"--steps-from {args.steps_from!r}: no calibration or run of {method} at {budget_key}")
-        for seed in args.seeds:
-            out = runs_dir / f"{method}_seed{seed}_{budget_key}.json"
-            if args.cached_only and not out.is_file():
-                continue
-            result = lib.run_in_child(Path(__file__), args, method, seed, out, [],
-                                      calibrated if args.budget_minutes else None)
-            if result is not None:
-                runs.append(result)
-                calibrated = calibrated or out
-    # lightly's example rerun with seeds at the same budget (benchmarks/lightly_bar.py), when it has been run.
+    runs = [json.loads(path.read_text()) for method in methods for seed in args.seeds
+            for path in [runs_dir / f"{method}_seed{seed}_{budget_key}.json"] if path.is_file()]
     reference_dir = RESULTS / "runs" / f"lightly_bar_{args.dataset}"
     pattern = f"seed*_{args.budget_minutes:g}min.json" if args.budget_minutes else None
     reference_runs = [json.loads(path.read_text()) for path in sorted(reference_dir.glob(pattern))] if pattern else []
@@ -386,9 +381,53 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(f"{linear[f]['mean']:.3f}" for f in sorted(linear, key=float))
               + f"  ({entry['images_per_s']['mean']:.0f} img/s)")
     print(json.dumps(record["summary"]["checks"], indent=1))
+    seeds = {method: len(entry["seeds"]) for method, entry in record["summary"]["methods"].items()}
+    print("seeds per method: " + ", ".join(f"{method} {count}" for method, count in seeds.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root")
+    parser.add_argument("--dataset", default="breastmnist")
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--stem", choices=["small", "standard"], default="standard")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-images", type=int, help="images seen per method (the primary rule)")
+    budget.add_argument("--budget-minutes", type=float, help="measured wall-clock pretraining minutes per method")
+    parser.add_argument("--calibration-warmup", type=int, default=5, help="wall-clock budgets: untimed steps")
+    parser.add_argument("--calibration-steps", type=int, default=20, help="wall-clock budgets: timed steps (median)")
+    parser.add_argument("--methods", nargs="*", help="default: every registered method that fits the data")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--pretrain-seed", type=int, default=0, help="seed of every pretraining run")
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="also fine-tune every encoder for this many epochs (backbone LR chosen on validation)")
+    parser.add_argument("--tag", default="", help="suffix of the bake-off's name (e.g. a budget name)")
+    parser.add_argument("--output-dir", type=Path, help="default: runs/<method_bakeoff_dataset[_tag]>")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="only select the methods and calibrate a wall-clock budget's steps (run this on a quiet "
+                             "machine; the real run reuses the stored calibration from the same --output-dir)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="summarise the committed per-run results under benchmarks/results/runs (the format "
+                             "before `radssl bakeoff`), run nothing")
+    args = parser.parse_args(argv)
+    if not args.budget_minutes and not args.budget_images:
+        args.budget_minutes = float(LIGHTLY_BAR.get(args.dataset, {}).get("minutes", 5))
     if args.cached_only:
-        seeds = {method: len(entry["seeds"]) for method, entry in record["summary"]["methods"].items()}
-        print("seeds per method: " + ", ".join(f"{method} {count}" for method, count in seeds.items()))
+        return summarise_cached(args, args.methods or default_methods())
+    from radssl.study.bakeoff import plan_bakeoff, plan_lines, run_bakeoff
+
+    if args.calibrate_only:
+        print("\n".join(plan_lines(plan_bakeoff(bakeoff_config(args)))))
+        return 0
+    path = run_bakeoff(bakeoff_config(args))
+    summary = json.loads(path.read_text())
+    print(f"bake-off summary: {path}")
+    for report in summary["reports"].values():
+        print(f"report: {report}")
     return 0
 
 

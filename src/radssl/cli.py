@@ -7,6 +7,7 @@ Every subcommand takes ``--help``. Config values come from YAML and can be overr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -99,6 +100,26 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bakeoff(args: argparse.Namespace) -> int:
+    """Every method that fits the data (or --methods) at one budget, each with its random-init twin, as studies."""
+    from radssl.study.bakeoff import load_bakeoff_config, run_bakeoff
+
+    # `--methods a b key=value`: argparse hands the override to --methods; give it back to the overrides.
+    methods = [m for m in args.methods or [] if not _is_override(m)] or None
+    extra = [m for m in args.methods or [] if _is_override(m)]
+    config = load_bakeoff_config(args.config, _common_overrides(args) + extra, methods=methods)
+    if args.plan_only:
+        from radssl.study.bakeoff import plan_bakeoff, plan_lines
+
+        print("\n".join(plan_lines(plan_bakeoff(config))))
+        return 0
+    summary = run_bakeoff(config)
+    print(f"bake-off summary: {summary}")
+    for report in json.loads(summary.read_text())["reports"].values():
+        print(f"report:           {report}")
+    return 0
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where checkpoints, metrics and results go (config: output_dir)")
     parser.add_argument("--seed", type=int, help="run seed (config: seed)")
@@ -145,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     from radssl.study.commands import add_study_commands
 
     add_study_commands(sub)
+
+    bakeoff = sub.add_parser(
+        "bakeoff",
+        help="which pretext task for my data? every method that fits the data at one budget, vs random init",
+        description=(
+            "Run every registered SSL method that fits the data (or --methods) at ONE stated budget — "
+            "budget: {images_seen: N} (equal images seen) or {wall_clock_s: T, threads: k} (equal measured "
+            "wall-clock, calibrated per method) — each read out beside its random-init twin at the config's label "
+            "fractions and seeds. Runs as studies (resumable, same report and statistics) and writes "
+            "<output_dir>/bakeoff.json."
+        ),
+    )
+    bakeoff.add_argument("config", type=Path, help="bake-off YAML (see configs/bakeoff_example.yaml)")
+    bakeoff.add_argument("--methods", nargs="+", metavar="METHOD", help="only these methods (config: methods)")
+    bakeoff.add_argument("--output-dir", help="where the studies and bakeoff.json go (config: output_dir)")
+    bakeoff.add_argument("--plan-only", action="store_true",
+                         help="select the methods and set the budget's steps (calibrating a wall-clock budget, kept "
+                              "for the real run), print the plan and stop before any pretraining")
+    bakeoff.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    bakeoff.set_defaults(func=cmd_bakeoff)
     return parser
 
 

@@ -53,7 +53,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from radssl.data.folder import class_index, derive_classes, split_name, under_root
-from radssl.data.records import BadFileLog, Record
+from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -579,7 +579,10 @@ def _volume_record(stack: _Stack, source: str) -> Record:
     first = frames[0]
     in_plane = _in_plane(frames, source)
     dtype = np.result_type(*[f.pixels.dtype for f in frames])
-    volume = np.stack([f.pixels.astype(dtype, copy=False) for f in frames])
+    if isinstance(first.pixels, DeferredPixels):  # planning: the volume is stacked when its unit is read
+        volume: np.ndarray | DeferredPixels = DeferredPixels((len(frames), *first.pixels.shape), dtype)
+    else:
+        volume = np.stack([f.pixels.astype(dtype, copy=False) for f in frames])
     spacing = (stack.depth_spacing, *in_plane) if in_plane else ()
     extra = dict(first.extra)
     extra.update(
@@ -587,11 +590,12 @@ def _volume_record(stack: _Stack, source: str) -> Record:
         files=sorted({str(f.path) for f in frames}),
         slice_order=stack.order,
         depth_axis="time" if stack.order == "acquisition" else "space",
+        source_frames=[(str(f.path), f.frame) for f in frames],
     )
     if stack.positions is not None:
         extra["slice_positions_mm"] = stack.positions
     return Record(
-        pixels=volume,
+        pixels=volume,  # type: ignore[arg-type]
         path=str(first.path),
         patient_id=first.patient_id,
         study_id=first.study_id,
@@ -604,7 +608,7 @@ def _volume_record(stack: _Stack, source: str) -> Record:
 
 
 def _image_record(frame: _Frame, index: int | None, extra: dict[str, Any] | None = None) -> Record:
-    merged = dict(frame.extra, layout="HW")
+    merged = dict(frame.extra, layout="HW", source_frames=[(str(frame.path), frame.frame)])
     if frame.slice_thickness is not None:
         merged["slice_thickness"] = frame.slice_thickness
     if extra:
@@ -787,6 +791,10 @@ def read_dicom_source(config: DicomSourceConfig, log: BadFileLog) -> list[Record
             files.append(read_dicom_frames(path, config.modality))
         except DataError as error:
             log.handle(error)
+    return _records(files, config, log)
+
+
+def _records(files: list[list[_Frame]], config: DicomSourceConfig, log: BadFileLog) -> list[Record]:
     assemble = _assemble_series if config.assemble == "series" else _assemble_images
     records = assemble(files, config, log)
     records = _attach_labels(records, config, log)
@@ -796,3 +804,72 @@ def read_dicom_source(config: DicomSourceConfig, log: BadFileLog) -> list[Record
         )
     records.sort(key=lambda r: (r.path, -1 if r.index is None else r.index))
     return records
+
+
+# ----------------------------------------------------------------------------------------- planned ingest
+@dataclass(frozen=True)
+class DeferredPixels:
+    """Shape and dtype of pixels a header pass decoded and let go; ``decode_dicom_record`` decodes them again."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _frame_headers(path: Path, expected_modality: str | None) -> list[_Frame]:
+    """``read_dicom_frames`` keeping only each frame's pixel shape and dtype (runs in an ingest worker).
+
+    The pixels are decoded here too, so a file whose pixel data cannot be decoded is found (and skipped or
+    raised) before series are assembled, exactly as ``read_dicom_source`` finds it.
+    """
+    frames = read_dicom_frames(path, expected_modality)
+    for frame in frames:
+        frame.pixels = DeferredPixels(tuple(frame.pixels.shape), frame.pixels.dtype)  # type: ignore[assignment]
+    return frames
+
+
+def plan_dicom_units(config: DicomSourceConfig, log: BadFileLog, workers: int = 1) -> list[ReadUnit]:
+    """The source as one ``ReadUnit`` per record (an image, a frame or a series volume), in ``read_dicom_source``'s order.
+
+    Two passes, so that memory does not grow with the archive: here every file is read by ``workers`` processes
+    (headers, and pixels decoded once to find bad files) and series are ordered and checked from the headers
+    alone; each unit then decodes its file(s) again and stacks a volume only when it is ingested. Bad files and
+    series are kept or skipped exactly as ``read_dicom_source`` does.
+    """
+    from radssl.data.ingest import ordered_map
+
+    files: list[list[_Frame]] = []
+    candidates = _dicom_candidates(config, log)
+    for _, result in ordered_map(_frame_headers, candidates, workers, str, (config.modality,)):
+        if isinstance(result, DataError):
+            log.handle(result)
+        else:
+            files.append(result)
+    return [ReadUnit(record.path, decode_dicom_record, (record, config.modality)) for record in _records(files, config, log)]
+
+
+def decode_dicom_record(record: Record, expected_modality: str | None) -> list[Record]:
+    """Decode a planned record's pixels (``ReadUnit.load`` of this source; runs in an ingest worker).
+
+    A volume is filled slice by slice into one array, so a worker holds one volume (plus one file's frames).
+    """
+    deferred = record.pixels
+    assert isinstance(deferred, DeferredPixels)
+    sources: list[tuple[str, int | None]] = list(record.extra["source_frames"])  # type: ignore[arg-type]
+    volume = record.extra.get("layout") == "DHW"
+    out = np.empty(deferred.shape, deferred.dtype) if volume else None
+    last_path, frames = "", []
+    for position, (path, frame) in enumerate(sources):
+        if path != last_path:
+            frames, last_path = read_dicom_frames(Path(path), expected_modality), path
+        pixels = frames[frame or 0].pixels
+        wanted = deferred.shape[1:] if volume else deferred.shape
+        if pixels.shape != wanted or (not volume and pixels.dtype != deferred.dtype):
+            raise DataError(path, f"pixels changed while the archive was read ({pixels.shape} {pixels.dtype}, "
+                            f"planned {wanted} {deferred.dtype})", "do not modify the files during ingest; rerun")
+        if out is None:
+            record.pixels = pixels
+        else:
+            out[position] = pixels
+    if out is not None:
+        record.pixels = out
+    return [record]

@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from radssl.data.records import BadFileLog, Record
+from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -248,13 +248,24 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
         raise DataError(str(path), f"cannot decode image ({error})", "re-export or remove the file") from error
 
 
-def _image_record(path: Path, log: BadFileLog, modality: str) -> Record | None:
+def _image_record(path: Path, log: BadFileLog, modality: str, decode: bool = True) -> Record | None:
+    """The file's record; ``decode=False`` leaves the pixels to ``decode_image_record`` (in a worker)."""
+    if not decode:
+        return Record(pixels=np.empty(0, np.uint8), path=str(path), modality=modality)
     try:
         pixels, bit_depth = read_image(path)
     except DataError as error:
         log.handle(error)
         return None
     return Record(pixels=pixels, path=str(path), modality=modality, extra={"bit_depth": bit_depth})
+
+
+def decode_image_record(record: Record) -> list[Record]:
+    """Decode a planned record's image file (``ReadUnit.load`` of this source; runs in an ingest worker)."""
+    pixels, bit_depth = read_image(Path(record.path))
+    record.pixels = pixels
+    record.extra["bit_depth"] = bit_depth
+    return [record]
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -283,7 +294,7 @@ def _patient_id(config: FolderSourceConfig, path: Path, row: dict[str, str] | No
     return ""
 
 
-def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
+def _from_csv(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) -> list[Record]:
     assert config.csv is not None
     csv_path = config.csv
     header, rows = _read_csv_rows(csv_path)
@@ -355,7 +366,7 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(image_path, log, config.modality)
+        record = _image_record(image_path, log, config.modality, decode)
         if record is None:
             continue
         record.label = label
@@ -380,7 +391,7 @@ def _subfolders(base: Path, config: FolderSourceConfig) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in excluded)
 
 
-def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
+def _from_subfolders(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) -> list[Record]:
     root = config.root
     if not root.is_dir():
         raise DataError(str(root), "image folder not found", "check `root` in the source config")
@@ -418,7 +429,7 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(path, log, config.modality)
+        record = _image_record(path, log, config.modality, decode)
         if record is None:
             continue
         record.label = label
@@ -461,9 +472,25 @@ def read_folder_source(config: FolderSourceConfig, log: BadFileLog) -> list[Reco
     Bad rows/files (missing, duplicate, undecodable, label outside ``classes``) go through ``log``: an error at
     once under ``on_bad_file: error``, a listed skip under ``skip``.
     """
+    return _read(config, log, decode=True)
+
+
+def plan_folder_units(config: FolderSourceConfig, log: BadFileLog) -> list[ReadUnit]:
+    """The source as one ``ReadUnit`` per image, in ``read_folder_source``'s order; pixels are decoded by the unit.
+
+    CSV and label problems go through ``log`` here; an undecodable image fails when its unit is read
+    (``radssl.data.ingest``), naming the file, so the same files are kept or skipped as by ``read_folder_source``.
+    """
+    return [ReadUnit(record.path, decode_image_record, (record,)) for record in _read(config, log, decode=False)]
+
+
+def _read(config: FolderSourceConfig, log: BadFileLog, decode: bool) -> list[Record]:
     if config.label_columns and config.csv is None:
         raise DataError(str(config.root), "`label_columns` need a `csv`", "add `csv`, or use class sub-folders")
-    records = _from_csv(config, log) if config.csv is not None else _from_subfolders(config, log)
+    if config.csv is not None:
+        records = _from_csv(config, log, decode)
+    else:
+        records = _from_subfolders(config, log, decode)
     if not records:
         raise DataError(
             str(config.csv or config.root),

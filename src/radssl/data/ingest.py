@@ -3,7 +3,7 @@
 Why: building the cache used to decode every file into one Python list before writing it, so peak memory grew
 with the archive (10⁵ radiographs, 10⁴ CT volumes) and one core did all the decoding. Here a reader plans its
 work as ``ReadUnit``s (a file, a NIfTI case, a DICOM series ordered from its headers); a process pool
-(``concurrent.futures``, ``forkserver`` start method: no forked copy of a parent holding torch threads) decodes
+(``concurrent.futures``; see ``_context`` for the start method) decodes
 and preprocesses them, and the parent appends each preprocessed image to ``images.npy`` as it arrives. At most
 ``2 × workers`` units are in flight, and results are taken in submission order, so:
 
@@ -84,8 +84,11 @@ def _call(function: Callable[..., Any], item: Any, args: tuple[Any, ...]) -> Any
 
 
 def _context() -> multiprocessing.context.BaseContext:
+    """``fork`` where there is one (Linux), as torch's DataLoader workers: no re-import of ``__main__`` (a user's
+    unguarded script or notebook works) and no start-up cost; workers only run numpy/PIL/pydicom/nibabel code.
+    ``spawn`` elsewhere (macOS, Windows), which needs the usual ``if __name__ == "__main__":`` guard."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def ordered_map(

@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,13 +319,16 @@ def load_or_build_cache(
     started = time.perf_counter()
     log = BadFileLog(on_bad_file)
     if plan_units is not None:
-        units, count = plan_units(log), workers
+        units, count = deque(plan_units(log)), workers
     else:
-        units, count = records_as_units(read_records(log)), 1  # type: ignore[misc]
+        units, count = deque(records_as_units(read_records(log))), 1  # type: ignore[misc]
     read_seconds = time.perf_counter() - started
 
     def ingest(folder: Path) -> IngestResult:
-        return ingest_units(units, preprocess, log, folder, str(name), IMAGES_FILE, MASKS_FILE, TABLE_EXTRA_KEYS,
+        # Each unit is handed over and forgotten here, so a planned record (with its reader's extras) is freed
+        # once ingested rather than kept until the end.
+        handed = (units.popleft() for _ in range(len(units)))
+        return ingest_units(handed, preprocess, log, folder, str(name), IMAGES_FILE, MASKS_FILE, TABLE_EXTRA_KEYS,
                             preprocess_mask, count)
 
     build_info = {

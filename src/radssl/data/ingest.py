@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -91,6 +92,19 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux, ask the kernel to SIGKILL this worker when its parent dies (``kill -9`` of
+    the build must not leave workers decoding for nobody); exit at once if the parent is already gone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not Linux: workers end when they find the call queue closed
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def ordered_map(
     function: Callable[..., Any],
     items: Iterable[Item],
@@ -112,7 +126,8 @@ def ordered_map(
         return
     pending: deque[tuple[Item, Future]] = deque()
     source = iter(items)
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=_context())
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_die_with_parent,
+                                   initargs=(os.getpid(),))
     try:
         for item in source:
             pending.append((item, executor.submit(_call, function, item, args)))
@@ -227,7 +242,8 @@ class _RowFile:
         del old
         self._stream.close()
         os.replace(wider, self.path)
-        self._stream = open(self.path, "ab")
+        self._stream = open(self.path, "r+b")  # not "ab": the header is written at offset 0 on close
+        self._stream.seek(0, os.SEEK_END)
         self.dtype = np.dtype(dtype)
 
     def close(self) -> None:
@@ -262,7 +278,7 @@ class IngestResult:
 
 
 def ingest_units(
-    units: Sequence[ReadUnit],
+    units: Iterable[ReadUnit],
     preprocess: Callable[[Record], np.ndarray],
     log: BadFileLog,
     out_dir: Path,

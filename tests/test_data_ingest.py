@@ -278,3 +278,31 @@ def test_a_volume_store_stays_memory_mapped_through_validation_fingerprint_and_s
     whole.update("\x00".join(store.split.tolist()).encode())
     whole.update("\x00".join(store.patient_id.tolist()).encode())
     assert store.fingerprint() == report["digest"] == whole.hexdigest()
+
+
+def test_nan_check_goes_a_chunk_at_a_time_and_names_the_first_bad_image(monkeypatch):
+    """Validation never asks torch for a mask of the whole store (a full-size bool array for a store larger than
+    RAM), and still finds the first image holding NaN across chunk borders."""
+    import torch
+
+    from radssl.data import store as store_module
+    from radssl.data.store import ImageStore, TaskInfo
+
+    seen: list[int] = []
+    original = torch.isfinite
+
+    def spy(tensor):
+        seen.append(tensor.numel())
+        return original(tensor)
+
+    monkeypatch.setattr(store_module, "CHUNK_BYTES", 3 * 64 * 2)  # 3 images of 8×8 float16 per chunk
+    monkeypatch.setattr(torch, "isfinite", spy)
+    images = torch.zeros(10, 1, 8, 8, dtype=torch.float16)
+    kwargs = dict(labels=torch.zeros(10, dtype=torch.int64), split=np.full(10, "train"), patient_id=np.full(10, ""),
+                  task=TaskInfo("none", 0))
+    ImageStore("ok", images, **kwargs)
+    assert seen and max(seen) == 3 * 64
+    images[7, 0, 5, 5] = float("nan")
+    images[8, 0, 0, 0] = float("inf")
+    with pytest.raises(DataError, match="first at sample index 7"):
+        ImageStore("bad", images, **kwargs)

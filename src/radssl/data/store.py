@@ -261,8 +261,9 @@ CHUNK_BYTES = 16 * 2**20
 than RAM: a CT archive's volumes)."""
 
 
-def row_chunks(array: torch.Tensor | np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor | np.ndarray]:
-    """Consecutive row blocks of ``array`` (views), about ``chunk_bytes`` each (at least one row)."""
+def row_chunks(array: torch.Tensor | np.ndarray, chunk_bytes: int | None = None) -> Iterator[torch.Tensor | np.ndarray]:
+    """Consecutive row blocks of ``array`` (views), about ``chunk_bytes`` (default ``CHUNK_BYTES``) each."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     n = int(array.shape[0])
     row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * _itemsize(array))
     step = max(1, chunk_bytes // row_bytes)

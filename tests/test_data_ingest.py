@@ -247,7 +247,7 @@ VOLUME_SCRIPT = """
 
     units = [ReadUnit(f"ct{i:03d}", volume, (i,)) for i in range(int(sys.argv[2]))]
     store = load_or_build_cache(Path(sys.argv[1]), "ct", [], {"volumes": len(units)}, "none", None,
-                                lambda record: record.pixels[None], plan_units=lambda log: units, workers=1)
+                                lambda record: record.pixels[None], plan_units=lambda log, scratch: units, workers=1)
     for chunk in row_chunks(store.images):  # every page of the mapped file resident once: the baseline holds it
         chunk.float().sum()
     before = peak_kb()

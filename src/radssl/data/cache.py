@@ -50,6 +50,7 @@ IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
 META_FILE = "meta.json"
 BAD_FILES_REPORT = "bad_files.json"
+SCRATCH_DIR = "scratch"
 TABLE_EXTRA_KEYS = ("class_names", "class_name", "slice_index", "frame_index", "loop_id")
 """The ``Record.extra`` keys ``CacheTable`` reads (ingest keeps only these per image, not the pixels)."""
 
@@ -291,7 +292,7 @@ def load_or_build_cache(
     on_bad_file: BadFilePolicy = "error",
     task: TaskInfo | None = None,
     preprocess_mask: Callable[[Record], np.ndarray | None] | None = None,
-    plan_units: Callable[[BadFileLog], Sequence[ReadUnit]] | None = None,
+    plan_units: Callable[[BadFileLog, Path], Sequence[ReadUnit]] | None = None,
     workers: int | None = None,
 ) -> ImageStore:
     """The cached store for this (files, source config, preprocessing), building it first if needed.
@@ -299,7 +300,8 @@ def load_or_build_cache(
     ``files`` are every file the source reads (stat'ed, never decoded, to key the cache). On a miss the images
     come from ``plan_units`` (the reader's work as ``ReadUnit``s, decoded and preprocessed by ``workers``
     processes — default: one per CPU — and streamed to disk, see ``radssl.data.ingest``), or else from
-    ``read_records`` (records already decoded in this process). ``preprocess`` turns one record into a
+    ``read_records`` (records already decoded in this process). ``plan_units(log, scratch)`` may keep rows it
+    preprocessed while planning in the folder ``scratch`` (removed before the entry is renamed into place). ``preprocess`` turns one record into a
     (C, H, W) / (C, D, H, W) uint8 or float16 array; with ``workers`` > 1 it (and ``preprocess_mask``) must
     pickle (a ``functools.partial`` of a module-level function). Rows keep the reader's order whatever the
     worker count. Splits are the source's own (``unlabelled`` where it gives none). The bad-file report
@@ -318,25 +320,31 @@ def load_or_build_cache(
         shutil.rmtree(final, ignore_errors=True)  # damaged entry (not built by us atomically): rebuild
     started = time.perf_counter()
     log = BadFileLog(on_bad_file)
-    if plan_units is not None:
-        units, count = deque(plan_units(log)), workers
-    else:
-        units, count = deque(records_as_units(read_records(log))), 1  # type: ignore[misc]
-    read_seconds = time.perf_counter() - started
-
-    def ingest(folder: Path) -> IngestResult:
-        # Each unit is handed over and forgotten here, so a planned record (with its reader's extras) is freed
-        # once ingested rather than kept until the end.
-        handed = (units.popleft() for _ in range(len(units)))
-        return ingest_units(handed, preprocess, log, folder, str(name), IMAGES_FILE, MASKS_FILE, TABLE_EXTRA_KEYS,
-                            preprocess_mask, count)
-
-    build_info = {
+    build_info: dict[str, Any] = {
         "fingerprint": fingerprint,
         "files": len(files),
-        "plan_seconds" if plan_units is not None else "read_seconds": round(read_seconds, 3),
         "preprocess_fingerprint": preprocess_fingerprint,
         "source_config": _config_payload(source_config),
     }
+
+    def ingest(folder: Path) -> IngestResult:
+        scratch = folder / SCRATCH_DIR  # a planner's working space, inside the entry's .tmp- folder
+        scratch.mkdir()
+        if plan_units is not None:
+            units, count = deque(plan_units(log, scratch)), workers
+            if units and all(unit.preprocessed for unit in units):
+                count = 1  # only copies of rows the planner already preprocessed: no work for a pool
+        else:
+            units, count = deque(records_as_units(read_records(log))), 1  # type: ignore[misc]
+        build_info["read_seconds"] = round(time.perf_counter() - started, 3)
+        # Each unit is handed over and forgotten, so a planned record (with its reader's extras) is freed once
+        # ingested rather than kept until the end.
+        handed = (units.popleft() for _ in range(len(units)))
+        result = ingest_units(handed, preprocess, log, folder, str(name), IMAGES_FILE, MASKS_FILE, TABLE_EXTRA_KEYS,
+                              preprocess_mask, count)
+        shutil.rmtree(scratch)
+        build_info["total_seconds"] = round(time.perf_counter() - started, 3)
+        return result
+
     _write_entry(final, ingest, str(name), log, build_info)
     return store_from_entry(final, name, task)

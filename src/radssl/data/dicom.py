@@ -44,7 +44,7 @@ from __future__ import annotations
 import csv as csv_module
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -815,36 +815,105 @@ class DeferredPixels:
     dtype: np.dtype
 
 
-def _frame_headers(path: Path, expected_modality: str | None) -> list[_Frame]:
+def _frame_headers(
+    path: Path, expected_modality: str | None, preprocess: Callable[[Record], np.ndarray] | None
+) -> tuple[list[_Frame], list[np.ndarray | DataError] | None]:
     """``read_dicom_frames`` keeping only each frame's pixel shape and dtype (runs in an ingest worker).
 
-    The pixels are decoded here too, so a file whose pixel data cannot be decoded is found (and skipped or
-    raised) before series are assembled, exactly as ``read_dicom_source`` finds it.
+    The pixels are decoded here, so a file whose pixel data cannot be decoded is found (and skipped or raised)
+    before series are assembled, exactly as ``read_dicom_source`` finds it. With ``preprocess`` (``assemble:
+    images``, where a frame's preprocessing needs nothing that assembly adds) each frame is also preprocessed
+    now, so it is decoded once; a preprocessing error is returned, to be reported only if the frame's record
+    survives assembly, in record order, as ``read_dicom_source`` + the cache would.
     """
     frames = read_dicom_frames(path, expected_modality)
+    outputs: list[np.ndarray | DataError] | None = None
+    if preprocess is not None:
+        outputs = []
+        for frame in frames:
+            try:
+                outputs.append(np.asarray(preprocess(_image_record(frame, None))))
+            except DataError as error:
+                outputs.append(error)
     for frame in frames:
         frame.pixels = DeferredPixels(tuple(frame.pixels.shape), frame.pixels.dtype)  # type: ignore[assignment]
-    return frames
+    return frames, outputs
 
 
-def plan_dicom_units(config: DicomSourceConfig, log: BadFileLog, workers: int = 1) -> list[ReadUnit]:
+class _PreprocessedRows:
+    """Frames preprocessed while planning: rows of a scratch ``.npy`` in file order (odd shapes kept aside)."""
+
+    def __init__(self, path: Path) -> None:
+        from radssl.data.ingest import RowFile
+
+        self.file = RowFile(path)
+        self.where: dict[tuple[str, int | None], int | np.ndarray | DataError] = {}
+        self.rows: np.ndarray | None = None
+
+    def add(self, frame: _Frame, output: np.ndarray | DataError) -> None:
+        key = (str(frame.path), frame.frame)
+        same = self.file.rows == 0 or (isinstance(output, np.ndarray) and output.shape == self.file.row_shape
+                                        and output.dtype == self.file.dtype)
+        if isinstance(output, np.ndarray) and same and output.dtype in (np.uint8, np.float16, np.float32):
+            self.where[key] = self.file.rows
+            self.file.append(output)
+        else:
+            self.where[key] = output  # an error, or a shape the cache will refuse if the record survives
+
+    def finish(self) -> None:
+        self.file.close()
+        if self.file.rows:
+            self.rows = np.load(self.file.path, mmap_mode="r")
+
+
+def _preprocessed_row(record: Record, rows: _PreprocessedRows, frame: tuple[str, int | None]) -> list[Record]:
+    """The row ``plan_dicom_units`` preprocessed for this record (``ReadUnit.load``, in the building process)."""
+    found = rows.where[frame]
+    if isinstance(found, DataError):
+        raise found
+    record.pixels = np.array(rows.rows[found]) if isinstance(found, int) else found  # type: ignore[index]
+    return [record]
+
+
+def plan_dicom_units(
+    config: DicomSourceConfig,
+    log: BadFileLog,
+    workers: int = 1,
+    preprocess: Callable[[Record], np.ndarray] | None = None,
+    scratch: Path | None = None,
+) -> list[ReadUnit]:
     """The source as one ``ReadUnit`` per record (an image, a frame or a series volume), in ``read_dicom_source``'s order.
 
-    Two passes, so that memory does not grow with the archive: here every file is read by ``workers`` processes
-    (headers, and pixels decoded once to find bad files) and series are ordered and checked from the headers
-    alone; each unit then decodes its file(s) again and stacks a volume only when it is ingested. Bad files and
-    series are kept or skipped exactly as ``read_dicom_source`` does.
+    Every file is read by ``workers`` processes (headers, and pixels decoded to find bad files exactly as
+    ``read_dicom_source`` does) and series are ordered and checked from the headers alone, so memory does not
+    grow with the archive. ``assemble: images`` with ``preprocess`` and a ``scratch`` folder: each frame is
+    preprocessed in that same pass and kept as a row in ``scratch``, and the units copy those rows in record
+    order (one decode per file). Otherwise (``series``) each unit decodes its files again and stacks the volume.
     """
     from radssl.data.ingest import ordered_map
 
+    early = preprocess if config.assemble == "images" and scratch is not None else None
+    rows = _PreprocessedRows(Path(scratch) / "frames.npy") if early is not None else None
     files: list[list[_Frame]] = []
     candidates = _dicom_candidates(config, log)
-    for _, result in ordered_map(_frame_headers, candidates, workers, str, (config.modality,)):
+    for _, result in ordered_map(_frame_headers, candidates, workers, str, (config.modality, early)):
         if isinstance(result, DataError):
             log.handle(result)
-        else:
-            files.append(result)
-    return [ReadUnit(record.path, decode_dicom_record, (record, config.modality)) for record in _records(files, config, log)]
+            continue
+        frames, outputs = result
+        files.append(frames)
+        if rows is not None and outputs is not None:
+            for frame, output in zip(frames, outputs):
+                rows.add(frame, output)
+    records = _records(files, config, log)
+    if rows is None:
+        return [ReadUnit(record.path, decode_dicom_record, (record, config.modality)) for record in records]
+    rows.finish()
+    units = []
+    for record in records:
+        frame = record.extra["source_frames"][0]  # type: ignore[index]
+        units.append(ReadUnit(record.path, _preprocessed_row, (record, rows, tuple(frame)), preprocessed=True))
+    return units
 
 
 def decode_dicom_record(record: Record, expected_modality: str | None) -> list[Record]:

@@ -475,11 +475,12 @@ def read_folder_source(config: FolderSourceConfig, log: BadFileLog) -> list[Reco
     return _read(config, log, decode=True)
 
 
-def plan_folder_units(config: FolderSourceConfig, log: BadFileLog) -> list[ReadUnit]:
+def plan_folder_units(config: FolderSourceConfig, log: BadFileLog, scratch: Path | None = None) -> list[ReadUnit]:
     """The source as one ``ReadUnit`` per image, in ``read_folder_source``'s order; pixels are decoded by the unit.
 
     CSV and label problems go through ``log`` here; an undecodable image fails when its unit is read
     (``radssl.data.ingest``), naming the file, so the same files are kept or skipped as by ``read_folder_source``.
+    ``scratch`` (the cache's working folder) is not needed here.
     """
     return [ReadUnit(record.path, decode_image_record, (record,)) for record in _read(config, log, decode=False)]
 

@@ -17,7 +17,7 @@ order. A worker that dies (killed, out of memory) is reported naming the unit it
 
 The row count is only known at the end (bad files are skipped; a multi-frame file or a NIfTI case read as
 slices gives several images), so ``images.npy`` is written with a fixed-size header reserved up front and filled
-in last (``_RowFile``); ``numpy.lib.format.open_memmap`` would need the final shape before the first row.
+in last (``RowFile``); ``numpy.lib.format.open_memmap`` would need the final shape before the first row.
 The caller (``radssl.data.cache``) writes into a temporary folder that is renamed into place when complete.
 """
 
@@ -186,7 +186,7 @@ def preprocess_unit(
     out: list[_Row | _Raised] = []
     for record in unit.read():
         try:
-            array = np.asarray(preprocess(record))
+            array = np.asarray(record.pixels if unit.preprocessed else preprocess(record))
             if array.ndim not in (3, 4):
                 raise DataError(record.path, f"preprocessing returned shape {array.shape}; expected (C,H,W) or (C,D,H,W)")
             if array.dtype not in ALLOWED_DTYPES:
@@ -212,7 +212,7 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return magic + struct.pack("<H", room) + (text.ljust(room - 1) + "\n").encode("latin1")
 
 
-class _RowFile:
+class RowFile:
     """Rows of one shape appended to a ``.npy`` file whose header (row count) is written when it is closed."""
 
     def __init__(self, path: Path) -> None:
@@ -296,8 +296,8 @@ def ingest_units(
     every kept image has one. ``workers`` > 1 needs picklable ``preprocess``/``preprocess_mask`` and units.
     """
     count = resolve_workers(workers)
-    images = _RowFile(Path(out_dir) / images_file)
-    masks = _RowFile(Path(out_dir) / masks_file)
+    images = RowFile(Path(out_dir) / images_file)
+    masks = RowFile(Path(out_dir) / masks_file)
     kept: list[Record] = []
     with_mask = 0
     try:

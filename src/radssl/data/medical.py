@@ -24,6 +24,7 @@ import csv
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -103,14 +104,19 @@ def source_files(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceCon
 
 
 def plan_source(
-    source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig, log: BadFileLog, workers: int = 1
+    source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig,
+    log: BadFileLog,
+    workers: int = 1,
+    preprocess: Callable[[Record], np.ndarray] | None = None,
+    scratch: Path | None = None,
 ) -> list[ReadUnit]:
-    """A source's work as ``ReadUnit``s in ``read_source``'s order (DICOM headers are read by ``workers`` processes)."""
+    """A source's work as ``ReadUnit``s in ``read_source``'s order (DICOM files are read by ``workers`` processes,
+    and 2D DICOM frames preprocessed in that pass into ``scratch``: see ``plan_dicom_units``)."""
     if isinstance(source, NiftiSourceConfig):
         return plan_nifti_units(source, log)
     if isinstance(source, FolderSourceConfig):
         return plan_folder_units(source, log)
-    return plan_dicom_units(source, log, workers)
+    return plan_dicom_units(source, log, workers, preprocess, scratch)
 
 
 def read_source(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig, log: BadFileLog) -> list[Record]:
@@ -259,6 +265,7 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     where = f"{name} ({source.kind} source {source.root})"
     preprocess_fingerprint = config.preprocess.config_fingerprint()
     workers = resolve_workers(config.ingest_workers)
+    preprocess = partial(preprocess_record, config=config.preprocess)  # partials pickle: they go to workers
     reports = source_reports(source)  # read and checked before any pixel is decoded (radssl.data.reports)
     store = load_or_build_cache(
         cache_dir=config.cache_dir,
@@ -267,8 +274,8 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
         source_config=source,
         preprocess_fingerprint=preprocess_fingerprint,
         read_records=None,
-        plan_units=lambda log: plan_source(source, log, workers),
-        preprocess=partial(preprocess_record, config=config.preprocess),  # partials pickle: they go to workers
+        plan_units=lambda log, scratch: plan_source(source, log, workers, preprocess, scratch),
+        preprocess=preprocess,
         on_bad_file=config.on_bad_file,
         preprocess_mask=partial(preprocess_mask, config=config.preprocess),
         workers=workers,

@@ -403,11 +403,13 @@ def read_nifti_source(config: NiftiSourceConfig, log: BadFileLog) -> list[Record
     return records
 
 
-def plan_nifti_units(config: NiftiSourceConfig, log: BadFileLog | None = None) -> list[ReadUnit]:
+def plan_nifti_units(
+    config: NiftiSourceConfig, log: BadFileLog | None = None, scratch: Path | None = None
+) -> list[ReadUnit]:
     """One ``ReadUnit`` per case (its sequences, mask and label), sorted like ``read_nifti_source`` reads them.
 
     Nothing is decoded here; a case that fails (missing sequence or mask, bad grid, bad label) fails when its
-    unit is read, naming the file. ``log`` is unused (kept for the planners' common signature).
+    unit is read, naming the file. ``log`` and ``scratch`` are unused (the planners' common signature).
     """
     cases, masks = _case_groups(config, _matching_files(config))
     if not cases:

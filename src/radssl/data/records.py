@@ -55,6 +55,8 @@ class ReadUnit:
     where: str
     load: Callable[..., list[Record]]
     args: tuple[Any, ...] = ()
+    preprocessed: bool = False
+    """``load`` gives records whose ``pixels`` are already the preprocessed array (read in this process)."""
 
     def read(self) -> list[Record]:
         """Decode this unit into its records."""

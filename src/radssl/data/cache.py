@@ -169,6 +169,7 @@ def _write_entry(
 ) -> None:
     """Build an entry in a ``.tmp-`` folder (``ingest`` streams the pixels into it), then rename it into place."""
     cache_dir = final.parent
+    created = not cache_dir.exists()
     cache_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(cache_dir, final.name)
     temp = cache_dir / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
@@ -196,6 +197,14 @@ def _write_entry(
         except OSError:
             if not _entry_complete(final):  # another process won the race with a complete entry: keep theirs
                 raise
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        if created:  # a failed first build leaves no empty cache folder behind
+            try:
+                cache_dir.rmdir()
+            except OSError:
+                pass  # another build has put something there meanwhile
+        raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -107,7 +107,7 @@ def test_a_bad_file_read_in_a_worker_is_raised_naming_it_and_nothing_is_cached(t
                                ingest_workers=2)
     with pytest.raises(DataError, match=r"img0037\.png: cannot decode image"):
         load_medical_store(config, "toy")
-    assert not any((tmp_path / "cache").iterdir())  # no entry, no .tmp- folder
+    assert not (tmp_path / "cache").exists()  # no entry, no .tmp- folder: the cache folder is as it was
 
 
 def test_masks_widen_to_the_dtype_every_mask_needs(tmp_path):
@@ -249,7 +249,7 @@ VOLUME_SCRIPT = """
     store = load_or_build_cache(Path(sys.argv[1]), "ct", [], {"volumes": len(units)}, "none", None,
                                 lambda record: record.pixels[None], plan_units=lambda log, scratch: units, workers=1)
     for chunk in row_chunks(store.images):  # every page of the mapped file resident once: the baseline holds it
-        chunk.float().sum()
+        chunk.numpy().view(np.uint8).max()
     before = peak_kb()
     store.validate()
     digest = store.fingerprint()

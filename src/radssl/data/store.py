@@ -256,9 +256,9 @@ class ImageStore:
         return summary
 
 
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 4 * 2**20
 """Bytes of rows handled at once when a whole-store pass must not copy the store (it may be a memmap larger
-than RAM: a CT archive's volumes)."""
+than RAM: a CT archive's volumes). Small: a check may hold a few float32/bool temporaries of a chunk."""
 
 
 def row_chunks(array: torch.Tensor | np.ndarray, chunk_bytes: int | None = None) -> Iterator[torch.Tensor | np.ndarray]:

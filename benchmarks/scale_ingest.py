@@ -10,14 +10,16 @@ is its own. Per run:
 * ``peak_rss_parent_mb``: the building process's peak RSS (``ru_maxrss``);
 * ``peak_rss_worker_mb``: the largest worker's peak RSS (``RUSAGE_CHILDREN``; forked workers count the
   parent's pages they map, so this is an upper bound of their own);
-* ``peak_rss_tree_mb``: the largest sum of RSS over the process tree, sampled every 50 ms with psutil (counts
-  pages shared between parent and workers more than once: an upper bound).
+* ``peak_pss_tree_mb``: the largest sum of PSS (proportional set size: a page shared by k processes counts 1/k
+  in each, so forked workers are not counted twice) over the process tree, sampled every 100 ms with psutil
+  (RSS where PSS is unavailable; the JSON says which).
 
 Modes: ``workers=1`` (no worker processes), ``workers=<all cores>``, and ``legacy`` (the pre-ingest path:
 every record decoded into one list, then preprocessed; the memory reference). Memory must stay flat as files
 grow for the ingest modes; ``growth_mb_per_1k_files`` says by how much it does grow (per-image metadata).
 
-Writes ``benchmarks/results/scale_ingest.json`` atomically (``--quick``: ``scale_ingest_quick.json``).
+Writes ``benchmarks/results/scale_ingest.json`` atomically (``--quick``: ``scale_ingest_quick.json`` in the
+system temp folder, so a check of the script never replaces the committed results).
 
 Usage: python benchmarks/scale_ingest.py [--sizes 1000 4000 16000] [--quick]
 """
@@ -127,20 +129,30 @@ def measure(root: Path, cache: Path, mode: str, size: int) -> dict:
     command = [sys.executable, __file__, "--child", str(root), str(cache), mode, str(size)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    tree_peak = 0
+    tree_peak, measure_kind = 0, "pss"
     handle = psutil.Process(process.pid)
     while process.poll() is None:
         try:
             members = [handle, *handle.children(recursive=True)]
-            tree_peak = max(tree_peak, sum(m.memory_info().rss for m in members if m.is_running()))
+            total = 0
+            for member in members:
+                try:
+                    total += member.memory_full_info().pss
+                except (AttributeError, psutil.AccessDenied):
+                    measure_kind = "rss"
+                    total += member.memory_info().rss
+            tree_peak = max(tree_peak, total)
         except psutil.Error:
-            pass
-        time.sleep(0.05)
+            pass  # a worker ended while it was read
+        time.sleep(0.1)
     output = process.stdout.read() if process.stdout else ""
     if process.returncode != 0:
         raise RuntimeError(f"ingest run {mode} on {root} failed with exit code {process.returncode}")
     report = json.loads(output.strip().splitlines()[-1])
-    report["peak_rss_tree_mb"] = tree_peak / 2**20
+    if mode in ("1", "legacy"):
+        report["peak_rss_worker_mb"] = None  # no worker processes: whatever else the child waited for is not one
+    report["peak_pss_tree_mb"] = tree_peak / 2**20
+    report["tree_measure"] = measure_kind
     return report
 
 
@@ -161,7 +173,7 @@ def main() -> None:
         print(json.dumps(run_child(Path(root), Path(cache), mode, int(size))), flush=True)
         return
     sizes = [100, 200, 400] if args.quick else sorted(args.sizes)
-    out = args.out or RESULTS / ("scale_ingest_quick.json" if args.quick else "scale_ingest.json")
+    out = args.out or (Path(tempfile.gettempdir()) / "scale_ingest_quick.json" if args.quick else RESULTS / "scale_ingest.json")
     cores = args.workers or len(os.sched_getaffinity(0))
     modes = ["1", str(cores)] if cores > 1 else ["1"]
     modes += [] if args.no_legacy else ["legacy"]
@@ -181,7 +193,7 @@ def main() -> None:
                        "files_per_s": n / report["seconds"]}
                 runs.append(row)
                 print(f"{n:>6} files  {row['mode']:<12} {row['files_per_s']:8.1f} files/s  parent peak "
-                      f"{row['peak_rss_parent_mb']:7.1f} MB  tree peak {row['peak_rss_tree_mb']:7.1f} MB", flush=True)
+                      f"{row['peak_rss_parent_mb']:7.1f} MB  tree peak {row['peak_pss_tree_mb']:7.1f} MB", flush=True)
     summary = {}
     for mode in {r["mode"] for r in runs}:
         rows = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["files"])
@@ -189,6 +201,7 @@ def main() -> None:
         extra_files = max(large["files"] - small["files"], 1)
         summary[mode] = {
             "growth_mb_per_1k_files": (large["peak_rss_parent_mb"] - small["peak_rss_parent_mb"]) * 1000 / extra_files,
+            "tree_growth_mb_per_1k_files": (large["peak_pss_tree_mb"] - small["peak_pss_tree_mb"]) * 1000 / extra_files,
             "pixel_mb_per_1k_files": 1000 * args.image_size**2 * 2 / 2**20,
             "files_per_s_at_largest": large["files_per_s"],
         }

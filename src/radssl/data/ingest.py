@@ -3,11 +3,12 @@
 Why: building the cache used to decode every file into one Python list before writing it, so peak memory grew
 with the archive (10⁵ radiographs, 10⁴ CT volumes) and one core did all the decoding. Here a reader plans its
 work as ``ReadUnit``s (a file, a NIfTI case, a DICOM series ordered from its headers); a process pool
-(``concurrent.futures``; see ``_context`` for the start method) decodes
-and preprocesses them, and the parent appends each preprocessed image to ``images.npy`` as it arrives. At most
-``2 × workers`` units are in flight, and results are taken in submission order, so:
+(``concurrent.futures``; see ``_context`` for the start method) decodes and preprocesses them, and the parent
+appends each preprocessed image to ``images.npy`` as it arrives. At most ``2 × workers`` units are in flight,
+and results are taken in submission order, so:
 
-* peak memory is a few images per worker (plus ~1 KB of metadata per image), whatever the number of files;
+* pixel memory is a few images per worker, whatever the number of files; what still grows with the files is
+  per-image metadata (a few KB each: the plan's records, the cache's JSON table, the store's columns);
 * rows come out in the reader's order, the same whatever the worker count, so the cache's contents and the
   store's fingerprint do not depend on ``data.ingest_workers``.
 

@@ -240,7 +240,7 @@ def test_medical_store_patient_splits_cache_hit_and_inspect(medical, tmp_path, m
     assert set(store.meta["modality"].tolist()) == {"DX"}
     assert json.loads(medical.bad_files_report(store).read_text())["skipped"] == 0
 
-    monkeypatch.setattr(medical, "read_folder_source", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(medical, "plan_folder_units", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
     again = medical.load_medical_store(config, "toy")
     assert again.fingerprint() == store.fingerprint()
     external = medical.load_medical_store(_medical_config(medical, tmp_path, source, external=True), "toy")

@@ -1,7 +1,7 @@
 """Preprocessing cache: decode + preprocess once, then every later run memory-maps the result.
 
 Why: decoding DICOM/NIfTI/PNG and resampling costs far more than an SSL epoch reading compact uint8 pixels.
-The cache is one ``images.npy`` (``np.lib.format.open_memmap``; (N, C, H, W) or (N, C, D, H, W)), optionally
+The cache is one ``images.npy`` (a ``.npy`` file, memory-mapped; (N, C, H, W) or (N, C, D, H, W)), optionally
 ``masks.npy`` (segmentation labels on the same grid), plus a JSON sidecar ``meta.json`` (per-image metadata
 columns, labels, class names, how it was built) in a folder named ``<name>-<fingerprint>``. The fingerprint
 hashes every source file's path, size and mtime, the source config, the preprocessing fingerprint and the
@@ -10,8 +10,9 @@ bad-file policy, so changing any of them builds a new entry.
 Atomicity: an entry is built in ``.tmp-<name>-<fingerprint>-<host>-<pid>/`` and renamed into place only when
 complete (``os.rename`` of a folder is atomic on POSIX). A run killed mid-build leaves only a ``.tmp-`` folder,
 which is ignored (and removed by a later build on the same host once its process is gone); an entry without
-a readable, complete sidecar is discarded and rebuilt. Nothing is written before all records are read and
-preprocessed, so a failing load leaves the cache folder as it was.
+a readable, complete sidecar is discarded and rebuilt. Images are streamed into the ``.tmp-`` folder as
+worker processes decode and preprocess them (``radssl.data.ingest``: peak memory does not grow with the number
+of files); a failing load removes that folder, so the cache folder is left as it was.
 
 Loading is zero-copy: ``torch.from_numpy`` over a copy-on-write memmap, so pages are read on demand and
 shared between processes (DataLoader workers, DDP ranks on one host).
@@ -26,6 +27,7 @@ import os
 import shutil
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 
 from radssl.atomic import write_text_atomic
-from radssl.data.records import BadFileLog, BadFilePolicy, Record
+from radssl.data.ingest import IngestResult, ingest_units, records_as_units
+from radssl.data.records import BadFileLog, BadFilePolicy, ReadUnit, Record
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.errors import DataError
 
@@ -47,7 +50,9 @@ IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
 META_FILE = "meta.json"
 BAD_FILES_REPORT = "bad_files.json"
-_ALLOWED_DTYPES = (np.uint8, np.float16, np.float32)
+SCRATCH_DIR = "scratch"
+TABLE_EXTRA_KEYS = ("class_names", "class_name", "slice_index", "frame_index", "loop_id")
+"""The ``Record.extra`` keys ``CacheTable`` reads (ingest keeps only these per image, not the pixels)."""
 
 
 # ----------------------------------------------------------------------------------------- keys
@@ -138,55 +143,6 @@ class CacheTable:
 
 
 # ----------------------------------------------------------------------------------------- build
-def _preprocess_all(
-    records: Sequence[Record],
-    preprocess: Callable[[Record], np.ndarray],
-    log: BadFileLog,
-    source: str,
-    preprocess_mask: Callable[[Record], np.ndarray | None] | None = None,
-) -> tuple[list[Record], list[np.ndarray], list[np.ndarray] | None]:
-    """Preprocess every record (and its mask); a bad record goes through ``log``; shapes/dtypes must agree.
-
-    Masks are kept only when every kept record has one (segmentation data); otherwise none are kept.
-    """
-    kept: list[Record] = []
-    arrays: list[np.ndarray] = []
-    masks: list[np.ndarray | None] = []
-    for record in records:
-        try:
-            array = np.asarray(preprocess(record))
-            if array.ndim not in (3, 4):
-                raise DataError(record.path, f"preprocessing returned shape {array.shape}; expected (C,H,W) or (C,D,H,W)")
-            if array.dtype not in _ALLOWED_DTYPES:
-                raise DataError(record.path, f"preprocessing returned dtype {array.dtype}; expected uint8 or float16")
-            mask = preprocess_mask(record) if preprocess_mask is not None else None
-            if mask is not None and tuple(mask.shape) != tuple(array.shape[1:]):
-                raise DataError(record.path, f"preprocessed mask {mask.shape} does not match the image {array.shape[1:]}")
-        except DataError as error:
-            log.handle(error)
-            continue
-        if arrays and (array.shape != arrays[0].shape or array.dtype != arrays[0].dtype):
-            raise DataError(
-                source,
-                f"preprocessed images differ in shape/dtype: {kept[0].path} gives {arrays[0].shape} "
-                f"{arrays[0].dtype} but {record.path} gives {array.shape} {array.dtype}",
-                "set preprocess target_size (and target spacing for volumes) so every image has one shape",
-            )
-        kept.append(record)
-        arrays.append(array)
-        masks.append(None if mask is None else np.asarray(mask))
-        record.pixels = np.empty(0)  # free the raw pixels early; the cache keeps the compact copy
-        record.extra.pop("mask", None)
-    if not arrays:
-        raise DataError(source, "no image survived reading and preprocessing", "see bad_files.json for the reasons")
-    if masks and all(m is not None for m in masks):
-        return kept, arrays, masks  # type: ignore[return-value]
-    if any(m is not None for m in masks):
-        logger.warning("%s: only %d of %d images have masks; masks are not cached", source,
-                       sum(m is not None for m in masks), len(masks))
-    return kept, arrays, None
-
-
 def _clean_stale_temps(cache_dir: Path, prefix: str) -> None:
     """Remove half-built ``.tmp-`` folders of this key left by dead processes on this host."""
     head = f".tmp-{prefix}-{socket.gethostname()}-"
@@ -206,41 +162,32 @@ def _clean_stale_temps(cache_dir: Path, prefix: str) -> None:
 
 def _write_entry(
     final: Path,
-    arrays: list[np.ndarray],
-    masks: list[np.ndarray] | None,
-    table: CacheTable,
+    ingest: Callable[[Path], IngestResult],
+    name: str,
     log: BadFileLog,
     build_info: dict[str, Any],
 ) -> None:
+    """Build an entry in a ``.tmp-`` folder (``ingest`` streams the pixels into it), then rename it into place."""
     cache_dir = final.parent
+    created = not cache_dir.exists()
     cache_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(cache_dir, final.name)
     temp = cache_dir / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     try:
-        shape = (len(arrays), *arrays[0].shape)
-        images = np.lib.format.open_memmap(temp / IMAGES_FILE, mode="w+", dtype=arrays[0].dtype, shape=shape)
-        for i, array in enumerate(arrays):
-            images[i] = array
-        images.flush()
-        del images
-        if masks is not None:
-            dtype = np.result_type(*[m.dtype for m in masks])
-            stored = np.lib.format.open_memmap(temp / MASKS_FILE, mode="w+", dtype=dtype, shape=(len(masks), *masks[0].shape))
-            for i, mask in enumerate(masks):
-                stored[i] = mask
-            stored.flush()
-            del stored
+        result = ingest(temp)
+        table = CacheTable.from_records(result.records, name)
+        build_info = dict(build_info, images=len(result.records), skipped=len(log.skipped), workers=result.workers)
         log.write_report(temp / BAD_FILES_REPORT)
         meta = {
             "format_version": CACHE_FORMAT_VERSION,
             "complete": True,
-            "shape": list(shape),
-            "dtype": str(arrays[0].dtype),
+            "shape": list(result.shape),
+            "dtype": str(result.dtype),
             "class_names": table.class_names,
             "multilabel": table.multilabel,
-            "masks": masks is not None,
+            "masks": result.masks,
             "columns": table.columns,
             "build": build_info,
         }
@@ -250,6 +197,14 @@ def _write_entry(
         except OSError:
             if not _entry_complete(final):  # another process won the race with a complete entry: keep theirs
                 raise
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        if created:  # a failed first build leaves no empty cache folder behind
+            try:
+                cache_dir.rmdir()
+            except OSError:
+                pass  # another build has put something there meanwhile
+        raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -341,21 +296,30 @@ def load_or_build_cache(
     files: Sequence[Path],
     source_config: Any,
     preprocess_fingerprint: str,
-    read_records: Callable[[BadFileLog], list[Record]],
+    read_records: Callable[[BadFileLog], list[Record]] | None,
     preprocess: Callable[[Record], np.ndarray],
     on_bad_file: BadFilePolicy = "error",
     task: TaskInfo | None = None,
     preprocess_mask: Callable[[Record], np.ndarray | None] | None = None,
+    plan_units: Callable[[BadFileLog, Path], Sequence[ReadUnit]] | None = None,
+    workers: int | None = None,
 ) -> ImageStore:
     """The cached store for this (files, source config, preprocessing), building it first if needed.
 
-    ``files`` are every file the source reads (stat'ed, never decoded, to key the cache); ``read_records``
-    decodes them (called only on a miss) and ``preprocess`` turns one record into a (C, H, W) / (C, D, H, W)
-    uint8 or float16 array. Splits are the source's own (``unlabelled`` where it gives none). The bad-file
-    report (``bad_files.json``) lies in the entry folder, i.e. ``store.origin``. With ``preprocess_mask``
-    (same geometry as ``preprocess``, nearest neighbour) and a mask on every record, the masks are cached too
-    and appear as ``store.meta["mask"]`` ((N, H, W) or (N, D, H, W), memory-mapped).
+    ``files`` are every file the source reads (stat'ed, never decoded, to key the cache). On a miss the images
+    come from ``plan_units`` (the reader's work as ``ReadUnit``s, decoded and preprocessed by ``workers``
+    processes — default: one per CPU — and streamed to disk, see ``radssl.data.ingest``), or else from
+    ``read_records`` (records already decoded in this process). ``plan_units(log, scratch)`` may keep rows it
+    preprocessed while planning in the folder ``scratch`` (removed before the entry is renamed into place). ``preprocess`` turns one record into a
+    (C, H, W) / (C, D, H, W) uint8 or float16 array; with ``workers`` > 1 it (and ``preprocess_mask``) must
+    pickle (a ``functools.partial`` of a module-level function). Rows keep the reader's order whatever the
+    worker count. Splits are the source's own (``unlabelled`` where it gives none). The bad-file report
+    (``bad_files.json``) lies in the entry folder, i.e. ``store.origin``. With ``preprocess_mask`` (same
+    geometry as ``preprocess``, nearest neighbour) and a mask on every record, the masks are cached too and
+    appear as ``store.meta["mask"]`` ((N, H, W) or (N, D, H, W), memory-mapped).
     """
+    if (read_records is None) == (plan_units is None):
+        raise ValueError("give exactly one of read_records and plan_units")
     with_masks = "+masks" if preprocess_mask is not None else ""
     fingerprint = cache_fingerprint(files, source_config, preprocess_fingerprint + with_masks, on_bad_file)
     final = entry_dir(cache_dir, name, fingerprint)
@@ -365,19 +329,31 @@ def load_or_build_cache(
         shutil.rmtree(final, ignore_errors=True)  # damaged entry (not built by us atomically): rebuild
     started = time.perf_counter()
     log = BadFileLog(on_bad_file)
-    records = read_records(log)
-    read_seconds = time.perf_counter() - started
-    kept, arrays, masks = _preprocess_all(records, preprocess, log, str(name), preprocess_mask)
-    table = CacheTable.from_records(kept, str(name))
-    build_info = {
+    build_info: dict[str, Any] = {
         "fingerprint": fingerprint,
         "files": len(files),
-        "images": len(arrays),
-        "skipped": len(log.skipped),
-        "read_seconds": round(read_seconds, 3),
-        "total_seconds": round(time.perf_counter() - started, 3),
         "preprocess_fingerprint": preprocess_fingerprint,
         "source_config": _config_payload(source_config),
     }
-    _write_entry(final, arrays, masks, table, log, build_info)
+
+    def ingest(folder: Path) -> IngestResult:
+        scratch = folder / SCRATCH_DIR  # a planner's working space, inside the entry's .tmp- folder
+        scratch.mkdir()
+        if plan_units is not None:
+            units, count = deque(plan_units(log, scratch)), workers
+            if units and all(unit.preprocessed for unit in units):
+                count = 1  # only copies of rows the planner already preprocessed: no work for a pool
+        else:
+            units, count = deque(records_as_units(read_records(log))), 1  # type: ignore[misc]
+        build_info["read_seconds"] = round(time.perf_counter() - started, 3)
+        # Each unit is handed over and forgotten, so a planned record (with its reader's extras) is freed once
+        # ingested rather than kept until the end.
+        handed = (units.popleft() for _ in range(len(units)))
+        result = ingest_units(handed, preprocess, log, folder, str(name), IMAGES_FILE, MASKS_FILE, TABLE_EXTRA_KEYS,
+                              preprocess_mask, count)
+        shutil.rmtree(scratch)
+        build_info["total_seconds"] = round(time.perf_counter() - started, 3)
+        return result
+
+    _write_entry(final, ingest, str(name), log, build_info)
     return store_from_entry(final, name, task)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import csv as csv_module
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +53,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from radssl.data.folder import class_index, derive_classes, split_name, under_root
-from radssl.data.records import BadFileLog, Record
+from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -579,7 +579,10 @@ def _volume_record(stack: _Stack, source: str) -> Record:
     first = frames[0]
     in_plane = _in_plane(frames, source)
     dtype = np.result_type(*[f.pixels.dtype for f in frames])
-    volume = np.stack([f.pixels.astype(dtype, copy=False) for f in frames])
+    if isinstance(first.pixels, DeferredPixels):  # planning: the volume is stacked when its unit is read
+        volume: np.ndarray | DeferredPixels = DeferredPixels((len(frames), *first.pixels.shape), dtype)
+    else:
+        volume = np.stack([f.pixels.astype(dtype, copy=False) for f in frames])
     spacing = (stack.depth_spacing, *in_plane) if in_plane else ()
     extra = dict(first.extra)
     extra.update(
@@ -587,11 +590,12 @@ def _volume_record(stack: _Stack, source: str) -> Record:
         files=sorted({str(f.path) for f in frames}),
         slice_order=stack.order,
         depth_axis="time" if stack.order == "acquisition" else "space",
+        source_frames=[(str(f.path), f.frame) for f in frames],
     )
     if stack.positions is not None:
         extra["slice_positions_mm"] = stack.positions
     return Record(
-        pixels=volume,
+        pixels=volume,  # type: ignore[arg-type]
         path=str(first.path),
         patient_id=first.patient_id,
         study_id=first.study_id,
@@ -604,7 +608,7 @@ def _volume_record(stack: _Stack, source: str) -> Record:
 
 
 def _image_record(frame: _Frame, index: int | None, extra: dict[str, Any] | None = None) -> Record:
-    merged = dict(frame.extra, layout="HW")
+    merged = dict(frame.extra, layout="HW", source_frames=[(str(frame.path), frame.frame)])
     if frame.slice_thickness is not None:
         merged["slice_thickness"] = frame.slice_thickness
     if extra:
@@ -787,6 +791,10 @@ def read_dicom_source(config: DicomSourceConfig, log: BadFileLog) -> list[Record
             files.append(read_dicom_frames(path, config.modality))
         except DataError as error:
             log.handle(error)
+    return _records(files, config, log)
+
+
+def _records(files: list[list[_Frame]], config: DicomSourceConfig, log: BadFileLog) -> list[Record]:
     assemble = _assemble_series if config.assemble == "series" else _assemble_images
     records = assemble(files, config, log)
     records = _attach_labels(records, config, log)
@@ -796,3 +804,141 @@ def read_dicom_source(config: DicomSourceConfig, log: BadFileLog) -> list[Record
         )
     records.sort(key=lambda r: (r.path, -1 if r.index is None else r.index))
     return records
+
+
+# ----------------------------------------------------------------------------------------- planned ingest
+@dataclass(frozen=True)
+class DeferredPixels:
+    """Shape and dtype of pixels a header pass decoded and let go; ``decode_dicom_record`` decodes them again."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _frame_headers(
+    path: Path, expected_modality: str | None, preprocess: Callable[[Record], np.ndarray] | None
+) -> tuple[list[_Frame], list[np.ndarray | DataError] | None]:
+    """``read_dicom_frames`` keeping only each frame's pixel shape and dtype (runs in an ingest worker).
+
+    The pixels are decoded here, so a file whose pixel data cannot be decoded is found (and skipped or raised)
+    before series are assembled, exactly as ``read_dicom_source`` finds it. With ``preprocess`` (``assemble:
+    images``, where a frame's preprocessing needs nothing that assembly adds) each frame is also preprocessed
+    now, so it is decoded once; a preprocessing error is returned, to be reported only if the frame's record
+    survives assembly, in record order, as ``read_dicom_source`` + the cache would.
+    """
+    frames = read_dicom_frames(path, expected_modality)
+    outputs: list[np.ndarray | DataError] | None = None
+    if preprocess is not None:
+        outputs = []
+        for frame in frames:
+            try:
+                outputs.append(np.asarray(preprocess(_image_record(frame, None))))
+            except DataError as error:
+                outputs.append(error)
+    for frame in frames:
+        frame.pixels = DeferredPixels(tuple(frame.pixels.shape), frame.pixels.dtype)  # type: ignore[assignment]
+    return frames, outputs
+
+
+class _PreprocessedRows:
+    """Frames preprocessed while planning: rows of a scratch ``.npy`` in file order (odd shapes kept aside)."""
+
+    def __init__(self, path: Path) -> None:
+        from radssl.data.ingest import RowFile
+
+        self.file = RowFile(path)
+        self.where: dict[tuple[str, int | None], int | np.ndarray | DataError] = {}
+        self.rows: np.ndarray | None = None
+
+    def add(self, frame: _Frame, output: np.ndarray | DataError) -> None:
+        key = (str(frame.path), frame.frame)
+        same = self.file.rows == 0 or (isinstance(output, np.ndarray) and output.shape == self.file.row_shape
+                                        and output.dtype == self.file.dtype)
+        if isinstance(output, np.ndarray) and same and output.dtype in (np.uint8, np.float16, np.float32):
+            self.where[key] = self.file.rows
+            self.file.append(output)
+        else:
+            self.where[key] = output  # an error, or a shape the cache will refuse if the record survives
+
+    def finish(self) -> None:
+        self.file.close()
+        if self.file.rows:
+            self.rows = np.load(self.file.path, mmap_mode="r")
+
+
+def _preprocessed_row(record: Record, rows: _PreprocessedRows, frame: tuple[str, int | None]) -> list[Record]:
+    """The row ``plan_dicom_units`` preprocessed for this record (``ReadUnit.load``, in the building process)."""
+    found = rows.where[frame]
+    if isinstance(found, DataError):
+        raise found
+    record.pixels = np.array(rows.rows[found]) if isinstance(found, int) else found  # type: ignore[index]
+    return [record]
+
+
+def plan_dicom_units(
+    config: DicomSourceConfig,
+    log: BadFileLog,
+    workers: int = 1,
+    preprocess: Callable[[Record], np.ndarray] | None = None,
+    scratch: Path | None = None,
+) -> list[ReadUnit]:
+    """The source as one ``ReadUnit`` per record (an image, a frame or a series volume), in ``read_dicom_source``'s order.
+
+    Every file is read by ``workers`` processes (headers, and pixels decoded to find bad files exactly as
+    ``read_dicom_source`` does) and series are ordered and checked from the headers alone, so memory does not
+    grow with the archive. ``assemble: images`` with ``preprocess`` and a ``scratch`` folder: each frame is
+    preprocessed in that same pass and kept as a row in ``scratch``, and the units copy those rows in record
+    order (one decode per file). Otherwise (``series``) each unit decodes its files again and stacks the volume.
+    """
+    from radssl.data.ingest import ordered_map
+
+    early = preprocess if config.assemble == "images" and scratch is not None else None
+    rows = _PreprocessedRows(Path(scratch) / "frames.npy") if early is not None else None
+    files: list[list[_Frame]] = []
+    candidates = _dicom_candidates(config, log)
+    for _, result in ordered_map(_frame_headers, candidates, workers, str, (config.modality, early)):
+        if isinstance(result, DataError):
+            log.handle(result)
+            continue
+        frames, outputs = result
+        files.append(frames)
+        if rows is not None and outputs is not None:
+            for frame, output in zip(frames, outputs):
+                rows.add(frame, output)
+    records = _records(files, config, log)
+    if rows is None:
+        return [ReadUnit(record.path, decode_dicom_record, (record, config.modality)) for record in records]
+    rows.finish()
+    units = []
+    for record in records:
+        frame = record.extra["source_frames"][0]  # type: ignore[index]
+        units.append(ReadUnit(record.path, _preprocessed_row, (record, rows, tuple(frame)), preprocessed=True))
+    return units
+
+
+def decode_dicom_record(record: Record, expected_modality: str | None) -> list[Record]:
+    """Decode a planned record's pixels (``ReadUnit.load`` of this source; runs in an ingest worker).
+
+    A volume is filled slice by slice into one array, so a worker holds one volume (plus one file's frames).
+    """
+    deferred = record.pixels
+    assert isinstance(deferred, DeferredPixels)
+    sources: list[tuple[str, int | None]] = list(record.extra["source_frames"])  # type: ignore[arg-type]
+    volume = record.extra.get("layout") == "DHW"
+    out = np.empty(deferred.shape, deferred.dtype) if volume else None
+    last_path, frames = "", []
+    for position, (path, frame) in enumerate(sources):
+        if path != last_path:
+            frames, last_path = read_dicom_frames(Path(path), expected_modality), path
+        pixels = frames[frame or 0].pixels
+        wanted = deferred.shape[1:] if volume else deferred.shape
+        if pixels.shape != wanted or (not volume and pixels.dtype != deferred.dtype):
+            raise DataError(path, f"pixels changed while the archive was read ({pixels.shape} {pixels.dtype}, "
+                            f"planned {wanted} {deferred.dtype})", "do not modify the files during ingest; rerun")
+        if out is None:
+            record.pixels = pixels
+        else:
+            out[position] = pixels
+    if out is not None:
+        record.pixels = out
+    return [record]

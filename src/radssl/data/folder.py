@@ -49,7 +49,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from radssl.data.image_masks import index_masks, mask_name_match, merge_mask_files
-from radssl.data.records import BadFileLog, Record
+from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -322,13 +322,26 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
         raise DataError(str(path), f"cannot decode image ({error})", "re-export or remove the file") from error
 
 
-def _image_record(path: Path, log: BadFileLog, modality: str) -> Record | None:
+def _image_record(path: Path, log: BadFileLog, modality: str, decode: bool = True) -> Record | None:
+    """The file's record; ``decode=False`` leaves the pixels to ``decode_image_record`` (in a worker)."""
+    if not decode:
+        return Record(pixels=np.empty(0, np.uint8), path=str(path), modality=modality)
     try:
         pixels, bit_depth = read_image(path)
     except DataError as error:
         log.handle(error)
         return None
     return Record(pixels=pixels, path=str(path), modality=modality, extra={"bit_depth": bit_depth})
+
+
+def decode_image_record(record: Record) -> list[Record]:
+    """Decode a planned record's image file (``ReadUnit.load`` of this source; runs in an ingest worker)."""
+    pixels, bit_depth = read_image(Path(record.path))
+    record.pixels = pixels
+    record.extra["bit_depth"] = bit_depth
+    if "mask_rule" in record.extra:  # masks are read beside their image, in the same worker
+        _merge_mask(record)
+    return [record]
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -403,13 +416,12 @@ def _mask_paths_from_cell(config: FolderSourceConfig, cell: str, where: str) -> 
 
 
 def _attach_mask(record: Record, config: FolderSourceConfig, paths: list[Path], where: str) -> None:
-    """Read, check and merge the image's mask files into ``record.extra["mask"]`` (DataError naming the file)."""
-    shape = tuple(int(s) for s in np.shape(record.pixels))
-    if not paths:
-        if config.missing_mask == "empty":
-            record.extra["mask"] = np.zeros(shape, dtype=np.uint8)
-            record.extra["mask_files"] = 0
-            return
+    """Check the image's mask files and merge them into ``record.extra["mask"]`` (DataError naming the file).
+
+    A planned record (pixels not decoded yet: the parallel ingest) keeps the checked paths and the mask rule; the
+    ingest worker merges them once the image's size is known (:func:`decode_image_record`).
+    """
+    if not paths and config.missing_mask != "empty":
         how = (f"an empty '{config.mask_column}' cell ({where})" if config.mask_column
                else f"no {config.mask_suffix or ''}[_n] mask file in {MaskFinder(config)._mask_dir(Path(record.path))}")
         raise DataError(record.path, f"image has no segmentation mask: {how}",
@@ -419,8 +431,18 @@ def _attach_mask(record: Record, config: FolderSourceConfig, paths: list[Path], 
         if not path.is_file():
             raise DataError(str(path), f"mask file not found (mask of {record.path}, {where})",
                             "fix the mask path or add the file")
-    record.extra["mask"] = merge_mask_files(paths, shape, config.mask_values, config.mask_threshold, record.path)
     record.extra["mask_files"] = len(paths)
+    record.extra["mask_rule"] = ([str(p) for p in paths], config.mask_values, config.mask_threshold)
+    if np.size(record.pixels):
+        _merge_mask(record)
+
+
+def _merge_mask(record: Record) -> None:
+    """The mask of a decoded record from its checked files (``extra["mask_rule"]``): zeros when it has none."""
+    paths, values, threshold = record.extra.pop("mask_rule")
+    shape = tuple(int(s) for s in np.shape(record.pixels))
+    record.extra["mask"] = (merge_mask_files([Path(p) for p in paths], shape, values, threshold, record.path)
+                            if paths else np.zeros(shape, dtype=np.uint8))
 
 
 def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -444,7 +466,7 @@ def _patient_id(config: FolderSourceConfig, path: Path, row: dict[str, str] | No
     return ""
 
 
-def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
+def _from_csv(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) -> list[Record]:
     assert config.csv is not None
     csv_path = config.csv
     header, rows = _read_csv_rows(csv_path)
@@ -520,7 +542,7 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(image_path, log, config.modality)
+        record = _image_record(image_path, log, config.modality, decode)
         if record is None:
             continue
         if masks is not None:
@@ -553,7 +575,7 @@ def _subfolders(base: Path, config: FolderSourceConfig) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in excluded)
 
 
-def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record]:
+def _from_subfolders(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) -> list[Record]:
     root = config.root
     if not root.is_dir():
         raise DataError(str(root), "image folder not found", "check `root` in the source config")
@@ -606,7 +628,7 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog) -> list[Record
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(path, log, config.modality)
+        record = _image_record(path, log, config.modality, decode)
         if record is None:
             continue
         if config.has_masks:
@@ -673,9 +695,26 @@ def read_folder_source(config: FolderSourceConfig, log: BadFileLog) -> list[Reco
     Bad rows/files (missing, duplicate, undecodable, label outside ``classes``) go through ``log``: an error at
     once under ``on_bad_file: error``, a listed skip under ``skip``.
     """
+    return _read(config, log, decode=True)
+
+
+def plan_folder_units(config: FolderSourceConfig, log: BadFileLog, scratch: Path | None = None) -> list[ReadUnit]:
+    """The source as one ``ReadUnit`` per image, in ``read_folder_source``'s order; pixels are decoded by the unit.
+
+    CSV and label problems go through ``log`` here; an undecodable image fails when its unit is read
+    (``radssl.data.ingest``), naming the file, so the same files are kept or skipped as by ``read_folder_source``.
+    ``scratch`` (the cache's working folder) is not needed here.
+    """
+    return [ReadUnit(record.path, decode_image_record, (record,)) for record in _read(config, log, decode=False)]
+
+
+def _read(config: FolderSourceConfig, log: BadFileLog, decode: bool) -> list[Record]:
     if config.label_columns and config.csv is None:
         raise DataError(str(config.root), "`label_columns` need a `csv`", "add `csv`, or use class sub-folders")
-    records = _from_csv(config, log) if config.csv is not None else _from_subfolders(config, log)
+    if config.csv is not None:
+        records = _from_csv(config, log, decode)
+    else:
+        records = _from_subfolders(config, log, decode)
     if not records:
         raise DataError(
             str(config.csv or config.root),

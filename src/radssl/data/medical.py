@@ -25,7 +25,9 @@ import csv
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,11 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from radssl.atomic import write_bytes_atomic
 from radssl.data.cache import BAD_FILES_REPORT, load_or_build_cache
-from radssl.data.dicom import DicomSourceConfig, list_dicom_files, read_dicom_source
-from radssl.data.folder import FolderSourceConfig, list_folder_files, mask_notes, read_folder_source
-from radssl.data.nifti import NiftiSourceConfig, list_nifti_files, read_nifti_source
+from radssl.data.dicom import DicomSourceConfig, list_dicom_files, plan_dicom_units, read_dicom_source
+from radssl.data.folder import FolderSourceConfig, list_folder_files, mask_notes, plan_folder_units, read_folder_source
+from radssl.data.ingest import resolve_workers
+from radssl.data.nifti import NiftiSourceConfig, list_nifti_files, plan_nifti_units, read_nifti_source
 from radssl.data.preprocess import PreprocessConfig, modality_branch, preprocess_mask, preprocess_record
-from radssl.data.records import BadFileLog, Record
+from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.data.reports import join_reports, missing_report_note, report_counts, source_reports
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ALL_SPLIT_NAMES, ImageStore, TaskInfo
@@ -79,6 +82,9 @@ class MedicalDataConfig(BaseModel):
     task: TaskConfig = Field(default_factory=TaskConfig)
     external: bool = False
     """An external (second-site) test set: every image becomes ``test`` and nothing of it is pretrained on."""
+    ingest_workers: int | None = Field(default=None, ge=1)
+    """Processes that decode and preprocess files when the cache is built (``radssl.data.ingest``); default one
+    per CPU. Does not change the cache's contents, only how fast it is built."""
 
     @field_validator("split_fractions")
     @classmethod
@@ -96,6 +102,22 @@ def source_files(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceCon
     if isinstance(source, FolderSourceConfig):
         return list_folder_files(source)
     return list_dicom_files(source)
+
+
+def plan_source(
+    source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig,
+    log: BadFileLog,
+    workers: int = 1,
+    preprocess: Callable[[Record], np.ndarray] | None = None,
+    scratch: Path | None = None,
+) -> list[ReadUnit]:
+    """A source's work as ``ReadUnit``s in ``read_source``'s order (DICOM files are read by ``workers`` processes,
+    and 2D DICOM frames preprocessed in that pass into ``scratch``: see ``plan_dicom_units``)."""
+    if isinstance(source, NiftiSourceConfig):
+        return plan_nifti_units(source, log)
+    if isinstance(source, FolderSourceConfig):
+        return plan_folder_units(source, log)
+    return plan_dicom_units(source, log, workers, preprocess, scratch)
 
 
 def read_source(source: DicomSourceConfig | NiftiSourceConfig | FolderSourceConfig, log: BadFileLog) -> list[Record]:
@@ -243,6 +265,8 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
     source = config.source
     where = f"{name} ({source.kind} source {source.root})"
     preprocess_fingerprint = config.preprocess.config_fingerprint()
+    workers = resolve_workers(config.ingest_workers)
+    preprocess = partial(preprocess_record, config=config.preprocess)  # partials pickle: they go to workers
     reports = source_reports(source)  # read and checked before any pixel is decoded (radssl.data.reports)
     store = load_or_build_cache(
         cache_dir=config.cache_dir,
@@ -250,10 +274,12 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
         files=source_files(source),
         source_config=source,
         preprocess_fingerprint=preprocess_fingerprint,
-        read_records=lambda log: read_source(source, log),
-        preprocess=lambda record: preprocess_record(record, config.preprocess),
+        read_records=None,
+        plan_units=lambda log, scratch: plan_source(source, log, workers, preprocess, scratch),
+        preprocess=preprocess,
         on_bad_file=config.on_bad_file,
-        preprocess_mask=lambda record: preprocess_mask(record, config.preprocess),
+        preprocess_mask=partial(preprocess_mask, config=config.preprocess),
+        workers=workers,
     )
     task = resolve_task(store.task, config.task, where)
     labels = store.labels

@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from radssl.data.folder import class_index, derive_classes, under_root
-from radssl.data.records import BadFileLog, Record
+from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -392,54 +392,82 @@ def _case_records(
 
 def read_nifti_source(config: NiftiSourceConfig, log: BadFileLog) -> list[Record]:
     """Read every case under ``root`` into ``Record``s (see the module docstring for layout and 4D rules)."""
+    records: list[Record] = []
+    for unit in plan_nifti_units(config):
+        try:
+            records += unit.read()
+        except DataError as error:
+            log.handle(error)
+    if not records:
+        raise DataError(str(config.root), "no NIfTI case could be read (all were skipped)", "see bad_files.json")
+    return records
+
+
+def plan_nifti_units(
+    config: NiftiSourceConfig, log: BadFileLog | None = None, scratch: Path | None = None
+) -> list[ReadUnit]:
+    """One ``ReadUnit`` per case (its sequences, mask and label), sorted like ``read_nifti_source`` reads them.
+
+    Nothing is decoded here; a case that fails (missing sequence or mask, bad grid, bad label) fails when its
+    unit is read, naming the file. ``log`` and ``scratch`` are unused (the planners' common signature).
+    """
     cases, masks = _case_groups(config, _matching_files(config))
     if not cases:
         wanted = f"pattern '{config.pattern}'" + (f" and sequences {config.sequences}" if config.sequences else "")
         raise DataError(str(config.root), f"no NIfTI images match {wanted}", "check `root`, `pattern` and `sequences`")
     labels, classes = _read_labels(config)
     order = config.sequences or [""]
-    records: list[Record] = []
+    units = []
     for (folder, case_id), paths in sorted(cases.items()):
-        patient_id = _patient_id(config, folder, case_id)
         first_path = paths.get(order[0]) or next(iter(paths.values()))
-        try:
-            pixels, spacing, affine = _load_case(config, case_id, paths)
-            mask = None
-            if config.mask_suffix is not None or config.mask_folder is not None:
-                mask_path = _mask_path(config, masks, folder, case_id)
-                if mask_path is None:
-                    raise DataError(
-                        str(first_path),
-                        f"no mask {_mask_name(config, case_id)}",
-                        "add the mask, unset mask_suffix/mask_folder, or drop the case with on_bad_file: skip",
-                    )
-                mask = _load_mask(mask_path, pixels.shape[-3:], spacing, affine, config.mask_classes)
-            label, class_name = None, ""
-            entry = labels.get(case_id) or labels.get(patient_id)
-            if entry is not None and entry[0] != "":
-                class_name = entry[0]
-                where = f"{config.label_csv}: line {entry[1]}"
-                label = class_index(class_name, classes or [], where, config.label_column)
-        except DataError as error:
-            log.handle(error)
-            continue
-        extra: dict[str, Any] = {"case_id": case_id, "affine": affine.tolist(), "files": [str(paths[s]) for s in order]}
-        if config.sequences:
-            extra["channel_names"] = list(config.sequences)
-        if classes:
-            extra["class_names"] = tuple(classes)
-            extra["class_name"] = class_name
-        base = Record(
-            pixels=pixels,
-            path=str(first_path),
-            patient_id=patient_id,
-            study_id=case_id,
-            series_id=case_id,
-            modality=config.modality,
-            label=label,
-            extra=extra,
-        )
-        records += _case_records(config, pixels, mask, spacing, base)
-    if not records:
-        raise DataError(str(config.root), "no NIfTI case could be read (all were skipped)", "see bad_files.json")
-    return records
+        mask_path = _mask_path(config, masks, folder, case_id)
+        entry = labels.get(case_id) or labels.get(_patient_id(config, folder, case_id))
+        units.append(ReadUnit(str(first_path), read_nifti_case, (config, folder, case_id, paths, mask_path, entry, classes)))
+    return units
+
+
+def read_nifti_case(
+    config: NiftiSourceConfig,
+    folder: Path,
+    case_id: str,
+    paths: dict[str, Path],
+    mask_path: Path | None,
+    entry: tuple[str, int] | None,
+    classes: list[str] | None,
+) -> list[Record]:
+    """One case's records (``ReadUnit.load`` of this source; runs in an ingest worker). Raises ``DataError``."""
+    order = config.sequences or [""]
+    patient_id = _patient_id(config, folder, case_id)
+    first_path = paths.get(order[0]) or next(iter(paths.values()))
+    pixels, spacing, affine = _load_case(config, case_id, paths)
+    mask = None
+    if config.mask_suffix is not None or config.mask_folder is not None:
+        if mask_path is None:
+            raise DataError(
+                str(first_path),
+                f"no mask {_mask_name(config, case_id)}",
+                "add the mask, unset mask_suffix/mask_folder, or drop the case with on_bad_file: skip",
+            )
+        mask = _load_mask(mask_path, pixels.shape[-3:], spacing, affine, config.mask_classes)
+    label, class_name = None, ""
+    if entry is not None and entry[0] != "":
+        class_name = entry[0]
+        where = f"{config.label_csv}: line {entry[1]}"
+        label = class_index(class_name, classes or [], where, config.label_column)
+    extra: dict[str, Any] = {"case_id": case_id, "affine": affine.tolist(), "files": [str(paths[s]) for s in order]}
+    if config.sequences:
+        extra["channel_names"] = list(config.sequences)
+    if classes:
+        extra["class_names"] = tuple(classes)
+        extra["class_name"] = class_name
+    base = Record(
+        pixels=pixels,
+        path=str(first_path),
+        patient_id=patient_id,
+        study_id=case_id,
+        series_id=case_id,
+        modality=config.modality,
+        label=label,
+        extra=extra,
+    )
+    return _case_records(config, pixels, mask, spacing, base)

@@ -8,9 +8,10 @@ cache then stacks them into an ``ImageStore``. Readers never decide training beh
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -39,6 +40,27 @@ class Record:
     label: int | list[int] | None = None
     split: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """One independent piece of reading work: ``load(*args)`` decodes it into records (with pixels).
+
+    Why: a reader that plans its work as units (a file, a NIfTI case, a DICOM series already ordered from its
+    headers) lets ``radssl.data.ingest`` decode them in worker processes, one at a time, in a fixed order.
+    ``load`` must be a module-level function and ``args`` picklable (they travel to a worker process); ``where``
+    names the file or series in error messages. A bad unit raises ``DataError``.
+    """
+
+    where: str
+    load: Callable[..., list[Record]]
+    args: tuple[Any, ...] = ()
+    preprocessed: bool = False
+    """``load`` gives records whose ``pixels`` are already the preprocessed array (read in this process)."""
+
+    def read(self) -> list[Record]:
+        """Decode this unit into its records."""
+        return self.load(*self.args)
 
 
 @dataclass

@@ -67,7 +67,10 @@ def volumes_to_slices(store: ImageStore, axis: int = 0, keep: Literal["nonempty"
         raise DataError(where, "every slice is empty (one value throughout)", "use data.slices.keep: all, or check the data")
     volume_rows = volume.index_select(0, kept).numpy()
     positions = position.index_select(0, kept).numpy()
-    images = slices.index_select(0, kept).contiguous()
+    every = kept.numel() == n * depth
+    # Every slice kept: the reshape is a view (for axis 0 of one-channel volumes), so a memory-mapped store
+    # larger than RAM stays mapped; a selection copies the kept slices.
+    images = slices if every else slices.index_select(0, kept).contiguous()
 
     patient = np.asarray(store.patient_id).astype(str)
     no_patient = patient == ""
@@ -81,7 +84,11 @@ def volumes_to_slices(store: ImageStore, axis: int = 0, keep: Literal["nonempty"
     for name, column in store.meta.items():
         column = np.asarray(column)
         if name == "mask" and column.shape[1:] == tuple(store.image_shape):
-            meta[name] = np.ascontiguousarray(np.moveaxis(column, 1 + axis, 1)[volume_rows, positions])
+            moved_mask = np.moveaxis(column, 1 + axis, 1)
+            if every:
+                meta[name] = moved_mask.reshape(n * depth, *moved_mask.shape[2:])
+            else:
+                meta[name] = np.ascontiguousarray(moved_mask[volume_rows, positions])
         elif name in ("spacing", "voxel_spacing") and column.ndim == 2 and column.shape[1] == 3:
             meta[name] = np.delete(column, axis, axis=1)[volume_rows]
         else:

@@ -1,14 +1,16 @@
 """In-memory store of compact image tensors plus per-sample metadata.
 
 Why a store: every SSL epoch touches every image many times, so images are decoded and preprocessed once
-into uint8 (or float16 for >8-bit data) tensors that sit in RAM or on the training device; augmentation then
-runs batched on that device (see ``radssl.views``). Sources (MedMNIST, synthetic, DICOM, NIfTI, folders)
-produce an ``ImageStore``; nothing downstream knows which source it came from.
+into uint8 (or float16 for >8-bit data) tensors that sit in RAM or on the training device, or stay
+memory-mapped from the cache (possibly larger than RAM: whole-store passes here go a chunk of rows at a time,
+see ``row_chunks``); augmentation then runs batched on that device (see ``radssl.views``). Sources (MedMNIST,
+synthetic, DICOM, NIfTI, folders) produce an ``ImageStore``; nothing downstream knows which source it came from.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -90,9 +92,8 @@ class ImageStore:
         if self.images.dtype not in (torch.uint8, torch.float16, torch.float32):
             raise DataError(where, f"images have dtype {self.images.dtype}; expected uint8 or float16")
         if self.images.is_floating_point():
-            bad = ~torch.isfinite(self.images)
-            if bool(bad.any()):
-                first = int(bad.flatten(1).any(1).nonzero()[0, 0])
+            first = _first_nonfinite_row(self.images)
+            if first is not None:
                 raise DataError(
                     where,
                     f"images contain NaN or inf pixels (first at sample index {first})",
@@ -208,7 +209,8 @@ class ImageStore:
         if self._fingerprint is None:
             digest = hashlib.sha256()
             digest.update(str((tuple(self.images.shape), str(self.images.dtype))).encode())
-            digest.update(self.images.contiguous().cpu().numpy().tobytes())
+            for chunk in row_chunks(self.images):  # the same bytes as the whole array's, a chunk in memory at a time
+                digest.update(chunk.contiguous().cpu().numpy().data)
             digest.update(self.labels.contiguous().cpu().numpy().tobytes())
             digest.update("\x00".join(self.split.tolist()).encode())
             digest.update("\x00".join(self.patient_id.tolist()).encode())
@@ -217,7 +219,8 @@ class ImageStore:
                 digest.update(b"\x01reports\x00" + reports.encode("utf-8", "surrogatepass"))
             if self.mask_classes:  # segmentation data: masks are labels (absent: unchanged digest)
                 digest.update(b"\x01masks\x00" + "\x00".join(self.mask_classes).encode())
-                digest.update(np.ascontiguousarray(self.meta["mask"]).tobytes())
+                for chunk in row_chunks(self.meta["mask"]):
+                    digest.update(np.ascontiguousarray(chunk).data)
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -251,6 +254,36 @@ class ImageStore:
         if self.notes:
             summary["notes"] = list(self.notes)
         return summary
+
+
+CHUNK_BYTES = 4 * 2**20
+"""Bytes of rows handled at once when a whole-store pass must not copy the store (it may be a memmap larger
+than RAM: a CT archive's volumes). Small: a check may hold a few float32/bool temporaries of a chunk."""
+
+
+def row_chunks(array: torch.Tensor | np.ndarray, chunk_bytes: int | None = None) -> Iterator[torch.Tensor | np.ndarray]:
+    """Consecutive row blocks of ``array`` (views), about ``chunk_bytes`` (default ``CHUNK_BYTES``) each."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    n = int(array.shape[0])
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * _itemsize(array))
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(0, n, step):
+        yield array[start : start + step]
+
+
+def _itemsize(array: torch.Tensor | np.ndarray) -> int:
+    return array.element_size() if isinstance(array, torch.Tensor) else int(np.asarray(array[:0]).itemsize)
+
+
+def _first_nonfinite_row(images: torch.Tensor) -> int | None:
+    """Index of the first image holding NaN or inf, checked a chunk at a time (no full-size mask in memory)."""
+    start = 0
+    for chunk in row_chunks(images):
+        bad = ~torch.isfinite(chunk).flatten(1).all(1)
+        if bool(bad.any()):
+            return start + int(bad.nonzero()[0, 0])
+        start += int(chunk.shape[0])
+    return None
 
 
 def images_to_float(batch: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 from radssl.atomic import write_text_atomic
 from radssl.provenance import package_versions
 from radssl.study.config import load_study_config
-from radssl.study.grid import REPORT_DIR, RESULTS_FILE, run_study
+from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
 from radssl.study.results_store import CellKey, ResultsStore
 from radssl.study.statistics import (
     binary_auc,

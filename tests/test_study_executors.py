@@ -147,7 +147,7 @@ def test_a_killed_ray_worker_is_retried_or_reported_and_the_rerun_computes_only_
     assert killed in str(info.value)
     runs = first.executions()
     assert runs.count(retried) == 2 and runs.count(killed) == 2  # each died once and was retried once
-    assert sorted(set(runs)) == sorted(ids)
+    assert sorted(set(runs)) == sorted(ids) and len(runs) == len(ids) + 2  # nothing else ran twice
     assert any(line.startswith(f"radssl study: FAILED {killed}") for line in lines)
     partial = _cells(tmp_path / "study")
     assert set(partial) == {k for k in _cells(serial_run) if not k.startswith("simclr|ssl|knn|lf=0.3|")}

@@ -113,7 +113,7 @@ class _Driver:
         self.plan, self.results, self.log = plan, results, log
         self.total, self.done, self.done_at_start = total, done, done
         self.running = 0
-        self.failed: list[tuple[Task, str]] = []
+        self.failures: list[tuple[Task, str]] = []
         self.failed_cells = 0
         self.started_at = time.perf_counter()
 
@@ -125,7 +125,7 @@ class _Driver:
         left = self.total - self.done - self.failed_cells
         elapsed = time.perf_counter() - self.started_at
         eta = _duration(elapsed / computed * left) if computed and left else ("0m00s" if not left else "?")
-        return f"{self.running} running, {len(self.failed)} failed, ETA {eta}"
+        return f"{self.running} running, {len(self.failures)} failed, ETA {eta}"
 
     def finished(self, task: Task, result: TaskResult) -> None:
         self.running -= 1
@@ -147,7 +147,7 @@ class _Driver:
 
     def failed(self, task: Task, error: str) -> None:
         self.running = max(0, self.running - 1)
-        self.failed.append((task, error))
+        self.failures.append((task, error))
         self.failed_cells += task.cells
         self.log(f"radssl study: FAILED {task.id}: {error} | {self._status()}")
 
@@ -202,10 +202,10 @@ def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = No
         started = time.perf_counter()
         driver = _Driver(plan, results, log, total, sum(key.key in done for key in keys))
         runner.run(plan, tasks, work or execute, driver, log)
-        if driver.failed:
-            first = driver.failed[0]
+        if driver.failures:
+            first = driver.failures[0]
             raise StudyIncomplete(
-                f"study '{config.name}': {len(driver.failed)} task(s) failed ({driver.failed_cells} cells), "
+                f"study '{config.name}': {len(driver.failures)} task(s) failed ({driver.failed_cells} cells), "
                 f"e.g. {first[0].id}: {first[1]} — the other {driver.done} cells are committed in {results_path}; "
                 "fix the cause and rerun the same command to resume")
         report = render_report(results, config.name, output_dir / REPORT_DIR, primary_metric=None)

@@ -15,8 +15,8 @@ from radssl.data.splits import load_subsets
 from radssl.errors import ConfigError, DataError
 from radssl.study.config import StudyConfig, legacy_study_settings, load_study_config
 from radssl.study.plan import _check_compatible, prepare_study
-from radssl.study.runner import run_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 
 QUIET = {"log": lambda _: None}
 FRACTIONS = [0.25, 1.0]

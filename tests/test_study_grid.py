@@ -21,8 +21,8 @@ from radssl.errors import ConfigError
 from radssl.study.commands import add_study_commands
 from radssl.study.config import StudyConfig, load_study_config
 from radssl.study.plan import _check_compatible, prepare_study
-from radssl.study.runner import run_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 
 
 QUIET = {"log": lambda _: None}

@@ -118,6 +118,7 @@ class _Driver:
         self.started_at = time.perf_counter()
 
     def started(self, task: Task) -> None:
+        """Handed to a worker (Ray: submitted; it may wait in Ray's queue for free resources)."""
         self.running += 1
 
     def _status(self) -> str:
@@ -125,7 +126,7 @@ class _Driver:
         left = self.total - self.done - self.failed_cells
         elapsed = time.perf_counter() - self.started_at
         eta = _duration(elapsed / computed * left) if computed and left else ("0m00s" if not left else "?")
-        return f"{self.running} running, {len(self.failures)} failed, ETA {eta}"
+        return f"{self.running} running or queued, {len(self.failures)} failed, ETA {eta}"
 
     def finished(self, task: Task, result: TaskResult) -> None:
         self.running -= 1
@@ -206,7 +207,7 @@ def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = No
             first = driver.failures[0]
             raise StudyIncomplete(
                 f"study '{config.name}': {len(driver.failures)} task(s) failed ({driver.failed_cells} cells), "
-                f"e.g. {first[0].id}: {first[1]} — the other {driver.done} cells are committed in {results_path}; "
+                f"e.g. {first[0].id}: {first[1]} — {driver.done} of {total} cells are committed in {results_path}; "
                 "fix the cause and rerun the same command to resume")
         report = render_report(results, config.name, output_dir / REPORT_DIR, primary_metric=None)
     log(f"radssl study '{config.name}' finished in {time.perf_counter() - started:.0f} s; report: {report}")

@@ -15,7 +15,7 @@ import pytest
 
 from radssl.study.commands import add_study_commands
 from radssl.study.config import StudyConfig
-from radssl.study.plan import PretrainTask, Task, plan_tasks, prepare_study
+from radssl.study.plan import CellTask, PretrainTask, Task, plan_tasks, prepare_study
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import StudyIncomplete, run_study
 from radssl.study.tasks import execute
@@ -153,9 +153,12 @@ def test_a_killed_ray_worker_is_retried_or_reported_and_the_rerun_computes_only_
     assert set(partial) == {k for k in _cells(serial_run) if not k.startswith("simclr|ssl|knn|lf=0.3|")}
     assert len(partial) == 24 - 2
 
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "features").iterdir()}
     second = Recorded(tmp_path / "second")
     run_study(config, executor="ray", work=second, **QUIET)
-    assert second.executions() == [killed]  # nothing committed was computed again, not even pretraining
+    # Nothing committed was computed again, not even pretraining; the features task read the disk cache.
+    assert sorted(second.executions()) == sorted([killed, "features:ssl(simclr)"])
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "features").iterdir()} == cached
     assert _cells(tmp_path / "study") == _cells(serial_run)
 
 
@@ -183,32 +186,37 @@ def test_serial_reports_a_failed_task_and_its_dependents_commits_the_rest_and_re
     lines: list[str] = []
     with pytest.raises(StudyIncomplete, match="simulated failure") as info:
         run_study(config, log=lines.append, work=broken)
-    assert "7 task(s) failed (12 cells)" in str(info.value)  # pretraining + its 6 cell tasks
-    assert sorted(broken.executions()) == sorted(i for i in ids if not i.startswith("cell:ssl"))
+    assert "8 task(s) failed (12 cells)" in str(info.value)  # pretraining + its features and 6 cell tasks
+    assert sorted(broken.executions()) == sorted(i for i in ids if "ssl(simclr)" not in i)
     assert sum(line.startswith("radssl study: FAILED cell:ssl(simclr)|") for line in lines) == 6
     assert set(_cells(tmp_path / "study")) == {k for k in _cells(serial_run) if k.startswith("none|random|")}
 
     again = Recorded(tmp_path / "second")
     run_study(config, work=again, **QUIET)
-    assert sorted(again.executions()) == sorted(i for i in ids if not i.startswith("cell:random"))
+    assert sorted(again.executions()) == sorted(i for i in ids if "random" not in i)
     assert _cells(tmp_path / "study") == _cells(serial_run)
 
 
 def test_plan_lists_every_task_with_its_dependency_before_compute(tmp_path: Path) -> None:
     plan = prepare_study(_study(tmp_path / "study"), **QUIET)
     tasks = plan_tasks(plan, set(), set())
-    assert not isinstance(tasks[0], PretrainTask)  # cheap encoders first: random's cells lead
-    pretrain = [t for t in tasks if isinstance(t, PretrainTask)]
-    assert [t.id for t in pretrain] == ["pretrain:simclr"]
-    cells = [t for t in tasks if not isinstance(t, PretrainTask)]
+    ids = [t.id for t in tasks]
+    assert ids[:2] == ["features:random", "cell:random|linear|lf=0.3|seed=0"]  # cheap encoders first
+    assert [i for i in ids if not i.startswith("cell:")] == ["features:random", "pretrain:simclr",
+                                                             "features:ssl(simclr)"]
+    assert next(t for t in tasks if t.id == "features:ssl(simclr)").depends_on == ("pretrain:simclr",)
+    cells = [t for t in tasks if isinstance(t, CellTask)]
     assert sum(t.cells for t in cells) == len(plan.cell_keys()) == 24
     for task in cells:
-        assert task.depends_on == (("pretrain:simclr",) if task.encoder.init == "ssl" else ())
-        assert tasks.index(task) > tasks.index(pretrain[0]) or not task.depends_on
+        frozen = task.protocol in ("linear", "knn")  # read the features task's cache; fine-tuning the checkpoint
+        expected = (f"features:{task.encoder.label}",) if frozen else \
+            ("pretrain:simclr",) if task.encoder.init == "ssl" else ()
+        assert task.depends_on == expected, task.id
+        assert all(ids.index(d) < ids.index(task.id) for d in task.depends_on)
     done = {key.key for key in plan.cell_keys() if key.protocol == "knn"}
     rest = plan_tasks(plan, done, {"simclr"})
-    assert not any(isinstance(t, PretrainTask) for t in rest) and len(rest) == 8
-    assert all(t.depends_on == () for t in rest)
+    assert not any(isinstance(t, PretrainTask) for t in rest) and len(rest) == 2 + 8
+    assert {t.depends_on for t in rest} == {(), ("features:random",), ("features:ssl(simclr)",)}
 
 
 def test_the_serial_path_never_imports_ray() -> None:

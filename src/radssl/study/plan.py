@@ -9,8 +9,9 @@ A study is a grid of {pretraining × init × label fraction × seed × protocol 
    the enabled protocols support them.
 2. :func:`plan_tasks` lists what is left to do given what the results store already holds: one
    :class:`PretrainTask` per SSL pretraining run not yet finished, and one :class:`CellTask` per (encoder,
-   protocol, seed, label fraction) with missing cells, depending on its encoder's pretraining task. A cell task
-   scores all its missing test sets with one protocol run.
+   protocol, seed, label fraction) with missing cells, depending on its encoder's pretraining task — or on the
+   encoder's :class:`FeaturesTask` (frozen features extracted once into the on-disk cache) for frozen-feature
+   protocols. A cell task scores all its missing test sets with one protocol run.
 
 The tasks are run by :mod:`radssl.study.runner` through an executor (:mod:`radssl.study.executors`: serial, Ray);
 what a task computes is :mod:`radssl.study.tasks`. Protocols are plugins (:mod:`radssl.transfer.protocols`): the
@@ -54,7 +55,7 @@ from radssl.study.config import (
 from radssl.study.results_store import CellKey
 from radssl.transfer.protocols import EncoderInfo, Protocol, StudySetup
 
-__all__ = ["CellTask", "Encoder", "PretrainJob", "PretrainTask", "StudyPlan", "Task", "cell_key", "plan_tasks",
+__all__ = ["CellTask", "Encoder", "FeaturesTask", "PretrainJob", "PretrainTask", "StudyPlan", "Task", "cell_key", "plan_tasks",
            "prepare_study"]
 
 LABEL_FREE_FRACTION = 0.0
@@ -543,6 +544,30 @@ class PretrainTask:
 
 
 @dataclass(frozen=True)
+class FeaturesTask:
+    """Extract one encoder's frozen features once (internal store and every test set) into the on-disk cache.
+
+    The encoder's frozen-feature cells (linear probe, kNN, …) depend on it, so parallel workers read the features
+    instead of each extracting them again.
+    """
+
+    encoder: Encoder
+    depends_on: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"features:{self.encoder.label}"
+
+    @property
+    def kind(self) -> str:
+        return "features"
+
+    @property
+    def cells(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
 class CellTask:
     """One protocol run of one encoder at one (seed, label fraction), scoring each of ``test_sets``.
 
@@ -572,7 +597,7 @@ class CellTask:
         return [cell_key(self.encoder, self.protocol, self.fraction, self.seed, name) for name in self.test_sets]
 
 
-Task = PretrainTask | CellTask
+Task = PretrainTask | FeaturesTask | CellTask
 
 
 def plan_tasks(plan: StudyPlan, done_cells: set[str], finished_runs: set[str]) -> list[Task]:
@@ -580,7 +605,8 @@ def plan_tasks(plan: StudyPlan, done_cells: set[str], finished_runs: set[str]) -
 
     ``done_cells``: cell keys the results store holds; ``finished_runs``: pretraining run names it records whose
     checkpoint exists. Encoder by encoder as the plan orders them (cheap encoders first): the encoder's pretraining
-    task (if not finished), then its cell tasks, each depending on that pretraining task.
+    task (if not finished), its features task (when a frozen-feature protocol has cells to do), then its cell
+    tasks, each depending on the task that makes its input (features, else pretraining).
     """
     tasks: list[Task] = []
     for encoder in plan.encoders:
@@ -590,6 +616,7 @@ def plan_tasks(plan: StudyPlan, done_cells: set[str], finished_runs: set[str]) -
             if task.id not in {t.id for t in tasks}:
                 tasks.append(task)
             needs = (task.id,)
+        cells: list[CellTask] = []
         for protocol in plan.protocols:
             if (encoder, protocol) in plan.skipped:
                 continue
@@ -597,5 +624,11 @@ def plan_tasks(plan: StudyPlan, done_cells: set[str], finished_runs: set[str]) -
                 missing = tuple(name for name in plan.test_sets
                                 if cell_key(encoder, protocol, fraction, seed, name).key not in done_cells)
                 if missing:
-                    tasks.append(CellTask(encoder, protocol, seed, fraction, missing, needs))
+                    cells.append(CellTask(encoder, protocol, seed, fraction, missing, needs))
+        if any(plan.protocols[c.protocol].frozen_features for c in cells):
+            features = FeaturesTask(encoder, needs)
+            tasks.append(features)
+            cells = [replace(c, depends_on=(features.id,)) if plan.protocols[c.protocol].frozen_features else c
+                     for c in cells]
+        tasks += cells
     return tasks

@@ -9,8 +9,8 @@ How a study runs (:func:`run_study`):
    cluster). A task returns its records; this process alone writes ``results.sqlite``: each finished cell is
    committed at once (metrics with bootstrap CIs, per-case predictions, wall time, device, versions), so a killed
    study loses at most the cells in flight, and rerunning skips every committed cell and finished pretraining run.
-   Frozen features are extracted once per (backbone weights, data) through the on-disk
-   :class:`~radssl.transfer.features.FeatureCache` under ``features/``.
+   Frozen features are extracted once per (backbone weights, data) by a features task, into the on-disk
+   :class:`~radssl.transfer.features.FeatureCache` under ``features/``, which the cells then read.
 5. A task that fails (after the executor's retries) is reported, with the tasks that depend on it; the others
    still run and are committed, and the study then stops with :class:`StudyIncomplete` — rerun to resume.
 6. The HTML report is rendered into ``<output_dir>/report/``.
@@ -32,7 +32,7 @@ from radssl.errors import ConfigError, DataError, RadsslError
 from radssl.study.config import StudyConfig, apply_named_override, load_study_config
 from radssl.study.plan import StudyPlan, Task, _check_compatible, plan_tasks, prepare_study
 from radssl.study.results_store import ResultsStore
-from radssl.study.tasks import CellResult, PretrainRecord, TaskResult, Work
+from radssl.study.tasks import CellResult, FeaturesRecord, PretrainRecord, TaskResult, Work
 
 __all__ = ["REPORT_DIR", "RESULTS_FILE", "StudyIncomplete", "run_study"]
 
@@ -137,6 +137,10 @@ class _Driver:
                                              config=result.config, device_hours=result.device_hours)
             self.log(f"radssl study: pretraining '{result.run_name}' done in {result.wall_time_s:.0f} s "
                      f"({self._status()})")
+            return
+        if isinstance(result, FeaturesRecord):
+            self.log(f"radssl study: features of {result.encoder} ready ({result.extracted} stores extracted, "
+                     f"{result.wall_time_s:.1f} s; {self._status()})")
             return
         assert isinstance(result, CellResult)
         for record in result.records:

@@ -27,11 +27,11 @@ from torch import nn
 from radssl.data.store import ImageStore
 from radssl.errors import ConfigError
 from radssl.study.config import InitSpec
-from radssl.study.plan import CellTask, Encoder, PretrainTask, StudyPlan, Task
+from radssl.study.plan import CellTask, Encoder, FeaturesTask, PretrainTask, StudyPlan, Task
 from radssl.study.results_store import CellKey
 from radssl.transfer.protocols import CaseOutputs, Protocol, ProtocolContext
 
-__all__ = ["CellRecord", "CellResult", "PretrainRecord", "WorkerState", "Work", "enter_task", "execute",
+__all__ = ["CellRecord", "CellResult", "FeaturesRecord", "PretrainRecord", "WorkerState", "Work", "enter_task", "execute",
            "resolve_device"]
 
 Log = Callable[[str], None]
@@ -49,6 +49,15 @@ class PretrainRecord:
     images_seen: int
     config: dict[str, Any]
     device_hours: float
+
+
+@dataclass
+class FeaturesRecord:
+    """An encoder's frozen features are in the on-disk cache (``extracted``: stores not found there)."""
+
+    encoder: str
+    extracted: int
+    wall_time_s: float
 
 
 @dataclass
@@ -73,7 +82,7 @@ class CellResult:
     wall_time_s: float
 
 
-TaskResult = PretrainRecord | CellResult
+TaskResult = PretrainRecord | FeaturesRecord | CellResult
 
 
 class WorkerState:
@@ -126,6 +135,8 @@ def execute(plan: StudyPlan, task: Task, state: WorkerState, log: Log) -> TaskRe
     """Run one task and return its records (the default :data:`Work`)."""
     if isinstance(task, PretrainTask):
         return run_pretrain_task(plan, task, log)
+    if isinstance(task, FeaturesTask):
+        return run_features_task(plan, task, state)
     return run_cell_task(plan, task, state, log)
 
 
@@ -266,6 +277,16 @@ def _encoder_state(plan: StudyPlan, encoder: Encoder, state: WorkerState, device
         state.encoder, state.backbone = encoder, backbone
         state.features = _Features(plan, backbone, Path(plan.config.output_dir) / "features", device)
     return state.backbone, state.features  # type: ignore[return-value]
+
+
+def run_features_task(plan: StudyPlan, task: FeaturesTask, state: WorkerState) -> FeaturesRecord:
+    """Frozen features of one encoder on the internal store and every test set, into the on-disk cache."""
+    _, features = _encoder_state(plan, task.encoder, state, resolve_device(plan.config.device))
+    start, misses = time.perf_counter(), features.cache.misses
+    stores = {id(plan.store): plan.store} | {id(store): store for store, _ in plan.test_sets.values()}
+    for store in stores.values():
+        features.of(store)
+    return FeaturesRecord(task.encoder.label, features.cache.misses - misses, time.perf_counter() - start)
 
 
 def run_cell_task(plan: StudyPlan, task: CellTask, state: WorkerState, log: Log) -> CellResult:

@@ -179,7 +179,7 @@ class RayExecutor:
         refs: dict[str, Any] = {}
         pending: dict[Any, Task] = {}
         for task in tasks:
-            need = resources.pretrain if task.kind == "pretrain" else resources.cell
+            need = resources.pretrain if task.kind == "pretrain" else resources.cell  # features: like a cell
             dependencies = [refs[d] for d in task.depends_on if d in refs]
             ref = remote.options(num_cpus=need.cpus, num_gpus=need.gpus, max_retries=self.max_retries,
                                  retry_exceptions=False, name=task.id).remote(

@@ -46,7 +46,13 @@ def make_executor(name: str = "serial", address: str | None = None, max_retries:
 
         return SerialExecutor()
     if name == "ray":
-        from radssl.study.executors.ray import RayExecutor  # imports ray lazily, on run()
+        try:
+            from radssl.study.executors.ray import RayExecutor  # the only module that imports ray
+        except ModuleNotFoundError as error:
+            if error.name != "ray":
+                raise
+            raise ConfigError("--executor ray: Ray is not installed — pip install 'radssl[ray]' "
+                              "(or run with --executor serial)") from None
 
         return RayExecutor(address=address, max_retries=max_retries)
     raise ConfigError(f"--executor {name}: unknown executor — choose one of {', '.join(EXECUTORS)}")

@@ -118,6 +118,7 @@ def _task_ids(config: StudyConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- Ray
+@pytest.mark.slow  # ~30-60 s each on 2 cores: Ray start + a 24-cell study (CI runs slow tests)
 def test_ray_gives_the_serial_cells_bit_for_bit(serial_run: Path, local_ray, tmp_path: Path) -> None:  # noqa: ANN001
     node = local_ray._private.worker.global_worker.node
     assert node.node_ip_address == "127.0.0.1"  # a Ray radssl starts itself listens on this machine only
@@ -134,6 +135,7 @@ def test_ray_gives_the_serial_cells_bit_for_bit(serial_run: Path, local_ray, tmp
     assert all(" running or queued, " in line and " failed, ETA " in line for line in progress)
 
 
+@pytest.mark.slow  # ~30-60 s each on 2 cores: Ray start + a 24-cell study (CI runs slow tests)
 def test_a_killed_ray_worker_is_retried_or_reported_and_the_rerun_computes_only_the_rest(
         serial_run: Path, local_ray, tmp_path: Path) -> None:  # noqa: ANN001
     config = _study(tmp_path / "study")

@@ -46,7 +46,7 @@ from common import machine as shared_machine
 
 from radssl.atomic import write_text_atomic
 from radssl.study.config import load_study_config
-from radssl.study.grid import REPORT_DIR, RESULTS_FILE, run_study
+from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
 from radssl.study.results_store import CellKey, ResultsStore
 from radssl.study.statistics import (
     binary_auc,

@@ -20,8 +20,8 @@ from radssl.data.build import build_store
 from radssl.engine.pretrain import backbone_for, pretrain
 from radssl.evaluation.quick import evaluate_pretraining
 from radssl.study.config import StudyConfig
-from radssl.study.grid import run_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 
 COMMON = [
     "model.backbone=small_cnn",

@@ -12,8 +12,9 @@ from sklearn.metrics import roc_auc_score
 from radssl.errors import ConfigError
 from radssl.models.registry import build_backbone
 from radssl.study.config import StudyConfig, load_study_config
-from radssl.study.grid import prepare_study, run_study
+from radssl.study.plan import prepare_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 from radssl.transfer.features import extract_features
 from radssl.transfer.protocols import (
     PROTOCOLS,

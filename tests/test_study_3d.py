@@ -11,8 +11,9 @@ import torch
 
 from radssl.errors import DataError
 from radssl.study.config import StudyConfig
-from radssl.study.grid import prepare_study, run_study
+from radssl.study.plan import prepare_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 
 QUIET = {"log": lambda _: None}
 DATA = {"source": "synthetic3d", "n_patients": 30, "volumes_per_patient": 2, "volume_size": 16}

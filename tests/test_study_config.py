@@ -18,7 +18,7 @@ from radssl.study.config import (
     load_study_config,
     parse_initialisation,
 )
-from radssl.study.grid import prepare_study
+from radssl.study.plan import prepare_study
 
 from support import make_tiny_store
 

@@ -14,8 +14,9 @@ import radssl.transfer.linear_probe as probe_module
 from radssl.data.splits import load_subsets
 from radssl.errors import ConfigError, DataError
 from radssl.study.config import StudyConfig, legacy_study_settings, load_study_config
-from radssl.study.grid import _check_compatible, prepare_study, run_study
+from radssl.study.plan import _check_compatible, prepare_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 
 QUIET = {"log": lambda _: None}
 FRACTIONS = [0.25, 1.0]

@@ -20,8 +20,9 @@ from radssl.engine.checkpoint import load_checkpoint
 from radssl.errors import ConfigError
 from radssl.study.commands import add_study_commands
 from radssl.study.config import StudyConfig, load_study_config
-from radssl.study.grid import _check_compatible, prepare_study, run_study
+from radssl.study.plan import _check_compatible, prepare_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 
 
 QUIET = {"log": lambda _: None}
@@ -139,7 +140,7 @@ def test_grid_writes_every_cell_once_with_metrics_predictions_and_report(clean_r
 
 def test_random_init_is_the_pretraining_starting_point(clean_run: Path) -> None:
     """random = the backbone the engine builds before step 0, so SSL vs random isolates pretraining."""
-    from radssl.study.grid import _backbone
+    from radssl.study.tasks import _backbone
 
     config = _tiny_study(clean_run)
     plan = prepare_study(config, **QUIET)

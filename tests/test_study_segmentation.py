@@ -10,8 +10,9 @@ import torch
 
 from radssl.errors import DataError
 from radssl.study.config import StudyConfig
-from radssl.study.grid import prepare_study, run_study
+from radssl.study.plan import prepare_study
 from radssl.study.results_store import ResultsStore
+from radssl.study.runner import run_study
 from radssl.study.statistics import case_mean
 
 QUIET = {"log": lambda _: None}

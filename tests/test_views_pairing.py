@@ -314,7 +314,7 @@ def test_missing_slice_metadata_fails_before_any_file_is_written(tmp_path: Path)
 # ----------------------------------------------------------------------------------------- study
 def test_study_compares_simclr_with_and_without_patient_pairs(tmp_path: Path) -> None:
     from radssl.study.config import StudyConfig
-    from radssl.study.grid import run_study
+    from radssl.study.runner import run_study
     from radssl.study.results_store import ResultsStore
 
     train = {"steps": 2, "batch_size": 16, "accelerator": "cpu", "devices": 1, "progress_bar": False,

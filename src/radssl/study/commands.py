@@ -36,7 +36,7 @@ def run_demo_study(output_dir: Path | None = None, overrides: list[str] | None =
     fine-tuned U-Net decoders on the synthetic findings' masks). Returns the study output folder; the report is
     ``<folder>/report/report.html``.
     """
-    from radssl.study.grid import run_study
+    from radssl.study.runner import run_study
 
     extra = list(overrides or [])
     if output_dir is not None:
@@ -52,9 +52,10 @@ def _study_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from radssl.study.grid import REPORT_DIR, run_study
+    from radssl.study.runner import REPORT_DIR, run_study
 
-    output_dir = run_study(args.config, _study_overrides(args))
+    output_dir = run_study(args.config, _study_overrides(args), executor=args.executor, address=args.address,
+                           max_retries=args.max_retries)
     print(f"results: {output_dir / 'results.sqlite'}")
     print(f"report:  {output_dir / REPORT_DIR / 'report.html'}")
     return 0
@@ -62,7 +63,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def resolve_results(path: Path) -> Path:
     """A study output folder or a ``results.sqlite`` file → the results file (a clear error if absent)."""
-    from radssl.study.grid import RESULTS_FILE
+    from radssl.study.runner import RESULTS_FILE
 
     path = Path(path)
     candidate = path / RESULTS_FILE if path.is_dir() else path
@@ -75,7 +76,7 @@ def resolve_results(path: Path) -> Path:
 def make_report(results: Path, out_dir: Path | None = None, study: str | None = None,
                 metric: str | None = None) -> Path:
     """Render the HTML report of one study in a results store; returns the HTML path."""
-    from radssl.study.grid import REPORT_DIR
+    from radssl.study.runner import REPORT_DIR
     from radssl.study.report import render_report
     from radssl.study.results_store import ResultsStore
 
@@ -112,6 +113,15 @@ def add_study_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     study.add_argument("config", type=Path, help="study YAML (see configs/pneumoniamnist.yaml)")
     study.add_argument("--output-dir", help="where results, checkpoints and the report go (config: output_dir)")
+    study.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                       help="serial: every task in this process (default); ray: Ray tasks on this machine's CPUs/GPUs "
+                            "or a cluster's (pip install radssl[ray]; per-task CPUs/GPUs from the config's resources)")
+    study.add_argument("--address", default=None,
+                       help="ray only: join a running cluster (auto, or ray://HOST:10001); default: start a Ray "
+                            "instance on this machine, listening on 127.0.0.1 only. The output folder must be on a "
+                            "filesystem every node sees")
+    study.add_argument("--max-retries", type=int, default=1,
+                       help="ray only: reruns of a task whose worker died (default 1)")
     study.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     study.set_defaults(func=cmd_study)
 

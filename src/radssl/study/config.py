@@ -3,7 +3,7 @@
 One YAML file describes a whole label-efficiency study (``radssl study study.yaml``). It is validated like every
 radssl config (unknown keys are errors that name the key; ``key=value`` overrides are applied before
 validation). Checks that need only the file run here; checks that need the data (classes per split, label
-fractions, checkpoint files) run in :func:`radssl.study.grid.prepare_study`, still before any training.
+fractions, checkpoint files) run in :func:`radssl.study.plan.prepare_study`, still before any training.
 
 Example::
 
@@ -182,6 +182,20 @@ class ProtocolsSection(BaseModel):
         return {name: build_protocol(name, params) for name, params in self.enabled().items()}
 
 
+class TaskResources(Section):
+    """What one task asks of an executor's worker (Ray): CPU cores and GPUs, fractions allowed (GPUs shared)."""
+
+    cpus: float = Field(1.0, gt=0, description="CPU cores per task (also its torch threads unless threads is set)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per task; a fraction shares one GPU (e.g. 0.25: four cells)")
+
+
+class ResourcesSection(Section):
+    """Per-task resources of ``radssl study --executor ray`` (the serial executor ignores them)."""
+
+    pretrain: TaskResources = Field(default_factory=TaskResources)
+    cell: TaskResources = Field(default_factory=TaskResources)
+
+
 # ------------------------------------------------------------------------------------------ initialisations
 @dataclass(frozen=True)
 class InitSpec:
@@ -268,6 +282,8 @@ class StudyConfig(Section):
     pretrain_fractions: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device of transfer protocols")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (CPU); null = torch default")
+    resources: ResourcesSection = Field(default_factory=ResourcesSection,
+                                        description="per-task CPUs/GPUs under --executor ray")
     validation: Literal["full", "proportional"] = Field(
         "proportional", description="model-selection rows per cell: the whole validation split, or the same label "
         "fraction of it (stratified, nested, patient-grouped, per seed)")

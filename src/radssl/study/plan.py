@@ -1,25 +1,23 @@
-"""The study grid runner: every {pretraining × init × label fraction × seed × protocol × test set} cell, resumable.
+"""The study as a plan: every check and every task, computed before any compute.
 
-Protocols are plugins (:mod:`radssl.transfer.protocols`): the grid builds each cell's context (encoder, label
-subset, validation rows, test sets, shared frozen features) and records what ``Protocol.run`` returns — per-case
-scores (AUC protocols) or per-case metric values (Dice) — with the protocol's primary metric. It knows no protocol
-by name. Label-free protocols (zero-shot) run once per encoder and test set (label fraction 0, the study's seed);
-a protocol that cannot read out an encoder (zero-shot of a non-image–text encoder) skips it with a note.
+A study is a grid of {pretraining × init × label fraction × seed × protocol × test set} cells. This module turns a
+:class:`~radssl.study.config.StudyConfig` into a :class:`StudyPlan` and a list of tasks, and runs no training:
 
-How a study runs (``run_study``):
 1. :func:`prepare_study` loads the data once and checks everything that could fail later — splits, classes in
    every test set (class-scored protocols) or masks (segmentation), each label fraction of each seed, batch
    sizes, weights files, every protocol's own checks — *before any compute*. 2D and 3D data alike, as far as
    the enabled protocols support them.
-2. Label-fraction subsets (nested, stratified, per seed) are written to ``subsets/seed{n}.json``.
-3. Encoders are evaluated one after another. An SSL encoder's pretraining run happens once and is shared by all
-   its cells; a run whose ``final.pt`` exists and that the results store knows is never touched again.
-4. Frozen features (linear probe, kNN, any ``frozen_features`` protocol) are extracted once per (backbone weights,
-   data) through the
-   :class:`~radssl.transfer.features.FeatureCache` (also on disk, so a resumed study reuses them).
-5. Each finished cell is committed at once (metrics with bootstrap CIs, per-case predictions, wall time, device,
-   versions), so a killed study loses at most the cells in flight; rerunning skips every committed cell.
-6. The HTML report is rendered into ``<output_dir>/report/``.
+2. :func:`plan_tasks` lists what is left to do given what the results store already holds: one
+   :class:`PretrainTask` per SSL pretraining run not yet finished, and one :class:`CellTask` per (encoder,
+   protocol, seed, label fraction) with missing cells, depending on its encoder's pretraining task — or on the
+   encoder's :class:`FeaturesTask` (frozen features extracted once into the on-disk cache) for frozen-feature
+   protocols. A cell task scores all its missing test sets with one protocol run.
+
+The tasks are run by :mod:`radssl.study.runner` through an executor (:mod:`radssl.study.executors`: serial, Ray);
+what a task computes is :mod:`radssl.study.tasks`. Protocols are plugins (:mod:`radssl.transfer.protocols`): the
+plan knows no protocol by name. Label-free protocols (zero-shot) run once per encoder and test set (label
+fraction 0, the study's seed); a protocol that cannot read out an encoder (zero-shot of a non-image–text encoder)
+skips it with a note.
 
 Fairness choices (stated in the report's configuration section too):
 - ``random`` is the pretraining runs' own starting point: the backbone built under ``torch.manual_seed(seed)``
@@ -35,10 +33,6 @@ Fairness choices (stated in the report's configuration section too):
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,10 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from radssl.atomic import write_text_atomic
-from radssl.config import PretrainConfig, apply_overrides, dump_config, format_validation_error
+from radssl.config import PretrainConfig, format_validation_error
 from radssl.data.store import ImageStore
 from radssl.errors import ConfigError, DataError
 from radssl.study.config import (
@@ -57,18 +49,15 @@ from radssl.study.config import (
     NO_PRETRAINING,
     InitSpec,
     StudyConfig,
-    apply_named_override,
     checkpoint_run_name,
     legacy_study_settings,
-    load_study_config,
 )
-from radssl.study.results_store import CellKey, ResultsStore
-from radssl.transfer.protocols import CaseOutputs, EncoderInfo, Protocol, ProtocolContext, StudySetup
+from radssl.study.results_store import CellKey
+from radssl.transfer.protocols import EncoderInfo, Protocol, StudySetup
 
-__all__ = ["Encoder", "PretrainJob", "StudyPlan", "prepare_study", "run_study"]
+__all__ = ["CellTask", "Encoder", "FeaturesTask", "PretrainJob", "PretrainTask", "StudyPlan", "Task", "cell_key", "plan_tasks",
+           "prepare_study"]
 
-RESULTS_FILE = "results.sqlite"
-REPORT_DIR = "report"
 LABEL_FREE_FRACTION = 0.0
 """Cell label fraction of label-free protocols (zero-shot): no training label is used."""
 Log = Callable[[str], None]
@@ -175,24 +164,16 @@ class StudyPlan:
                 if (encoder, protocol) in self.skipped:
                     continue
                 for seed, fraction in self.cell_axes(protocol):
-                    keys += [_cell_key(encoder, protocol, fraction, seed, name) for name in self.test_sets]
+                    keys += [cell_key(encoder, protocol, fraction, seed, name) for name in self.test_sets]
         return keys
 
 
-def _cell_key(encoder: Encoder, protocol: str, fraction: float, seed: int, test_set: str) -> CellKey:
+def cell_key(encoder: Encoder, protocol: str, fraction: float, seed: int, test_set: str) -> CellKey:
     return CellKey(encoder.pretrain, encoder.init, protocol, fraction, encoder.pretrain_fraction, seed, test_set)
 
 
 def _where(store: ImageStore) -> str:
     return store.origin or store.name
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was requested but no CUDA device is available — use device: auto or cpu")
-    return torch.device(name)
 
 
 def _check_split_labels(store: ImageStore, train_rows: np.ndarray, splits: dict[str, np.ndarray]) -> None:
@@ -536,312 +517,118 @@ def _check_compatible(stored: dict[str, Any] | None, current: dict[str, Any], wh
         )
 
 
-# ------------------------------------------------------------------------------------------- pretraining
-def _run_pretraining(plan: StudyPlan, results: ResultsStore, job: PretrainJob, log: Log) -> Path:
-    """Run (or resume, or skip) one pretraining job; record its cost from what the engine returns."""
-    from radssl.engine.pretrain import pretrain
-
-    config = plan.config
-    checkpoint = job.checkpoint(config.output_dir)
-    if checkpoint.is_file() and results.is_pretrain_done(config.name, job.run_name):
-        return checkpoint
-    pretrain_config = plan.pretrain_configs[job]
-    initial, source = None, ""
-    if job.from_imagenet:
-        from radssl.transfer.initialisation import initialise_backbone
-
-        weights = config.imagenet_file(InitSpec("imagenet+ssl", job.run))
-        initial = initialise_backbone(f"imagenet:{weights}", pretrain_config.model.backbone,
-                                      in_channels=plan.store.channels, small_input=None)
-        source = f"imagenet:{weights}"
-        log(f"radssl study: pretraining '{job.run_name}' starts from the ImageNet weights {weights}")
-    log(f"radssl study: pretraining '{job.run_name}' ({pretrain_config.method.name}, "
-        f"{pretrain_config.model.backbone}) → {job.directory(config.output_dir)}")
-    result = pretrain(pretrain_config, store=plan.store, initial_backbone=initial, initial_backbone_source=source)
-    results.record_pretrain_run(
-        config.name, job.run_name, result.checkpoint, wall_time_s=result.wall_time_s,
-        device=str(result.run_record["device"]), images_seen=result.images_seen,
-        config=pretrain_config.to_dict(), device_hours=result.device_hours,
-    )
-    log(f"radssl study: pretraining '{job.run_name}' done in {result.wall_time_s:.0f} s")
-    return result.checkpoint
 
 
-# ------------------------------------------------------------------------------------------------- cells
-def _backbone(plan: StudyPlan, encoder: Encoder) -> nn.Module:
-    from radssl.transfer.initialisation import initialise_backbone
+# ------------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class PretrainTask:
+    """Run one SSL pretraining job; its encoder's cell tasks depend on it (they read its ``final.pt``)."""
 
-    config, store = plan.config, plan.store
-    if encoder.init == "random":
-        # Same spec and seed as the pretraining engine: random = the SSL runs' starting point.
-        spec = config.model.spec_for(store.channels, store.image_shape)
-        return initialise_backbone("random", backbone_spec=spec, seed=config.seed)
-    if encoder.init == "imagenet":
-        return initialise_backbone(f"imagenet:{config.imagenet_file(encoder.spec)}", config.model.backbone,
-                                   store.channels, small_input=None)
-    path = encoder.checkpoint or encoder.job.checkpoint(config.output_dir)  # type: ignore[union-attr]
-    return initialise_backbone(f"ssl:{path}", None, store.channels)
+    job: PretrainJob
+
+    @property
+    def id(self) -> str:
+        return f"pretrain:{self.job.run_name}"
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def kind(self) -> str:
+        return "pretrain"
+
+    @property
+    def cells(self) -> int:
+        return 0
 
 
-class _Features:
-    """Frozen features of one backbone on the internal store and each external test set, extracted lazily once.
+@dataclass(frozen=True)
+class FeaturesTask:
+    """Extract one encoder's frozen features once (internal store and every test set) into the on-disk cache.
 
-    Shared by every frozen-feature protocol (linear probe, kNN, …) of one encoder; the extraction time lands in
-    the wall time of the first cell that needs it.
+    The encoder's frozen-feature cells (linear probe, kNN, …) depend on it, so parallel workers read the features
+    instead of each extracting them again.
     """
 
-    def __init__(self, plan: StudyPlan, backbone: nn.Module, cache_dir: Path, device: torch.device) -> None:
-        from radssl.transfer.features import FeatureCache
+    encoder: Encoder
+    depends_on: tuple[str, ...] = ()
 
-        self.plan, self.backbone, self.device = plan, backbone, device
-        self.cache = FeatureCache(cache_dir)  # one per encoder: memory is freed when the encoder is done
-        self._by_store: dict[int, torch.Tensor] = {}
+    @property
+    def id(self) -> str:
+        return f"features:{self.encoder.label}"
 
-    def of(self, store: ImageStore) -> torch.Tensor:
-        key = id(store)
-        if key not in self._by_store:
-            self._by_store[key] = self.cache.features(self.backbone, store, self.plan.config.feature_batch_size,
-                                                      self.device)
-        return self._by_store[key]
+    @property
+    def kind(self) -> str:
+        return "features"
 
-
-def _case_count(test_sets: dict[str, tuple[ImageStore, np.ndarray]], name: str) -> int:
-    return len(test_sets[name][1])
+    @property
+    def cells(self) -> int:
+        return 0
 
 
-def _check_outcome(protocol: Protocol, outputs: dict[str, CaseOutputs], plan: StudyPlan, names: list[str]) -> None:
-    """A protocol returned per-case outputs of the expected kind and length for every requested test set."""
-    for name in names:
-        if name not in outputs:
-            raise RuntimeError(f"protocol '{protocol.name}' returned no outputs for test set '{name}'")
-        out, n = outputs[name], _case_count(plan.test_sets, name)
-        if protocol.case_metric == "scores":
-            if out.y_score is None or len(np.asarray(out.y_score)) != n:
-                raise RuntimeError(f"protocol '{protocol.name}' must return one score per case of '{name}' ({n})")
-        else:
-            if protocol.metric not in out.values:
-                raise RuntimeError(f"protocol '{protocol.name}' returned no per-case '{protocol.metric}' for '{name}'")
-            bad = {k: len(v) for k, v in out.values.items() if len(v) != n}
-            if bad:
-                raise RuntimeError(f"protocol '{protocol.name}' returned {bad} per-case values for '{name}' ({n} cases)")
+@dataclass(frozen=True)
+class CellTask:
+    """One protocol run of one encoder at one (seed, label fraction), scoring each of ``test_sets``.
 
-
-def _cell_metrics(task_kind: str, y_true: np.ndarray, y_score: np.ndarray, n_boot: int) -> dict[str, Any]:
-    """AUC and accuracy with percentile-bootstrap 95% CIs over test cases (same resamples for every cell)."""
-    from radssl.study.statistics import accuracy, binary_auc, bootstrap_ci, macro_auc
-
-    auc = binary_auc if task_kind == "binary" else macro_auc
-    return {
-        "auc": bootstrap_ci(y_true, y_score, auc, n_boot=n_boot, seed=0),
-        "accuracy": bootstrap_ci(y_true, y_score, accuracy, n_boot=n_boot, seed=0),
-    }
-
-
-def _value_metrics(values: dict[str, np.ndarray], n_boot: int) -> dict[str, Any]:
-    """Mean of each per-case metric with a percentile-bootstrap 95% CI over cases (undefined cases left out)."""
-    from radssl.study.statistics import bootstrap_ci, case_mean
-
-    out: dict[str, Any] = {}
-    for name, v in values.items():
-        v = np.asarray(v, dtype=np.float64)
-        finite = int(np.isfinite(v).sum())
-        if finite >= 2:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out[name] = bootstrap_ci(np.zeros(len(v)), v, case_mean, n_boot=n_boot, seed=0, stratified=False)
-        else:
-            out[name] = (case_mean(None, v), None, None)
-    return out
-
-
-def _outputs_to_record(protocol: Protocol, test_store: ImageStore, out: CaseOutputs, n_boot: int
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, per-case arrays for the store) of one test set's outputs."""
-    if protocol.case_metric == "scores":
-        y_true = np.asarray(out.y_true)
-        y_score = np.asarray(out.y_score, dtype=np.float64)
-        metrics = _cell_metrics(test_store.task.kind, y_true, y_score, n_boot)
-        arrays: dict[str, Any] = {"y_true": y_true, "y_score": y_score}
-        if out.values:
-            arrays["case_values"] = out.values
-    else:
-        metrics = _value_metrics(out.values, n_boot)
-        arrays = {"case_values": out.values}
-    metrics.update(out.metrics)
-    return metrics, arrays
-
-
-def _run_cells(plan: StudyPlan, results: ResultsStore, encoder: Encoder, device: torch.device, log: Log,
-               progress: list[int]) -> None:
-    """Every missing cell of one encoder; each committed as soon as its protocol run finishes.
-
-    Dispatches through the protocol plugins only: the grid builds each cell's context (rows, validation rows,
-    test sets, shared frozen features) and records what ``Protocol.run`` returns.
+    ``test_sets`` holds only the test sets whose cells the results store does not have yet.
     """
-    from radssl.engine.pretrain import derived_seed
-    from radssl.provenance import device_description, package_versions
 
-    config = plan.config
-    done = results.done_keys(config.name)
-    work = []
-    for protocol in plan.protocols:
-        if (encoder, protocol) in plan.skipped:
-            continue
-        for seed, fraction in plan.cell_axes(protocol):
-            missing = [n for n in plan.test_sets if _cell_key(encoder, protocol, fraction, seed, n).key not in done]
-            if missing:
-                work.append((protocol, seed, fraction, missing))
-            else:
-                progress[0] += len(plan.test_sets)
-    if not work:
-        return
-    backbone = _backbone(plan, encoder)
-    features = _Features(plan, backbone, Path(config.output_dir) / "features", device)
-    info = plan.encoder_infos[encoder]
-    versions = package_versions()
-    device_name = device_description(device)
-    for name, seed, fraction, missing in work:
-        protocol = plan.protocols[name]
-        labelled = protocol.uses_labels
-        rows = plan.subsets[seed][fraction] if labelled else plan.train_rows
-        context = ProtocolContext(
-            backbone=backbone, encoder=info, store=plan.store, train_rows=rows,
-            val_rows=plan.validation_rows(seed, fraction) if labelled else plan.val_rows,
-            test_sets={n: plan.test_sets[n] for n in missing}, full_train_rows=len(plan.train_rows),
-            label_fraction=fraction, seed=seed, run_seed=derived_seed(config.seed, seed, 31), device=device,
-            features=features.of if protocol.frozen_features else None, log=log)
-        start = time.perf_counter()
-        outcome = protocol.run(context)
-        wall = time.perf_counter() - start
-        _check_outcome(protocol, outcome.outputs, plan, missing)
-        shares = wall / len(missing)  # one protocol run scores all its test sets
-        summary = []
-        for test_name in missing:
-            test_store, _ = plan.test_sets[test_name]
-            metrics, arrays = _outputs_to_record(protocol, test_store, outcome.outputs[test_name],
-                                                 config.bootstrap_samples)
-            metrics["train_images"] = float(len(rows)) if labelled else 0.0
-            metrics.update(outcome.records)
-            key = _cell_key(encoder, name, fraction, seed, test_name)
-            results.record_cell(config.name, key, metrics, wall_time_s=shares, device=device_name,
-                                versions=versions, primary_metric=protocol.metric, **arrays)
-            value = metrics[protocol.metric]
-            value = value[0] if isinstance(value, tuple) else value
-            summary.append(f"{test_name} {protocol.metric} {value:.3f}")
-        progress[0] += len(plan.test_sets)
-        labels_text = f"labels={fraction:g} seed={seed}" if labelled else "no labels"
-        log(f"[{progress[0]}/{progress[1]}] {encoder.label} {name} {labels_text}: "
-            f"{', '.join(summary)} ({wall:.1f} s)")
+    encoder: Encoder
+    protocol: str
+    seed: int
+    fraction: float
+    test_sets: tuple[str, ...]
+    depends_on: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"cell:{self.encoder.label}|{self.protocol}|lf={self.fraction!r}|seed={self.seed}"
+
+    @property
+    def kind(self) -> str:
+        return "cell"
+
+    @property
+    def cells(self) -> int:
+        return len(self.test_sets)
+
+    def keys(self) -> list[CellKey]:
+        return [cell_key(self.encoder, self.protocol, self.fraction, self.seed, name) for name in self.test_sets]
 
 
-# -------------------------------------------------------------------------------------------------- main
-def _load(config: StudyConfig | str | Path, overrides: list[str] | None) -> StudyConfig:
-    if not isinstance(config, StudyConfig):
-        return load_study_config(Path(config), overrides)
-    if not overrides:
-        return config
-    raw = config.to_dict()
-    plain = [text for text in overrides if not apply_named_override(raw, text)]
-    apply_overrides(raw, plain)
-    from pydantic import ValidationError
-
-    try:
-        return StudyConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, f"study '{config.name}'", StudyConfig, raw)) from None
+Task = PretrainTask | FeaturesTask | CellTask
 
 
-def _save_subsets(plan: StudyPlan, directory: Path) -> None:
-    from radssl.data.splits import save_subsets
+def plan_tasks(plan: StudyPlan, done_cells: set[str], finished_runs: set[str]) -> list[Task]:
+    """Every task left to do, in an order that respects dependencies (and gives early results first).
 
-    fingerprint = plan.store.fingerprint()
-    for seed, subsets in plan.subsets.items():
-        path = directory / f"seed{seed}.json"
-        if path.is_file():
-            previous = json.loads(path.read_text()).get("meta", {}).get("data_fingerprint")
-            if previous != fingerprint:
-                raise DataError(str(path), f"was drawn from different data (fingerprint {str(previous)[:12]}… vs "
-                                f"{fingerprint[:12]}…)", "the study data changed: use a new output_dir")
-        save_subsets(path, subsets, {"seed": seed, "data": plan.store.name, "data_fingerprint": fingerprint,
-                                     "train_images": int(len(plan.train_rows))})
-        if seed in plan.val_subsets:  # proportional validation rows of each label fraction
-            save_subsets(directory / f"val_seed{seed}.json", plan.val_subsets[seed],
-                         {"seed": seed, "data": plan.store.name, "data_fingerprint": fingerprint,
-                          "val_images": int(len(plan.val_rows)), "validation": plan.config.validation,
-                          "validation_min_per_class": plan.config.validation_min_per_class})
-
-
-def _rules_line(plan: StudyPlan) -> str:
-    """The comparison rules in one line (also stated in the report's "How the numbers were made")."""
-    config = plan.config
-    if config.validation == "proportional":
-        rule = f"validation: proportional (same fraction of {len(plan.val_rows)} images, ≥ " \
-               f"{config.validation_min_per_class} per class)"
-    else:
-        rule = f"validation: full ({len(plan.val_rows)} images for every fraction)"
-    for protocol in plan.protocols.values():
-        text = protocol.rules(len(plan.train_rows))
-        if text:
-            rule += f"; {text}"
-    return rule
-
-
-def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = None, log: Log = _print) -> Path:
-    """Run (or resume) a whole study and render its report; returns the study's output folder.
-
-    Outputs: ``config.yaml``, ``results.sqlite`` (cells, metrics, predictions, pretraining runs),
-    ``subsets/seed{n}.json``, ``pretraining/<run>/`` (checkpoints, metrics), ``features/`` (cache) and
-    ``report/report.html`` + ``report/results.csv``.
+    ``done_cells``: cell keys the results store holds; ``finished_runs``: pretraining run names it records whose
+    checkpoint exists. Encoder by encoder as the plan orders them (cheap encoders first): the encoder's pretraining
+    task (if not finished), its features task (when a frozen-feature protocol has cells to do), then its cell
+    tasks, each depending on the task that makes its input (features, else pretraining).
     """
-    from radssl.study.report import render_report
-
-    config = _load(config, overrides)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    plan = prepare_study(config, log)  # every check, before any compute
-    device = _resolve_device(config.device)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results_path = output_dir / RESULTS_FILE
-    with ResultsStore(results_path) as results:
-        _check_compatible(results.study_config(config.name), config.to_dict(), results_path)
-        results.save_study_config(config.name, config.to_dict())
-        write_text_atomic(output_dir / "config.yaml", dump_config(config))
-        results.save_study_notes(config.name, plan.notes)
-        _save_subsets(plan, output_dir / "subsets")
-        total = len(plan.cell_keys())
-        progress = [0, total]
-        started = time.perf_counter()
-        log(f"radssl study '{config.name}': {total} cells ({len(plan.encoders)} encoders × "
-            f"{len(plan.protocols)} protocols × {len(config.seeds)} seeds × "
-            f"{len(config.label_fractions)} label fractions × {len(plan.test_sets)} test sets"
-            f"{'; label-free protocols once per encoder' if any(not p.uses_labels for p in plan.protocols.values()) else ''}"
-            f"{f'; {len(plan.skipped)} encoder × protocol pairs skipped' if plan.skipped else ''}), "
-            f"{len(plan.jobs)} pretraining runs; {len(results.done_keys(config.name))} cells already done")
-        log(f"radssl study: {_rules_line(plan)}")
-        for encoder in plan.encoders:
-            if encoder.job is not None:
-                _run_pretraining(plan, results, encoder.job, log)
-            _run_cells(plan, results, encoder, device, log, progress)
-        report = render_report(results, config.name, output_dir / REPORT_DIR, primary_metric=None)
-    log(f"radssl study '{config.name}' finished in {time.perf_counter() - started:.0f} s; report: {report}")
-    return output_dir
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin wrapper for `python -m`
-    from radssl.errors import RadsslError
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m radssl.study.grid study.yaml [key=value ...]", file=sys.stderr)
-        return 2
-    try:
-        run_study(Path(args[0]), args[1:])
-    except RadsslError as error:
-        print(f"radssl: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    tasks: list[Task] = []
+    for encoder in plan.encoders:
+        needs: tuple[str, ...] = ()
+        if encoder.job is not None and encoder.job.run_name not in finished_runs:
+            task = PretrainTask(encoder.job)
+            if task.id not in {t.id for t in tasks}:
+                tasks.append(task)
+            needs = (task.id,)
+        cells: list[CellTask] = []
+        for protocol in plan.protocols:
+            if (encoder, protocol) in plan.skipped:
+                continue
+            for seed, fraction in plan.cell_axes(protocol):
+                missing = tuple(name for name in plan.test_sets
+                                if cell_key(encoder, protocol, fraction, seed, name).key not in done_cells)
+                if missing:
+                    cells.append(CellTask(encoder, protocol, seed, fraction, missing, needs))
+        if any(plan.protocols[c.protocol].frozen_features for c in cells):
+            features = FeaturesTask(encoder, needs)
+            tasks.append(features)
+            cells = [replace(c, depends_on=(features.id,)) if plan.protocols[c.protocol].frozen_features else c
+                     for c in cells]
+        tasks += cells
+    return tasks

@@ -11,7 +11,8 @@ import torch
 from test_data_folder_masks import busi_like
 
 from radssl.study.config import load_study_config
-from radssl.study.grid import prepare_study, run_study
+from radssl.study.plan import prepare_study
+from radssl.study.runner import run_study
 from radssl.study.results_store import ResultsStore
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "folder_masks_example.yaml"

@@ -21,7 +21,7 @@ seeds, and ONE budget. :func:`plan_bakeoff` then
      measured pretraining wall-clock (the run's ``run.json``) is compared with ``T`` and any arm off by more than
      ``wall_clock_tolerance`` (10 %) is flagged in the output and in ``bakeoff.json``.
 
-:func:`run_bakeoff` runs each study through the study runner (:func:`radssl.study.grid.run_study`: the same checks
+:func:`run_bakeoff` runs each study through the study runner (:func:`radssl.study.runner.run_study`: the same checks
 before compute, results store, resume, statistics and HTML report as ``radssl study``) and writes
 ``<output_dir>/bakeoff.json`` (atomic): per method the images seen, steps, pretraining wall-clock, img/s, peak
 memory (where measured) and the headline numbers with 95 % intervals, each beside its images seen. Layout::
@@ -51,6 +51,7 @@ from radssl.atomic import write_text_atomic
 from radssl.config import DataSection, MedMNISTData, ModelSection, PretrainConfig, Section, TrainSection
 from radssl.errors import ConfigError, DataError
 from radssl.study.config import ExternalTestSet, ProtocolsSection, StudyConfig
+from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
 
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",
@@ -659,7 +660,6 @@ def budget_statement(config: BakeoffConfig) -> str:
 def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
     """The ``bakeoff.json`` record of a finished bake-off (read from each study's results store and run.json)."""
     from radssl.provenance import package_versions
-    from radssl.study.grid import RESULTS_FILE
     from radssl.study.results_store import ResultsStore
 
     config = plan.config
@@ -708,8 +708,6 @@ def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
     for group, study in plan.studies.items():
         members = {m: a for m, a in arms.items() if a["group"] == group}
         rows += headline(study_dirs[group] / RESULTS_FILE, study.name, members, config.bootstrap_samples)
-    from radssl.study.grid import REPORT_DIR
-
     return {
         "name": config.name, "budget": config.budget.model_dump(mode="json", exclude_none=True),
         "budget_statement": budget_statement(config),
@@ -747,7 +745,6 @@ def run_bakeoff(config: BakeoffConfig, log: Log = _print, store: Any = None) -> 
     Each study's report is rendered again with the bake-off's budget, arms and flags among its notes, so the page
     says what every arm was given and whether it got it.
     """
-    from radssl.study.grid import REPORT_DIR, RESULTS_FILE, run_study
     from radssl.study.report import render_report
     from radssl.study.results_store import ResultsStore
 

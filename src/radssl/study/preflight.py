@@ -3,7 +3,7 @@
 ``data inspect`` used to validate a config's keys and load its data, while the commands themselves ran further
 checks (protocols against the data, zero-shot prompts against the classes, label needs, views against the method,
 whether the data fill a batch) only once they started. Here inspect calls the very functions the commands call
-before their first step: :func:`radssl.study.grid.prepare_study` for a study (every data, protocol, weights and
+before their first step: :func:`radssl.study.plan.prepare_study` for a study (every data, protocol, weights and
 pretraining check; nothing trained or written) and :func:`check_pretrain_config` — the engine's own
 ``pretrain_rows`` / ``plan_steps`` / ``check_pretraining`` — for a pretraining config.
 """
@@ -55,7 +55,7 @@ def preflight(path: Path, overrides: list[str], log: Callable[[str], None] = pri
     kind = config_kind(read_yaml_mapping(path))
     if kind == "study":
         from radssl.study.config import INTERNAL_TEST_SET, load_study_config
-        from radssl.study.grid import prepare_study
+        from radssl.study.plan import prepare_study
 
         plan = prepare_study(load_study_config(path, overrides), log=log)
         stores = [("data", plan.store)] + [(f"external_test_sets.{name}", store)

@@ -285,7 +285,7 @@ def finetune(
     ``steps_per_epoch`` (overrides ``min_steps_per_epoch``) fixes every epoch at exactly that many optimiser
     steps, whatever the number of training rows: batches of ``batch_size`` are drawn from one continuing stream of
     shuffled passes over ``train_rows``, so a small subset is cycled (fresh augmentations each time) and a large
-    one is seen in part per epoch, the rest first in the next. :mod:`radssl.study.grid` uses it to give every
+    one is seen in part per epoch, the rest first in the next. :mod:`radssl.study.tasks` uses it to give every
     label fraction the same number of optimiser steps and the same validation schedule.
     ``min_epochs`` is the early-stopping floor: training never stops before that many epochs, so a noisy
     first validation score on a small validation set cannot end a run after one or two epochs.

@@ -1,7 +1,7 @@
 """The transfer-protocol plugin interface and its registry.
 
 A *protocol* turns an initialised encoder into per-case test outputs: a linear probe, kNN, fine-tuning, zero-shot
-classification from prompts, segmentation, … . The study grid (:mod:`radssl.study.grid`) only talks to this
+classification from prompts, segmentation, … . The study grid (:mod:`radssl.study.plan` and :mod:`radssl.study.tasks`) only talks to this
 interface, so adding a protocol is one module with one :class:`Protocol` subclass plus one line in
 :data:`PROTOCOLS` (or a :func:`register_protocol` call, e.g. from a test or a user's own package).
 

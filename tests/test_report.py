@@ -348,6 +348,9 @@ def test_segmentation_report_lists_per_class_dice_and_hd95_and_the_data_notes(
     hd95 = [_dice("ssl", 1.0, s, "site_b")["hd95"] for s in SEEDS]
     mean = float(np.mean([case_mean(None, v) for v in hd95]))  # the undefined case is left out
     assert np.isnan(hd95[0][3]) and f"{mean:.3f}<br>" in section
+    # The stated rule is segmentation_metrics': one empty mask → the image diagonal; both empty → left out.
+    assert "only one of prediction and reference empty — scores the image diagonal" in section
+    assert "both are empty are undefined and left out" in section
     assert "no patient ids: splits per image, patients may leak" in page[:page.index('id="summary"')]
 
 

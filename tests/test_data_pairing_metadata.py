@@ -301,11 +301,9 @@ def test_volumes_to_slices_refuses_2d_stores_and_2d_medmnist(tiny_store: ImageSt
 
 
 # ----------------------------------------------------------------------------------------- real data
-def test_vesselmnist3d_as_slices_keeps_volumes_together(data_dir: Path) -> None:
-    from support import medmnist_file
-
-    medmnist_file(data_dir, "vesselmnist3d.npz")
-    store = build_store(MedMNISTData(name="vesselmnist3d", root=data_dir / "medmnist", download=False,
+def test_vesselmnist3d_as_slices_keeps_volumes_together(medmnist_file) -> None:  # noqa: ANN001
+    root = medmnist_file("vesselmnist3d.npz").parent
+    store = build_store(MedMNISTData(name="vesselmnist3d", root=root, download=False,
                                      slices={"axis": 0}))  # type: ignore[arg-type]
     assert store.spatial_dims == 2 and store.image_shape == (28, 28)
     volume = store.meta["volume_row"]

@@ -168,10 +168,8 @@ def _train(steps: int, batch: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_vesselmnist3d_pretrains_with_the_small_3d_cnn(tmp_path: Path, data_dir: Path) -> None:
-    from support import medmnist_file
-
-    medmnist_file(data_dir, "vesselmnist3d.npz")
+def test_vesselmnist3d_pretrains_with_the_small_3d_cnn(tmp_path: Path, medmnist_file) -> None:  # noqa: ANN001
+    data_dir = medmnist_file("vesselmnist3d.npz").parent
     from radssl.data.medmnist import load_medmnist
 
     store = load_medmnist("vesselmnist3d", 28, data_dir, allow_download=False)

@@ -102,12 +102,11 @@ def test_3d_shift_and_flip_move_every_voxel_of_a_volume_together() -> None:
 
 
 @pytest.mark.slow
-def test_vesselmnist3d_study_runs_on_real_volumes(data_dir: Path, tmp_path: Path) -> None:
+def test_vesselmnist3d_study_runs_on_real_volumes(medmnist_file, tmp_path: Path) -> None:  # noqa: ANN001
     """The shipped 3D config passes every check on the real file, and a CPU-sized variant of it runs."""
     from radssl.study.config import load_study_config
-    from support import medmnist_file
 
-    folder = medmnist_file(data_dir, "vesselmnist3d.npz").parent
+    folder = medmnist_file("vesselmnist3d.npz").parent
     root = Path(__file__).resolve().parents[1] / "configs" / "vesselmnist3d.yaml"
     common = [f"data.root={folder}", "data.download=false", f"output_dir={tmp_path / 'study'}"]
     full = prepare_study(load_study_config(root, common), **QUIET)

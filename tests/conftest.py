@@ -11,7 +11,7 @@ import torch
 
 from radssl.data.store import ImageStore
 
-from support import make_tiny_store
+from support import make_tiny_store, on_one_fixed_batch
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +38,16 @@ def medmnist_file(data_dir: Path) -> Callable[[str], Path]:
         pytest.skip(f"{name} not found in {data_dir} or {data_dir / 'medmnist'} (RADSSL_DATA_DIR)")
 
     return find
+
+
+@pytest.fixture
+def one_fixed_batch():  # noqa: ANN201 - a function PretrainConfig → PretrainConfig
+    """``one_fixed_batch(config)``: the config on one fixed batch (``support.on_one_fixed_batch``); the policies it
+    registers are removed from the global registry when the test ends."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        yield lambda config: stack.enter_context(on_one_fixed_batch(config))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -124,26 +125,20 @@ def load_benchmark_script(name: str):  # noqa: ANN201 - a module
         sys.path.remove(str(directory))
 
 
-REMEMBERS_PAST_BATCHES: dict[str, str] = {}
-"""Methods whose falling-loss smoke check runs on fresh images every step instead of one fixed batch (none now:
-MoCo v2's queue starts from random keys, so on one fixed batch its negatives are the random start and the other
-images' keys, never nothing)."""
-
-
-def on_one_fixed_batch(config):  # noqa: ANN001, ANN201 - PretrainConfig in and out
+@contextmanager
+def on_one_fixed_batch(config):  # noqa: ANN001, ANN201 - PretrainConfig in, PretrainConfig yielded
     """The same config, its view policy made to return the same views of the same rows at every step.
 
     Why: on fresh images every step, a contrastive loss at batch 32 moves more from step to step than it falls in 20
     steps (SimCLR's step-to-step SD .40 against a .14 fall in 2D; ±1 on volumes), so a 20-step trend is a coin flip
     that a CPU's summation order decides — SimCLR and MoCo v3 rose on one machine's volumes and fell on another's.
     On one fixed batch a method whose gradients reach its loss must lower it: that is what the smoke tests check.
-    The policy is the method's own (views, sizes, masks, targets), registered under a new name, not patched.
-    Methods in :data:`REMEMBERS_PAST_BATCHES` get the config back unchanged.
+    The policy is the method's own (views, sizes, masks, targets), registered under a new name, not patched, and
+    removed from the registry on leaving the ``with`` block (tests use it through the ``one_fixed_batch``
+    fixture), so no test leaves a policy behind for the next one.
     """
-    from radssl.views.policies import policy_class, register_policy
+    from radssl.views.policies import POLICIES, policy_class, register_policy
 
-    if config.method.name in REMEMBERS_PAST_BATCHES:
-        return config
     base = policy_class(config.views.policy)
 
     class OneFixedBatch(base):  # type: ignore[misc, valid-type]
@@ -152,5 +147,12 @@ def on_one_fixed_batch(config):  # noqa: ANN001, ANN201 - PretrainConfig in and 
         def __call__(self, rows, images, columns, generator):  # noqa: ANN001, ANN204
             return super().__call__(torch.arange(len(rows)), images, columns, torch.Generator().manual_seed(0))
 
+    previous = POLICIES.get(OneFixedBatch.name)
     register_policy(OneFixedBatch)
-    return config.model_copy(update={"views": config.views.model_copy(update={"policy": OneFixedBatch.name})})
+    try:
+        yield config.model_copy(update={"views": config.views.model_copy(update={"policy": OneFixedBatch.name})})
+    finally:
+        if previous is None:
+            POLICIES.pop(OneFixedBatch.name, None)
+        else:
+            POLICIES[OneFixedBatch.name] = previous

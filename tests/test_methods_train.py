@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import SHORT_RUN_METHOD, SHORT_RUN_OPTIM, SHORT_RUN_TRANSIENT_STEPS, on_one_fixed_batch
+from support import SHORT_RUN_METHOD, SHORT_RUN_OPTIM, SHORT_RUN_TRANSIENT_STEPS
 from radssl.config import PretrainConfig
 from radssl.data.build import build_store
 from radssl.engine.pretrain import pretrain
@@ -34,6 +34,17 @@ def _methods_2d() -> list[str]:
         if 2 in requirements.spatial_dims and not requirements.text:
             names.append(name)
     return names
+
+
+def test_the_one_fixed_batch_policy_leaves_the_registry_as_it_found_it(tmp_path: Path) -> None:
+    from support import on_one_fixed_batch
+
+    from radssl.views.policies import POLICIES
+
+    before = dict(POLICIES)
+    with on_one_fixed_batch(_config("simclr", tmp_path)) as config:
+        assert config.views.policy in POLICIES and config.views.policy not in before
+    assert POLICIES == before, "a test's own policy must not stay registered for the tests after it"
 
 
 def _config(name: str, output_dir: Path) -> PretrainConfig:
@@ -62,8 +73,8 @@ def _one_thread() -> None:
 
 
 @pytest.mark.parametrize("name", _methods_2d())
-def test_method_trains_and_its_checkpoint_transfers(tmp_path: Path, name: str) -> None:
-    config = on_one_fixed_batch(_config(name, tmp_path / name))
+def test_method_trains_and_its_checkpoint_transfers(tmp_path: Path, name: str, one_fixed_batch) -> None:  # noqa: ANN001
+    config = one_fixed_batch(_config(name, tmp_path / name))
     store = build_store(config.data)
     result = pretrain(config, store=store)
     rows = (tmp_path / name / "metrics.csv").read_text().splitlines()

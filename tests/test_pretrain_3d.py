@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import SHORT_RUN_METHOD, SHORT_RUN_TRANSIENT_STEPS, on_one_fixed_batch
+from support import SHORT_RUN_METHOD, SHORT_RUN_TRANSIENT_STEPS
 
 from radssl.config import PretrainConfig
 from radssl.data.build import build_store
@@ -88,8 +88,9 @@ def _metrics(output_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("name", _methods(dims_3d=True))
-def test_3d_method_pretrains_and_its_checkpoint_transfers(tmp_path: Path, name: str, volumes: ImageStore) -> None:
-    config = on_one_fixed_batch(_config(name, tmp_path / name))
+def test_3d_method_pretrains_and_its_checkpoint_transfers(tmp_path: Path, name: str, volumes: ImageStore,
+                                                          one_fixed_batch) -> None:  # noqa: ANN001
+    config = one_fixed_batch(_config(name, tmp_path / name))
     result = pretrain(config, store=volumes)
     losses = [float(row["loss"]) for row in _metrics(tmp_path / name)]
     assert len(losses) == STEPS and all(np.isfinite(losses))
@@ -149,6 +150,10 @@ def test_a_2d_only_method_is_refused_on_volumes_before_anything_is_written(
 
 
 # ------------------------------------------------------------------------------------------------ real data (slow)
+SUBPROCESS_TIMEOUT_S = 840
+"""Below pytest's global timeout (900 s, pyproject.toml), so a hung ``radssl pretrain`` fails with its output."""
+
+
 def _radssl_pretrain(config: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Run the ``radssl pretrain`` command on a YAML config; returns run.json and metrics.csv rows."""
     import yaml
@@ -156,7 +161,7 @@ def _radssl_pretrain(config: dict[str, Any], tmp_path: Path) -> tuple[dict[str, 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "radssl.cli", "pretrain", "--config", str(path)],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     output = Path(config["output_dir"])
     return json.loads((output / "run.json").read_text()), _metrics(output)

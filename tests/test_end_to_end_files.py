@@ -102,7 +102,8 @@ def _dicom_source(tmp_path: Path, npz: Path) -> dict:
 
 @pytest.mark.parametrize("make_source", [_png_source, _dicom_source], ids=["png_csv", "dicom"])
 def test_study_runs_from_files(tmp_path: Path, make_source, medmnist_file) -> None:  # noqa: ANN001
-    data = {"name": "files", "source": make_source(tmp_path, medmnist_file("pneumoniamnist.npz")), "cache_dir": str(tmp_path / "cache"),
+    data = {"name": "files", "source": make_source(tmp_path, medmnist_file("pneumoniamnist.npz")),
+            "cache_dir": str(tmp_path / "cache"),
             "preprocess": {"modality": "xray", "target_size": [28, 28]}}
     config = StudyConfig.model_validate(
         {

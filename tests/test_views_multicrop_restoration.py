@@ -174,7 +174,7 @@ def test_local_shuffle_permutes_pixels_within_each_window(spatial: tuple[int, ..
 
 @pytest.mark.parametrize("spatial", [(28, 28), (28, 28, 28), (16, 16)])
 def test_every_image_drawn_for_shuffling_is_shuffled(spatial: tuple[int, ...]) -> None:
-    """Windows are never 1 on every axis, so the shuffle rate is ``p`` (1×1 windows at 28 px made it 0.375, not 0.5)."""
+    """Windows are never 1 on every axis, so the shuffle rate is ``p`` (1×1 windows at 28 px made it 0.75 p)."""
     batch = 64
     x = torch.rand(batch, 1, *spatial, generator=_generator(3))
     params = sample_local_shuffle(batch, spatial, torch.device("cpu"), _generator(4), p=0.5,

@@ -5,8 +5,9 @@ equally) with a **learnable logit scale**: ``s = exp(t)``, ``t`` initialised at 
 ``[0, log 100]`` (``1 ≤ s ≤ 100``, the paper's bound). The bound is applied to the parameter after each optimiser
 step (:meth:`CLIP.after_optimizer_step`), as OpenCLIP does (``logit_scale.clamp_(0, math.log(100))`` under
 ``torch.no_grad()`` after ``optimizer.step()``, mlfoundations/open_clip ``src/open_clip_train/train.py``), not in the
-forward pass: a clamp there has zero gradient above the bound, so a scale pushed past it could never come down. The loss is :func:`radssl.methods.image_text.image_text_loss` (identical reports are
-kept apart from the negatives; rows without a report are skipped).
+forward pass: a clamp there has zero gradient above the bound, so a scale pushed past it could never come down.
+The loss is :func:`radssl.methods.image_text.image_text_loss` (identical reports are kept apart from the negatives;
+rows without a report are skipped).
 """
 
 from __future__ import annotations

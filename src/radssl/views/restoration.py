@@ -22,10 +22,10 @@ the step's generator, in 2D and 3D (the same code: every function works on ``(B,
 64×64×32 cubes, all four transformations here 0.56 s; a batch of 64 images of 28 px takes 38 ms. Differences from
 the reference, all distribution-level: the shuffle permutes a random *partition* into windows (random window size
 per sample and axis in 1..max(2, side/10), never 1 on every axis, random grid offset) covering
-``local_shuffle_coverage`` of the windows, instead of 10,000 overlapping random windows — which cover ≈ 85 % of a 64×64×32 cube (1 − exp(−10⁴·3.5·3.5·2/131072)), the
-default; the Bézier curve is sampled at 1,000 instead of 100,000 points (largest difference 3e-5 of the range
-over 2,000 random curves, far below one grey level, 1/255); in-painting draws one noise field per sample rather
-than one per box (both are i.i.d. uniform).
+``local_shuffle_coverage`` of the windows, instead of 10,000 overlapping random windows — which cover ≈ 85 % of a
+64×64×32 cube (1 − exp(−10⁴·3.5·3.5·2/131072)), the default; the Bézier curve is sampled at 1,000 instead of
+100,000 points (largest difference 3e-5 of the range over 2,000 random curves, far below one grey level, 1/255);
+in-painting draws one noise field per sample rather than one per box (both are i.i.d. uniform).
 """
 
 from __future__ import annotations

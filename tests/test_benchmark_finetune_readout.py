@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from support import load_benchmark_script, make_tiny_store
 
 from radssl.models.registry import build_backbone
@@ -54,7 +55,11 @@ def test_finetune_readout_tries_every_scale_at_every_fraction_on_the_seeded_subs
 
 def test_finetune_readout_runs_end_to_end_on_a_tiny_store(lib) -> None:  # noqa: ANN001
     store = make_tiny_store(n=160)
+    torch.manual_seed(0)
     out = lib.finetune_readouts(build_backbone("small_cnn"), store, seed=0, epochs=1, batch_size=32)
     for fraction in out.values():
-        assert 0.0 <= fraction["test_auc"] <= 1.0
-        assert fraction["val_auc"] == max(c["val_auc"] for c in fraction["candidates"])
+        chosen = max(fraction["candidates"], key=lambda c: c["val_auc"])
+        assert fraction["val_auc"] == chosen["val_auc"] and fraction["test_auc"] == chosen["test_auc"]
+    # The tiny store's class is a bright square: with every label one epoch learns it (0.89 measured), far from
+    # chance — a read-out that scored noise or mixed up the split would sit near 0.5.
+    assert out["1"]["test_auc"] > 0.75, out["1"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -140,11 +139,8 @@ def test_csv_labels_patients_splits_multilabel(tmp_path):
         )
 
 
-def test_pneumoniamnist_pngs_round_trip(tmp_path):
-    root = os.environ.get("RADSSL_DATA_DIR")
-    npz = Path(root) / "medmnist" / "pneumoniamnist.npz" if root else None
-    if npz is None or not npz.is_file():
-        pytest.skip("needs RADSSL_DATA_DIR with medmnist/pneumoniamnist.npz")
+def test_pneumoniamnist_pngs_round_trip(tmp_path, medmnist_file):
+    npz = medmnist_file("pneumoniamnist.npz")
     with np.load(npz) as data:
         images, labels = data["test_images"][:40], data["test_labels"][:40, 0]
     rows = ["path,label,patient"]

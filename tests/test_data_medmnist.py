@@ -11,23 +11,21 @@ from radssl.data import medmnist
 from radssl.data.medmnist import load_medmnist, load_npz_store
 from radssl.errors import DataError
 
-from support import medmnist_file
 
-
-def test_pneumoniamnist_loads_with_official_counts(data_dir: Path) -> None:
-    medmnist_file(data_dir, "pneumoniamnist.npz")
-    store = load_medmnist("pneumoniamnist", root=data_dir, allow_download=False)
+def test_pneumoniamnist_loads_with_official_counts(medmnist_file) -> None:  # noqa: ANN001
+    root = medmnist_file("pneumoniamnist.npz").parent
+    store = load_medmnist("pneumoniamnist", root=root, allow_download=False)
     assert store.images.shape == (5856, 1, 28, 28) and store.task.kind == "binary"
     assert [len(store.indices(s)) for s in ("train", "val", "test")] == [4708, 524, 624]
     assert store.task.class_names == ("normal", "pneumonia")
 
 
-def test_3d_and_64px_files_load(data_dir: Path) -> None:
-    medmnist_file(data_dir, "vesselmnist3d.npz")
-    volumes = load_medmnist("vesselmnist3d", root=data_dir, allow_download=False)
+def test_3d_and_64px_files_load(medmnist_file) -> None:  # noqa: ANN001
+    root = medmnist_file("vesselmnist3d.npz").parent
+    volumes = load_medmnist("vesselmnist3d", root=root, allow_download=False)
     assert volumes.images.shape[1:] == (1, 28, 28, 28) and volumes.spatial_dims == 3
-    medmnist_file(data_dir, "breastmnist_64.npz")
-    breast = load_medmnist("breastmnist", size=64, root=data_dir, allow_download=False)
+    root = medmnist_file("breastmnist_64.npz").parent
+    breast = load_medmnist("breastmnist", size=64, root=root, allow_download=False)
     assert breast.image_shape == (64, 64)
 
 

@@ -46,13 +46,22 @@ class FlattenBackbone(Backbone):
         return images.flatten(1)
 
 
-def _method(name: str, params: dict) -> torch.nn.Module:
+QUEUE_WARM_UP = {"moco_v2"}
+"""Methods with a queue of past keys: one training-mode forward (no BatchNorm in MoCo v2's head) fills it first."""
+
+
+def _method(name: str, params: dict, batch: ViewBatch | None = None) -> torch.nn.Module:
     """radssl's own method as the engine would build it (same seed on every rank), in eval mode so that the
-    projection head's BatchNorm uses running statistics and each sample's embedding is independent of its batch."""
+    projection head's BatchNorm uses running statistics and each sample's embedding is independent of its batch.
+    A queue method is first run once in training mode on ``batch`` (its keys enter the queue)."""
     from radssl.methods.registry import build_method
 
     torch.manual_seed(0)
-    return build_method(name, FlattenBackbone(), params).eval()
+    method = build_method(name, FlattenBackbone(), params)
+    if name in QUEUE_WARM_UP and batch is not None:
+        with torch.no_grad():
+            method.train()(batch)
+    return method.eval()
 
 
 def _rank_loss(rank: int, port: int, name: str, params: dict, out: str) -> None:
@@ -62,8 +71,9 @@ def _rank_loss(rank: int, port: int, name: str, params: dict, out: str) -> None:
         v0, v1 = _views()
         local0 = v0[rank * BATCH : (rank + 1) * BATCH].clone().requires_grad_(True)
         local1 = v1[rank * BATCH : (rank + 1) * BATCH].clone()
-        method = _method(name, params)
-        loss = method(ViewBatch(views=[local0, local1], rows=torch.arange(BATCH)))["loss"]
+        batch = ViewBatch(views=[local0, local1], rows=torch.arange(BATCH))
+        method = _method(name, params, batch)
+        loss = method(batch)["loss"]
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": local0.grad}, Path(out) / f"rank{rank}.pt")
         # Both ranks leave the last collective before either tears gloo down: a rank that destroys the group while
@@ -86,10 +96,11 @@ GATHERING_METHODS = {
     "simclr": {"temperature": 0.5},
     "moco_v3": {},  # keys of every process are the negatives (gathered without gradient, as the reference)
     # MoCo v2's negatives are its queue; gathering decides what is enqueued (every process's keys). The queue starts
-    # from the first step's keys, so at step 1 its negatives are the global batch's keys with gathering and only the
-    # local ones without — which this test sees. Own-image exclusion is off: ranks here all number their rows
+    # from random keys (MoCo's reference), so one training step first fills it (QUEUE_WARM_UP): with a queue of the
+    # global batch's size, the next step's negatives are the global batch's keys with gathering and half random,
+    # half local keys without — which this test sees. Own-image exclusion is off: ranks here all number their rows
     # 0..BATCH-1, so rows are not global positions as they are in the engine.
-    "moco_v2": {"exclude_own_keys": False},
+    "moco_v2": {"exclude_own_keys": False, "queue_size": WORLD * BATCH},
     # Non-contrastive, but their batch statistics must be global: Barlow Twins' cross-correlation matrix and VICReg's
     # variance/covariance terms are computed over the gathered global batch (small heads keep the test fast).
     "barlow_twins": {"projection_hidden_dim": 32, "projection_dim": 16},
@@ -100,11 +111,12 @@ GATHERING_METHODS = {
 @pytest.mark.parametrize("name", sorted(GATHERING_METHODS))
 def test_negatives_are_gathered_across_processes_by_radssls_method(tmp_path: Path, name: str) -> None:
     params = GATHERING_METHODS[name]
-    method = _method(name, params)
-    assert method.params.gather_distributed is True, f"{name} gathers negatives under DDP by default"
     v0, v1 = _views()
     v0 = v0.clone().requires_grad_(True)
-    single = method(ViewBatch(views=[v0, v1], rows=torch.arange(WORLD * BATCH)))["loss"]
+    batch = ViewBatch(views=[v0, v1], rows=torch.arange(WORLD * BATCH))
+    method = _method(name, params, batch)
+    assert method.params.gather_distributed is True, f"{name} gathers negatives under DDP by default"
+    single = method(batch)["loss"]
     single.backward()
 
     gathered_loss, gathered_grad = _run_ranks(tmp_path / "gather", name, params)

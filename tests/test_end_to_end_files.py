@@ -1,7 +1,8 @@
 """Pretraining and a study end to end from a PNG+CSV folder and from a DICOM folder, through the same pipeline.
 
-Images are real chest X-rays (PneumoniaMNIST via RADSSL_DATA_DIR) written as files by the test; without the data
-the same test runs on synthetic images, so the pipeline is checked everywhere.
+Images are real chest X-rays (PneumoniaMNIST via RADSSL_DATA_DIR, the ``medmnist_file`` fixture) written as files
+by the test; without the data these tests are reported as skipped, never run on stand-in images. (The same
+pipeline on synthetic images: test_engine_pretrain.py, test_data_folder.py, test_data_dicom.py.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from support import real_or_synthetic_images, write_dicom_folder, write_png_csv_folder
+from support import chest_xrays, write_dicom_folder, write_png_csv_folder
 
 from radssl.config import load_config
 from radssl.data.build import build_store
@@ -57,8 +58,8 @@ def _run(tmp_path: Path, data_overrides: list[str]) -> dict:
     return evaluation
 
 
-def test_pretrain_from_png_csv_folder_with_patient_ids(tmp_path: Path) -> None:
-    images, labels, _ = real_or_synthetic_images(120)
+def test_pretrain_from_png_csv_folder_with_patient_ids(tmp_path: Path, medmnist_file) -> None:  # noqa: ANN001
+    images, labels = chest_xrays(medmnist_file("pneumoniamnist.npz"), 120)
     csv = write_png_csv_folder(tmp_path / "pngs", images, labels)
     _run(
         tmp_path,
@@ -72,8 +73,8 @@ def test_pretrain_from_png_csv_folder_with_patient_ids(tmp_path: Path) -> None:
     )
 
 
-def test_pretrain_from_dicom_folder_with_label_csv(tmp_path: Path) -> None:
-    images, labels, _ = real_or_synthetic_images(120)
+def test_pretrain_from_dicom_folder_with_label_csv(tmp_path: Path, medmnist_file) -> None:  # noqa: ANN001
+    images, labels = chest_xrays(medmnist_file("pneumoniamnist.npz"), 120)
     label_csv = write_dicom_folder(tmp_path / "dicom", images, labels)
     _run(
         tmp_path,
@@ -86,22 +87,23 @@ def test_pretrain_from_dicom_folder_with_label_csv(tmp_path: Path) -> None:
     )
 
 
-def _png_source(tmp_path: Path) -> dict:
-    images, labels, _ = real_or_synthetic_images(120)
+def _png_source(tmp_path: Path, npz: Path) -> dict:
+    images, labels = chest_xrays(npz, 120)
     csv = write_png_csv_folder(tmp_path / "pngs", images, labels)
     return {"kind": "folder", "root": str(tmp_path / "pngs"), "csv": str(csv), "label_columns": ["label"],
             "classes": ["normal", "pneumonia"], "patient_column": "patient_id"}
 
 
-def _dicom_source(tmp_path: Path) -> dict:
-    images, labels, _ = real_or_synthetic_images(120, seed=1)
+def _dicom_source(tmp_path: Path, npz: Path) -> dict:
+    images, labels = chest_xrays(npz, 120, seed=1)
     label_csv = write_dicom_folder(tmp_path / "dicom", images, labels)
     return {"kind": "dicom", "root": str(tmp_path / "dicom"), "label_csv": str(label_csv), "label_key": "patient_id"}
 
 
 @pytest.mark.parametrize("make_source", [_png_source, _dicom_source], ids=["png_csv", "dicom"])
-def test_study_runs_from_files(tmp_path: Path, make_source) -> None:  # noqa: ANN001
-    data = {"name": "files", "source": make_source(tmp_path), "cache_dir": str(tmp_path / "cache"),
+def test_study_runs_from_files(tmp_path: Path, make_source, medmnist_file) -> None:  # noqa: ANN001
+    data = {"name": "files", "source": make_source(tmp_path, medmnist_file("pneumoniamnist.npz")),
+            "cache_dir": str(tmp_path / "cache"),
             "preprocess": {"modality": "xray", "target_size": [28, 28]}}
     config = StudyConfig.model_validate(
         {

@@ -59,6 +59,20 @@ def test_byol_loss_is_symmetric_negative_cosine_to_the_other_views_target() -> N
     torch.testing.assert_close(loss.detach(), reference, rtol=1e-5, atol=1e-6)
 
 
+def test_byol_batch_norm_sees_each_view_as_its_own_batch() -> None:
+    """As the paper and radssl's SimSiam/Barlow/VICReg/MoCo v3: one pass per view, never both views in one batch."""
+    torch.manual_seed(0)
+    method = build_method("byol", build_backbone("small_cnn"), {}).train()
+    seen: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+             for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    batch = _batch(2, n=8)
+    method(batch)
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {8}, f"BatchNorm saw batches of {sorted(set(seen))}, not one view (8)"
+
+
 def test_generic_momentum_update_moves_declared_targets_by_the_schedule() -> None:
     torch.manual_seed(0)
     method = build_method("byol", build_backbone("small_cnn"), {"momentum_start": 0.9, "momentum_end": 0.9})

@@ -143,17 +143,22 @@ def _flatten_moco_v2(**params: object):  # noqa: ANN202
     return build_method("moco_v2", FlattenBackbone(16), {"projection_dim": 8, **params})
 
 
-def test_moco_v2_queue_is_a_fifo_started_from_the_first_keys_and_lives_in_the_state_dict() -> None:
+def test_moco_v2_queue_is_a_fifo_started_from_random_keys_and_lives_in_the_state_dict() -> None:
     method = _flatten_moco_v2(queue_size=10).train()
+    start = method.queue.keys.clone()
+    # MoCo's reference start: random unit vectors made from no image (row −1), not copies of the first keys.
+    torch.testing.assert_close(start.norm(dim=1), torch.ones(10))
+    assert method.queue.rows.tolist() == [-1] * 10
     expected_keys = []
     for step in range(3):
         batch = _batch(step, n=4, size=4, first_row=4 * step)
         with torch.no_grad():
             expected_keys.append(F.normalize(method.target_projection_head(batch.views[1].flatten(1)), dim=1))
         method(batch)
-        if step == 0:  # started from the first keys tiled (not random vectors), then the keys were pushed
-            assert method.queue.rows.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+        if step == 0:  # the first keys were pushed at 0–3; the random start stays in the rest
+            assert method.queue.rows.tolist() == [0, 1, 2, 3] + [-1] * 6
             assert int(method.queue.pointer) == 4
+            torch.testing.assert_close(method.queue.keys[4:], start[4:], rtol=0, atol=0)
     # Oldest first out: step 1 wrote 4–7 at 4–7; step 2 wrote 8, 9 at 8, 9 and wrapped 10, 11 to 0, 1.
     assert method.queue.rows.tolist() == [10, 11, 2, 3, 4, 5, 6, 7, 8, 9]
     assert int(method.queue.pointer) == 2
@@ -172,8 +177,40 @@ def test_moco_v2_queue_is_a_fifo_started_from_the_first_keys_and_lives_in_the_st
 
 def test_moco_v2_eval_forward_leaves_the_queue_alone() -> None:
     method = _flatten_moco_v2(queue_size=10).eval()
+    start = method.queue.keys.clone()
     method(_batch(0, n=4, size=4))
-    assert method.queue.empty and int(method.queue.pointer) == 0
+    assert torch.equal(method.queue.keys, start) and int(method.queue.pointer) == 0
+    assert method.queue.rows.tolist() == [-1] * 10
+
+
+def test_moco_v2_first_step_without_exclusion_never_meets_its_own_keys_among_the_negatives() -> None:
+    # A queue started from the first keys tiled put each query's own key ~K/B times among its negatives when
+    # exclude_own_keys is off; the first step's negatives must be the random start alone.
+    method = _flatten_moco_v2(queue_size=12, exclude_own_keys=False).train()
+    start = method.queue.keys.clone()
+    batch = _batch(0, n=4, size=4)
+    loss = method(batch)["loss"]
+    with torch.no_grad():
+        q = method.projection_head(batch.views[0].flatten(1))
+        k = method.target_projection_head(batch.views[1].flatten(1))
+        torch.testing.assert_close(loss, moco_info_nce_reference(q, k, start, method.params.temperature),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [33, 65, 5])
+def test_moco_v2_shuffle_bn_groups_never_hold_a_single_sample(batch_size: int) -> None:
+    method = _small_cnn_method("moco_v2", shuffle_bn_group=32 if batch_size > 5 else 4).train()
+    sizes: list[int] = []
+    hook = method.target_backbone.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    # 8 px: the CNN's last BatchNorm sees 1×1 maps, so a 1-sample group has one value per channel and BatchNorm
+    # raises ("Expected more than 1 value per channel") — what B % group == 1 did with ``split(group)``.
+    images = torch.randn(batch_size, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    keys = method.encode_keys(images)
+    hook.remove()
+    assert keys.shape[0] == batch_size and sum(sizes) == batch_size
+    assert len(sizes) >= 2 and min(sizes) >= 2 and max(sizes) - min(sizes) <= 1, sizes
+    with pytest.raises(ValueError, match="shuffle_bn_group must be 0"):
+        method_class("moco_v2").Params(shuffle_bn_group=1)
 
 
 def test_moco_v2_emulates_shuffling_bn_by_encoding_keys_in_groups() -> None:

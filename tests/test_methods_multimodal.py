@@ -209,6 +209,35 @@ def test_methods_train_and_their_checkpoint_re_embeds_text_exactly(tmp_path: Pat
         torch.testing.assert_close(encoder(x), result.backbone.eval()(x), rtol=1e-5, atol=1e-6)
 
 
+def test_clip_logit_scale_keeps_its_gradient_above_the_bound_and_is_clamped_after_the_step() -> None:
+    """The bound sits on the parameter after the step (OpenCLIP), not in forward, where it would cut the gradient."""
+    store = _reports_store()
+    policy, columns, _ = _policy(store)
+    backbone = build_from_spec(make_spec("small_cnn", 1, (24, 24), None, None, spatial_dims=2, options={"width": 8}))
+    method = build_method("clip", backbone, {"text_width": 16, "text_depth": 1})
+    batch = policy(torch.arange(8), store.images, columns, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        method.log_logit_scale.fill_(math.log(200.0))  # past the bound, e.g. after a large step
+    assert float(method.logit_scale().detach()) == pytest.approx(200.0), "forward uses the parameter as it is"
+    method(batch)["loss"].backward()
+    assert method.log_logit_scale.grad is not None and float(method.log_logit_scale.grad.abs()) > 0, \
+        "the scale must keep a gradient above the bound, or it could never come back down"
+    method.after_optimizer_step()
+    assert float(method.log_logit_scale) == pytest.approx(math.log(100.0))
+    with torch.no_grad():
+        method.log_logit_scale.fill_(-1.0)
+    method.after_optimizer_step()
+    assert float(method.log_logit_scale) == 0.0, "OpenCLIP's lower bound: scale >= 1"
+
+
+def test_the_engine_applies_the_methods_post_step_constraint(tmp_path: Path) -> None:
+    # Initial scale 1/0.07 ≈ 14.3, bound 1.5: one engine step must leave the parameter at the bound.
+    config = _config(tmp_path, {"name": "clip", "text_width": 16, "text_depth": 1, "max_logit_scale": 1.5}, steps=1)
+    store = make_synthetic_store(SyntheticSpec(n_patients=32, images_per_patient=2, image_size=24, reports=True))
+    result = pretrain(config, store=store)
+    assert float(result.method.log_logit_scale) == pytest.approx(math.log(1.5))
+
+
 def test_resume_refuses_other_reports_and_views_that_tokenise_differently(tmp_path: Path) -> None:
     from dataclasses import replace
 

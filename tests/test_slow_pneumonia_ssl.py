@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import medmnist_file
 
 from radssl.config import load_config
 from radssl.data.build import build_store
@@ -19,8 +18,8 @@ from radssl.evaluation.quick import evaluate_pretraining
 pytestmark = pytest.mark.slow
 
 
-def test_simclr_on_pneumoniamnist_beats_random_init(data_dir: Path, tmp_path: Path) -> None:
-    medmnist_file(data_dir, "pneumoniamnist.npz")
+def test_simclr_on_pneumoniamnist_beats_random_init(medmnist_file, tmp_path: Path) -> None:  # noqa: ANN001
+    data_dir = medmnist_file("pneumoniamnist.npz").parent
     config = load_config(
         None,
         [

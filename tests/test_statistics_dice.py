@@ -14,6 +14,7 @@ from radssl.study.statistics import (
     case_covariance,
     case_mean,
     case_mean_covariance,
+    on_common_cases,
     seeds_and_cases_interval,
     seeds_and_cases_paired_test,
     wilcoxon_paired,
@@ -69,6 +70,27 @@ def test_two_seeds_add_the_seed_spread_to_the_shared_case_variance() -> None:
     assert (result.low, result.high) == pytest.approx((0.15 - half, 0.15 + half))
     interval = seeds_and_cases_interval(np.zeros(4), a, case_mean)
     assert interval.estimate == pytest.approx(0.5 + 0.15)
+
+
+def test_every_hd95_mean_is_taken_on_the_cases_defined_for_all_models_and_seeds() -> None:
+    # Undefined (NaN: both masks empty) on different cases per model/seed; the cases defined for all: 0, 2, 4, 5.
+    a = [np.array([4.0, np.nan, 6.0, 100.0, 2.0, 3.0]), np.array([5.0, 7.0, 5.0, 90.0, 3.0, 5.0])]
+    b = [np.array([3.0, 2.0, 5.0, np.nan, 1.0, 1.0]), np.array([4.0, 3.0, 4.0, 80.0, 2.0, 2.0])]
+    common = [0, 2, 4, 5]
+    result = seeds_and_cases_paired_test(np.zeros(6), a, b, case_mean)
+    by_hand = np.mean([a[s][common].mean() - b[s][common].mean() for s in range(2)])  # (1.25 + 1.5) / 2
+    assert result.estimate == pytest.approx(by_hand) == pytest.approx(1.375)
+    # Each model's own finite cases would give a different (wrong) estimate: case 3 (100 / 90) enters one side only.
+    own = np.mean([case_mean(None, a[s]) - case_mean(None, b[s]) for s in range(2)])
+    assert abs(own - by_hand) > 1.0
+    # The covariance is on the same cases as the estimate.
+    diffs = np.stack([a[s][common] - b[s][common] for s in range(2)])
+    assert result.case_variance == pytest.approx(np.cov(diffs)[0, 1] / len(common))
+    # One model over seeds: its seeds' common cases (0, 2, 3, 4, 5).
+    interval = seeds_and_cases_interval(np.zeros(6), a, case_mean)
+    assert interval.estimate == pytest.approx(np.mean([a[s][[0, 2, 3, 4, 5]].mean() for s in range(2)]))
+    # Other metrics are left as they are.
+    assert on_common_cases(lambda y, s: 0.0, a)[0] is a[0]
 
 
 def test_wilcoxon_signed_rank_on_seed_averaged_case_differences() -> None:

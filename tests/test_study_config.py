@@ -218,11 +218,9 @@ def test_segmentation_demo_preset_validates_and_passes_every_check(tmp_path: Pat
 
 
 @pytest.mark.parametrize(("name", "train_images"), [("breastmnist", 546), ("pneumoniamnist", 4708)])
-def test_real_medmnist_grids_prepare(data_dir: Path, name: str, train_images: int) -> None:
+def test_real_medmnist_grids_prepare(medmnist_file, name: str, train_images: int) -> None:  # noqa: ANN001
     """The shipped full grids pass every pre-compute check on the real files (no training here)."""
-    from support import medmnist_file
-
-    folder = medmnist_file(data_dir, f"{name}.npz").parent
+    folder = medmnist_file(f"{name}.npz").parent
     config = load_study_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml",
                                [f"data.root={folder}", "data.download=false"])
     plan = prepare_study(config, log=lambda _: None)

@@ -55,5 +55,16 @@ def test_convirt_aligns_real_images_with_their_clinical_notes(tmp_path: Path) ->
         recall = getattr(train, direction)
         assert recall[10] > 2 * chance[10], f"{direction}: R@10 {recall[10]:.3f} vs chance {chance[10]:.3f}"
     test = retrieval_on_store(result.method, store, store.indices("test"))
-    assert all(np.isfinite(v) for v in test.image_to_text.values())
     print("held-out patients:", test.as_dict())
+    # Held-out patients against chance. Measured at this 150-step budget (65 test images, 55 distinct notes):
+    # image→text R@10 .215 vs chance .182, text→image .182 vs .177 — at chance, not significantly above it (the
+    # longer run of benchmarks/multimodal.py reaches .279 vs .182). So the check is that held-out recall is not
+    # below chance by more than two standard errors of its per-query hits: a retrieval that pairs images with the
+    # wrong notes or ranks the wrong way round falls below it; a claim of generalisation needs the benchmark.
+    for direction, per_query, chance in (("image_to_text", test.per_image, test.chance_image_to_text),
+                                         ("text_to_image", test.per_text, test.chance_text_to_image)):
+        k = list(getattr(test, direction)).index(10)
+        hits = per_query[:, k]
+        se = hits.std(ddof=1) / np.sqrt(len(hits))
+        assert hits.mean() >= chance[10] - 2 * se, f"held-out {direction}: R@10 {hits.mean():.3f} vs chance " \
+                                                   f"{chance[10]:.3f} (SE {se:.3f})"

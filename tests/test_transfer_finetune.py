@@ -231,16 +231,13 @@ def _pneumonia_store(path: Path) -> ImageStore:
 
 
 @pytest.mark.slow
-def test_pneumoniamnist_from_scratch_reaches_published_auc():
+def test_pneumoniamnist_from_scratch_reaches_published_auc(medmnist_file):  # noqa: ANN001
     """From scratch on PneumoniaMNIST (28 px, all labels); MedMNIST v2 reports ResNet-18 (28) test AUC .944.
 
     GPU: ResNet-18 with the small stem, 20 epochs (the MedMNIST setting, minus its 100-epoch budget).
     CPU (CI): the same recipe on SmallCNN(width=16), 6 epochs, so the check fits a few minutes on 2 cores.
     """
-    root = os.environ.get("RADSSL_DATA_DIR")
-    path = Path(root or "") / "medmnist" / "pneumoniamnist.npz"
-    if not root or not path.is_file():
-        pytest.skip("set RADSSL_DATA_DIR to a folder holding medmnist/pneumoniamnist.npz")
+    path = medmnist_file("pneumoniamnist.npz")
     from radssl.models.registry import build_backbone
     from radssl.transfer.initialisation import initialise_backbone
 

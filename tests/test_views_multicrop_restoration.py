@@ -172,6 +172,24 @@ def test_local_shuffle_permutes_pixels_within_each_window(spatial: tuple[int, ..
     assert torch.equal(local_pixel_shuffle(x, unchosen), x), "windows not chosen stay in place"
 
 
+@pytest.mark.parametrize("spatial", [(28, 28), (28, 28, 28), (16, 16)])
+def test_every_image_drawn_for_shuffling_is_shuffled(spatial: tuple[int, ...]) -> None:
+    """Windows are never 1 on every axis, so the shuffle rate is ``p`` (1×1 windows at 28 px made it 0.75 p)."""
+    batch = 64
+    x = torch.rand(batch, 1, *spatial, generator=_generator(3))
+    params = sample_local_shuffle(batch, spatial, torch.device("cpu"), _generator(4), p=0.5,
+                                  max_window_fraction=0.1, coverage=0.85)
+    window = params["window"]
+    assert (window.prod(dim=1) >= 2).all(), "a 1-pixel window cannot be shuffled"
+    largest = max(2, int(0.1 * spatial[0]))
+    assert int(window.max()) <= largest and int(window.min()) >= 1
+    # Every shape but all-ones is drawn (28 px, 2D: 1×2, 2×1, 2×2).
+    if spatial == (28, 28):
+        assert {tuple(w) for w in window.tolist()} == {(1, 2), (2, 1), (2, 2)}
+    changed = (local_pixel_shuffle(x, params) != x).flatten(1).any(dim=1)
+    assert torch.equal(changed, params["apply"]), "shuffled exactly the images the probability drew"
+
+
 # ------------------------------------------------------------------------------------------------ painting
 def _painting(spatial: tuple[int, ...], share: float, seed: int = 3, batch: int = 6) -> dict[str, torch.Tensor]:
     return sample_painting((batch, 1, *spatial), torch.device("cpu"), _generator(seed), p=1.0, inpaint_share=share)

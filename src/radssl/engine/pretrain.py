@@ -389,6 +389,7 @@ def pretrain(
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        core.after_optimizer_step()
         momentum = apply_momentum(core, step, max_steps)
 
         for key, value in outputs.items():

@@ -8,6 +8,8 @@ any scalars worth logging. It declares
   against the view policy before any compute;
 - ``momentum_pairs()``: its (online, target) module pairs, so the engine applies the EMA update generically and the
   targets are saved with the method's state (BYOL, MoCo, DINO);
+- ``after_optimizer_step()``: parameter constraints applied after each optimiser step (CLIP's bound on its logit
+  scale), so a bound never sits in the forward pass where it would cut the gradient;
 - ``preset``: its radiology defaults for the ``views`` and ``optim`` sections (a user's own keys always win).
 
 Hyper-parameters live in a pydantic ``Params`` model so a typo in a YAML key is an error that names the key, before
@@ -82,6 +84,14 @@ class SSLMethod(nn.Module):
         start = float(getattr(self.params, "momentum_start", 0.99))
         end = float(getattr(self.params, "momentum_end", 1.0))
         return float(cosine_schedule(step, max_steps, start, end))
+
+    # ------------------------------------------------------------------ constraints after the step
+    def after_optimizer_step(self) -> None:
+        """Called by the engine right after each ``optimizer.step()`` (before the EMA update); default: nothing.
+
+        For constraints on parameters (a clamp, a projection) that must not be applied in ``forward``: a clamp
+        there has zero gradient beyond its bound, so a parameter that crossed it could never come back.
+        """
 
     def transfer_backbone(self) -> Backbone:
         """The encoder that transfers (default: the online backbone)."""

@@ -3,6 +3,11 @@
 Heads and loss are lightly's (``BYOLProjectionHead``, ``BYOLPredictionHead``, ``NegativeCosineSimilarity``). The
 target backbone and projection head are declared as momentum pairs, so the engine applies BYOL's cosine EMA
 schedule from ``momentum_start`` to ``momentum_end`` as a function of the global step.
+
+Each view goes through the online and the target network in its own pass, so BatchNorm normalises a view with the
+statistics of that view's batch only, as in the paper's implementation (each augmented view is a separate batch)
+and in radssl's SimSiam, Barlow Twins, VICReg and MoCo v3. One pass over both views concatenated would normalise
+every image with statistics shared with the other view of itself — a cue the paper's networks do not get.
 """
 
 from __future__ import annotations
@@ -57,13 +62,19 @@ class BYOL(SSLMethod):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projection_head, self.target_projection_head)]
 
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Online network: backbone → projection → prediction."""
+        return self.prediction_head(self.projection_head(self.backbone(images))).float()
+
+    @torch.no_grad()
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """Momentum target network: backbone → projection (no gradient)."""
+        return self.target_projection_head(self.target_backbone(images)).float()
+
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views
-        both = torch.cat([first, second], dim=0)
-        predictions = self.prediction_head(self.projection_head(self.backbone(both))).float()
-        with torch.no_grad():
-            targets = self.target_projection_head(self.target_backbone(both)).float()
-        p0, p1 = predictions.chunk(2, dim=0)
-        t0, t1 = targets.chunk(2, dim=0)
+        # One pass per view: BatchNorm statistics are per view (see the module docstring).
+        p0, p1 = self.predict(first), self.predict(second)
+        t0, t1 = self.target(first), self.target(second)
         # Symmetrised: each view's prediction regresses the other view's target projection.
         return {"loss": 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))}

@@ -1,9 +1,13 @@
 """CLIP-style image–report pretraining (Radford et al., ICML 2021, arXiv:2103.00020).
 
 Linear projections of both towers into one space and a **symmetric** InfoNCE (image→text and text→image weighted
-equally) with a **learnable logit scale**: ``s = exp(t)``, ``t`` initialised at ``log(1/0.07)`` and clamped so that
-``s ≤ 100``, as in the paper. The loss is :func:`radssl.methods.image_text.image_text_loss` (identical reports are
-kept apart from the negatives; rows without a report are skipped).
+equally) with a **learnable logit scale**: ``s = exp(t)``, ``t`` initialised at ``log(1/0.07)`` and kept in
+``[0, log 100]`` (``1 ≤ s ≤ 100``, the paper's bound). The bound is applied to the parameter after each optimiser
+step (:meth:`CLIP.after_optimizer_step`), as OpenCLIP does (``logit_scale.clamp_(0, math.log(100))`` under
+``torch.no_grad()`` after ``optimizer.step()``, mlfoundations/open_clip ``src/open_clip_train/train.py``), not in the
+forward pass: a clamp there has zero gradient above the bound, so a scale pushed past it could never come down.
+The loss is :func:`radssl.methods.image_text.image_text_loss` (identical reports are kept apart from the negatives;
+rows without a report are skipped).
 """
 
 from __future__ import annotations
@@ -36,4 +40,9 @@ class CLIP(ImageTextMethod):
         return nn.Linear(input_dim, params.projection_dim, bias=False)
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.clamp(max=math.log(self.params.max_logit_scale)).exp()
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Clamp the log-scale into [0, log max_logit_scale] (OpenCLIP's post-step clamp)."""
+        self.log_logit_scale.clamp_(0.0, math.log(self.params.max_logit_scale))

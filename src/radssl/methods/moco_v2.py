@@ -19,15 +19,18 @@ What is lightly's: the MoCo v2 MLP head (``MoCoProjectionHead``: 2 layers, ReLU,
   and then rose as the momentum encoder made those copies ever more alike. We store each key's source row and mask
   those entries (``exclude_own_keys``). In the paper's regime (65 536 keys ≪ 1.28 M images) no entry is ever masked,
   so this changes nothing there.
-- The queue starts from the first step's keys (tiled) instead of random unit vectors. With a random start the loss
-  climbs for ``queue_size / batch`` steps while real keys replace the easy random negatives, a transient that carries
-  little learning signal and hides, in short runs, whether the model learns; the reference's random start is an
-  implementation detail the paper does not discuss.
+- The queue starts, as in the reference code (facebookresearch/moco ``moco/builder.py``: ``torch.randn(dim, K)``
+  normalised), from random unit vectors, marked as made from no image (row −1). An earlier version started it from
+  the first step's keys tiled to its size; without ``exclude_own_keys`` that put each query's own key ~K/B times
+  among its negatives. The random start costs a transient of ``queue_size / batch`` steps while real keys replace
+  the easy random negatives.
 - Shuffling BN (MoCo Sec. 3.3): with the query and its positive key normalised with the statistics of the same
   batch, the positive is told from the queue's negatives by its batch statistics ("cheating"). MoCo shuffles the
   keys across 8 GPUs of 32 samples each; on one device we emulate this by encoding the keys in groups of
-  ``shuffle_bn_group`` samples, each with its own BN statistics (the queries use the whole batch), as lightly's
-  CIFAR-10 benchmark does with split BatchNorm. Skipped when the encoder has no BatchNorm (ViT).
+  about ``shuffle_bn_group`` samples, each with its own BN statistics (the queries use the whole batch), as
+  lightly's CIFAR-10 benchmark does with split BatchNorm. The batch is cut into ⌈B / group⌉ groups of near-equal
+  size, so no group is a single sample (BatchNorm cannot train on one) whatever the batch size. Skipped when the
+  encoder has no BatchNorm (ViT).
 
 Radiology defaults that differ from the ImageNet paper, and why: ``queue_size`` 4096 (paper 65 536 for 1.28 M images;
 lightly's CIFAR-10 setting); the EMA coefficient follows MoCo v3's cosine 0.99 → 1 (MoCo v2's constant 0.999 is
@@ -54,22 +57,19 @@ from radssl.views.batch import ViewBatch, ViewRequirements
 class KeyQueue(nn.Module):
     """FIFO of the last ``size`` keys and the rows (stored images) they were made from; all buffers persistent.
 
-    ``rows`` is −1 where nothing was written yet. ``push`` overwrites the oldest entries, wrapping around.
+    Starts from random unit vectors (MoCo's reference initialisation) with ``rows`` −1: made from no image, so never
+    excluded as a query's own. ``push`` overwrites the oldest entries, wrapping around.
     """
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
-        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("rows", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
 
     @property
     def size(self) -> int:
         return int(self.keys.shape[0])
-
-    @property
-    def empty(self) -> bool:
-        return bool(self.rows[0] < 0)
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
@@ -80,17 +80,13 @@ class KeyQueue(nn.Module):
         self.pointer.copy_((self.pointer + keys.shape[0]) % self.size)
 
     @torch.no_grad()
-    def contents(self, start_keys: torch.Tensor, start_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, rows) to contrast against: the queue, or — while it is empty — ``start_keys`` tiled to its size."""
-        if not self.empty:
-            return self.keys.clone(), self.rows.clone()
-        repeats = -(-self.size // start_keys.shape[0])
-        return (start_keys.repeat(repeats, 1)[: self.size].to(self.keys.dtype),
-                start_rows.repeat(repeats)[: self.size].to(self.rows.dtype))
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, rows) to contrast against: a copy of the queue before this step's keys are pushed."""
+        return self.keys.clone(), self.rows.clone()
 
     @torch.no_grad()
     def fill(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Overwrite every entry (the queue's start); the pointer stays where it is."""
+        """Overwrite every entry (tests set a known queue this way); the pointer stays where it is."""
         self.keys.copy_(keys)
         self.rows.copy_(rows)
 
@@ -116,9 +112,10 @@ class MoCoV2Params(MethodParams):
     projection_dim: int = Field(128, gt=0, description="embedding size of queries/keys (paper 128)")
     momentum_start: float = Field(0.99, ge=0.0, le=1.0, description="EMA coefficient at step 0 (paper: 0.999)")
     momentum_end: float = Field(1.0, ge=0.0, le=1.0, description="EMA coefficient at the end, cosine schedule")
-    shuffle_bn_group: int = Field(32, ge=0, description="keys are encoded in groups of this many samples, each "
-                                                        "with its own BN statistics (MoCo's shuffling BN: 32 per "
-                                                        "GPU); 0 = the whole batch (no emulation)")
+    shuffle_bn_group: int = Field(32, ge=0, description="keys are encoded in groups of about this many samples "
+                                                        "(⌈B/group⌉ groups of near-equal size), each with its own "
+                                                        "BN statistics (MoCo's shuffling BN: 32 per GPU); 0 = the "
+                                                        "whole batch (no emulation); 1 is refused (BN needs 2)")
     exclude_own_keys: bool = Field(True, description="drop queue entries made from the query's own image or its "
                                                      "partner from its negatives (inactive when queue ≪ data)")
     gather_distributed: bool = Field(True, description="enqueue the keys of every DDP process (global queue)")
@@ -127,6 +124,8 @@ class MoCoV2Params(MethodParams):
     def _ordered(self) -> "MoCoV2Params":
         if self.momentum_end < self.momentum_start:
             raise ValueError("momentum_end must be >= momentum_start")
+        if self.shuffle_bn_group == 1:
+            raise ValueError("shuffle_bn_group must be 0 (off) or at least 2: BatchNorm cannot train on 1 sample")
         return self
 
 
@@ -170,10 +169,13 @@ class MoCoV2(SSLMethod):
 
     @torch.no_grad()
     def encode_keys(self, images: torch.Tensor) -> torch.Tensor:
-        """Momentum-encoder keys; in BN groups of ``shuffle_bn_group`` samples (shuffling BN emulated)."""
+        """Momentum-encoder keys; in ⌈B / shuffle_bn_group⌉ BN groups of near-equal size (shuffling BN emulated)."""
         group = self.params.shuffle_bn_group
         if self._split_keys and images.shape[0] > group:
-            features = torch.cat([self.target_backbone(chunk) for chunk in images.split(group)])
+            # Near-equal groups (sizes differ by ≤ 1, at most B // 2 groups so each has ≥ 2 samples):
+            # ``split(group)`` would leave a 1-sample remainder when B % group == 1, and BatchNorm cannot train on it.
+            groups = min(-(-images.shape[0] // group), images.shape[0] // 2)
+            features = torch.cat([self.target_backbone(chunk) for chunk in images.tensor_split(groups)])
         else:
             features = self.target_backbone(images)
         return self.target_projection_head(features)
@@ -187,14 +189,12 @@ class MoCoV2(SSLMethod):
             all_keys, all_rows = concat_all_gather(keys.contiguous()), concat_all_gather(key_rows.contiguous())
         else:
             all_keys, all_rows = keys, key_rows
-        negatives, negative_rows = self.queue.contents(all_keys, all_rows)
+        negatives, negative_rows = self.queue.contents()
         excluded = None
         if self.params.exclude_own_keys:
             excluded = (negative_rows[None, :] == batch.rows[:, None]) | (negative_rows[None, :] == key_rows[:, None])
         loss = info_nce_with_queue(queries, keys, negatives, self.params.temperature, excluded)
         if self.training:  # the current keys become the next steps' negatives (after the loss, as MoCo)
-            if self.queue.empty:
-                self.queue.fill(negatives, negative_rows)
             self.queue.push(all_keys, all_rows)
         with torch.no_grad():
             positive = F.cosine_similarity(queries, keys).mean()

@@ -547,8 +547,10 @@ def _secondary_section(analysis: Analysis, names: Names, predictions: Prediction
     if not groups:
         return ""
     out = ("<p>Secondary segmentation metrics: Dice per foreground class and the 95th-percentile Hausdorff distance "
-           "(HD95, lower is better; cases where it is undefined — an empty prediction or reference — are left out "
-           "of its mean). Each entry: mean over seeds and its 95% interval over seeds and test cases.</p>")
+           "(HD95, lower is better; a structure missed or hallucinated — only one of prediction and reference empty "
+           "— scores the image diagonal; cases where both are empty are undefined and left out, every mean taken on "
+           "the cases defined for all seeds). Each entry: mean over seeds and its 95% interval over seeds and test "
+           "cases.</p>")
     rank = {ln: i for i, ln in enumerate(analysis.lines)}
     for test_set in analysis.test_sets:
         rows = []

@@ -48,6 +48,7 @@ __all__ = [
     "binary_auc",
     "case_mean",
     "case_mean_covariance",
+    "on_common_cases",
     "bootstrap_ci",
     "delong_covariance",
     "delong_seed_averaged",
@@ -188,9 +189,11 @@ def case_mean(y_true: Any, values: Any) -> float:
 
     The metric of protocols that score each case on its own (segmentation): the set's metric is the mean over cases,
     so every tool here that takes a ``metric(y_true, y_score)`` works for it with ``y_score`` = the per-case values
-    (``y_true`` is ignored; pass zeros of the same length). Non-finite values (NaN: undefined for that case; inf:
-    an HD95 with an empty prediction) are left out. Its case covariance is computed exactly, not by a bootstrap
-    (:func:`case_covariance`).
+    (``y_true`` is ignored; pass zeros of the same length). Non-finite values (NaN: undefined for that case, e.g.
+    an HD95 where prediction and reference are both empty; an HD95 with exactly one of them empty is the image
+    diagonal, finite — :mod:`radssl.transfer.segmentation_metrics`) are left out. Where models are compared or
+    averaged over seeds, every mean is taken on the cases finite for all of them (:func:`on_common_cases`). Its case
+    covariance is computed exactly, not by a bootstrap (:func:`case_covariance`).
     """
     v = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(v)
@@ -206,6 +209,21 @@ def _case_mean_batched(y_true_b: np.ndarray, values_b: np.ndarray) -> np.ndarray
 
 
 case_mean.batched = _case_mean_batched  # type: ignore[attr-defined]
+
+
+def on_common_cases(metric: Metric, vectors: Sequence[Any]) -> list[Any]:
+    """For :func:`case_mean`, the per-case vectors with every case not finite in *all* of them set to NaN.
+
+    Which cases have an undefined value (an HD95 with both masks empty) depends on each model's prediction. A mean
+    over each model's own finite cases would compare models on different cases, while the case covariance and the
+    Wilcoxon test can only pair the cases finite for every model; restricting every vector to the common cases
+    makes the estimate, its covariance and the test use one set of cases. Other metrics: unchanged.
+    """
+    if metric is not case_mean or not vectors:
+        return list(vectors)
+    stacked = np.stack([np.asarray(v, dtype=np.float64) for v in vectors])
+    common = np.isfinite(stacked).all(axis=0)
+    return list(np.where(common[None, :], stacked, np.nan))
 
 
 def case_mean_covariance(values: Any) -> np.ndarray:
@@ -730,6 +748,7 @@ def seeds_and_cases_interval(y_true: Any, scores_per_seed: Sequence[Any], metric
     (this model, other test cases) or :func:`seed_t_interval` (other models, this test set).
     """
     y = np.asarray(y_true)
+    scores_per_seed = on_common_cases(metric, scores_per_seed)
     per_seed = [metric(y, np.asarray(s, dtype=np.float64)) for s in scores_per_seed]
     cov = case_covariance(y, scores_per_seed, metric, n_boot=n_boot, seed=seed)
     return combine_seed_and_case_variance(per_seed, cov, alpha)
@@ -748,6 +767,8 @@ def seeds_and_cases_paired_test(y_true: Any, scores_a: Sequence[Any], scores_b: 
         raise DataError("seeds_and_cases_paired_test", f"got {len(scores_a)} and {len(scores_b)} score vectors",
                         "pass one score vector per seed for both models, in the same seed order")
     y = np.asarray(y_true)
+    common = on_common_cases(metric, [*scores_a, *scores_b])
+    scores_a, scores_b = common[: len(scores_a)], common[len(scores_a) :]
     differences = [metric(y, np.asarray(sa, dtype=np.float64)) - metric(y, np.asarray(sb, dtype=np.float64))
                    for sa, sb in zip(scores_a, scores_b, strict=True)]
     cov = case_covariance(y, scores_a, metric, scores_b, n_boot=n_boot, seed=seed)

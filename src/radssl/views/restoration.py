@@ -21,11 +21,11 @@ the step's generator, in 2D and 3D (the same code: every function works on ``(B,
 2-core CPU (1 thread, shared with other jobs): the reference's shuffle alone takes 1.9 s for its batch of six
 64×64×32 cubes, all four transformations here 0.56 s; a batch of 64 images of 28 px takes 38 ms. Differences from
 the reference, all distribution-level: the shuffle permutes a random *partition* into windows (random window size
-per sample and axis in 1..side/10, random grid offset) covering ``local_shuffle_coverage`` of the windows, instead
-of 10,000 overlapping random windows — which cover ≈ 85 % of a 64×64×32 cube (1 − exp(−10⁴·3.5·3.5·2/131072)), the
-default; the Bézier curve is sampled at 1,000 instead of 100,000 points (largest difference 3e-5 of the range
-over 2,000 random curves, far below one grey level, 1/255); in-painting draws one noise field per sample rather
-than one per box (both are i.i.d. uniform).
+per sample and axis in 1..max(2, side/10), never 1 on every axis, random grid offset) covering
+``local_shuffle_coverage`` of the windows, instead of 10,000 overlapping random windows — which cover ≈ 85 % of a
+64×64×32 cube (1 − exp(−10⁴·3.5·3.5·2/131072)), the default; the Bézier curve is sampled at 1,000 instead of
+100,000 points (largest difference 3e-5 of the range over 2,000 random curves, far below one grey level, 1/255);
+in-painting draws one noise field per sample rather than one per box (both are i.i.d. uniform).
 """
 
 from __future__ import annotations
@@ -141,13 +141,19 @@ def sample_local_shuffle(batch: int, spatial: tuple[int, ...], device: torch.dev
                          p: float, max_window_fraction: float, coverage: float) -> ParameterDict:
     """Per-sample shuffle parameters.
 
-    ``window`` (B, n) window side per axis in 1..max(1, ⌊fraction·side⌋); ``offset`` (B, n) grid offset in
-    0..window−1; ``chosen`` (B, W) which window ids are shuffled (W bounds the number of ids); ``keys`` (B, N)
-    random sort keys for the pixels; ``apply`` (B,).
+    ``window`` (B, n) window side per axis in 1..max(2, ⌊fraction·side⌋) (at most the side), drawn uniformly among
+    the shapes that are not 1 on every axis; ``offset`` (B, n) grid offset in 0..window−1; ``chosen`` (B, W) which
+    window ids are shuffled (W bounds the number of ids); ``keys`` (B, N) random sort keys for the pixels;
+    ``apply`` (B,).
+
+    Why never 1 × 1: a 1-pixel window cannot be shuffled. Drawn per axis in 1..⌊side/10⌋, 28 px images (largest 2)
+    got 1 × 1 windows — an unchanged image — for a quarter of the samples, so the effective shuffle rate was
+    0.375, not ``p`` = 0.5; and below 20 px every window was 1 × 1. The reference draws a size per window among
+    10,000 windows, so a 1 × 1 draw only loses that window, never the whole image.
     """
     sides = _shape_tensor(spatial, device)
-    largest = (sides.float() * max_window_fraction).long().clamp(min=1).expand(batch, -1)
-    window = _randint(torch.ones_like(largest), largest, generator)
+    largest = torch.minimum((sides.float() * max_window_fraction).long().clamp(min=2), sides).expand(batch, -1)
+    window = _window_shapes(largest, generator)
     offset = _randint(torch.zeros_like(window), window - 1, generator)
     ids_bound = math.prod(side + 1 for side in spatial)
     pixels = math.prod(spatial)
@@ -158,6 +164,15 @@ def sample_local_shuffle(batch: int, spatial: tuple[int, ...], device: torch.dev
         "chosen": _rand(generator, batch, ids_bound, device=device) < coverage,
         "keys": torch.randint(0, pixels, (batch, pixels), generator=generator, device=device),
     }
+
+
+def _window_shapes(largest: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, n) window sides, uniform over the shapes in ∏ 1..largest[:, i] other than all-ones (when one exists)."""
+    counts = largest.prod(dim=1)  # shapes per sample; index 0 in mixed radix is the all-ones shape
+    low = (counts > 1).long()
+    index = _randint(low, counts - 1, generator)
+    strides = torch.cumprod(torch.cat([torch.ones_like(largest[:, :1]), largest[:, :-1]], dim=1), dim=1)
+    return 1 + (index[:, None] // strides) % largest
 
 
 def window_ids(spatial: tuple[int, ...], window: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

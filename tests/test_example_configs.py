@@ -81,3 +81,15 @@ def test_dicom_example_inspects_on_a_folder_of_dicom_files(tmp_path: Path, capsy
     out = capsys.readouterr().out
     assert code == 0, capsys.readouterr().err
     assert "valid pretrain config" in out and "dataset ct: 12 images, shape [32, 32] x 2 channel(s)" in out
+
+
+def test_bakeoff_example_inspects_through_every_group_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`data inspect` on a bake-off config runs the bake-off's selection and each backbone group's study checks."""
+    small = ["data.n_patients=60", f"output_dir={tmp_path / 'bakeoff'}"]
+    assert main(["data", "inspect", "configs/bakeoff_example.yaml", *small, "--out", str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "valid bakeoff config" in out and "convirt left out" in out
+    assert not (tmp_path / "bakeoff").exists()  # nothing trained or written
+    # The group studies' own checks run: a segmentation protocol on data without masks is refused before compute.
+    with pytest.raises(Exception, match="mask"):
+        preflight(Path("configs/bakeoff_example.yaml"), [*small, "protocols={segmentation_frozen: {}}"], log=print)

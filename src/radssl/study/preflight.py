@@ -17,16 +17,19 @@ from typing import Any, Literal
 from radssl.config import PretrainConfig
 from radssl.data.store import ImageStore
 
-ConfigKind = Literal["study", "pretrain", "data"]
+ConfigKind = Literal["bakeoff", "study", "pretrain", "data"]
 
 DATA_ONLY_KEYS = {"data", "model", "seed", "output_dir"}
 """A config with only these keys describes data (valid as both kinds); it is inspected without pretraining checks."""
 
 
 def config_kind(raw: dict[str, Any]) -> ConfigKind:
-    """``study``, ``pretrain`` or ``data``: which config a YAML mapping is, by the top-level keys only one has."""
+    """``bakeoff``, ``study``, ``pretrain`` or ``data``: which config a YAML mapping is, by the top-level keys only
+    one has (a bake-off is the config with a ``budget``)."""
     from radssl.study.config import StudyConfig
 
+    if "budget" in raw:
+        return "bakeoff"
     study_only = set(StudyConfig.model_fields) - set(PretrainConfig.model_fields)
     if study_only & set(raw):
         return "study"
@@ -53,6 +56,8 @@ def preflight(path: Path, overrides: list[str], log: Callable[[str], None] = pri
     from radssl.config import load_config, read_yaml_mapping
 
     kind = config_kind(read_yaml_mapping(path))
+    if kind == "bakeoff":
+        return kind, check_bakeoff_config(path, overrides, log)
     if kind == "study":
         from radssl.study.config import INTERNAL_TEST_SET, load_study_config
         from radssl.study.plan import prepare_study
@@ -68,3 +73,32 @@ def preflight(path: Path, overrides: list[str], log: Callable[[str], None] = pri
     if kind == "pretrain":
         check_pretrain_config(config, store)
     return kind, [("data", store)]
+
+
+def check_bakeoff_config(path: Path, overrides: list[str], log: Callable[[str], None] = print
+                         ) -> list[tuple[str, ImageStore]]:
+    """What ``radssl bakeoff`` checks before compute: the methods that fit the data (and why the others do not), then
+    every backbone group's study through :func:`radssl.study.plan.prepare_study`. Under a wall-clock budget the
+    steps are not calibrated here (that is compute): one step per arm stands in, so the checks still run."""
+    from radssl.data.build import build_store
+    from radssl.study.bakeoff import load_bakeoff_config, select_methods, steps_for_images, study_configs
+    from radssl.study.config import INTERNAL_TEST_SET
+    from radssl.study.plan import prepare_study
+
+    config = load_bakeoff_config(path, overrides)
+    store = build_store(config.data)
+    arms, excluded = select_methods(config, store, log)
+    for method, reason in excluded.items():
+        log(f"radssl bakeoff: {method} left out: {reason}")
+    images = config.budget.images_seen
+    for arm in arms.values():
+        arm.steps = steps_for_images(images, arm.batch_size) if images is not None else 1
+        arm.entry["train"]["steps"] = arm.steps
+    if images is None:
+        log("radssl data inspect: wall-clock budget — steps are set by calibration when the bake-off runs")
+    stores = [("data", store)]
+    for group, study in study_configs(config, arms).items():
+        plan = prepare_study(study, log=log)
+        stores += [(f"{group}: external_test_sets.{name}", test_store)
+                   for name, (test_store, _) in plan.test_sets.items() if name != INTERNAL_TEST_SET]
+    return stores

@@ -196,10 +196,14 @@ def _export_hf(backbone: Backbone, out: Path) -> dict[str, Any]:
         strict_load(model, _timm_vit_to_hf(vit.state_dict(), kwargs["depth"]), "timm→transformers ViT conversion")
         convention = _radssl_input(backbone)
     model.save_pretrained(str(out))
+    if type(model).__name__ == "ViTModel":  # AutoModel would add ViT's (untrained) dense+tanh pooler: not built
+        load = ("from transformers import ViTModel; m = ViTModel.from_pretrained('.', add_pooling_layer=False, "
+                "local_files_only=True).eval(); features = m(pixel_values=x).last_hidden_state[:, 0]")
+    else:
+        load = ("from transformers import AutoModel; m = AutoModel.from_pretrained('.', local_files_only=True).eval(); "
+                "features = m(pixel_values=x).pooler_output")
     return {"files": sorted(p.name for p in out.iterdir() if p.name not in (SPEC_FILE, "README.md")),
-            "input": convention,
-            "load": "from transformers import AutoModel; m = AutoModel.from_pretrained('.', local_files_only=True)."
-                    "eval(); features = m(pixel_values=x).pooler_output (if not None) else .last_hidden_state[:, 0]"}
+            "input": convention, "load": load}
 
 
 def _export_monai(backbone: Backbone, out: Path) -> dict[str, Any]:

@@ -237,3 +237,12 @@ def test_continued_ssl_starts_from_the_foundation_weights_and_rebuilds_without_t
     images = normalise_for_backbone(store.images[:4])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), loaded.eval()(images))
+
+
+def test_bring_your_own_model_example_config_validates() -> None:
+    from radssl.study.config import load_study_config
+
+    config = load_study_config(Path(__file__).parents[1] / "configs" / "bring_your_own_model.yaml")
+    assert [s.kind for s in config.init_specs()] == ["random", "hf", "torchvision", "ssl"]
+    run = config.pretraining_run("rad-dino-dino")
+    assert run.model is not None and run.model.backbone == "hf" and run.model.weights == "hf:models/rad-dino"

@@ -246,3 +246,24 @@ def test_bring_your_own_model_example_config_validates() -> None:
     assert [s.kind for s in config.init_specs()] == ["random", "hf", "torchvision", "ssl"]
     run = config.pretraining_run("rad-dino-dino")
     assert run.model is not None and run.model.backbone == "hf" and run.model.weights == "hf:models/rad-dino"
+
+
+def test_clip_style_folder_gives_its_vision_tower_and_lists_the_text_tower_as_dropped(tmp_path: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(3)
+    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
+                 image_size=32)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    model = CLIPModel(CLIPConfig(vision_config=tower, text_config=text, projection_dim=16)).eval()
+    model.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN,
+                       image_std=STD).save_pretrained(tmp_path / "clip")
+    backbone = initialise_backbone(f"hf:{tmp_path / 'clip'}", in_channels=1, image_size=(32, 32)).eval()
+    pixels = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = model.vision_model(pixel_values=_library_input(pixels, 32, MEAN, STD)).pooler_output
+        torch.testing.assert_close(backbone(normalise_for_backbone(pixels)), expected, atol=1e-5, rtol=1e-4)
+    assert any(k.startswith("text_model.") for k in backbone.provenance["dropped_keys"])
+    assert "zero-shot" in backbone.provenance["text_tower"]
+    assert [m.shape[-1] for m in backbone.forward_features(torch.randn(1, 1, 32, 32))] == [4, 4]

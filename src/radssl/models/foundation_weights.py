@@ -436,6 +436,8 @@ def _hf_state(source: FoundationSource, model: nn.Module, tower: str | None
     if tower is not None:  # CLIP-style: keep the image tower (CLIPVisionModel keys are vision_model.*)
         dropped = sorted(k for k in state if not k.startswith(tower))
         state = {k: v for k, v in state.items() if k.startswith(tower)}
+        if not any(k.startswith(tower) for k in model.state_dict()):  # a tower model without the prefix
+            state = {k[len(tower):]: v for k, v in state.items()}
     if getattr(model, "pooler", "absent") is None:
         state, more = _drop(state, ("pooler.",))
         dropped += more

@@ -165,7 +165,7 @@ def _add_transfer_commands(sub: argparse._SubParsersAction) -> None:
     embed = sub.add_parser("embed", help="one embedding per image of a config's data (parquet, npz or csv)")
     embed.add_argument("config", type=Path, help="a pretraining or study YAML (its data section is embedded)")
     embed.add_argument("--checkpoint", required=True,
-                       help="a radssl checkpoint .pt, or an initialisation (hf:<folder>, timm:…, torchvision:…, …)")
+                       help="a radssl checkpoint .pt, or an initialisation (hf:<folder>, timm:…, …)")
     embed.add_argument("--out", required=True, type=Path, help="FILE.parquet, FILE.npz or FILE.csv")
     embed.add_argument("--batch-size", type=int, default=256)
     embed.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, mps")

@@ -109,9 +109,9 @@ class ModelSection(Section):
     """The encoder: a registered backbone family plus the knobs of its spec (see ``radssl.models``).
 
     ``weights`` starts from foundation weights in a local file or folder (``timm:…``, ``hf:…``,
-    ``torchvision:<arch>:…``, ``monai:<arch>:…``; :mod:`radssl.transfer.foundation`): the backbone is then that model,
-    built from the weights' own config (``backbone`` is set to the library's family), and pretraining continues SSL
-    from those weights. ``options`` may then only override ``input_size``.
+    ``torchvision:<arch>:…``, ``monai:<arch>:…``; :mod:`radssl.transfer.foundation`): the backbone is then that
+    model, built from the weights' own config (``backbone`` is set to the library's family), and pretraining
+    continues SSL from those weights. ``options`` may then only override ``input_size``.
     """
 
     backbone: str = "resnet18"

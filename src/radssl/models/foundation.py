@@ -88,7 +88,7 @@ class FoundationBackbone(Backbone):
         if options.patch_size and options.input_size and any(s % options.patch_size for s in options.input_size):
             raise ValueError(
                 f"{spec.family} '{options.architecture}': input size {options.input_size} is not a multiple of the "
-                f"patch size {options.patch_size} — set model.options.input_size to a multiple of {options.patch_size}"
+                f"patch size {options.patch_size} — set model.options.input_size to a multiple of it"
             )
         if spec.in_channels not in (1, options.model_channels):
             raise ValueError(

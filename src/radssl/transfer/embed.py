@@ -43,7 +43,7 @@ def write_embeddings(table: dict[str, np.ndarray], out: Path | str, provenance: 
     """
     out = Path(out)
     if out.suffix not in EMBED_FORMATS:
-        raise ConfigError(f"{out}: embeddings are written as {', '.join(EMBED_FORMATS)} — choose one of these suffixes")
+        raise ConfigError(f"{out}: embeddings are written as {', '.join(EMBED_FORMATS)} — choose one")
     meta = json.dumps(provenance or {}, default=str)
     embedding = table["embedding"]
     labels = table["label"]

@@ -212,6 +212,8 @@ def test_configs_accept_foundation_weights_and_refuse_contradictions(zoo) -> Non
     assert [s.kind for s in study.init_specs()] == ["random", "hf", "torchvision"]
     with pytest.raises(ValueError, match="does not say its architecture"):
         StudyConfig(initialisations=["torchvision:/models/r50.pth"])
+    with pytest.raises(ValueError, match=r"clashing cell names \['hf\(model\)'\]"):
+        StudyConfig(initialisations=["hf:/a/model", "hf:/b/model"])
 
 
 def test_continued_ssl_starts_from_the_foundation_weights_and_rebuilds_without_them(zoo, tmp_path: Path) -> None:  # noqa: ANN001

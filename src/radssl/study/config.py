@@ -344,6 +344,11 @@ class StudyConfig(Section):
                     f"initialisations: '{spec.text}' names no pretraining run — known runs: {names or 'none'}; "
                     f"add a pretraining entry named '{spec.target}' (it is continued from the ImageNet weights)"
                 )
+        found = [(s.kind, foundation_run_name(str(s.target))) for s in specs if s.kind in FOUNDATION_KINDS]
+        clashing = sorted({f"{kind}({name})" for kind, name in found if found.count((kind, name)) > 1})
+        if clashing:
+            raise ValueError(f"initialisations: foundation weights give clashing cell names {clashing} (named after "
+                             "their folder or file); give each model its own folder/file name")
         if sum(s.kind == "imagenet" for s in specs) > 1:
             raise ValueError("initialisations: list at most one 'imagenet' entry (cells would share one name)")
         external = [checkpoint_run_name(s.target) for s in specs if s.kind == "ssl" and s.target not in names]

@@ -52,8 +52,12 @@ def write_embeddings(table: dict[str, np.ndarray], out: Path | str, provenance: 
         np.savez(buffer, **table, provenance=np.asarray(meta))
         write_bytes_atomic(out, buffer.getvalue())
     elif out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(f"{out}: Parquet needs pyarrow (pip install 'radssl[export]'); or write .npz / .csv") \
+                from None
 
         label_column = pa.array(list(labels)) if labels.ndim > 1 else pa.array(labels)
         columns = {"row": pa.array(table["row"]), "patient_id": pa.array(table["patient_id"]),

@@ -247,6 +247,10 @@ def _export_torchscript(backbone: Backbone, out: Path) -> dict[str, Any]:
 
 
 def _export_onnx(backbone: Backbone, out: Path) -> dict[str, Any]:
+    try:
+        import onnx  # noqa: F401 - torch.onnx needs it
+    except ImportError:
+        raise ConfigError("export --to onnx needs the onnx package (pip install 'radssl[export]')") from None
     example = _example_input(backbone)
     tmp = out / "model.onnx.tmp"
     # The TorchScript-based exporter (dynamo=False): a few seconds for these encoders on a CPU, where the

@@ -247,10 +247,6 @@ def _export_torchscript(backbone: Backbone, out: Path) -> dict[str, Any]:
 
 
 def _export_onnx(backbone: Backbone, out: Path) -> dict[str, Any]:
-    try:
-        import onnx  # noqa: F401 - torch.onnx needs it
-    except ImportError:
-        raise ConfigError("export --to onnx needs the onnx package (pip install 'radssl[export]')") from None
     example = _example_input(backbone)
     tmp = out / "model.onnx.tmp"
     # The TorchScript-based exporter (dynamo=False): a few seconds for these encoders on a CPU, where the
@@ -280,6 +276,11 @@ def check_target(backbone: Backbone, target: str) -> None:
     if target not in fitting:
         raise ConfigError(f"export --to {target}: a {backbone.spec.describe()} backbone has no {target} equivalent — "
                           f"targets that fit it: {', '.join(fitting)}")
+    if target == "onnx":
+        try:
+            import onnx  # noqa: F401 - torch.onnx needs it
+        except ImportError:
+            raise ConfigError("export --to onnx needs the onnx package (pip install 'radssl[export]')") from None
 
 
 def export_backbone(backbone: Backbone, target: str, out: Path | str,

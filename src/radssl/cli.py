@@ -120,6 +120,68 @@ def cmd_bakeoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from radssl.transfer.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.to, args.out)
+    print(f"exported {args.checkpoint} → {out} ({args.to}; spec in {out / 'radssl_export.json'})")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """One embedding per image of a config's data (pretrain or study config), from a checkpoint or foundation init."""
+    import torch
+
+    from radssl.config import load_config, read_yaml_mapping
+    from radssl.data.build import build_store
+    from radssl.models.foundation_weights import fingerprint
+    from radssl.study.config import load_study_config
+    from radssl.transfer.embed import embedding_table, write_embeddings
+    from radssl.transfer.initialisation import INIT_KINDS, initialise_backbone
+
+    if Path(args.out).suffix not in (".parquet", ".npz", ".csv"):
+        raise RadsslError(f"{args.out}: --out must end in .parquet, .npz or .csv")
+    kind = config_kind(read_yaml_mapping(args.config))
+    config = (load_study_config if kind == "study" else load_config)(args.config, list(args.overrides))
+    store = build_store(config.data)
+    text = str(args.checkpoint)
+    if text.partition(":")[0] not in INIT_KINDS:
+        text = f"ssl:{text}"
+    backbone = initialise_backbone(text, in_channels=store.channels, image_size=store.image_shape)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    provenance = {"init": text, "backbone_spec": backbone.spec.to_dict(), "data": store.describe(),
+                  "data_fingerprint": store.fingerprint(),
+                  "weights": getattr(backbone, "provenance", None)
+                  or ({"sha256": fingerprint([Path(text[4:])])} if text.startswith("ssl:") else None)}
+    table = embedding_table(store, backbone, batch_size=args.batch_size, device=device)
+    out = write_embeddings(table, args.out, provenance)
+    print(f"{len(table['row'])} embeddings of dimension {table['embedding'].shape[1]} → {out}")
+    return 0
+
+
+def _add_transfer_commands(sub: argparse._SubParsersAction) -> None:
+    """``export`` and ``embed``: weights and embeddings out (radssl.transfer.export / .embed)."""
+    from radssl.transfer.export import EXPORT_TARGETS
+
+    export = sub.add_parser("export", help="write a checkpoint's backbone in another library's format",
+                            description="Write the backbone of a pretraining checkpoint as a folder that loads in "
+                                        "the target library without radssl (with radssl_export.json + README.md).")
+    export.add_argument("checkpoint", type=Path, help="a radssl pretraining checkpoint (checkpoints/final.pt)")
+    export.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="target library or format")
+    export.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
+    export.set_defaults(func=cmd_export)
+
+    embed = sub.add_parser("embed", help="one embedding per image of a config's data (parquet, npz or csv)")
+    embed.add_argument("config", type=Path, help="a pretraining or study YAML (its data section is embedded)")
+    embed.add_argument("--checkpoint", required=True,
+                       help="a radssl checkpoint .pt, or an initialisation (hf:<folder>, timm:…, …)")
+    embed.add_argument("--out", required=True, type=Path, help="FILE.parquet, FILE.npz or FILE.csv")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, mps")
+    embed.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    embed.set_defaults(func=cmd_embed)
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where checkpoints, metrics and results go (config: output_dir)")
     parser.add_argument("--seed", type=int, help="run seed (config: seed)")
@@ -186,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "for the real run), print the plan and stop before any pretraining")
     bakeoff.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     bakeoff.set_defaults(func=cmd_bakeoff)
+    _add_transfer_commands(sub)
     return parser
 
 

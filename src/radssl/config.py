@@ -27,6 +27,7 @@ from radssl.data.medical import MedicalDataConfig
 from radssl.data.slices import SlicesConfig
 from radssl.data.synthetic3d import SyntheticVolumeData
 from radssl.errors import ConfigError
+from radssl.models.foundation import FOUNDATION_FAMILIES
 from radssl.models.registry import BACKBONE_FAMILIES, backbone_class, make_spec
 from radssl.models.spec import BackboneSpec
 from radssl.views.augment import AugmentationParams
@@ -105,12 +106,41 @@ DataSection = Annotated[
 
 # ---------------------------------------------------------------------------------------------- model
 class ModelSection(Section):
-    """The encoder: a registered backbone family plus the knobs of its spec (see ``radssl.models``)."""
+    """The encoder: a registered backbone family plus the knobs of its spec (see ``radssl.models``).
+
+    ``weights`` starts from foundation weights in a local file or folder (``timm:…``, ``hf:…``,
+    ``torchvision:<arch>:…``, ``monai:<arch>:…``; :mod:`radssl.transfer.foundation`): the backbone is then that
+    model, built from the weights' own config (``backbone`` is set to the library's family), and pretraining
+    continues SSL from those weights. ``options`` may then only override ``input_size``.
+    """
 
     backbone: str = "resnet18"
     small_input: bool | None = Field(None, description="3×3 stride-1 stem for ≤64 px images; null = automatic")
     patch_size: int | None = Field(None, gt=0, description="ViT patch size; null = automatic from the image size")
     options: dict[str, Any] = Field(default_factory=dict, description="family-specific options, e.g. {width: 32}")
+    weights: str | None = Field(None, description="foundation weights to start from: timm:<folder>, hf:<folder>, "
+                                "torchvision:<arch>:<file.pth> or monai:<arch>:<file.pt> (local files only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_from_weights(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not raw.get("weights"):
+            return raw
+        from radssl.models.foundation_weights import parse_foundation
+
+        try:
+            kind = parse_foundation(str(raw["weights"])).kind
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        given = raw.get("backbone")
+        if given not in (None, kind):
+            raise ValueError(f"backbone '{given}' conflicts with weights '{raw['weights']}' — the architecture comes "
+                             f"from the weights: leave backbone out (or set it to '{kind}')")
+        extra = sorted(set(raw.get("options") or {}) - {"input_size"})
+        if extra:
+            raise ValueError(f"options {extra} cannot be set with weights (the weights' config fixes the "
+                             "architecture); only input_size may be overridden")
+        return {**raw, "backbone": kind}
 
     @field_validator("backbone")
     @classmethod
@@ -121,11 +151,20 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _valid_options(self) -> "ModelSection":
+        if self.weights:
+            return self
+        if self.backbone in FOUNDATION_FAMILIES:
+            raise ValueError(f"backbone '{self.backbone}' is built from foundation weights — set model.weights "
+                             f"(e.g. '{self.backbone}:/path/to/model') instead of the backbone name")
         backbone_class(self.backbone).Options(**self.options)  # unknown option keys are errors naming the key
         return self
 
     def spec_for(self, in_channels: int, image_size: tuple[int, ...]) -> BackboneSpec:
         """The resolved spec for data of ``in_channels`` channels and spatial size ``image_size``."""
+        if self.weights:
+            from radssl.models.foundation_weights import foundation_spec
+
+            return foundation_spec(self.weights, in_channels, tuple(image_size), self.options.get("input_size"))
         try:
             return make_spec(self.backbone, in_channels, tuple(image_size), self.small_input, self.patch_size,
                              spatial_dims=len(image_size), options=self.options)

@@ -310,6 +310,12 @@ def pretrain(
         else:
             print(f"radssl: resuming from step {start_step} ({latest_checkpoint(checkpoint_dir)})")
 
+    if initial_backbone is None and resume is None and config.model.weights:  # continued SSL from foundation weights
+        from radssl.models.foundation_weights import load_foundation, provenance_text
+
+        initial_backbone, provenance = load_foundation(config.model.weights, store.channels, store.image_shape,
+                                                       config.model.options.get("input_size"))
+        initial_backbone_source = provenance_text(provenance)
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every resume
     method = build_pretraining_method(config, store, initial_backbone if resume is None else None)
     if world > 1 and config.train.sync_batchnorm and fabric.device.type == "cuda":

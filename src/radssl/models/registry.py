@@ -23,6 +23,12 @@ BACKBONE_FAMILIES: Registry[Backbone] = Registry("backbone", {
     "resnet18_3d": "radssl.models.backbones3d:ResNet18_3D",
     "small_cnn_3d": "radssl.models.backbones3d:SmallCNN3D",
     "segresnet_encoder_3d": "radssl.models.backbones3d:SegResNetEncoder3D",
+    # Foundation models from other libraries, built from the architecture their weights' metadata name
+    # (radssl.models.foundation; chosen with model.weights / timm:…, hf:…, torchvision:…, monai:… initialisations)
+    "timm": "radssl.models.foundation:TimmBackbone",
+    "hf": "radssl.models.foundation:HFBackbone",
+    "torchvision": "radssl.models.foundation:TorchvisionBackbone",
+    "monai": "radssl.models.foundation:MonaiBackbone",
 })
 
 

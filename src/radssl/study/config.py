@@ -41,8 +41,11 @@ from radssl.config import (
 )
 from radssl.errors import ConfigError
 
-INIT_KINDS = ("random", "imagenet", "ssl", "imagenet+ssl")
+INIT_KINDS = ("random", "imagenet", "timm", "hf", "torchvision", "monai", "ssl", "imagenet+ssl")
 """Initialisation kinds, in the order the report draws them."""
+
+FOUNDATION_KINDS = ("timm", "hf", "torchvision", "monai")
+"""Initialisations from foundation weights in local files (no pretraining run; see radssl.transfer.foundation)."""
 
 INTERNAL_TEST_SET = "test"
 """Cell test-set name of the internal test split (external sets use their own ``name``)."""
@@ -210,15 +213,28 @@ class InitSpec:
 
 
 def parse_initialisation(text: str) -> InitSpec:
-    """``random`` | ``imagenet`` | ``imagenet:<file>`` | ``ssl:<run>`` | ``imagenet+ssl:<run>`` → InitSpec."""
+    """``random`` | ``imagenet`` | ``imagenet:<file>`` | ``ssl:<run>`` | ``imagenet+ssl:<run>`` → InitSpec.
+
+    Foundation weights (:mod:`radssl.transfer.foundation`): ``timm:<folder>`` or ``timm:<name>:<file>``,
+    ``hf:<folder>``, ``torchvision:<arch>:<file>``, ``monai:<arch>:<file>`` (target: everything after the kind).
+    """
     kind, sep, target = str(text).partition(":")
     kind = kind.strip().lower()
     target = target.strip()
     if kind not in INIT_KINDS:
         raise ValueError(
             f"initialisation '{text}': unknown kind '{kind}' — use random, imagenet[:<weights.pth>], "
-            "ssl:<pretraining name> or imagenet+ssl:<pretraining name>"
+            "ssl:<pretraining name>, imagenet+ssl:<pretraining name> or foundation weights (timm:<folder>, "
+            "hf:<folder>, torchvision:<arch>:<file.pth>, monai:<arch>:<file.pt>)"
         )
+    if kind in FOUNDATION_KINDS:
+        from radssl.models.foundation_weights import parse_foundation
+
+        try:
+            parse_foundation(f"{kind}:{target}")
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        return InitSpec(kind, target)
     if kind == "random":
         if target:
             raise ValueError(f"initialisation '{text}': 'random' takes nothing after it")
@@ -230,6 +246,13 @@ def parse_initialisation(text: str) -> InitSpec:
             f"initialisation '{text}': '{kind}:' needs the name of a pretraining run, e.g. '{kind}:simclr'"
         )
     return InitSpec(kind, target)
+
+
+def foundation_run_name(target: str) -> str:
+    """The cell ``pretrain`` name of a foundation initialisation: its folder or file stem (``rad-dino``)."""
+    path = Path(target.rsplit(":", 1)[-1] if ":" in target and "/" not in target.split(":", 1)[0] else target)
+    stem = path.name if path.suffix == "" else path.stem
+    return "".join(c if (c.isalnum() or c in "-_.") else "_" for c in stem) or "foundation"
 
 
 def is_checkpoint_path(target: str | None) -> bool:
@@ -345,6 +368,11 @@ class StudyConfig(Section):
                     f"initialisations: '{spec.text}' names no pretraining run — known runs: {names or 'none'}; "
                     f"add a pretraining entry named '{spec.target}' (it is continued from the ImageNet weights)"
                 )
+        found = [(s.kind, foundation_run_name(str(s.target))) for s in specs if s.kind in FOUNDATION_KINDS]
+        clashing = sorted({f"{kind}({name})" for kind, name in found if found.count((kind, name)) > 1})
+        if clashing:
+            raise ValueError(f"initialisations: foundation weights give clashing cell names {clashing} (named after "
+                             "their folder or file); give each model its own folder/file name")
         if sum(s.kind == "imagenet" for s in specs) > 1:
             raise ValueError("initialisations: list at most one 'imagenet' entry (cells would share one name)")
         external = [checkpoint_run_name(s.target) for s in specs if s.kind == "ssl" and s.target not in names]

@@ -34,7 +34,7 @@ from radssl.models.base import Backbone
 from radssl.models.registry import build_from_spec, make_spec
 from radssl.models.spec import BackboneSpec
 
-INIT_KINDS = ("random", "imagenet", "ssl")
+INIT_KINDS = ("random", "imagenet", "ssl", "timm", "hf", "torchvision", "monai")
 IMAGENET_BACKBONES = ("resnet18", "resnet50")
 
 
@@ -44,8 +44,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     kind = kind.strip().lower()
     if kind not in INIT_KINDS:
         raise ConfigError(
-            f"initialisation '{spec}': unknown kind '{kind}' — use 'random', 'imagenet:<weights.pth>' or "
-            f"'ssl:<checkpoint.pt>'"
+            f"initialisation '{spec}': unknown kind '{kind}' — use 'random', 'imagenet:<weights.pth>', "
+            f"'ssl:<checkpoint.pt>' or foundation weights ('timm:…', 'hf:…', 'torchvision:<arch>:…', 'monai:<arch>:…')"
         )
     if kind == "random":
         if path:
@@ -211,7 +211,9 @@ def initialise_backbone(
     seed: int | None = None,
     backbone_spec: BackboneSpec | None = None,
 ) -> Backbone:
-    """Build a backbone and initialise it from ``spec`` (``random``, ``imagenet:<pth>``, ``ssl:<pt>``).
+    """Build a backbone and initialise it from ``spec`` (``random``, ``imagenet:<pth>``, ``ssl:<pt>``, or foundation
+    weights ``timm:…``/``hf:…``/``torchvision:<arch>:…``/``monai:<arch>:…``, see :mod:`radssl.transfer.foundation`;
+    these need ``image_size`` and carry a ``provenance`` attribute).
 
     ``ssl`` rebuilds the checkpoint's own recorded spec (``backbone_name``/``in_channels``/``small_input``, when
     given, are then checks). ``in_channels`` defaults to 1 for ``random``/``imagenet``. ``random`` and ``imagenet`` build ``backbone_spec`` when given, else the spec made from
@@ -220,6 +222,15 @@ def initialise_backbone(
     the global RNG.
     """
     kind, path = parse_spec(spec)
+    if kind in ("timm", "hf", "torchvision", "monai"):
+        from radssl.transfer.foundation import initialise_foundation
+
+        size = backbone_spec.image_size if backbone_spec is not None else image_size
+        if size is None:
+            raise ConfigError(f"initialisation '{spec}': foundation weights need the data's image_size")
+        size = (size,) * (3 if kind == "monai" else 2) if isinstance(size, int) else tuple(size)
+        channels = backbone_spec.in_channels if backbone_spec is not None else (in_channels or 1)
+        return initialise_foundation(spec, channels, size).backbone
     if kind == "ssl":
         return _ssl_backbone(Path(path), backbone_name, in_channels, small_input)  # type: ignore[arg-type]
     if backbone_spec is not None:

@@ -269,3 +269,28 @@ def test_clip_style_folder_gives_its_vision_tower_and_lists_the_text_tower_as_dr
     assert any(k.startswith("text_model.") for k in backbone.provenance["dropped_keys"])
     assert "zero-shot" in backbone.provenance["text_tower"]
     assert [m.shape[-1] for m in backbone.forward_features(torch.randn(1, 1, 32, 32))] == [4, 4]
+
+
+def test_a_study_reads_out_a_foundation_init_beside_random(zoo, tmp_path: Path) -> None:  # noqa: ANN001
+    """A foundation init in a study is an encoder of its own (no pretraining job), checked before compute, read out
+    like any other, and its cells carry the foundation's run name."""
+    from radssl.study.config import StudyConfig
+    from radssl.study.plan import prepare_study
+    from radssl.study.results_store import ResultsStore
+    from radssl.study.runner import run_study
+
+    init = zoo["hf_dinov2"][0]
+    raw = {"name": "fm", "output_dir": str(tmp_path / "study"),
+           "data": {"source": "synthetic", "n_patients": 30, "images_per_patient": 2, "image_size": 24},
+           "model": {"backbone": "small_cnn"}, "initialisations": ["random", init], "label_fractions": [1.0],
+           "seeds": [0], "protocols": {"linear": {"Cs": [1.0]}}, "bootstrap_samples": 100}
+    plan = prepare_study(StudyConfig.model_validate(raw), log=lambda _: None)
+    assert [e.init for e in plan.encoders] == ["random", "hf"] and not plan.jobs
+    output = run_study(StudyConfig.model_validate(raw), log=lambda _: None)
+    with ResultsStore(output / "results.sqlite") as store:
+        rows = [r for r in store.cells("fm") if r["metric"] == "auc"]
+    assert {r["init"] for r in rows} == {"random", "hf"}
+    assert all(0.0 <= r["value"] <= 1.0 for r in rows if r["init"] == "hf") and len(rows) == 2
+    broken = dict(raw, initialisations=["random", f"hf:{tmp_path / 'missing'}"])
+    with pytest.raises(Exception, match="missing"):  # refused before compute, naming the folder
+        prepare_study(StudyConfig.model_validate(broken), log=lambda _: None)

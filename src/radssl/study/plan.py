@@ -45,11 +45,13 @@ from radssl.config import PretrainConfig, format_validation_error
 from radssl.data.store import ImageStore
 from radssl.errors import ConfigError, DataError
 from radssl.study.config import (
+    FOUNDATION_KINDS,
     INTERNAL_TEST_SET,
     NO_PRETRAINING,
     InitSpec,
     StudyConfig,
     checkpoint_run_name,
+    foundation_run_name,
     legacy_study_settings,
 )
 from radssl.study.results_store import CellKey
@@ -259,6 +261,8 @@ def _encoders(config: StudyConfig) -> tuple[list[Encoder], list[PretrainJob]]:
     for spec in config.init_specs():
         if spec.kind in ("random", "imagenet"):
             encoders.append(Encoder(spec.kind, NO_PRETRAINING, 1.0, spec))
+        elif spec.kind in FOUNDATION_KINDS:  # foundation weights from a local file: no pretraining run
+            encoders.append(Encoder(spec.kind, foundation_run_name(str(spec.target)), 1.0, spec))
         elif spec.kind == "ssl" and spec.target not in names:
             encoders.append(Encoder("ssl", checkpoint_run_name(str(spec.target)), 1.0, spec,
                                     checkpoint=Path(str(spec.target))))
@@ -267,7 +271,8 @@ def _encoders(config: StudyConfig) -> tuple[list[Encoder], list[PretrainJob]]:
                 job = PretrainJob(str(spec.target), fraction, from_imagenet=spec.kind == "imagenet+ssl")
                 jobs.append(job)
                 encoders.append(Encoder(spec.kind, str(spec.target), fraction, spec, job=job))
-    order = {"random": 0, "imagenet": 1, "ssl": 2, "imagenet+ssl": 3}  # cheap encoders first: early results
+    # cheap encoders first: early results
+    order = {"random": 0, "imagenet": 1, **dict.fromkeys(FOUNDATION_KINDS, 1), "ssl": 2, "imagenet+ssl": 3}
     encoders.sort(key=lambda e: order[e.init])
     return encoders, jobs
 
@@ -278,6 +283,8 @@ def _check_weights(config: StudyConfig, store: ImageStore, plan_configs: dict[Pr
     from radssl.transfer.initialisation import initialise_backbone
 
     for encoder in encoders:
+        if encoder.init in FOUNDATION_KINDS:  # files exist, weights fit (strict), patch size fits: before compute
+            initialise_backbone(encoder.spec.text, in_channels=store.channels, image_size=store.image_shape)
         if encoder.init in ("imagenet", "imagenet+ssl"):
             path = config.imagenet_file(encoder.spec)
             field_name = "imagenet_weights" if encoder.spec.target is None or encoder.init != "imagenet" \

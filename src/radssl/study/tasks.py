@@ -26,7 +26,7 @@ from torch import nn
 
 from radssl.data.store import ImageStore
 from radssl.errors import ConfigError
-from radssl.study.config import InitSpec
+from radssl.study.config import FOUNDATION_KINDS, InitSpec
 from radssl.study.plan import CellTask, Encoder, FeaturesTask, PretrainTask, StudyPlan, Task
 from radssl.study.results_store import CellKey
 from radssl.transfer.protocols import CaseOutputs, Protocol, ProtocolContext
@@ -173,6 +173,8 @@ def _backbone(plan: StudyPlan, encoder: Encoder) -> nn.Module:
         # Same spec and seed as the pretraining engine: random = the SSL runs' starting point.
         spec = config.model.spec_for(store.channels, store.image_shape)
         return initialise_backbone("random", backbone_spec=spec, seed=config.seed)
+    if encoder.init in FOUNDATION_KINDS:
+        return initialise_backbone(encoder.spec.text, in_channels=store.channels, image_size=store.image_shape)
     if encoder.init == "imagenet":
         return initialise_backbone(f"imagenet:{config.imagenet_file(encoder.spec)}", config.model.backbone,
                                    store.channels, small_input=None)

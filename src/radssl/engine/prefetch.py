@@ -64,6 +64,9 @@ class Prefetcher(Generic[T]):
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "Prefetcher[T]":
+        if self.stream is not None:
+            # the side stream starts after everything queued so far (e.g. the resident copy of the images)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         if self.enabled:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radssl-prefetch",
                                             initializer=self._init_thread)

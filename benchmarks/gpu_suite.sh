@@ -25,21 +25,22 @@ STEPS_JSON=()
 
 if [[ $MODE == gpu ]]; then
   DEVICE=cuda; CORES="$(nproc)"
-  # Per-size settings: pixels, stem, batch, steps, warm-up, DataLoader workers for lightly, per-step time limit (s)
+  # Per-size settings: pixels, stem, batch, steps, warm-up, DataLoader workers for lightly; per-step time limits (s)
   T28=(--size 28 --batch-size 256 --steps 20 --warmup 5 --workers 8 --threads "$CORES")
   T224=(--size 224 --synthetic --stem standard --batch-size 128 --steps 12 --warmup 4 --workers 12 --threads "$CORES")
   S28=(--size 28 --batch-size 256 --steps 20 --warmup 5 --rounds 2 --threads "$CORES")
   S224=(--size 224 --synthetic --stem standard --batch-size 128 --steps 10 --warmup 3 --rounds 2 --threads "$CORES")
-  LIMIT_T=110; LIMIT_S=100; LIMIT_STUDY=150
+  # Worst case 90 + 90 + 120 + 75 + 100 + 100 = 575 s: the suite fits a 10-minute device call.
+  L_T28=90; L_T224=120; L_S28=75; L_S224=100; LIMIT_STUDY=100
   python_check='import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   if ! "$PY" -c "$python_check"; then echo "gpu_suite: no CUDA device here; use --cpu for the CPU check" >&2; exit 2; fi
 else
   DEVICE=cpu
-  T28=(--size 28 --synthetic --batch-size 16 --steps 2 --warmup 1 --workers 1 --threads 1)
-  T224=(--size 64 --synthetic --stem standard --batch-size 8 --steps 2 --warmup 1 --workers 1 --threads 1)
+  T28=(--size 28 --synthetic --batch-size 16 --steps 2 --warmup 1 --workers 0 --threads 1)
+  T224=(--size 64 --synthetic --stem standard --batch-size 8 --steps 2 --warmup 1 --workers 0 --threads 1)
   S28=(--size 28 --synthetic --batch-size 16 --steps 2 --warmup 1 --rounds 1 --threads 1)
   S224=(--size 64 --synthetic --stem standard --batch-size 8 --steps 2 --warmup 1 --rounds 1 --threads 1)
-  LIMIT_T=300; LIMIT_S=200; LIMIT_STUDY=300
+  L_T28=300; L_T224=300; L_S28=200; L_S224=200; LIMIT_STUDY=300
 fi
 
 # run NAME LIMIT_S COMMAND...: one step, time-limited; its status and wall time go to suite.json
@@ -56,17 +57,17 @@ run() {
 }
 
 # 1. radssl (end to end with prefetch, no prefetch, streamed; model only) vs lightly, 28 px both stems and 224 px.
-run throughput_28_small "$LIMIT_T" "$PY" benchmarks/throughput.py --device "$DEVICE" --stem small "${T28[@]}" \
+run throughput_28_small "$L_T28" "$PY" benchmarks/throughput.py --device "$DEVICE" --stem small "${T28[@]}" \
   --output "$DIR/throughput_28_small.json"
-run throughput_28_standard "$LIMIT_T" "$PY" benchmarks/throughput.py --device "$DEVICE" --stem standard "${T28[@]}" \
+run throughput_28_standard "$L_T28" "$PY" benchmarks/throughput.py --device "$DEVICE" --stem standard "${T28[@]}" \
   --output "$DIR/throughput_28_standard.json"
-run throughput_224 "$LIMIT_T" "$PY" benchmarks/throughput.py --device "$DEVICE" "${T224[@]}" \
+run throughput_224 "$L_T224" "$PY" benchmarks/throughput.py --device "$DEVICE" "${T224[@]}" \
   --output "$DIR/throughput_224.json"
 
 # 2. resident vs streamed, interleaved rounds.
-run scale_stream_28 "$LIMIT_S" "$PY" benchmarks/scale_stream.py --device "$DEVICE" "${S28[@]}" \
+run scale_stream_28 "$L_S28" "$PY" benchmarks/scale_stream.py --device "$DEVICE" "${S28[@]}" \
   --output "$DIR/scale_stream_28.json"
-run scale_stream_224 "$LIMIT_S" "$PY" benchmarks/scale_stream.py --device "$DEVICE" "${S224[@]}" \
+run scale_stream_224 "$L_S224" "$PY" benchmarks/scale_stream.py --device "$DEVICE" "${S224[@]}" \
   --output "$DIR/scale_stream_224.json"
 
 # 3. A small study through Ray with fractional GPUs (benchmarks/scale_study.py; its config's `resources:` block

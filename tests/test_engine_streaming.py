@@ -172,3 +172,14 @@ def test_clip_grad_bounds_the_first_update_and_is_dinos_preset(tmp_path: Path, t
     assert free > 10 * lr * clip
     header = (tmp_path / "clipped" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "grad_norm" in header
+
+
+def test_bad_data_mode_keys_are_refused_naming_the_key() -> None:
+    from radssl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.device_cache"):
+        load_config(None, ["train.device_cache=sometimes"])
+    with pytest.raises(ConfigError, match="train.device_cache_budget_gb"):
+        load_config(None, ["train.device_cache_budget_gb=0"])
+    with pytest.raises(ConfigError, match="train.clip_grad"):
+        load_config(None, ["train.clip_grad=-1"])

@@ -183,3 +183,17 @@ def test_bad_data_mode_keys_are_refused_naming_the_key() -> None:
         load_config(None, ["train.device_cache_budget_gb=0"])
     with pytest.raises(ConfigError, match="train.clip_grad"):
         load_config(None, ["train.clip_grad=-1"])
+
+
+def test_a_checkpoint_from_before_the_new_train_keys_still_resumes(tmp_path: Path, tiny_store: ImageStore) -> None:
+    from radssl.engine.checkpoint import save_checkpoint
+
+    config = _config(tmp_path, "old", "train.steps=4", "train.checkpoint_every=2")
+    with pytest.raises(SimulatedCrash):
+        pretrain(config, store=tiny_store, halt_after_step=2)
+    path = tmp_path / "old" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    for key in ("clip_grad", "device_cache", "device_cache_budget_gb", "prefetch", "prefetch_threads"):
+        del state["config"]["train"][key]  # as written by radssl before these keys existed
+    save_checkpoint(path, state)
+    assert pretrain(config, store=tiny_store).run_record["resumed_from_step"] == 2

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from radssl.atomic import write_text_atomic
-from radssl.config import PretrainConfig, dump_config
+from radssl.config import PretrainConfig, TrainSection, dump_config
 from radssl.data.store import ImageStore
 from radssl.engine.checkpoint import FINAL, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from radssl.engine.feed import (DeviceCacheChoice, StepViews, choose_device_cache, derived_seed, epoch_permutation,
                                 pretraining_images)
 from radssl.engine.optim import build_optimizer, effective_lr, lr_at, set_lr
+from radssl.engine.prefetch import Prefetcher
 from radssl.errors import CheckpointError, DataError, RadsslError
 from radssl.methods.base import SSLMethod, apply_momentum
 from radssl.methods.registry import build_method, method_class
@@ -42,7 +43,6 @@ from radssl.models.base import Backbone
 from radssl.models.registry import build_from_spec
 from radssl.models.spec import BackboneSpec
 from radssl.provenance import device_description, package_versions
-from radssl.engine.prefetch import Prefetcher
 from radssl.views.batch import ViewBatch
 from radssl.views.columns import PairingColumns
 from radssl.views.policies import PolicyContext, ViewPolicy, build_policy
@@ -178,9 +178,12 @@ EXECUTION_KEYS = ("device_cache", "device_cache_budget_gb", "prefetch", "prefetc
 
 
 def _without_execution_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded config as compared on resume: ``train`` without execution keys, keys it predates at their
+    defaults (a checkpoint written before ``train.clip_grad`` existed ran without clipping)."""
     plain = dict(config)
     if isinstance(plain.get("train"), Mapping):
-        plain["train"] = {k: v for k, v in plain["train"].items() if k not in EXECUTION_KEYS}
+        train = {**TrainSection().model_dump(mode="json"), **plain["train"]}
+        plain["train"] = {k: v for k, v in train.items() if k not in EXECUTION_KEYS}
     return plain
 
 

@@ -263,6 +263,19 @@ class TrainSection(Section):
     log_every: int = Field(10, gt=0)
     progress_bar: bool = True
     pretrain_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the pretraining images used")
+    clip_grad: float | None = Field(None, gt=0.0, description="clip the gradients' global L2 norm to this value before "
+                                                              "each optimiser step (Fabric clip_gradients); null = off")
+    device_cache: Literal["auto", "always", "never"] = Field(
+        "auto", description="always: the pretraining images sit on the device (resident); never: each step's rows are "
+                            "read from the store (memory-mapped cache) into pinned memory (streamed); auto: resident "
+                            "when they fit device_cache_budget_gb, else streamed. Never changes a result")
+    device_cache_budget_gb: float | None = Field(
+        None, gt=0.0, description="auto: the most GB the resident images may take; null = half the free device "
+                                  "memory (available RAM on CPU)")
+    prefetch: bool = Field(True, description="build the next step's views (gather, augment, normalise) while the "
+                                             "current step computes: a background thread, a side CUDA stream on GPU")
+    prefetch_threads: int = Field(1, gt=0, description="torch intra-op threads of the prefetch thread on CPU (the "
+                                                       "model keeps train.threads)")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":
@@ -280,11 +293,11 @@ class EvalSection(Section):
     compare_random: bool = Field(True, description="also evaluate a random-init backbone, as the baseline")
 
 
-PRESET_SECTIONS = ("views", "optim", "method")
+PRESET_SECTIONS = ("views", "optim", "method", "train")
 
 
 def merge_method_preset(raw: Any) -> Any:
-    """Fill ``views``/``optim``/``method`` keys the user left out from the method's radiology preset (user keys win).
+    """Fill ``views``/``optim``/``method``/``train`` keys the user left out from the method's radiology preset (user keys win).
 
     Applied to raw mappings before validation (pretraining configs and a study's pretraining entries), so the
     validated, recorded config shows the values actually used. ``method.preset: false`` turns it off.

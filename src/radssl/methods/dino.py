@@ -118,6 +118,10 @@ class DINO(SSLMethod):
         # constant-decay optimiser does not do).
         "optim": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "warmup_fraction": 0.1,
                   "betas": [0.9, 0.999]},
+        # Gradient clipping at 3.0 as the reference's default (main_dino.py --clip_grad 3.0, applied after backward,
+        # before optimizer.step). The reference clips each parameter's norm (utils.clip_gradients); radssl clips the
+        # global norm (Fabric), which at the same threshold is at least as strict.
+        "train": {"clip_grad": 3.0},
     }
 
     def __init__(self, backbone: Backbone, params: DINOParams) -> None:

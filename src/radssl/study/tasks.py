@@ -297,7 +297,7 @@ def run_cell_task(plan: StudyPlan, task: CellTask, state: WorkerState, log: Log)
     Dispatches through the protocol plugins only: the task builds the cell's context (rows, validation rows,
     test sets, shared frozen features) and records what ``Protocol.run`` returns.
     """
-    from radssl.engine.pretrain import derived_seed
+    from radssl.engine.feed import derived_seed
     from radssl.provenance import device_description, package_versions
 
     config = plan.config

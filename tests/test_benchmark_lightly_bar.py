@@ -114,3 +114,6 @@ def test_seeds_share_one_calibration_and_every_number_stands_beside_its_images_s
     assert summary["wall_clock_flagged_seeds"] == [0, 1]
     cells = [cell for protocol in ("linear", "knn") for cell in summary[protocol].values()]
     assert cells and all(cell["images_seen"] == 2560 for cell in cells)
+    # A later seed, in another invocation (another load): the stored calibration, so the same steps and images.
+    assert bar.main([*argv[:-4], "2", "--results-dir", str(tmp_path)]) == 0
+    assert calls["calibrate"] == 1 and calls["steps"] == [10, 10, 10]

@@ -8,8 +8,8 @@ whose ``steps_for_images`` / ``steps_for_wall_clock`` / ``wall_clock_deviations`
 - ``--budget-images N`` (the primary rule): ``steps = ceil(N / 256)``, so lightly sees what each radssl arm sees;
 - ``--budget-minutes M --threads k`` (the second table): the example's img/s is calibrated on this machine with ``k``
   threads — ``--calibration-steps`` (≥ 20) timed steps after ``--calibration-warmup`` warm-up steps, median of the
-  per-step rates — and ``steps = floor(M·60 · img/s / 256)``. The calibration is stored beside the runs and reused by
-  every seed (equal images for every seed, whatever the load later). After each run the measured pretraining
+  per-step rates — and ``steps = floor(M·60 · img/s / 256)``. The calibration is stored beside the runs and reused
+  by every seed (equal images for every seed, whatever the load later). After each run the measured pretraining
   wall-clock is compared with ``M`` minutes and a deviation above 10 % is flagged in the run and the summary.
 
 Every run is then read out with exactly the bake-off's read-out (``bakeoff_lib.readouts``: linear probe with C on the
@@ -33,8 +33,8 @@ Both pretrain on the training split only, like the bake-off.
 Usage:
   RADSSL_DATA_DIR=… python benchmarks/lightly_bar.py --dataset breastmnist --arm documented --budget-images 51200 \
       --seeds 0 1 2
-  RADSSL_DATA_DIR=… python benchmarks/lightly_bar.py --dataset breastmnist --arm strong --budget-minutes 5 --threads 2 \
-      --seeds 0 1 2
+  RADSSL_DATA_DIR=… python benchmarks/lightly_bar.py --dataset breastmnist --arm strong --budget-minutes 5 \
+      --threads 2 --seeds 0 1 2
 Writes benchmarks/results/lightly_bar_<dataset>_<arm>_<budget>.json (runs cached under
 benchmarks/results/runs/lightly_bar_<dataset>/seed<S>_<arm>_<budget>.json, calibrations beside them).
 """
@@ -68,7 +68,8 @@ MIN_CALIBRATION_STEPS = 20  # issue 19: a 4-step median at load 3-5 set budgets 
 ARMS: dict[str, dict[str, Any]] = {
     "documented": {"momentum": 0.0, "transform": {},
                    "what": "lightly examples/pytorch/simclr.py as documented (SGD lr 0.06 without momentum; default "
-                           "views: crop 0.08-1, colour jitter 0.8 at strength 1, grey 0.2, blur 0.5), 1 channel, 28 px"},
+                           "views: crop 0.08-1, colour jitter 0.8 at strength 1, grey 0.2, blur 0.5), 1 channel, "
+                           "28 px"},
     "strong": {"momentum": 0.9,
                "transform": {"min_scale": 0.5, "cj_strength": 0.5, "gaussian_blur": 0.0, "random_gray_scale": 0.0},
                "what": "lightly's example with SGD momentum 0.9 and milder views (crop 0.5-1, colour jitter at "

@@ -20,17 +20,22 @@ through ``radssl bakeoff`` the study's (over seeds and test cases; each method p
 subsets and read-outs); in the committed runs 95 % t-intervals over seeds (each seed changed the pretraining run
 *and* the label subsets).
 
-The bar (issue 8, measured on this 2-core CPU): lightly's own SimCLR example — ResNet-18, standard stem, 1 channel,
-28 px, batch 256, two DataLoader workers, linear probe with C on validation — reaches test AUC .758 / .813 / .894 at
-1 / 10 / 100 % labels on BreastMNIST after 5 minutes of pretraining and .947 / .947 / .949 on PneumoniaMNIST after
-10 minutes. Checked here: the best method beats it at every fraction; every method beats random init at 1 %.
-The bar is one run; ``benchmarks/lightly_bar.py`` reruns that example with seeds, and where its runs exist every
-method is also compared with it paired by seed (same label subsets on both sides).
+The bar: lightly's own SimCLR example, as runs this repository makes and commits — ``benchmarks/lightly_bar.py``
+(``--arm documented``: the example as documented; ``--arm strong``: with SGD momentum 0.9 and milder views), its run
+files under ``benchmarks/results/runs/lightly_bar_<dataset>/`` at the SAME budget as the methods (equal images seen,
+or equal measured wall-clock with the same threads). No number is typed in here (issue 19: the old constant was one
+unseeded run nothing in the repository produced). Checked: the best method against each lightly arm at every
+fraction (its mean over seeds, and paired by seed: same label subsets on both sides), with both sides' images seen;
+every method beats random init at 1 %. Runs made before the budget rule (lightly at a fixed 87 steps, 1 thread:
+``seed<S>_<M>min.json``) are read for a minutes budget only when no run at the rule exists, and are labelled so.
+After a ``radssl bakeoff`` run, ``lightly_comparison.json`` beside ``bakeoff.json`` sets each lightly arm at the same
+budget beside radssl's best (unpaired: the study's seeds vary label subsets only), images seen on both sides.
 
 Usage:
   RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-images 51200 --seeds 0 1 2
   python benchmarks/method_bakeoff.py --dataset pneumoniamnist --budget-minutes 10 --threads 2 --methods simclr byol
   python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --cached-only   # committed runs
+  python benchmarks/method_bakeoff.py --dataset breastmnist --budget-images 51200 --compare-only  # vs lightly arms
 """
 
 from __future__ import annotations
@@ -50,10 +55,44 @@ from radssl.atomic import write_text_atomic
 from radssl.provenance import package_versions
 
 RESULTS = Path(__file__).parent / "results"
-LIGHTLY_BAR = {
-    "breastmnist": {"minutes": 5, "linear": {"0.01": 0.758, "0.1": 0.813, "1": 0.894}},
-    "pneumoniamnist": {"minutes": 10, "linear": {"0.01": 0.947, "0.1": 0.947, "1": 0.949}},
-}
+LIGHTLY_ARMS = ("documented", "strong")  # benchmarks/lightly_bar.py --arm
+
+
+def lightly_budget_key(budget_minutes: float | None, budget_images: int | None, threads: int) -> str:
+    """The budget tag of benchmarks/lightly_bar.py's run files (``<N>img`` or ``<M>min<k>t``)."""
+    return f"{budget_images}img" if budget_images else f"{budget_minutes:g}min{threads}t"
+
+
+def lightly_reference_runs(runs_root: Path, dataset: str, budget_minutes: float | None, budget_images: int | None,
+                           threads: int) -> dict[str, list[dict[str, Any]]]:
+    """Per lightly arm, the committed runs of ``benchmarks/lightly_bar.py`` at this budget (equal images seen, or
+    equal wall-clock with the same threads). A minutes budget of the documented arm falls back to the runs made
+    before the rule (``seed<S>_<M>min.json``: fixed steps, 1 thread), each marked ``legacy_budget``."""
+    folder = runs_root / f"lightly_bar_{dataset}"
+    key = lightly_budget_key(budget_minutes, budget_images, threads)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for arm in LIGHTLY_ARMS:
+        runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"seed*_{arm}_{key}.json"))]
+        if not runs and arm == "documented" and budget_minutes:
+            runs = [{**json.loads(p.read_text()), "legacy_budget": True}
+                    for p in sorted(folder.glob(f"seed*_{budget_minutes:g}min.json"))]
+        if runs:
+            out[arm] = runs
+    return out
+
+
+def lightly_summary(reference_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One lightly arm's runs as a bar: mean and interval over seeds per fraction, beside its images seen."""
+    images = lib.mean_sd_interval([run["images_seen"] for run in reference_runs])
+    legacy = any(run.get("legacy_budget") for run in reference_runs)
+    return {
+        "seeds": sorted(run["seed"] for run in reference_runs), "images_seen": images,
+        "threads": sorted({run.get("threads") for run in reference_runs}, key=str),
+        "budget": ("legacy: fixed step count, not set by the budget rule (rerun benchmarks/lightly_bar.py)" if legacy
+                   else reference_runs[0].get("budget")),
+        "linear": {fraction: {**lib.mean_sd_interval([run["ssl"]["linear"][fraction]["test_auc"]
+                                                       for run in reference_runs]), "images_seen": images["mean"]}
+                   for fraction in reference_runs[0]["ssl"]["linear"]}}
 
 
 def default_methods() -> list[str]:
@@ -96,13 +135,15 @@ def run_protocols(method_runs: list[dict[str, Any]]) -> list[str]:
             if all(protocol in run["ssl"] and protocol in run["random_init"] for run in method_runs)]
 
 
-def summarise(runs: list[dict[str, Any]], dataset: str,
-              reference_runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Per-method means and intervals, the gain over each run's random init, and issue 8's checks.
+def summarise(runs: list[dict[str, Any]],
+              references: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Per-method means and intervals, the gain over each run's random init, and the checks.
 
-    ``reference_runs``: lightly's example rerun with seeds by ``benchmarks/lightly_bar.py`` (the bar re-measured);
-    each method is then also compared with it paired by seed.
+    ``references``: per lightly arm (``documented``, ``strong``), its runs by ``benchmarks/lightly_bar.py`` at the
+    same budget — the bars; the best method is checked against each, and every method is compared with each paired
+    by seed.
     """
+    references = {arm: runs_ for arm, runs_ in (references or {}).items() if runs_}
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_method.setdefault(run["method"], []).append(run)
@@ -129,28 +170,18 @@ def summarise(runs: list[dict[str, Any]], dataset: str,
                          for r in method_runs]
                 entry.setdefault("gain_over_random", {}).setdefault(protocol, {})[fraction] = \
                     lib.mean_sd_interval(gains)
-        if reference_runs:
-            entry["minus_lightly_example_paired"] = paired_with_reference(method_runs, reference_runs)
+        for arm, reference_runs in references.items():
+            entry.setdefault("minus_lightly_paired", {})[arm] = paired_with_reference(method_runs, reference_runs)
         rows[method] = entry
 
-    bar = LIGHTLY_BAR.get(dataset)
-    checks = issue_checks(rows, bar)
-    summary: dict[str, Any] = {"methods": rows, "checks": checks, "lightly_bar": bar}
-    if reference_runs:
-        summary["lightly_example_rerun"] = {
-            "seeds": sorted(run["seed"] for run in reference_runs),
-            "images_seen": lib.mean_sd_interval([run["images_seen"] for run in reference_runs]),
-            "linear": {fraction: lib.mean_sd_interval([run["ssl"]["linear"][fraction]["test_auc"]
-                                                       for run in reference_runs])
-                       for fraction in reference_runs[0]["ssl"]["linear"]}}
-        best = checks.get("best_method_by_mean_linear_auc")
-        if best:
-            checks["best_minus_lightly_example_rerun_paired_by_seed"] = rows[best]["minus_lightly_example_paired"]
-    return summary
+    bars = {arm: lightly_summary(reference_runs) for arm, reference_runs in references.items()}
+    checks = issue_checks(rows, bars)
+    return {"methods": rows, "checks": checks, "lightly": bars}
 
 
-def issue_checks(rows: dict[str, Any], bar: dict[str, Any] | None) -> dict[str, Any]:
-    """Issue 8's two checks, on means *and* on the seed intervals.
+def issue_checks(rows: dict[str, Any], bars: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Issue 8's two checks, on means *and* on the seed intervals, against each lightly arm's bar (``bars``: per arm,
+    :func:`lightly_summary` of its runs at the same budget).
 
     The best method is chosen only among the methods with the most seeds: a one-seed mean is not comparable with a
     three-seed mean (a lucky seed would win). "beats" is the mean above the bar (or above zero gain); "confident" is
@@ -164,17 +195,84 @@ def issue_checks(rows: dict[str, Any], bar: dict[str, Any] | None) -> dict[str, 
     best = max(eligible, key=lambda m: sum(rows[m]["ssl"]["linear"][f]["mean"] for f in rows[m]["ssl"]["linear"]))
     checks["best_method_by_mean_linear_auc"] = best
     checks["best_method_chosen_among"] = {"seeds": most_seeds, "methods": eligible}
-    if bar:
-        linear = rows[best]["ssl"]["linear"]
-        checks["best_beats_lightly_bar_at_every_fraction"] = {
-            fraction: {"ours": linear[fraction]["mean"], "low": linear[fraction]["low"],
-                       "high": linear[fraction]["high"], "bar": value, "beats": linear[fraction]["mean"] > value,
-                       "confident": linear[fraction]["low"] > value}
-            for fraction, value in bar["linear"].items() if fraction in linear}
+    linear = rows[best]["ssl"]["linear"]
+    ours_images = rows[best]["images_seen"]["mean"]
+    for arm, bar in (bars or {}).items():
+        lightly_images = bar["images_seen"]["mean"]
+        checks.setdefault("best_vs_lightly", {})[arm] = {
+            "images_seen": {"ours": ours_images, "lightly": lightly_images,
+                            "equal": bool(ours_images == lightly_images)},
+            "budget": bar["budget"],
+            "at_every_fraction": {
+                fraction: {"ours": linear[fraction]["mean"], "low": linear[fraction]["low"],
+                           "high": linear[fraction]["high"], "bar": value["mean"],
+                           "beats": linear[fraction]["mean"] > value["mean"],
+                           "confident": linear[fraction]["low"] > value["mean"],
+                           "ours_images_seen": ours_images, "bar_images_seen": lightly_images}
+                for fraction, value in bar["linear"].items() if fraction in linear},
+            "paired_by_seed": rows[best].get("minus_lightly_paired", {}).get(arm, {})}
     checks["every_method_beats_random_at_1_percent"] = random_check(rows, "linear")
     if any("finetune" in entry["gain_over_random"] for entry in rows.values()):
         checks["every_method_beats_random_at_1_percent_finetuned"] = random_check(rows, "finetune")
     return checks
+
+
+def best_vs_lightly_from_bakeoff(bakeoff: dict[str, Any], references: dict[str, list[dict[str, Any]]],
+                                 protocol: str = "linear") -> dict[str, Any]:
+    """radssl's best method of a ``radssl bakeoff`` (its ``bakeoff.json`` headline, test set ``test``) beside each
+    lightly arm at the same budget, per label fraction, images seen on both sides.
+
+    Unpaired: in a bake-off each method pretrains once and its seeds vary the label subsets, while each lightly seed
+    is its own pretraining run; so the two intervals stand side by side and only the means are differenced. "Best" is
+    the highest mean over fractions of the SSL arm's test AUC under ``protocol`` (as in :func:`issue_checks`).
+    """
+    rows = [r for r in bakeoff.get("headline", []) if r["protocol"] == protocol and r["test_set"] == "test"]
+    by_method: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {})[f"{float(row['label_fraction']):g}"] = row
+    out: dict[str, Any] = {"protocol": protocol, "budget": bakeoff.get("budget"), "arms": {}}
+    if not by_method:
+        out["note"] = f"no {protocol} rows on test set 'test' in the bake-off's headline"
+        return out
+    best = max(by_method, key=lambda m: sum(r["ssl"]["mean"] for r in by_method[m].values()) / len(by_method[m]))
+    out["best_method"] = best
+    for arm, reference_runs in references.items():
+        bar = lightly_summary(reference_runs)
+        cells = {}
+        for fraction, row in sorted(by_method[best].items(), key=lambda item: float(item[0])):
+            if fraction not in bar["linear"]:
+                continue
+            theirs = bar["linear"][fraction]
+            cells[fraction] = {
+                "ours": {k: row["ssl"].get(k) for k in ("mean", "low", "high")},
+                "ours_images_seen": row["images_seen"],
+                "lightly": {k: theirs[k] for k in ("mean", "low", "high", "n")},
+                "lightly_images_seen": bar["images_seen"]["mean"],
+                "ours_minus_lightly": row["ssl"]["mean"] - theirs["mean"],
+                "equal_images_seen": bool(row["images_seen"] == bar["images_seen"]["mean"])}
+        out["arms"][arm] = {"budget": bar["budget"], "seeds": bar["seeds"], "fractions": cells}
+    return out
+
+
+def compare_with_lightly(args: argparse.Namespace, summary_path: Path) -> Path | None:
+    """Write ``lightly_comparison.json`` beside a bake-off's ``bakeoff.json`` (and print it) where lightly_bar runs
+    exist at the same budget; say so and write nothing where none do."""
+    references = lightly_reference_runs(RESULTS / "runs", args.dataset, args.budget_minutes, args.budget_images,
+                                        args.threads)
+    references = {arm: runs for arm, runs in references.items() if not any(r.get("legacy_budget") for r in runs)}
+    if not references:
+        print(f"no benchmarks/lightly_bar.py runs of {args.dataset} at this budget "
+              f"({lightly_budget_key(args.budget_minutes, args.budget_images, args.threads)}): run it to compare")
+        return None
+    comparison = best_vs_lightly_from_bakeoff(json.loads(summary_path.read_text()), references)
+    path = summary_path.parent / "lightly_comparison.json"
+    write_text_atomic(path, json.dumps(comparison, indent=2, default=float))
+    for arm, entry in comparison["arms"].items():
+        for fraction, cell in entry["fractions"].items():
+            print(f"{comparison['best_method']} vs lightly {arm} at {fraction}: {cell['ours']['mean']:.3f} "
+                  f"({cell['ours_images_seen']} images) vs {cell['lightly']['mean']:.3f} "
+                  f"({cell['lightly_images_seen']:.0f} images)")
+    return path
 
 
 def random_check(rows: dict[str, Any], protocol: str) -> dict[str, Any]:
@@ -216,18 +314,19 @@ def render_html(record: dict[str, Any], path: Path) -> None:
             fractions = sorted(first["random_init"][protocol], key=float)
             axis.plot([float(f) for f in fractions], [first["random_init"][protocol][f]["mean"] for f in fractions],
                       "k--", label="random init (ResNet)")
-        bar = record["summary"].get("lightly_bar")
-        if bar and protocol == "linear":
-            axis.plot([float(f) for f in bar["linear"]], list(bar["linear"].values()), "k:", marker="x",
-                      label="lightly example (bar, 1 run)")
-        rerun = record["summary"].get("lightly_example_rerun")
-        if rerun and protocol == "linear":
+        for (arm, rerun), style in zip(record["summary"].get("lightly", {}).items(), ("k-.", "k:")):
+            if protocol != "linear":
+                continue
             fractions = sorted(rerun["linear"], key=float)
-            axis.errorbar([float(f) for f in fractions], [rerun["linear"][f]["mean"] for f in fractions],
-                          yerr=[[rerun["linear"][f]["mean"] - rerun["linear"][f]["low"] for f in fractions],
-                                [rerun["linear"][f]["high"] - rerun["linear"][f]["mean"] for f in fractions]],
-                          fmt="k-.", marker="s", capsize=2,
-                          label=f"lightly example rerun ({len(rerun['seeds'])} seeds)")
+            lows = [rerun["linear"][f]["low"] for f in fractions]
+            highs = [rerun["linear"][f]["high"] for f in fractions]
+            means = [rerun["linear"][f]["mean"] for f in fractions]
+            axis.errorbar([float(f) for f in fractions], means,
+                          yerr=[[m - lo if lo == lo else 0.0 for m, lo in zip(means, lows)],
+                                [hi - m if hi == hi else 0.0 for m, hi in zip(means, highs)]],
+                          fmt=style, marker="s", capsize=2,
+                          label=f"lightly {arm} ({len(rerun['seeds'])} seeds, "
+                                f"{rerun['images_seen']['mean']:.0f} images)")
         axis.set_xscale("log")
         axis.set_xlabel("label fraction")
         axis.set_ylabel("test AUC")
@@ -249,12 +348,14 @@ def render_html(record: dict[str, Any], path: Path) -> None:
             return f"{stat['mean']:.3f} <small>[{stat['low']:.3f}, {stat['high']:.3f}]</small>"
         return f"{stat['mean']:.3f}"
 
+    arms = list(record["summary"].get("lightly", {}))
     header = "<tr><th>method</th><th>backbone</th><th>seeds</th><th>img/s</th><th>images seen</th><th>peak MiB</th>" + \
         "".join(f"<th>linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + \
         "".join(f"<th>kNN {f}</th>" for f in ("1 %", "10 %", "100 %")) + "<th>gain vs random, linear 1 %</th>" + \
         ("".join(f"<th>fine-tune {f}</th>" for f in ("1 %", "10 %", "100 %")) +
          "<th>gain vs random, fine-tune 1 %</th>" if "finetune" in protocols else "") + \
-        "".join(f"<th>− lightly rerun, paired, linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + "</tr>"
+        "".join(f"<th>− lightly {arm}, paired, linear {f}</th>" for arm in arms for f in ("1 %", "10 %", "100 %")) \
+        + "</tr>"
     body = []
     missing = {"mean": float("nan")}
     for method, entry in rows.items():
@@ -270,7 +371,8 @@ def render_html(record: dict[str, Any], path: Path) -> None:
             + ("".join(f"<td>{cell(entry['ssl'].get('finetune', {}).get(f, missing))}</td>" for f in fr)
                + f"<td>{cell(entry['gain_over_random'].get('finetune', {}).get('0.01', missing))}</td>"
                if "finetune" in protocols else "")
-            + "".join(f"<td>{cell(entry.get('minus_lightly_example_paired', {}).get(f, missing))}</td>" for f in fr)
+            + "".join(f"<td>{cell(entry.get('minus_lightly_paired', {}).get(arm, {}).get(f, missing))}</td>"
+                      for arm in arms for f in fr)
             + "</tr>")
     settings = html.escape(json.dumps(record["settings"], indent=1))
     checks = html.escape(json.dumps(record["summary"]["checks"], indent=1))
@@ -287,8 +389,9 @@ pre{{background:#f6f6f6;padding:8px;font-size:12px}}</style></head><body>
 subsets]. C of the linear probe chosen on the validation split. Random init = each run's own starting weights.
 Fine-tune (where run): backbone + linear head trained end to end at each fraction, backbone LR scale chosen on
 validation, the same rule for SSL and random init (bakeoff_lib.finetune_readouts).
-"− lightly rerun, paired": this method minus lightly's own SimCLR example rerun at the same budget
-(benchmarks/lightly_bar.py), seed by seed, so both sides are read out on the same label subsets.</p>
+"− lightly &lt;arm&gt;, paired": this method minus lightly's own SimCLR example (documented, or the strong arm:
+momentum 0.9, milder views) at the same budget (benchmarks/lightly_bar.py runs; images seen of each arm in the
+legend and in the checks), seed by seed, so both sides are read out on the same label subsets.</p>
 <h2>Checks</h2><pre>{checks}</pre><h2>Settings</h2><pre>{settings}</pre></body></html>"""
     write_text_atomic(path, page)
 
@@ -352,9 +455,8 @@ def summarise_cached(args: argparse.Namespace, methods: list[str]) -> int:
     budget_key = f"{args.budget_minutes}min" if args.budget_minutes else f"{args.budget_images}img"
     runs = [json.loads(path.read_text()) for method in methods for seed in args.seeds
             for path in [runs_dir / f"{method}_seed{seed}_{budget_key}.json"] if path.is_file()]
-    reference_dir = RESULTS / "runs" / f"lightly_bar_{args.dataset}"
-    pattern = f"seed*_{args.budget_minutes:g}min.json" if args.budget_minutes else None
-    reference_runs = [json.loads(path.read_text()) for path in sorted(reference_dir.glob(pattern))] if pattern else []
+    references = lightly_reference_runs(RESULTS / "runs", args.dataset, args.budget_minutes, args.budget_images,
+                                        args.threads)
     budget = (f"{args.budget_minutes:g} wall-clock minutes of pretraining per run (steps set from a calibration of "
               f"each method's img/s here, by its first seed or a --calibrate-only pass on a quiet machine; its "
               f"seeds reuse those steps)"
@@ -369,7 +471,7 @@ def summarise_cached(args: argparse.Namespace, methods: list[str]) -> int:
                             f"validation.",
         "machine": lib.machine(),
         "versions": package_versions(),
-        "summary": summarise(runs, args.dataset, reference_runs),
+        "summary": summarise(runs, references),
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -410,15 +512,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only select the methods and calibrate a wall-clock budget's steps (run this on a quiet "
                              "machine; the real run reuses the stored calibration from the same --output-dir)")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only compare a finished bake-off's bakeoff.json (in --output-dir) with the lightly_bar "
+                             "runs at the same budget (writes lightly_comparison.json beside it)")
     parser.add_argument("--cached-only", action="store_true",
                         help="summarise the committed per-run results under benchmarks/results/runs (the format "
                              "before `radssl bakeoff`), run nothing")
     args = parser.parse_args(argv)
     if not args.budget_minutes and not args.budget_images:
-        args.budget_minutes = float(LIGHTLY_BAR.get(args.dataset, {}).get("minutes", 5))
+        parser.error("state one budget: --budget-images N (equal images seen, the primary rule) or --budget-minutes M "
+                     "(equal measured wall-clock with --threads)")
     if args.cached_only:
         return summarise_cached(args, args.methods or default_methods())
-    from radssl.study.bakeoff import plan_bakeoff, plan_lines, run_bakeoff
+    from radssl.study.bakeoff import SUMMARY_FILE, plan_bakeoff, plan_lines, run_bakeoff
+
+    if args.compare_only:
+        path = Path(bakeoff_config(args).output_dir) / SUMMARY_FILE
+        if not path.is_file():
+            parser.error(f"--compare-only: {path} does not exist; run the bake-off first (same --output-dir)")
+        compare_with_lightly(args, path)
+        return 0
 
     if args.calibrate_only:
         print("\n".join(plan_lines(plan_bakeoff(bakeoff_config(args)))))
@@ -428,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bake-off summary: {path}")
     for report in summary["reports"].values():
         print(f"report: {report}")
+    compare_with_lightly(args, path)
     return 0
 
 

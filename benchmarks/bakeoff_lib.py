@@ -136,7 +136,7 @@ def readouts(backbone, store, seed: int, device: str = "cpu") -> dict[str, Any]:
     for fraction, rows in subsets.items():
         index = torch.from_numpy(rows)
         probe = linear_probe(features[index], labels[index], features[val], labels[val], tests, store.task,
-                             seed=seed)
+                             seed=seed, standardisation_feats=features[train])  # label-free, whole train split
         knn = knn_evaluate(features[index], labels[index], tests, store.task, k=min(20, len(rows)))
         out["linear"][f"{fraction:g}"] = {"test_auc": probe.metrics["test"]["auc"], "val_auc": probe.val_metric,
                                           "C": probe.best_C, "train_images": int(len(rows))}

@@ -169,7 +169,8 @@ def vessel_part(args: argparse.Namespace, root: Path, work: Path, phases: Phases
             for init, feats in (("random", random_features), ("ssl", features["ssl"])):
                 for fraction, chosen in subsets.items():
                     probe = linear_probe(feats[chosen], labels[chosen], feats[rows["val"]], labels[rows["val"]],
-                                         {"test": (feats[rows["test"]], y_test)}, task, seed=seed)
+                                         {"test": (feats[rows["test"]], y_test)}, task, seed=seed,
+                                         standardisation_feats=feats[rows["train"]])  # label-free, whole split
                     probes[init].setdefault(str(fraction), {})[str(seed)] = {
                         "auc": binary_auc(y_test, probe.scores["test"]), "C": probe.best_C,
                         "train_cases": int(len(chosen)), "scores": probe.scores["test"]}

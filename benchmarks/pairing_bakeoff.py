@@ -137,14 +137,16 @@ def probe_all(features: torch.Tensor, store: ImageStore, volumes: dict[str, Any]
         # volume level: one case per volume
         val, test = np.flatnonzero(v_split == "val"), np.flatnonzero(v_split == "test")
         result = linear_probe(v_features[chosen], v_labels[chosen], v_features[val], v_labels[val],
-                              {"test": (v_features[test], v_labels[test])}, task, seed=seed)
+                              {"test": (v_features[test], v_labels[test])}, task, seed=seed,
+                              standardisation_feats=v_features[v_split == "train"])  # label-free, whole split
         out["volume"][fraction] = {"auc": binary_auc(v_labels[test], result.scores["test"]), "C": result.best_C,
                                    "scores": result.scores["test"], "train_cases": int(len(chosen))}
         # slice level: the slices of the same training volumes; each slice carries its volume's label
         rows = np.flatnonzero(np.isin(volume_row, chosen))
         val, test = np.flatnonzero(split == "val"), np.flatnonzero(split == "test")
         result = linear_probe(feats[rows], labels[rows], feats[val], labels[val],
-                              {"test": (feats[test], labels[test])}, task, seed=seed)
+                              {"test": (feats[test], labels[test])}, task, seed=seed,
+                              standardisation_feats=feats[split == "train"])  # label-free, whole split
         out["slice"][fraction] = {"auc": binary_auc(labels[test], result.scores["test"]), "C": result.best_C,
                                   "train_cases": int(len(rows))}
     return out

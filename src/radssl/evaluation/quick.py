@@ -86,7 +86,8 @@ def evaluate_backbone(
     feature_time = time.perf_counter() - start
     tests = {"val": (features[val], labels[val]), "test": (features[test], labels[test])}
     knn = knn_evaluate(features[train], labels[train], tests, store.task, k=knn_k, temperature=knn_temperature, device=device)
-    probe = linear_probe(features[train], labels[train], features[val], labels[val], tests, store.task, seed=seed)
+    probe = linear_probe(features[train], labels[train], features[val], labels[val], tests, store.task, seed=seed,
+                         standardisation_feats=features[train])  # every training row, labelled or not
     return {
         "validation": validation,
         "knn": knn.metrics,

@@ -445,6 +445,7 @@ def pretrain(
         "data": store.describe(),
         "data_fingerprint": store.fingerprint(),
         "pretrain_images": len(rows),
+        "pretrain_images_dropped_held_out_patients": len(store.held_out_patient_rows()),  # issue 19, point 6
         "steps": max_steps,
         "resumed_from_step": start_step,
         "global_batch_size": global_batch,

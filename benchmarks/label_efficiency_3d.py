@@ -182,7 +182,7 @@ def vessel_part(args: argparse.Namespace, root: Path, work: Path, phases: Phases
         summary["arms"][init] = {}
         for fraction, runs in per_fraction.items():
             aucs = [runs[str(s)]["auc"] for s in args.seeds]
-            mean, low, high, _, n = seed_t_interval(aucs)
+            mean, low, high, _, n = seed_t_interval(aucs, bounds=(0.0, 1.0))
             summary["arms"][init][fraction] = {"per_seed": aucs, "mean": mean, "seed_t_interval": [low, high],
                                                "train_cases": runs[str(args.seeds[0])]["train_cases"],
                                                "C_per_seed": [runs[str(s)]["C"] for s in args.seeds]}

@@ -163,7 +163,7 @@ def summarise(per_seed: dict[str, dict[int, Any]], volumes: dict[str, Any], frac
             table[arm][level] = {}
             for fraction in fractions:
                 aucs = [runs[s]["probes"][level][fraction]["auc"] for s in seeds]
-                mean, low, high, _, n = seed_t_interval(aucs)
+                mean, low, high, _, n = seed_t_interval(aucs, bounds=(0.0, 1.0))
                 entry = {"per_seed": aucs, "mean": mean, "seed_t_interval": [low, high], "seeds": n,
                          "C_per_seed": [runs[s]["probes"][level][fraction]["C"] for s in seeds]}
                 if level == "volume":
@@ -178,7 +178,7 @@ def summarise(per_seed: dict[str, dict[int, Any]], volumes: dict[str, Any], frac
         for fraction in fractions:
             differences = [a[s]["probes"][level][fraction]["auc"] - b[s]["probes"][level][fraction]["auc"]
                            for s in seeds]
-            mean, low, high, p, _ = seed_t_interval(differences)
+            mean, low, high, p, _ = seed_t_interval(differences, bounds=(-1.0, 1.0))
             entry = {"per_seed": differences, "mean": mean, "seed_t_interval": [low, high], "seed_t_p": p}
             if level == "volume":
                 test = seeds_and_cases_paired_test(

@@ -46,9 +46,11 @@ from radssl.study.statistics import (
     binary_auc,
     case_mean,
     delong_seed_averaged,
+    difference_range,
     fraction_matching_baseline,
     macro_auc,
     mean_std_over_seeds,
+    metric_range,
     paired_bootstrap_seed_averaged,
     seed_t_interval,
     seeds_and_cases_interval,
@@ -349,7 +351,7 @@ def _point(cells: Sequence[_Cell]) -> tuple[float, float, float, int]:
     """
     mean, _, n = mean_std_over_seeds([c.value for c in cells])
     if n >= 2:
-        _, low, high, _, _ = seed_t_interval([c.value for c in cells])
+        _, low, high, _, _ = seed_t_interval([c.value for c in cells], bounds=metric_range(cells[0].metric))
         return mean, low, high, n
     lows = [c.ci_low for c in cells if c.ci_low is not None]
     highs = [c.ci_high for c in cells if c.ci_high is not None]
@@ -403,7 +405,7 @@ def _band(analysis: _Analysis, predictions: "_Predictions", cells: Sequence[_Cel
     mean, sd, n = mean_std_over_seeds(values)
     band = _Band(mean, n, math.nan, math.nan, "–", seed_sd=sd)
     if n >= 2:
-        _, band.seed_low, band.seed_high, _, _ = seed_t_interval(values)
+        _, band.seed_low, band.seed_high, _, _ = seed_t_interval(values, bounds=metric_range(cells[0].metric))
     lows = [c.ci_low for c in cells if c.ci_low is not None]
     highs = [c.ci_high for c in cells if c.ci_high is not None]
     if lows and len(lows) == len(highs) == len(cells):
@@ -412,7 +414,8 @@ def _band(analysis: _Analysis, predictions: "_Predictions", cells: Sequence[_Cel
     function = None if aligned is None else _metric_function(cells[0].metric, aligned[0], aligned[1][0], aligned[2])
     if aligned is not None and function is not None:
         try:
-            result = seeds_and_cases_interval(aligned[0], aligned[1], function, n_boot=_N_BOOT, seed=0)
+            result = seeds_and_cases_interval(aligned[0], aligned[1], function, n_boot=_N_BOOT, seed=0,
+                                              bounds=metric_range(cells[0].metric))
         except Exception as error:  # a metric undefined on this test set: fall back below
             analysis.notes.append(f"Seeds + test cases interval skipped for one curve point: {error}")
         else:
@@ -491,7 +494,8 @@ def _compare(analysis: _Analysis, predictions: _Predictions, a: Line, b: Line, t
     difference = float(np.mean([c.value for c in cells_a]) - np.mean([c.value for c in cells_b]))
     gain = _Gain(a, b, test_set, fraction, difference, None, None, None, "–", len(cells_a), len(cells_b), seed_sd,
                  n_paired=len(pairs))
-    seed_interval = seed_t_interval(paired) if len(paired) >= 2 else None
+    seed_interval = seed_t_interval(paired, bounds=difference_range(metric_range(cells_a[0].metric))) \
+        if len(paired) >= 2 else None
     if seed_interval is not None:
         gain.seed_p = seed_interval[3]
     if not pairs:
@@ -515,7 +519,7 @@ def _compare(analysis: _Analysis, predictions: _Predictions, a: Line, b: Line, t
                 rb = paired_bootstrap_seed_averaged(y_true, side_a, side_b, function, n_boot=_N_BOOT, seed=0)
                 gain.case_p, gain.case_method = rb.p_value, "paired case bootstrap"
             both: SeedsAndCases = seeds_and_cases_paired_test(y_true, side_a, side_b, function, n_boot=_N_BOOT,
-                                                              seed=0)
+                                                              seed=0, bounds=metric_range(pairs[0][0].metric))
         except Exception as error:  # a metric undefined on this test set: report without a case-level test
             analysis.notes.append(f"Case-level test skipped for {test_set} at {_pct(fraction)}: {error}")
         else:
@@ -1139,7 +1143,9 @@ def _methods_section(analysis: _Analysis, names: _Names, config: dict[str, Any] 
         "seed-averaged number as an estimate of what this initialisation and protocol achieve at this label "
         "budget on data like the test set. It adds the spread over seeds (t with S−1 degrees of freedom) and the "
         "test-case variance the seeds share (DeLong for AUC, a case bootstrap otherwise), half-widths combined "
-        "root-sum-square. Its p-value tests “no difference” with both sources included.",
+        "root-sum-square. Its p-value tests “no difference” with both sources included. Bounded metrics (AUC, "
+        "accuracy, Dice; their gains) get it on the logit scale of their range, mapped back, so it stays inside "
+        "[0, 1] (gains: [−1, 1]); so do the t-intervals over seeds.",
         "<strong>t-interval over seeds</strong>: holds the test set fixed — other label subsets and training runs, "
         "these test cases.",
         "<strong>Per-seed test-case CI</strong> (percentile bootstrap over test cases, stratified by class): holds "

@@ -506,7 +506,7 @@ def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.nda
 
 # ------------------------------------------------------------------------------------- study config changes
 _FIXED_FIELDS = ("seed", "data", "model", "bootstrap_samples", "imagenet_weights", "validation",
-                 "validation_min_per_class")
+                 "validation_min_per_class", "bn_stats")
 """Fields whose change would make existing cells incomparable with new ones (axes may grow freely)."""
 
 def _check_compatible(stored: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
@@ -680,6 +680,7 @@ def _run_cells(plan: StudyPlan, results: ResultsStore, encoder: Encoder, device:
     """
     from radssl.engine.pretrain import derived_seed
     from radssl.provenance import device_description, package_versions
+    from radssl.transfer.bn_stats import frozen_encoder, reads_frozen_encoder
 
     config = plan.config
     done = results.done_keys(config.name)
@@ -696,7 +697,9 @@ def _run_cells(plan: StudyPlan, results: ResultsStore, encoder: Encoder, device:
     if not work:
         return
     backbone = _backbone(plan, encoder)
-    features = _Features(plan, backbone, Path(config.output_dir) / "features", device)
+    frozen = frozen_encoder(backbone, plan.store, config.bn_stats, device, config.feature_batch_size, config.seed) \
+        if any(reads_frozen_encoder(plan.protocols[w[0]]) for w in work) else backbone  # issue 19, point 7
+    features = _Features(plan, frozen, Path(config.output_dir) / "features", device)
     info = plan.encoder_infos[encoder]
     versions = package_versions()
     device_name = device_description(device)
@@ -705,7 +708,8 @@ def _run_cells(plan: StudyPlan, results: ResultsStore, encoder: Encoder, device:
         labelled = protocol.uses_labels
         rows = plan.subsets[seed][fraction] if labelled else plan.train_rows
         context = ProtocolContext(
-            backbone=backbone, encoder=info, store=plan.store, train_rows=rows,
+            backbone=frozen if reads_frozen_encoder(protocol) else backbone, encoder=info, store=plan.store,
+            train_rows=rows,
             val_rows=plan.validation_rows(seed, fraction) if labelled else plan.val_rows,
             test_sets={n: plan.test_sets[n] for n in missing}, full_train_rows=len(plan.train_rows),
             label_fraction=fraction, seed=seed, run_seed=derived_seed(config.seed, seed, 31), device=device,

@@ -110,23 +110,30 @@ def fraction_subsets(store, seed: int) -> dict[float, np.ndarray]:  # noqa: ANN0
                                   source=store.name)
 
 
-def readouts(backbone, store, seed: int, device: str = "cpu") -> dict[str, Any]:  # noqa: ANN001
-    """Linear probe (C on validation AUC) and kNN test AUC at each label fraction, subsets seeded by ``seed``."""
+def readouts(backbone, store, seed: int, device: str = "cpu",  # noqa: ANN001
+             bn_stats: str = "reestimate") -> dict[str, Any]:
+    """Linear probe (C on validation AUC) and kNN test AUC at each label fraction, subsets seeded by ``seed``.
+
+    ``bn_stats``: the frozen encoder's BatchNorm statistics — re-estimated on the unlabelled training images (the
+    study's default, the same for every arm) or the checkpoint's own (``radssl.transfer.bn_stats``).
+    """
     from radssl.data.splits import label_fraction_subsets
+    from radssl.transfer.bn_stats import frozen_encoder
     from radssl.transfer.features import extract_features
     from radssl.transfer.knn import knn_evaluate
     from radssl.transfer.linear_probe import linear_probe
 
-    features = extract_features(backbone, store.images, device=device)
+    features = extract_features(frozen_encoder(backbone, store, bn_stats, device, seed=seed), store.images,
+                                device=device)
     labels = store.labels
     train, val, test = (store.indices(s) for s in ("train", "val", "test"))
     subsets = fraction_subsets(store, seed)
     tests = {"test": (features[test], labels[test])}
-    out: dict[str, Any] = {"linear": {}, "knn": {}}
+    out: dict[str, Any] = {"linear": {}, "knn": {}, "bn_stats": bn_stats}
     for fraction, rows in subsets.items():
         index = torch.from_numpy(rows)
         probe = linear_probe(features[index], labels[index], features[val], labels[val], tests, store.task,
-                             seed=seed)
+                             seed=seed, standardisation_feats=features[train])  # label-free, whole train split
         knn = knn_evaluate(features[index], labels[index], tests, store.task, k=min(20, len(rows)))
         out["linear"][f"{fraction:g}"] = {"test_auc": probe.metrics["test"]["auc"], "val_auc": probe.val_metric,
                                           "C": probe.best_C, "train_images": int(len(rows))}

@@ -150,7 +150,7 @@ def summarise(results_file: Path, study: str) -> dict[str, dict[str, Any]]:
         for group in sorted(values):
             init, pretrain, protocol, fraction = group
             mean, sd, n = mean_std_over_seeds(values[group])
-            _, t_low, t_high, _, _ = seed_t_interval(values[group])
+            _, t_low, t_high, _, _ = seed_t_interval(values[group], bounds=(0.0, 1.0))  # AUC rows only
             entry: dict[str, Any] = {"mean": round(mean, 4), "sd": None if math.isnan(sd) else round(sd, 4), "n": n,
                                      "t95_seeds": _pair(t_low, t_high)}
             both = _seeds_and_cases(store, study, cells[group])

@@ -167,7 +167,8 @@ def vessel_part(args: argparse.Namespace, root: Path, work: Path, phases: Phases
             for init, feats in (("random", random_features), ("ssl", features["ssl"])):
                 for fraction, chosen in subsets.items():
                     probe = linear_probe(feats[chosen], labels[chosen], feats[rows["val"]], labels[rows["val"]],
-                                         {"test": (feats[rows["test"]], y_test)}, task, seed=seed)
+                                         {"test": (feats[rows["test"]], y_test)}, task, seed=seed,
+                                         standardisation_feats=feats[rows["train"]])  # label-free, whole split
                     probes[init].setdefault(str(fraction), {})[str(seed)] = {
                         "auc": binary_auc(y_test, probe.scores["test"]), "C": probe.best_C,
                         "train_cases": int(len(chosen)), "scores": probe.scores["test"]}
@@ -179,7 +180,7 @@ def vessel_part(args: argparse.Namespace, root: Path, work: Path, phases: Phases
         summary["arms"][init] = {}
         for fraction, runs in per_fraction.items():
             aucs = [runs[str(s)]["auc"] for s in args.seeds]
-            mean, low, high, _, n = seed_t_interval(aucs)
+            mean, low, high, _, n = seed_t_interval(aucs, bounds=(0.0, 1.0))
             summary["arms"][init][fraction] = {"per_seed": aucs, "mean": mean, "seed_t_interval": [low, high],
                                                "train_cases": runs[str(args.seeds[0])]["train_cases"],
                                                "C_per_seed": [runs[str(s)]["C"] for s in args.seeds]}

@@ -126,7 +126,8 @@ def probe_aucs(backbone: torch.nn.Module, store: ImageStore, seed: int) -> dict[
     out = {}
     for fraction, rows in subsets.items():
         probe = linear_probe(features[rows], labels[rows], features[val], labels[val],
-                             {"test": (features[test], labels[test])}, store.task, seed=seed)
+                             {"test": (features[test], labels[test])}, store.task, seed=seed,
+                             standardisation_feats=features[train])  # label-free, whole train split
         out[f"{fraction:g}"] = float(probe.metrics["test"]["auc"])
     return out
 

@@ -130,14 +130,16 @@ def probe_all(features: torch.Tensor, store: ImageStore, volumes: dict[str, Any]
         # volume level: one case per volume
         val, test = np.flatnonzero(v_split == "val"), np.flatnonzero(v_split == "test")
         result = linear_probe(v_features[chosen], v_labels[chosen], v_features[val], v_labels[val],
-                              {"test": (v_features[test], v_labels[test])}, task, seed=seed)
+                              {"test": (v_features[test], v_labels[test])}, task, seed=seed,
+                              standardisation_feats=v_features[v_split == "train"])  # label-free, whole split
         out["volume"][fraction] = {"auc": binary_auc(v_labels[test], result.scores["test"]), "C": result.best_C,
                                    "scores": result.scores["test"], "train_cases": int(len(chosen))}
         # slice level: the slices of the same training volumes; each slice carries its volume's label
         rows = np.flatnonzero(np.isin(volume_row, chosen))
         val, test = np.flatnonzero(split == "val"), np.flatnonzero(split == "test")
         result = linear_probe(feats[rows], labels[rows], feats[val], labels[val],
-                              {"test": (feats[test], labels[test])}, task, seed=seed)
+                              {"test": (feats[test], labels[test])}, task, seed=seed,
+                              standardisation_feats=feats[split == "train"])  # label-free, whole split
         out["slice"][fraction] = {"auc": binary_auc(labels[test], result.scores["test"]), "C": result.best_C,
                                   "train_cases": int(len(rows))}
     return out
@@ -154,7 +156,7 @@ def summarise(per_seed: dict[str, dict[int, Any]], volumes: dict[str, Any], frac
             table[arm][level] = {}
             for fraction in fractions:
                 aucs = [runs[s]["probes"][level][fraction]["auc"] for s in seeds]
-                mean, low, high, _, n = seed_t_interval(aucs)
+                mean, low, high, _, n = seed_t_interval(aucs, bounds=(0.0, 1.0))
                 entry = {"per_seed": aucs, "mean": mean, "seed_t_interval": [low, high], "seeds": n,
                          "C_per_seed": [runs[s]["probes"][level][fraction]["C"] for s in seeds]}
                 if level == "volume":
@@ -169,7 +171,7 @@ def summarise(per_seed: dict[str, dict[int, Any]], volumes: dict[str, Any], frac
         for fraction in fractions:
             differences = [a[s]["probes"][level][fraction]["auc"] - b[s]["probes"][level][fraction]["auc"]
                            for s in seeds]
-            mean, low, high, p, _ = seed_t_interval(differences)
+            mean, low, high, p, _ = seed_t_interval(differences, bounds=(-1.0, 1.0))
             entry = {"per_seed": differences, "mean": mean, "seed_t_interval": [low, high], "seed_t_p": p}
             if level == "volume":
                 test = seeds_and_cases_paired_test(

@@ -385,3 +385,28 @@ def test_train_test_only_source_gets_validation_carved_from_train_patients(medic
     unused = medical.load_medical_store(_medical_config(medical, tmp_path, dict(source, split_column=None)), "g")
     assert any("'split' column that is not used" in note and "split_column: split" in note for note in unused.notes)
     assert not np.array_equal(unused.split == "test", given == "test")  # radssl's own patient-level splits
+
+
+def test_unlabelled_images_of_test_and_carved_val_patients_never_reach_pretraining(medical, tmp_path):
+    """The source's own splits: every patient has two labelled images plus one unlabelled one; a test patient's
+    unlabelled image, and those of patients carved into val, are left out of pretraining, counted and noted."""
+    _subfolder_pngs(tmp_path / "data", n_patients=40, per_patient=3)
+    rows = ["path,label,patient,split"]
+    for path in sorted((tmp_path / "data").rglob("*.png")):
+        patient, k = path.stem.split("_")
+        split = "unlabelled" if k == "2" else "test" if int(patient[1:]) % 4 == 0 else "train"
+        label = "" if split == "unlabelled" else path.parent.name
+        rows.append(f"{path.relative_to(tmp_path / 'data')},{label},{patient},{split}")
+    (tmp_path / "data" / "labels.csv").write_text("\n".join(rows) + "\n")
+    source = {"kind": "folder", "root": str(tmp_path / "data"), "csv": "labels.csv", "label_columns": ["label"],
+              "patient_column": "patient", "split_column": "split"}
+    store = medical.load_medical_store(_medical_config(medical, tmp_path, source, split_seed=1), "given")
+    held_out = set(store.patient_id[(store.split == "val") | (store.split == "test")].tolist())
+    assert len(held_out) > 10 and (store.split == "val").any()  # 10 test patients plus the carved val ones
+    assert not held_out & set(store.patient_id[store.pretrain_indices()].tolist())
+    dropped = store.held_out_patient_rows()
+    assert len(dropped) == len(held_out)  # each held-out patient's one unlabelled image
+    assert set(store.split[dropped].tolist()) == {"unlabelled"}
+    assert any(note.startswith(f"{len(held_out)} train/unlabelled image(s) of patients who also have val or test")
+               for note in store.notes)
+    assert store.describe()["pretrain_rows_of_held_out_patients"] == len(held_out)

@@ -152,3 +152,35 @@ def test_subsets_round_trip_through_their_file(tmp_path: Path):
     loaded, meta = load_subsets(path)
     assert meta == {"fingerprint": "abc", "seed": 0}
     assert set(loaded) == set(subsets) and all(np.array_equal(loaded[f], subsets[f]) for f in subsets)
+
+
+# ---------------------------------------------------------------------------------- pretraining rows (leakage)
+def _store_with_splits(split: list[str], patients: list[str]):
+    import torch
+
+    from radssl.data.store import ImageStore, TaskInfo
+
+    n = len(split)
+    labels = torch.tensor([-1 if s == "unlabelled" else i % 2 for i, s in enumerate(split)], dtype=torch.int64)
+    return ImageStore("toy", torch.zeros(n, 1, 4, 4, dtype=torch.uint8), labels, np.asarray(split, dtype="<U10"),
+                      np.asarray(patients), TaskInfo("binary", 2))
+
+
+def test_pretraining_never_sees_an_image_of_a_val_or_test_patient():
+    """A source's own splits (or a carved val split) can put a test patient's unlabelled images in pretraining."""
+    split = ["train", "train", "unlabelled", "unlabelled", "test", "val", "unlabelled", "train", "unlabelled"]
+    patients = ["A", "A", "A", "T", "T", "V", "V", "", ""]
+    store = _store_with_splits(split, patients)
+    assert store.pretrain_indices().tolist() == [0, 1, 2, 7, 8]  # T's and V's unlabelled images are dropped
+    assert store.held_out_patient_rows().tolist() == [3, 6]
+    assert store.describe()["pretrain_rows_of_held_out_patients"] == 2  # run.json's "data" records describe()
+    clean = _store_with_splits(["train", "unlabelled", "test"], ["A", "A", "B"])
+    assert clean.pretrain_indices().tolist() == [0, 1] and len(clean.held_out_patient_rows()) == 0
+    assert "pretrain_rows_of_held_out_patients" not in clean.describe()
+
+
+def test_pretrain_rows_of_the_engine_drop_held_out_patients():
+    from radssl.engine.pretrain import pretrain_rows
+
+    store = _store_with_splits(["unlabelled", "test", "train", "train"], ["T", "T", "A", "B"])
+    assert pretrain_rows(store, 1.0, seed=0).tolist() == [2, 3]

@@ -57,3 +57,26 @@ def test_probe_choice_does_not_look_at_test_labels():
     assert a["linear_probe_C"] == b["linear_probe_C"]
     assert a["linear_probe"]["val"] == b["linear_probe"]["val"]
     assert a["linear_probe"]["test"]["auc"] == 1.0 - b["linear_probe"]["test"]["auc"]  # test only scores
+
+
+def test_quick_evaluation_reads_every_encoder_with_reestimated_batchnorm_statistics(monkeypatch) -> None:
+    """Issue 19, point 7: the random-init twin must not be read with BatchNorm's default statistics."""
+    import radssl.evaluation.quick as quick
+
+    seen = []
+    real = quick.extract_features
+
+    def recording(module, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(module)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(quick, "extract_features", recording)
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    store = make_tiny_store(n=96)
+    result = evaluate_backbone(backbone, store, knn_k=5, knn_temperature=0.07, seed=0, device="cpu")
+    assert result["bn_stats"] == "reestimate" and seen[-1] is not backbone
+    assert not torch.allclose(seen[-1][1].running_var, torch.ones(4))  # data statistics, not the defaults
+    assert torch.equal(backbone[1].running_var, torch.ones(4))  # the caller's encoder is left as it was
+    evaluate_backbone(backbone, store, knn_k=5, knn_temperature=0.07, seed=0, device="cpu", bn_stats="checkpoint")
+    assert seen[-1] is backbone

@@ -122,6 +122,28 @@ def test_frozen_feature_protocols_return_one_score_per_test_case_in_order() -> N
     assert roc_auc_score(y, linear.outputs["test"].y_score) > 0.9, "the bright square is linearly separable"
 
 
+def test_linear_protocol_standardises_with_every_training_split_row(monkeypatch) -> None:
+    """A 10-row label subset is probed with the whole training split's (label-free) feature statistics."""
+    import radssl.transfer.linear_probe as probe_module
+
+    store = make_tiny_store(n=80, size=16)
+    torch.manual_seed(0)
+    backbone = build_backbone("small_cnn", in_channels=1, image_size=16, options={"width": 8})
+    train = store.indices("train")
+    context = _context(store, backbone, rows=train[:10].copy())
+    seen = {}
+    real = probe_module.linear_probe
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "linear_probe", recording)
+    build_protocol("linear", {"Cs": [1.0]}).run(context)
+    expected = extract_features(backbone, store.images)[torch.from_numpy(train)]
+    np.testing.assert_array_equal(np.asarray(seen["standardisation_feats"]), expected.numpy())
+
+
 def test_finetune_protocol_scores_every_case_and_keeps_the_best_backbone_lr_on_validation(monkeypatch) -> None:
     import radssl.transfer.finetune as finetune_module
 

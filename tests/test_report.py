@@ -155,7 +155,7 @@ def test_curve_points_show_every_interval_with_what_it_covers(report: tuple[Path
     y = _labels("test")
     scores = [_scores("ssl", 0.05, s, "test") for s in SEEDS]
     both = seeds_and_cases_interval(y, scores, binary_auc)
-    _, seed_low, seed_high, _, _ = seed_t_interval([binary_auc(y, s) for s in scores])
+    _, seed_low, seed_high, _, _ = seed_t_interval([binary_auc(y, s) for s in scores], bounds=(0.0, 1.0))
     per_seed = [bootstrap_ci(y, s, binary_auc, n_boot=100, seed=seed) for seed, s in zip(SEEDS, scores, strict=True)]
     row = curves[curves.index("<td>test</td><td>SSL</td><td>fine-tune</td><td>5%</td>"):]
     row = row[:row.index("</tr>")]
@@ -327,7 +327,7 @@ def test_segmentation_report_follows_dice_with_wilcoxon_and_seeds_plus_cases(
     headline = page[page.index('id="summary"'):page.index('id="curves"')]
     side_a = [_dice("ssl", 0.05, s, "test")["dice"] for s in SEEDS]
     side_b = [_dice("random", 0.05, s, "test")["dice"] for s in SEEDS]
-    both = seeds_and_cases_paired_test(np.zeros(SEG_CASES), side_a, side_b, case_mean)
+    both = seeds_and_cases_paired_test(np.zeros(SEG_CASES), side_a, side_b, case_mean, bounds=(0.0, 1.0))  # Dice
     wilcoxon = wilcoxon_paired(side_a, side_b)
     assert f"{both.estimate:+.3f} Dice".replace("-", "−") in headline
     assert f"95% CI {both.low:+.3f} to {both.high:+.3f} over seeds + test cases".replace("-", "−") in headline

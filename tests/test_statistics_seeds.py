@@ -79,7 +79,7 @@ def test_limits_are_the_paired_t_test_and_the_delong_test() -> None:
     rng = np.random.default_rng(0)
     y, a, b = _study(rng, seeds=1, cases=300, tau=0.0)
     b = [b[0] + 0.3 * y]  # a real difference
-    both = seeds_and_cases_paired_test(y, a * 3, b * 3, binary_auc)
+    both = seeds_and_cases_paired_test(y, a * 3, b * 3, binary_auc, bounds=None)  # the plain (unbounded) scale
     reference = delong_seed_averaged(y, a, b)
     assert both.seed_variance == 0.0 and both.seeds_included
     assert (both.estimate, both.low, both.high) == pytest.approx(
@@ -90,7 +90,7 @@ def test_limits_are_the_paired_t_test_and_the_delong_test() -> None:
 def test_one_seed_covers_test_cases_only_and_says_so() -> None:
     rng = np.random.default_rng(3)
     y, a, _ = _study(rng, seeds=1, cases=250, tau=0.2)
-    result = seeds_and_cases_interval(y, a, binary_auc)
+    result = seeds_and_cases_interval(y, a, binary_auc, bounds=None)
     assert not result.seeds_included and math.isnan(result.seed_variance)
     _, cov = delong_covariance(y, a[0])
     assert result.high - result.low == pytest.approx(2 * 1.959964 * math.sqrt(cov[0, 0]), rel=1e-5)

@@ -232,3 +232,51 @@ def test_results_computed_under_the_old_rules_are_not_mixed_with_new_ones() -> N
         _check_compatible(new, floor, Path("results.sqlite"))  # proportional: the floor changes the cells
     full = {**new, "validation": "full"}
     _check_compatible(full, {**full, "validation_min_per_class": 7}, Path("results.sqlite"))  # unused when full
+
+
+@pytest.mark.parametrize("bn_stats", ["reestimate", "checkpoint"])
+def test_frozen_read_outs_get_the_bn_stats_rule_and_finetuning_the_encoder_as_initialised(
+        tmp_path: Path, bn_stats: str) -> None:
+    """Issue 19, point 7: one re-estimation per encoder, used by the linear probe only; fine-tuning starts from
+    the initialisation's own statistics (BatchNorm defaults for random init) under either rule."""
+    import radssl.transfer.bn_stats as bn_module
+
+    torch.set_num_threads(1)
+    raw = {**_raw(tmp_path / "study"), "pretraining": [], "initialisations": ["random"], "seeds": [0],
+           "label_fractions": [1.0], "bn_stats": bn_stats,
+           "protocols": {"linear": {"Cs": [1.0]}, "finetune": {"epochs": 1, "batch_size": BATCH, "min_epochs": 1,
+                                                                 "backbone_lr_scale": 1.0}}}
+    estimates = _Recorder(bn_module.reestimate_bn_statistics, lambda a, k: len(a[2]))
+    first_bn = lambda module: next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))  # noqa: E731
+    finetunes = _Recorder(finetune_module.finetune, lambda a, k: first_bn(a[0]).running_var.clone())
+    probes = _Recorder(probe_module.linear_probe, lambda a, k: np.asarray(k["standardisation_feats"]).mean(0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bn_module, "reestimate_bn_statistics", estimates)
+        patch.setattr(finetune_module, "finetune", finetunes)
+        patch.setattr(probe_module, "linear_probe", probes)
+        output = run_study(StudyConfig.model_validate(raw), **QUIET)
+    assert len(probes.calls) == 1 and len(finetunes.calls) == 1
+    torch.testing.assert_close(finetunes.calls[0][0], torch.ones_like(finetunes.calls[0][0]))  # BatchNorm defaults
+    if bn_stats == "checkpoint":
+        assert estimates.calls == []
+        return
+    plan = prepare_study(StudyConfig.model_validate(raw), **QUIET)
+    assert [rows for rows, _ in estimates.calls] == [len(plan.store.pretrain_indices())]
+    frozen = first_bn(estimates.calls[0][1])
+    assert not torch.allclose(frozen.running_var, torch.ones_like(frozen.running_var))  # data statistics
+    from radssl.transfer.features import extract_features
+
+    features = extract_features(estimates.calls[0][1], plan.store.images)[torch.from_numpy(plan.train_rows)]
+    np.testing.assert_allclose(probes.calls[0][0], features.numpy().mean(0), rtol=1e-5)  # the probe read them
+    assert (output / "results.sqlite").is_file()
+
+
+def test_bn_stats_is_a_result_defining_setting() -> None:
+    new = StudyConfig.model_validate(_raw(Path("unused"))).to_dict()
+    assert new["bn_stats"] == "reestimate"
+    with pytest.raises(ConfigError, match="bn_stats"):
+        _check_compatible(new, {**new, "bn_stats": "checkpoint"}, Path("results.sqlite"))
+    before = {k: v for k, v in new.items() if k != "bn_stats"}  # a study stored before the setting existed
+    assert legacy_study_settings(before)["bn_stats"] == "checkpoint"
+    with pytest.raises(ConfigError, match="one of|checkpoint"):
+        load_study_config(None, ["bn_stats=adabn"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
 from radssl.data.store import TaskInfo
 from radssl.errors import DataError
 from radssl.transfer.linear_probe import DEFAULT_CS, linear_probe
@@ -104,8 +107,10 @@ def test_unlabelled_training_rows_are_ignored():
     x, y = _clusters(300, 2, 8, 1.0, seed=7)
     noisy = y.copy()
     noisy[:100] = -1
-    a = linear_probe(x[:200], noisy[:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS)
-    b = linear_probe(x[100:200], y[100:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS)
+    a = linear_probe(x[:200], noisy[:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS,
+                     standardisation_feats=x[:200])
+    b = linear_probe(x[100:200], y[100:200], x[200:], y[200:], {}, TaskInfo("binary", 2), Cs=CS,
+                     standardisation_feats=x[:200])
     assert a.val_metric_per_C == pytest.approx(b.val_metric_per_C)
 
 
@@ -122,3 +127,48 @@ def test_probe_fits_the_full_grid_on_5000_by_512_features():
     )
     assert sorted(result.val_metric_per_C) == sorted(DEFAULT_CS)
     assert result.metrics["test"]["auc"] > 0.8
+
+
+def _sklearn_fit(train_x, train_y, scale_x, C):
+    """scikit-learn's standard fit: standardised by ``scale_x``'s mean/std, from scratch, lbfgs to convergence."""
+    mean, std = scale_x.mean(0, dtype=np.float64), scale_x.std(0, dtype=np.float64)
+    mean, std = mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    model = LogisticRegression(C=C, max_iter=5000).fit((train_x - mean) / std, train_y)
+    return lambda x: model.predict_proba((x - mean) / std)[:, 1]
+
+
+def test_standardisation_uses_the_label_free_training_split_statistics():
+    """At a small label fraction the probe scales by every training row's features, not by the labelled few."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(400, 12)) * rng.uniform(0.2, 5.0, 12) + rng.normal(size=12) * 3).astype(np.float32)
+    y = (x[:, 0] / 5 + x[:, 1] / 3 + rng.normal(size=400) > 0).astype(np.int64)
+    split, labelled = x[:300], np.arange(12)  # 12 labelled rows of a 300-row training split
+    val_x, val_y = x[300:], y[300:]
+    result = linear_probe(split[labelled], y[labelled], val_x, val_y, {"test": (val_x, val_y)},
+                          TaskInfo("binary", 2), Cs=(0.1,), standardisation_feats=split)
+    unlabelled_stats = _sklearn_fit(split[labelled], y[labelled], split, 0.1)(val_x)
+    labelled_stats = _sklearn_fit(split[labelled], y[labelled], split[labelled], 0.1)(val_x)
+    assert np.abs(unlabelled_stats - labelled_stats).max() > 0.05  # the two scalings really differ here
+    np.testing.assert_allclose(result.scores["test"], unlabelled_stats, atol=1e-4)
+
+
+def test_standardisation_features_must_match_the_feature_dimension():
+    x, y = _clusters(100, 2, 8, 1.0, seed=1)
+    with pytest.raises(ValueError, match="standardisation_feats have shape"):
+        linear_probe(x[:60], y[:60], x[60:], y[60:], {}, TaskInfo("binary", 2), standardisation_feats=x[:, :4])
+
+
+@pytest.mark.parametrize("seed", [4, 15, 30, 55])
+def test_C_search_finds_the_C_of_an_exhaustive_sklearn_search(seed):
+    """Small noisy problems whose validation AUC is not unimodal in C (seeds 4, 15, 30: the old path stopped
+    after 2 C values without a gain) or where a warm-started large-C fit stopped early (seed 55)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(100, 20)).astype(np.float32)
+    y = (x @ rng.normal(size=20) * 0.4 + rng.normal(size=100) > 0).astype(np.int64)
+    train_x, train_y, val_x, val_y = x[:60], y[:60], x[60:], y[60:]
+    per_C = {C: roc_auc_score(val_y, _sklearn_fit(train_x, train_y, train_x, C)(val_x)) for C in DEFAULT_CS}
+    best = max(sorted(per_C), key=lambda C: per_C[C])  # max keeps the first (smallest) C among ties
+    result = linear_probe(train_x, train_y, val_x, val_y, {}, TaskInfo("binary", 2), standardisation_feats=train_x)
+    assert result.best_C == best
+    assert result.val_metric_per_C == pytest.approx(per_C, abs=1e-9)
+    assert result.converged and result.unconverged_Cs == ()

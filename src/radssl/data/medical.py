@@ -45,7 +45,7 @@ from radssl.data.preprocess import PreprocessConfig, modality_branch, preprocess
 from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.data.reports import join_reports, missing_report_note, report_counts, source_reports
 from radssl.data.splits import assign_patient_splits
-from radssl.data.store import ALL_SPLIT_NAMES, ImageStore, TaskInfo
+from radssl.data.store import ALL_SPLIT_NAMES, ImageStore, TaskInfo, held_out_patient_note
 from radssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,9 @@ def _carve_validation(
 
     The held-out share is val / (train + val) of ``split_fractions`` (12.5 % by default), stratified and
     seeded by ``split_seed``, patient-level (``assign_patient_splits`` with no test share). Only labelled
-    training images are candidates: unlabelled ones stay pretraining data.
+    training images are candidates; the unlabelled images of a patient carved into val stay ``train`` but are
+    left out of pretraining (``ImageStore.pretrain_indices`` drops every image of a val/test patient, and
+    :func:`load_medical_store` notes how many).
     """
     train_share, val_share, _ = config.split_fractions
     if (split == "val").any() or not (split == "train").any() or val_share == 0:
@@ -301,6 +303,10 @@ def load_medical_store(config: MedicalDataConfig, name: str) -> ImageStore:
         store, task=task, labels=labels, split=split, meta=meta, notes=tuple(store.notes) + tuple(notes),
         mask_classes=mask_classes, _fingerprint=None
     )
+    dropped = len(store.held_out_patient_rows())  # a source's own splits or a carved val split can leave some
+    if dropped:
+        notes.append(held_out_patient_note(dropped))
+        store = replace(store, notes=store.notes + (notes[-1],))
     for note in notes:
         logger.warning("%s: %s", name, note)
     report = Path(store.origin) / BAD_FILES_REPORT

@@ -22,6 +22,12 @@ from radssl.errors import DataError
 SPLITS = ("train", "val", "test")
 """Split names a store may use; ``unlabelled`` marks pretraining-only images with no split."""
 
+
+def held_out_patient_note(count: int) -> str:
+    """The sentence a store, ``run.json`` and the study report carry when pretraining rows were dropped."""
+    return (f"{count} train/unlabelled image(s) of patients who also have val or test images are left out of "
+            "SSL pretraining (pretraining on them would let SSL arms see test patients' anatomy)")
+
 ALL_SPLIT_NAMES = SPLITS + ("unlabelled",)
 
 TaskKind = Literal["binary", "multiclass", "multilabel", "none"]
@@ -186,8 +192,31 @@ class ImageStore:
         return np.flatnonzero(self.split == split)
 
     def pretrain_indices(self) -> np.ndarray:
-        """Images SSL may see: train plus unlabelled (never val/test, so evaluation stays honest)."""
-        return np.flatnonzero((self.split == "train") | (self.split == "unlabelled"))
+        """Images SSL may see: train plus unlabelled, minus every image of a val/test patient.
+
+        Never val/test rows, and never a train/unlabelled row whose patient also has val or test images (a source's
+        own splits, or a validation split carved from labelled rows only, can leave such rows): pretraining on them
+        would show SSL arms the anatomy of the patients they are tested on, which random arms never see, biasing
+        the SSL gain upward (issue 19, point 6). :meth:`held_out_patient_rows` lists the dropped rows.
+        """
+        candidates = (self.split == "train") | (self.split == "unlabelled")
+        return np.flatnonzero(candidates & ~self._of_held_out_patients())
+
+    def held_out_patient_rows(self) -> np.ndarray:
+        """Train/unlabelled rows left out of pretraining because their patient has val or test images.
+
+        Rows without a patient id (``""``) cannot be matched and are kept (the store's notes warn about them).
+        """
+        candidates = (self.split == "train") | (self.split == "unlabelled")
+        return np.flatnonzero(candidates & self._of_held_out_patients())
+
+    def _of_held_out_patients(self) -> np.ndarray:
+        """Boolean (N,): the row's (known) patient has at least one val or test image."""
+        evaluated = (self.split == "val") | (self.split == "test")
+        held_out = np.unique(self.patient_id[evaluated & (self.patient_id != "")])
+        if len(held_out) == 0:
+            return np.zeros(len(self.split), dtype=bool)
+        return np.isin(self.patient_id, held_out) & (self.patient_id != "")
 
     def subset(self, rows: np.ndarray, name: str | None = None) -> "ImageStore":
         """A new store holding only ``rows`` (a view where possible, no re-decoding)."""
@@ -251,6 +280,9 @@ class ImageStore:
             summary["reports"] = {"with_report": int(present.sum()), "without_report": int((~present).sum())}
         if self.mask_classes:
             summary["mask_classes"] = list(self.mask_classes)
+        dropped = self.held_out_patient_rows()
+        if len(dropped):  # run.json and study notes show it; absent (0) keeps older records unchanged
+            summary["pretrain_rows_of_held_out_patients"] = int(len(dropped))
         if self.notes:
             summary["notes"] = list(self.notes)
         return summary

@@ -458,6 +458,7 @@ def _run_record(run: _Run, wall_time: float, final_loss: float) -> dict[str, Any
         "data": run.store.describe(),
         "data_fingerprint": run.store.fingerprint(),
         "pretrain_images": len(run.rows),
+        "pretrain_images_dropped_held_out_patients": len(run.store.held_out_patient_rows()),  # val/test patients
         "steps": run.max_steps,
         "resumed_from_step": run.start_step,
         "global_batch_size": run.global_batch,

@@ -20,6 +20,7 @@ from radssl.config import PretrainConfig
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ImageStore
 from radssl.models.backbones import Backbone
+from radssl.transfer.bn_stats import frozen_encoder
 from radssl.transfer.features import extract_features
 from radssl.transfer.knn import knn_evaluate
 from radssl.transfer.linear_probe import linear_probe
@@ -65,12 +66,15 @@ def validation_rows(
 
 
 def evaluate_backbone(
-    backbone: Backbone, store: ImageStore, knn_k: int, knn_temperature: float, seed: int, device: torch.device | str
+    backbone: Backbone, store: ImageStore, knn_k: int, knn_temperature: float, seed: int, device: torch.device | str,
+    bn_stats: str = "reestimate",
 ) -> dict[str, Any]:
     """kNN + linear probe on train → val/test. Returns {protocol: {split: metrics}}, timing and ``validation``.
 
     C is chosen on validation, never on test: the store's ``val`` split, or one carved from train
-    (:func:`validation_rows`); ``validation`` says which, and is written to ``eval.json``.
+    (:func:`validation_rows`); ``validation`` says which, and is written to ``eval.json``. ``bn_stats``: the
+    frozen encoder's BatchNorm statistics, re-estimated on the unlabelled pretraining rows (default, the same for
+    the SSL and the random-init encoder) or the checkpoint's own (:mod:`radssl.transfer.bn_stats`).
     """
     if store.task.kind == "none":
         return {"skipped": "the dataset has no labels"}
@@ -81,18 +85,21 @@ def evaluate_backbone(
     if len(val) == 0:
         return {"skipped": f"no validation images: {validation}", "validation": validation}
     start = time.perf_counter()
-    features = extract_features(backbone, store.images, device=device)
+    frozen = frozen_encoder(backbone, store, bn_stats, device=device, seed=seed)
+    features = extract_features(frozen, store.images, device=device)
     labels = store.labels
     feature_time = time.perf_counter() - start
     tests = {"val": (features[val], labels[val]), "test": (features[test], labels[test])}
     knn = knn_evaluate(features[train], labels[train], tests, store.task, k=knn_k, temperature=knn_temperature, device=device)
-    probe = linear_probe(features[train], labels[train], features[val], labels[val], tests, store.task, seed=seed)
+    probe = linear_probe(features[train], labels[train], features[val], labels[val], tests, store.task, seed=seed,
+                         standardisation_feats=features[train])  # every training row, labelled or not
     return {
         "validation": validation,
         "knn": knn.metrics,
         "linear_probe": probe.metrics,
         "linear_probe_C": probe.best_C,
         "feature_dim": int(features.shape[1]),
+        "bn_stats": bn_stats,
         "wall_time_s": round(time.perf_counter() - start, 3),
         "feature_time_s": round(feature_time, 3),
     }

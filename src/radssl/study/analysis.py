@@ -36,9 +36,11 @@ from radssl.study.statistics import (
     binary_auc,
     case_mean,
     delong_seed_averaged,
+    difference_range,
     fraction_matching_baseline,
     macro_auc,
     mean_std_over_seeds,
+    metric_range,
     paired_bootstrap_seed_averaged,
     seed_t_interval,
     seeds_and_cases_interval,
@@ -203,7 +205,7 @@ def point(cells: Sequence[Cell]) -> tuple[float, float, float, int]:
     """
     mean, _, n = mean_std_over_seeds([c.value for c in cells])
     if n >= 2:
-        _, low, high, _, _ = seed_t_interval([c.value for c in cells])
+        _, low, high, _, _ = seed_t_interval([c.value for c in cells], bounds=metric_range(cells[0].metric))
         return mean, low, high, n
     lows = [c.ci_low for c in cells if c.ci_low is not None]
     highs = [c.ci_high for c in cells if c.ci_high is not None]
@@ -252,7 +254,7 @@ def curve_band(analysis: Analysis, predictions: "Predictions", cells: Sequence[C
     mean, sd, n = mean_std_over_seeds(values)
     band = Band(mean, n, math.nan, math.nan, "–", seed_sd=sd)
     if n >= 2:
-        _, band.seed_low, band.seed_high, _, _ = seed_t_interval(values)
+        _, band.seed_low, band.seed_high, _, _ = seed_t_interval(values, bounds=metric_range(cells[0].metric))
     lows = [c.ci_low for c in cells if c.ci_low is not None]
     highs = [c.ci_high for c in cells if c.ci_high is not None]
     if lows and len(lows) == len(highs) == len(cells):
@@ -261,7 +263,8 @@ def curve_band(analysis: Analysis, predictions: "Predictions", cells: Sequence[C
     function = None if aligned is None else metric_function(cells[0].metric, aligned[0], aligned[1][0], aligned[2])
     if aligned is not None and function is not None:
         try:
-            result = seeds_and_cases_interval(aligned[0], aligned[1], function, n_boot=N_BOOT, seed=0)
+            result = seeds_and_cases_interval(aligned[0], aligned[1], function, n_boot=N_BOOT, seed=0,
+                                              bounds=metric_range(cells[0].metric))
         except Exception as error:  # a metric undefined on this test set: fall back below
             analysis.notes.append(f"Seeds + test cases interval skipped for one curve point: {error}")
         else:
@@ -340,7 +343,8 @@ def compare(analysis: Analysis, predictions: Predictions, a: Line, b: Line, test
     difference = float(np.mean([c.value for c in cells_a]) - np.mean([c.value for c in cells_b]))
     gain = Gain(a, b, test_set, fraction, difference, None, None, None, "–", len(cells_a), len(cells_b), seed_sd,
                  n_paired=len(pairs))
-    seed_interval = seed_t_interval(paired) if len(paired) >= 2 else None
+    seed_interval = seed_t_interval(paired, bounds=difference_range(metric_range(cells_a[0].metric))) \
+        if len(paired) >= 2 else None
     if seed_interval is not None:
         gain.seed_p = seed_interval[3]
     if not pairs:
@@ -364,7 +368,7 @@ def compare(analysis: Analysis, predictions: Predictions, a: Line, b: Line, test
                 rb = paired_bootstrap_seed_averaged(y_true, side_a, side_b, function, n_boot=N_BOOT, seed=0)
                 gain.case_p, gain.case_method = rb.p_value, "paired case bootstrap"
             both: SeedsAndCases = seeds_and_cases_paired_test(y_true, side_a, side_b, function, n_boot=N_BOOT,
-                                                              seed=0)
+                                                              seed=0, bounds=metric_range(pairs[0][0].metric))
         except Exception as error:  # a metric undefined on this test set: report without a case-level test
             analysis.notes.append(f"Case-level test skipped for {test_set} at {100 * fraction:.3g}% labels: {error}")
         else:

@@ -314,6 +314,10 @@ class StudyConfig(Section):
         5, gt=0, description="proportional validation: floor of validation images per class (AUC needs both)")
     bootstrap_samples: int = Field(1000, ge=100, description="test-case bootstrap resamples per metric CI")
     feature_batch_size: int = Field(512, gt=0)
+    bn_stats: Literal["checkpoint", "reestimate"] = Field(
+        "reestimate", description="BatchNorm statistics of every frozen encoder (linear, kNN, frozen segmentation): "
+        "re-estimated on the unlabelled training images (the same rule for every initialisation), or the ones the "
+        "checkpoint / initialisation comes with (radssl.transfer.bn_stats)")
 
     @field_validator("name")
     @classmethod
@@ -424,7 +428,7 @@ class StudyConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ stored configs
-LEGACY_SETTINGS: dict[str, Any] = {"validation": "full", "validation_min_per_class": None}
+LEGACY_SETTINGS: dict[str, Any] = {"validation": "full", "validation_min_per_class": None, "bn_stats": "checkpoint"}
 """What a study stored before these fields existed did (radssl ≤ 0.1: the full validation split)."""
 LEGACY_FINETUNE: dict[str, Any] = {"steps_per_epoch": "subset", "min_epochs": 1}
 """Fine-tuning options stored before they existed, at the values that reproduce the old behaviour."""

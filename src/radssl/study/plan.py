@@ -494,7 +494,7 @@ def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.nda
 
 # ------------------------------------------------------------------------------------- study config changes
 _FIXED_FIELDS = ("seed", "data", "model", "bootstrap_samples", "imagenet_weights", "validation",
-                 "validation_min_per_class")
+                 "validation_min_per_class", "bn_stats")
 """Fields whose change would make existing cells incomparable with new ones (axes may grow freely)."""
 
 def _check_compatible(stored: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:

@@ -417,7 +417,9 @@ def _methods_section(analysis: Analysis, names: Names, config: dict[str, Any] | 
         "seed-averaged number as an estimate of what this initialisation and protocol achieve at this label "
         "budget on data like the test set. It adds the spread over seeds (t with S−1 degrees of freedom) and the "
         "test-case variance the seeds share (DeLong for AUC, a case bootstrap otherwise), half-widths combined "
-        "root-sum-square. Its p-value tests “no difference” with both sources included.",
+        "root-sum-square. Its p-value tests “no difference” with both sources included. Bounded metrics (AUC, "
+        "accuracy, Dice; their gains) get it on the logit scale of their range, mapped back, so it stays inside "
+        "[0, 1] (gains: [−1, 1]); so do the t-intervals over seeds.",
         "<strong>t-interval over seeds</strong>: holds the test set fixed — other label subsets and training runs, "
         "these test cases.",
         "<strong>Per-seed test-case CI</strong> (percentile bootstrap over test cases, stratified by class): holds "

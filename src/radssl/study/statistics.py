@@ -24,6 +24,17 @@ References
 - Wilcoxon (1945), "Individual comparisons by ranking methods", Biometrics Bulletin 1(6):80-83.
 - Satterthwaite (1946), "An approximate distribution of estimates of variance components", Biometrics
   Bulletin 2:110-114 (effective degrees of freedom of a sum of variance estimates; JCGM 100:2008 G.4).
+- Pepe (2003), "The Statistical Evaluation of Medical Tests for Classification and Prediction", §5.2.3, and
+  Qin & Hotilovac (2008), "Comparison of non-parametric confidence intervals for the area under the ROC curve
+  of a continuous-scale diagnostic test", Stat Methods Med Res 17:207-221: Wald intervals of an AUC on the logit
+  scale (delta method) stay inside [0, 1] and cover better near the bounds than untransformed ones.
+
+Bounded metrics (AUC, accuracy, Dice in [0, 1]; their differences in [-1, 1]) get intervals computed on the
+logit scale of their range and mapped back (:func:`metric_range`, ``bounds=``), so an interval never leaves the
+metric's range however few seeds there are: with 2 seeds t(1) = 12.7 drew AUC bands from -0.5 to 1.7. Why a
+transform and not clipping: a clipped interval still claims the same (impossible) width on one side and puts its
+mass on values the metric cannot take; the logit interval is the standard Wald interval of a proportion-like
+quantity and equals the plain one near the middle of the range (issue 19, point 8).
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ __all__ = [
     "SeedsAndCases",
     "WilcoxonResult",
     "accuracy",
+    "bounded_scale",
     "binary_auc",
     "case_mean",
     "case_mean_covariance",
@@ -53,9 +65,11 @@ __all__ = [
     "delong_covariance",
     "delong_seed_averaged",
     "delong_test",
+    "difference_range",
     "fraction_matching_baseline",
     "macro_auc",
     "mean_std_over_seeds",
+    "metric_range",
     "paired_bootstrap",
     "paired_bootstrap_seed_averaged",
     "case_covariance",
@@ -632,22 +646,36 @@ class SeedsAndCases:
         return self.n_seeds >= 2 and math.isfinite(self.seed_variance)
 
 
-def seed_t_interval(values: Any, alpha: float = 0.05) -> tuple[float, float, float, float, int]:
+def seed_t_interval(values: Any, alpha: float = 0.05, bounds: tuple[float, float] | None = None
+                    ) -> tuple[float, float, float, float, int]:
     """Mean over seeds, its t-interval and the one-sample t-test p (mean = 0): (mean, low, high, p, n).
 
     Conditions on the test set (every seed is scored on the same cases): it covers label-subset and training
-    randomness only. Fewer than two finite values give NaN bounds and p.
+    randomness only. Fewer than two finite values give NaN bounds and p. ``bounds``: the range of the values
+    (:func:`metric_range`; a difference of AUCs: (-1, 1)); the interval and, where 0 lies inside the range, the
+    test are then computed on its logit scale (delta method), so the interval stays inside the range.
     """
     mean, std, n = mean_std_over_seeds(values)
     if n < 2:
         return mean, math.nan, math.nan, math.nan, n
+    scale = _scale_at(bounds, mean, "seed_t_interval")
     se = std / math.sqrt(n)
-    half = float(stats.t.ppf(1 - alpha / 2, n - 1)) * se
-    if se > 0:
-        p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
+    t = float(stats.t.ppf(1 - alpha / 2, n - 1))
+    if scale is None:
+        distance, se_scaled = abs(mean), se
+        low, high = mean - t * se, mean + t * se
+    else:
+        se_scaled = se * scale.slope(mean)
+        centre = scale.forward(mean)
+        low, high = scale.interval(mean, t * se_scaled)
+        distance = abs(centre - scale.forward(0.0)) if scale.contains_zero else abs(mean)
+        if not scale.contains_zero:
+            se_scaled = se
+    if se_scaled > 0:
+        p = float(2 * stats.t.sf(distance / se_scaled, n - 1))
     else:
         p = 1.0 if mean == 0 else 0.0
-    return mean, mean - half, mean + half, p, n
+    return mean, low, high, p, n
 
 
 def _half_width(alpha: float, seed_variance: float, case_variance: float, n_seeds: int) -> float:
@@ -656,7 +684,8 @@ def _half_width(alpha: float, seed_variance: float, case_variance: float, n_seed
     return math.sqrt(t * t * seed_variance + z * z * case_variance)
 
 
-def combine_seed_and_case_variance(per_seed: Any, case_covariance: Any, alpha: float = 0.05) -> SeedsAndCases:
+def combine_seed_and_case_variance(per_seed: Any, case_covariance: Any, alpha: float = 0.05,
+                                   bounds: tuple[float, float] | None = None) -> SeedsAndCases:
     """Mean of ``per_seed`` values with an interval that covers seeds and test cases.
 
     ``case_covariance`` is the (S, S) test-case covariance of the per-seed values (DeLong or a case bootstrap),
@@ -668,6 +697,11 @@ def combine_seed_and_case_variance(per_seed: Any, case_covariance: Any, alpha: f
     seeds. The result is exactly the paired t-interval over seeds when the seeds share no case noise and the
     DeLong interval when all seeds agree. p inverts the interval (the α at which it touches 0). Simulated
     coverage is in ``tests/test_statistics_seeds.py``. With one seed the interval covers test cases only.
+
+    ``bounds``: the range of the per-seed values (an AUC: (0, 1); a difference of AUCs: (-1, 1)). Both variance
+    parts are then carried to the logit scale of that range by the delta method, the half-width is formed there
+    and the interval mapped back (:func:`bounded_scale`), so it stays inside the range; p tests 0 on that scale
+    when 0 lies inside the range. The estimate stays the plain mean.
     """
     v = np.asarray(per_seed, dtype=np.float64).ravel()
     cov = np.atleast_2d(np.asarray(case_covariance, dtype=np.float64))
@@ -686,11 +720,22 @@ def combine_seed_and_case_variance(per_seed: Any, case_covariance: Any, alpha: f
     a = 0.0 if math.isnan(seed_variance) else seed_variance
     if not math.isfinite(case_variance):
         return SeedsAndCases(mean, math.nan, math.nan, math.nan, seed_variance, case_variance, n)
-    half = _half_width(alpha, a, case_variance, n)
-    if a + case_variance <= 1e-30:
+    scale = _scale_at(bounds, mean, "combine_seed_and_case_variance")
+    if scale is None:
+        half = _half_width(alpha, a, case_variance, n)
+        low, high = mean - half, mean + half
+        distance, a_test, c_test = abs(mean), a, case_variance
+    else:
+        slope2 = scale.slope(mean) ** 2
+        low, high = scale.interval(mean, _half_width(alpha, a * slope2, case_variance * slope2, n))
+        if scale.contains_zero:  # test 0 on the same (logit) scale as the interval, so the two agree
+            distance, a_test, c_test = abs(scale.forward(mean) - scale.forward(0.0)), a * slope2, case_variance * slope2
+        else:  # a level (AUC): 0 is its bound, the test of 0 is meaningless; kept on the plain scale
+            distance, a_test, c_test = abs(mean), a, case_variance
+    if a_test + c_test <= 1e-30:
         p = 1.0 if abs(mean) <= 1e-15 else 0.0
     else:
-        gap = lambda level: _half_width(level, a, case_variance, n) - abs(mean)  # noqa: E731 - decreasing in level
+        gap = lambda level: _half_width(level, a_test, c_test, n) - distance  # noqa: E731 - decreasing in level
         if gap(1.0 - 1e-12) >= 0:
             p = 1.0
         elif gap(1e-15) < 0:
@@ -699,7 +744,7 @@ def combine_seed_and_case_variance(per_seed: Any, case_covariance: Any, alpha: f
             from scipy.optimize import brentq
 
             p = float(brentq(gap, 1e-15, 1.0 - 1e-12, xtol=1e-15))
-    return SeedsAndCases(mean, mean - half, mean + half, p, seed_variance, case_variance, n)
+    return SeedsAndCases(mean, low, high, p, seed_variance, case_variance, n)
 
 
 def _is_binary_auc(metric: Metric, y: np.ndarray, scores: Sequence[np.ndarray]) -> bool:
@@ -740,28 +785,33 @@ def case_covariance(y_true: Any, scores_a: Sequence[Any], metric: Metric, scores
 
 
 def seeds_and_cases_interval(y_true: Any, scores_per_seed: Sequence[Any], metric: Metric, alpha: float = 0.05,
-                             n_boot: int = 1000, seed: int = 0) -> SeedsAndCases:
+                             n_boot: int = 1000, seed: int = 0,
+                             bounds: tuple[float, float] | None | str = "auto") -> SeedsAndCases:
     """Seed-averaged ``metric`` on one test set with an interval over seeds and test cases.
 
     What it answers: "what would this initialisation + protocol score at this label fraction, averaged over
     label subsets and training runs, on data like this test set?" — unlike :func:`bootstrap_ci` of one seed
     (this model, other test cases) or :func:`seed_t_interval` (other models, this test set).
+    ``bounds``: the metric's range; ``"auto"`` takes :func:`metric_range` of ``metric`` (AUC, accuracy: (0, 1);
+    :func:`case_mean` is unknown — pass (0, 1) for Dice), None leaves the interval unbounded.
     """
     y = np.asarray(y_true)
     scores_per_seed = on_common_cases(metric, scores_per_seed)
     per_seed = [metric(y, np.asarray(s, dtype=np.float64)) for s in scores_per_seed]
     cov = case_covariance(y, scores_per_seed, metric, n_boot=n_boot, seed=seed)
-    return combine_seed_and_case_variance(per_seed, cov, alpha)
+    return combine_seed_and_case_variance(per_seed, cov, alpha, _resolve_bounds(bounds, metric))
 
 
 def seeds_and_cases_paired_test(y_true: Any, scores_a: Sequence[Any], scores_b: Sequence[Any], metric: Metric,
-                                alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> SeedsAndCases:
+                                alpha: float = 0.05, n_boot: int = 1000, seed: int = 0,
+                                bounds: tuple[float, float] | None | str = "auto") -> SeedsAndCases:
     """Test of mean_s [metric(a_s) − metric(b_s)] = 0 over seeds *and* test cases; a_s, b_s paired by seed.
 
     Pairing by seed is right because both arms of one seed see the same label subset. A paired t-test over
     seeds alone treats the test set as fixed; DeLong on the seed-averaged contrast
     (:func:`delong_seed_averaged`) treats the trained models as fixed and can say p < 0.001 while seeds disagree
-    by 0.1 AUC. This test carries both (see :func:`combine_seed_and_case_variance`).
+    by 0.1 AUC. This test carries both (see :func:`combine_seed_and_case_variance`). ``bounds`` is the range of
+    the *metric* (as in :func:`seeds_and_cases_interval`); the difference's range (-1, 1 for an AUC) follows.
     """
     if len(scores_a) != len(scores_b) or not scores_a:
         raise DataError("seeds_and_cases_paired_test", f"got {len(scores_a)} and {len(scores_b)} score vectors",
@@ -772,4 +822,100 @@ def seeds_and_cases_paired_test(y_true: Any, scores_a: Sequence[Any], scores_b: 
     differences = [metric(y, np.asarray(sa, dtype=np.float64)) - metric(y, np.asarray(sb, dtype=np.float64))
                    for sa, sb in zip(scores_a, scores_b, strict=True)]
     cov = case_covariance(y, scores_a, metric, scores_b, n_boot=n_boot, seed=seed)
-    return combine_seed_and_case_variance(differences, cov, alpha)
+    return combine_seed_and_case_variance(differences, cov, alpha, difference_range(_resolve_bounds(bounds, metric)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded metrics: intervals on the logit scale of the metric's range
+# --------------------------------------------------------------------------------------------------
+
+_UNIT_RANGE_PREFIXES = ("auc", "roc_auc", "auroc", "macro_auc", "accuracy", "balanced_accuracy", "dice")
+"""Stored metric names (and ``<name>_<class>`` variants such as ``dice_left``) whose values lie in [0, 1]."""
+
+
+def metric_range(metric: Metric | str) -> tuple[float, float] | None:
+    """The range of a metric, a statistics function (:func:`binary_auc`, …) or a stored name (``auc``, ``dice_x``).
+
+    (0, 1) for AUC, accuracy, balanced accuracy and Dice; None for unbounded or unknown ones (HD95, and
+    :func:`case_mean`, whose per-case values may be Dice or HD95: its callers know which and pass ``bounds``).
+    """
+    if isinstance(metric, str):
+        name = metric.lower()
+        return (0.0, 1.0) if any(name == p or name.startswith(p + "_") for p in _UNIT_RANGE_PREFIXES) else None
+    try:
+        from sklearn.metrics import roc_auc_score
+    except ImportError:  # pragma: no cover - sklearn is a dependency
+        roc_auc_score = None
+    return (0.0, 1.0) if metric in (binary_auc, macro_auc, accuracy, roc_auc_score) else None
+
+
+def difference_range(bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The range of a difference of two values in ``bounds`` (an AUC gain: (-1, 1))."""
+    return None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
+
+
+def _resolve_bounds(bounds: tuple[float, float] | None | str, metric: Metric) -> tuple[float, float] | None:
+    if isinstance(bounds, str):
+        if bounds != "auto":
+            raise ValueError(f"bounds must be 'auto', None or (low, high), got {bounds!r}")
+        return metric_range(metric)
+    return bounds
+
+
+@dataclass(frozen=True)
+class _LogitScale:
+    """g(x) = logit((x − low) / (high − low)): maps the open range onto the real line (delta-method scale)."""
+
+    low: float
+    high: float
+
+    _EDGE = 1e-9
+    """Values at a bound (AUC = 1 on every seed) are moved this far inside so g and its slope stay finite."""
+
+    def _unit(self, x: float) -> float:
+        return min(max((x - self.low) / (self.high - self.low), self._EDGE), 1.0 - self._EDGE)
+
+    def forward(self, x: float) -> float:
+        u = self._unit(x)
+        return math.log(u / (1.0 - u))
+
+    def slope(self, x: float) -> float:
+        """dg/dx, the delta method's factor from the plain to the logit scale."""
+        u = self._unit(x)
+        return 1.0 / ((self.high - self.low) * u * (1.0 - u))
+
+    def inverse(self, z: float) -> float:
+        return self.low + (self.high - self.low) * float(0.5 * (1.0 + math.tanh(0.5 * z)))  # stable expit
+
+    def interval(self, x: float, half_width: float) -> tuple[float, float]:
+        """(low, high): g(x) ± ``half_width`` (a half-width on the logit scale) mapped back into the range."""
+        if not math.isfinite(half_width):
+            return math.nan, math.nan
+        if half_width == 0.0:
+            return x, x
+        centre = self.forward(x)
+        return self.inverse(centre - half_width), self.inverse(centre + half_width)
+
+    @property
+    def contains_zero(self) -> bool:
+        return self.low < 0.0 < self.high
+
+
+def bounded_scale(bounds: tuple[float, float]) -> _LogitScale:
+    """The logit scale of a range, for callers that form their own Wald intervals of a bounded quantity."""
+    low, high = float(bounds[0]), float(bounds[1])
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"bounds must be finite with low < high, got {bounds}")
+    return _LogitScale(low, high)
+
+
+def _scale_at(bounds: tuple[float, float] | None, value: float, where: str) -> _LogitScale | None:
+    """The logit scale of ``bounds`` after checking ``value`` lies in it (None: no bounds, the plain scale)."""
+    if bounds is None:
+        return None
+    scale = bounded_scale(bounds)
+    tolerance = 1e-9 * (scale.high - scale.low)
+    if not scale.low - tolerance <= value <= scale.high + tolerance:
+        raise DataError(where, f"value {value} lies outside the metric's range [{scale.low}, {scale.high}]",
+                        "pass the metric's own range as bounds (or None for an unbounded metric)")
+    return scale

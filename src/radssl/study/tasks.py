@@ -29,6 +29,7 @@ from radssl.errors import ConfigError
 from radssl.study.config import FOUNDATION_KINDS, InitSpec
 from radssl.study.plan import CellTask, Encoder, FeaturesTask, PretrainTask, StudyPlan, Task
 from radssl.study.results_store import CellKey
+from radssl.transfer.bn_stats import frozen_encoder, reads_frozen_encoder
 from radssl.transfer.protocols import CaseOutputs, Protocol, ProtocolContext
 
 __all__ = ["CellRecord", "CellResult", "FeaturesRecord", "PretrainRecord", "WorkerState", "Work", "enter_task", "execute",
@@ -96,6 +97,7 @@ class WorkerState:
     def __init__(self) -> None:
         self.encoder: Encoder | None = None
         self.backbone: nn.Module | None = None
+        self.frozen: nn.Module | None = None
         self.features: _Features | None = None
 
 
@@ -272,18 +274,25 @@ def _outputs_to_record(protocol: Protocol, test_store: ImageStore, out: CaseOutp
 
 
 def _encoder_state(plan: StudyPlan, encoder: Encoder, state: WorkerState, device: torch.device
-                   ) -> tuple[nn.Module, _Features]:
-    """The encoder's backbone and feature cache: reused from ``state`` when the previous task had the same one."""
+                   ) -> tuple[nn.Module, nn.Module, _Features]:
+    """The encoder's backbone, its frozen read-out copy (``bn_stats``: BatchNorm statistics re-estimated on the
+    unlabelled training images, the same rule for every initialisation) and the frozen features' cache — reused from
+    ``state`` when the previous task had the same encoder."""
     if state.encoder != encoder or state.backbone is None or state.features is None:
+        config = plan.config
         backbone = _backbone(plan, encoder)
-        state.encoder, state.backbone = encoder, backbone
-        state.features = _Features(plan, backbone, Path(plan.config.output_dir) / "features", device)
-    return state.backbone, state.features  # type: ignore[return-value]
+        frozen = backbone
+        if any(reads_frozen_encoder(protocol) for protocol in plan.protocols.values()):
+            frozen = frozen_encoder(backbone, plan.store, config.bn_stats, device, config.feature_batch_size,
+                                    config.seed)
+        state.encoder, state.backbone, state.frozen = encoder, backbone, frozen
+        state.features = _Features(plan, frozen, Path(config.output_dir) / "features", device)
+    return state.backbone, state.frozen, state.features  # type: ignore[return-value]
 
 
 def run_features_task(plan: StudyPlan, task: FeaturesTask, state: WorkerState) -> FeaturesRecord:
     """Frozen features of one encoder on the internal store and every test set, into the on-disk cache."""
-    _, features = _encoder_state(plan, task.encoder, state, resolve_device(plan.config.device))
+    _, _, features = _encoder_state(plan, task.encoder, state, resolve_device(plan.config.device))
     start, misses = time.perf_counter(), features.cache.misses
     stores = {id(plan.store): plan.store} | {id(store): store for store, _ in plan.test_sets.values()}
     for store in stores.values():
@@ -302,14 +311,15 @@ def run_cell_task(plan: StudyPlan, task: CellTask, state: WorkerState, log: Log)
 
     config = plan.config
     device = resolve_device(config.device)
-    backbone, features = _encoder_state(plan, task.encoder, state, device)
+    backbone, frozen, features = _encoder_state(plan, task.encoder, state, device)
     info = plan.encoder_infos[task.encoder]
     protocol = plan.protocols[task.protocol]
     seed, fraction, missing = task.seed, task.fraction, task.test_sets
     labelled = protocol.uses_labels
     rows = plan.subsets[seed][fraction] if labelled else plan.train_rows
     context = ProtocolContext(
-        backbone=backbone, encoder=info, store=plan.store, train_rows=rows,
+        backbone=frozen if reads_frozen_encoder(protocol) else backbone, encoder=info, store=plan.store,
+        train_rows=rows,
         val_rows=plan.validation_rows(seed, fraction) if labelled else plan.val_rows,
         test_sets={n: plan.test_sets[n] for n in missing}, full_train_rows=len(plan.train_rows),
         label_fraction=fraction, seed=seed, run_seed=derived_seed(config.seed, seed, 31), device=device,

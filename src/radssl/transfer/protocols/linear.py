@@ -22,7 +22,7 @@ class LinearParams(ProtocolParams):
     """Logistic regression on frozen features; C chosen on the validation split's AUC."""
 
     Cs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1)
-    max_iter: int = Field(1000, gt=0)
+    max_iter: int = Field(5000, gt=0)
 
     @field_validator("Cs")
     @classmethod
@@ -42,6 +42,15 @@ def frozen_feature_sets(context: ProtocolContext) -> tuple[torch.Tensor, dict[st
         index = torch.from_numpy(rows)
         tests[name] = (features[index], store.labels[index])
     return internal, tests
+
+
+def training_split_features(context: ProtocolContext, internal: torch.Tensor) -> torch.Tensor:
+    """Features of every row of the store's training split (labelled or not; no labels read).
+
+    The linear probe standardises with these, so the scale is the same for every arm, label fraction and seed
+    (issue 19, point 9); the cell's validation rows are never part of the training split.
+    """
+    return internal[torch.from_numpy(context.store.indices("train"))]
 
 
 def classification_outputs(context: ProtocolContext, scores: dict, metrics: dict) -> dict[str, CaseOutputs]:
@@ -69,7 +78,8 @@ class LinearProbeProtocol(Protocol):
         labels = context.store.labels
         train, val = torch.from_numpy(context.train_rows), torch.from_numpy(context.val_rows)
         result = linear_probe(internal[train], labels[train], internal[val], labels[val], tests, context.store.task,
-                              Cs=params.Cs, seed=context.seed, max_iter=params.max_iter)
+                              Cs=params.Cs, seed=context.seed, max_iter=params.max_iter,
+                              standardisation_feats=training_split_features(context, internal))
         return ProtocolOutcome(classification_outputs(context, result.scores, result.metrics),
                                {"val_auc": result.val_metric, "selected_C": result.best_C,
                                 "val_images": float(len(context.val_rows))})

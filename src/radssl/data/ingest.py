@@ -104,6 +104,12 @@ def _die_with_parent(parent: int) -> None:
         pass  # not Linux: workers end when they find the call queue closed
     if os.getppid() != parent:
         os._exit(1)
+    # A forked child must not enter the parent's OpenMP thread pool (GNU OpenMP is not fork-safe: a resize or
+    # interpolation in torch would wait forever on the pool's barrier); one intra-op thread per worker, as torch's
+    # own DataLoader workers do — the pool's parallelism is the workers.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def ordered_map(

@@ -318,6 +318,38 @@ def _first_nonfinite_row(images: torch.Tensor) -> int | None:
     return None
 
 
+class StoreRows:
+    """Some rows of a store's images, read only when indexed: ``view[a:b]`` or ``view[positions]`` gathers just those
+    rows. Why: ``store.images[rows]`` copies every selected image at once, so a training split or test set of a
+    memory-mapped CT archive larger than RAM could not be fine-tuned or scored; batch-wise readers (fine-tuning,
+    segmentation, prediction) take this view instead and hold one batch at a time."""
+
+    def __init__(self, images: torch.Tensor, rows: np.ndarray | torch.Tensor) -> None:
+        self.images = images
+        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.images.shape[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.images.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        return self.images[self.rows[index]]
+
+    def nbytes(self) -> int:
+        return len(self.rows) * self.images[0].numel() * self.images.element_size() if len(self.images) else 0
+
+
 def images_to_float(batch: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] or float16 [0, 1] pixels to float32 [0, 1] on the batch's device."""
     if batch.dtype == torch.uint8:

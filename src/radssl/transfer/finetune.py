@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radssl.data.store import ImageStore, TaskInfo, images_to_float
+from radssl.data.store import ImageStore, StoreRows, TaskInfo, images_to_float
 from radssl.engine.supervised import NonFiniteLossError, SupervisedRecipe, TrainingBatch, fit  # noqa: F401 (re-export)
 from radssl.errors import DataError
 from radssl.transfer.features import normalise_for_backbone
@@ -206,7 +206,7 @@ class _ClassificationTask:
     step's augmentation)."""
 
     task: TaskInfo
-    train_images: torch.Tensor
+    train_images: torch.Tensor | StoreRows
     train_y: torch.Tensor
     batch_size: int
     exact: bool
@@ -217,7 +217,7 @@ class _ClassificationTask:
     loss_function: Callable
     generator: torch.Generator
     device: torch.device
-    val_images: torch.Tensor
+    val_images: StoreRows
     val_y: torch.Tensor
     eval_batch_size: int
     stream: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
@@ -329,9 +329,9 @@ def finetune(
     model.backbone.requires_grad_(True)
     model.to(device)
 
-    train_images = store.images[torch.from_numpy(train_rows)]
-    if device.type != "cpu" and train_images.numel() * train_images.element_size() < ON_DEVICE_LIMIT_BYTES:
-        train_images, train_y = train_images.to(device), train_y.to(device)
+    train_images: torch.Tensor | StoreRows = StoreRows(store.images, train_rows)  # read a batch at a time
+    if device.type != "cpu" and train_images.nbytes() < ON_DEVICE_LIMIT_BYTES:
+        train_images, train_y = store.images[torch.from_numpy(train_rows)].to(device), train_y.to(device)
     n = len(train_rows)
     one_pass = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a 1-sample batch breaks BatchNorm
     per_epoch = steps_per_epoch if steps_per_epoch is not None else max(one_pass, min_steps_per_epoch)
@@ -344,13 +344,13 @@ def finetune(
         augment=augment, max_shift=max(1, min(store.image_shape) // 8) if max_shift is None else max_shift,
         hflip=hflip, loss_function=_loss_function(task, train_y.cpu(), class_balanced),
         generator=torch.Generator().manual_seed(seed), device=device,
-        val_images=store.images[torch.from_numpy(val_rows)], val_y=val_y, eval_batch_size=eval_batch_size)
+        val_images=StoreRows(store.images, val_rows), val_y=val_y, eval_batch_size=eval_batch_size)
     outcome = fit(model, [(model.backbone, backbone_lr_scale), (model.head, 1.0)], task_part, recipe, device, where,
                   hint="or use precision='32'", on_epoch_end=on_epoch_end)
     scores: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, float]] = {}
     for name, eval_store, rows in evaluation[1:]:
-        images = eval_store.images[torch.from_numpy(rows)]
+        images = StoreRows(eval_store.images, rows)
         scores[name] = predict_scores(model, images, task, eval_batch_size, device)
         metrics[name] = classification_metrics(task, eval_store.labels[torch.from_numpy(rows)], scores[name], name=name)
     return FinetuneResult(

@@ -57,7 +57,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from radssl.data.store import ImageStore, images_to_float, normalise_for_backbone
+from radssl.data.store import ImageStore, StoreRows, images_to_float, normalise_for_backbone
 from radssl.engine.supervised import SupervisedRecipe, TrainingBatch, fit
 from radssl.errors import DataError
 from radssl.models.decoders import UNetDecoder
@@ -271,8 +271,12 @@ def check_segmentation_inputs(
     if patch_size is not None and (len(patch_size) != dims or min(patch_size) < 1):
         raise DataError(where, f"patch_size {tuple(patch_size)} needs {dims} positive sizes for {dims}D images")
     if augment and store.images.is_floating_point():
-        train_images = store.images[torch.from_numpy(np.asarray(train_rows))]
-        if float(train_images.min()) < 0.0 or float(train_images.max()) > 1.0:
+        train_images = StoreRows(store.images, train_rows)
+        outside = False
+        for start in range(0, len(train_images), 64):  # a chunk at a time: never the whole split in memory
+            chunk = train_images[start:start + 64]
+            outside = outside or float(chunk.min()) < 0.0 or float(chunk.max()) > 1.0
+        if outside:
             raise DataError(where, "augmentation works on [0, 1] images but the training images are outside it "
                             "(z-scored float16?)", "pass augment=False or store rescaled images (uint8)")
 
@@ -395,7 +399,7 @@ def _score_test_sets(model: nn.Module, test_sets: Mapping[str, tuple[ImageStore,
     for name, (eval_store, rows) in test_sets.items():
         rows = _rows(rows)
         truth = torch.from_numpy(np.ascontiguousarray(eval_store.meta["mask"][rows])).long()
-        predicted = predict_labels(model, eval_store.images[torch.from_numpy(rows)], **evaluate)
+        predicted = predict_labels(model, StoreRows(eval_store.images, rows), **evaluate)
         case_spacing = _case_spacing(eval_store, rows, spacing)
         values = case_metrics(predicted, truth, names, case_spacing, hd95=hd95)
         truth_present = {s: (truth == label).flatten(1).any(1).numpy() for s, label in zip(suffixes, labels)}
@@ -414,7 +418,7 @@ class _SegmentationTask:
     """Segmentation's own part of the supervised loop: cases from a continuing shuffled stream, optional
     foreground-biased patches and shared image/mask augmentation, MONAI's DiceCE loss, validation mean Dice."""
 
-    train_images: torch.Tensor
+    train_images: StoreRows
     train_masks: torch.Tensor
     batch_size: int
     sampler: "PatchSampler | None"
@@ -422,7 +426,7 @@ class _SegmentationTask:
     augmenter: BatchAugmenter | None
     generator: torch.Generator
     device: torch.device
-    val_images: torch.Tensor
+    val_images: StoreRows
     val_masks: torch.Tensor
     names: tuple[str, ...]
     evaluate: dict[str, Any]
@@ -534,12 +538,12 @@ def finetune_segmentation(
     evaluate = dict(patch_size=patch, batch_size=eval_batch_size, sw_batch_size=sw_batch_size, sw_overlap=sw_overlap,
                     sw_mode=sw_mode, device=device)
     task = _SegmentationTask(
-        train_images=store.images[torch.from_numpy(train_rows)], train_masks=train_masks, batch_size=batch_size,
+        train_images=StoreRows(store.images, train_rows), train_masks=train_masks, batch_size=batch_size,
         sampler=PatchSampler(train_masks.numpy(), patch, foreground_ratio) if patch is not None else None,
         patch=patch,
         augmenter=BatchAugmenter(augmentation, tuple(patch or store.image_shape)) if augmentation is not None else None,
         generator=torch.Generator().manual_seed(seed), device=device,
-        val_images=store.images[torch.from_numpy(val_rows)],
+        val_images=StoreRows(store.images, val_rows),
         val_masks=torch.from_numpy(np.ascontiguousarray(store.meta["mask"][val_rows])).long(), names=names,
         evaluate=evaluate)
     # The encoder at its own learning rate; a frozen encoder is not optimised at all.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from radssl.data.store import ImageStore, TaskInfo, normalise_for_backbone
+from radssl.data.store import ImageStore, StoreRows, TaskInfo, normalise_for_backbone
 from radssl.engine.checkpoint import load_checkpoint
 from radssl.errors import CheckpointError, ConfigError
 from radssl.methods.image_text import ImageTextMethod
@@ -136,7 +136,7 @@ def zero_shot_classify(method: ImageTextMethod, store: ImageStore, rows: np.ndar
     rows = np.asarray(rows)
     rows = rows[store.labels[torch.from_numpy(rows)].numpy() >= 0]
     ordered = prompts.ordered(store.task)
-    image = embed_images(method, store.images[torch.from_numpy(rows)])
+    image = embed_images(method, StoreRows(store.images, rows))
     texts = [method.embed_texts(list(p)) for p in ordered]
     scores = zero_shot_scores(image, texts, float(method.logit_scale().detach()), store.task.kind)
     metrics = classification_metrics(store.task, store.labels[torch.from_numpy(rows)].numpy(), scores, name=name)
@@ -241,7 +241,7 @@ def retrieval_on_store(method: ImageTextMethod, store: ImageStore, rows: np.ndar
     reports = np.asarray(store.meta["report"], dtype=object)[rows].astype(str)
     keep = np.char.strip(reports.astype(str)) != ""
     rows, reports = rows[keep], [r.strip() for r in reports[keep]]
-    image = embed_images(method, store.images[torch.from_numpy(rows)])
+    image = embed_images(method, StoreRows(store.images, rows))
     text = method.embed_texts(list(reports))
     return retrieval_recall(image, text, reports, ks)
 

@@ -273,26 +273,30 @@ def _outputs_to_record(protocol: Protocol, test_store: ImageStore, out: CaseOutp
     return metrics, arrays
 
 
-def _encoder_state(plan: StudyPlan, encoder: Encoder, state: WorkerState, device: torch.device
-                   ) -> tuple[nn.Module, nn.Module, _Features]:
-    """The encoder's backbone, its frozen read-out copy (``bn_stats``: BatchNorm statistics re-estimated on the
-    unlabelled training images, the same rule for every initialisation) and the frozen features' cache — reused from
-    ``state`` when the previous task had the same encoder."""
-    if state.encoder != encoder or state.backbone is None or state.features is None:
+def _encoder_state(plan: StudyPlan, encoder: Encoder, state: WorkerState) -> nn.Module:
+    """The encoder's backbone, reused from ``state`` when the previous task had the same encoder."""
+    if state.encoder != encoder or state.backbone is None:
+        state.encoder, state.backbone, state.frozen, state.features = encoder, _backbone(plan, encoder), None, None
+    return state.backbone
+
+
+def _frozen_state(plan: StudyPlan, encoder: Encoder, state: WorkerState, device: torch.device
+                  ) -> tuple[nn.Module, _Features]:
+    """The encoder's frozen read-out copy (``bn_stats``: BatchNorm statistics re-estimated on the unlabelled training
+    images, the same rule for every initialisation) and its features' cache — built only for tasks that read the
+    encoder frozen (a fine-tuning cell never pays the re-estimation pass), once per encoder and worker."""
+    backbone = _encoder_state(plan, encoder, state)
+    if state.frozen is None or state.features is None:
         config = plan.config
-        backbone = _backbone(plan, encoder)
-        frozen = backbone
-        if any(reads_frozen_encoder(protocol) for protocol in plan.protocols.values()):
-            frozen = frozen_encoder(backbone, plan.store, config.bn_stats, device, config.feature_batch_size,
-                                    config.seed)
-        state.encoder, state.backbone, state.frozen = encoder, backbone, frozen
-        state.features = _Features(plan, frozen, Path(config.output_dir) / "features", device)
-    return state.backbone, state.frozen, state.features  # type: ignore[return-value]
+        state.frozen = frozen_encoder(backbone, plan.store, config.bn_stats, device, config.feature_batch_size,
+                                      config.seed)
+        state.features = _Features(plan, state.frozen, Path(config.output_dir) / "features", device)
+    return state.frozen, state.features
 
 
 def run_features_task(plan: StudyPlan, task: FeaturesTask, state: WorkerState) -> FeaturesRecord:
     """Frozen features of one encoder on the internal store and every test set, into the on-disk cache."""
-    _, _, features = _encoder_state(plan, task.encoder, state, resolve_device(plan.config.device))
+    _, features = _frozen_state(plan, task.encoder, state, resolve_device(plan.config.device))
     start, misses = time.perf_counter(), features.cache.misses
     stores = {id(plan.store): plan.store} | {id(store): store for store, _ in plan.test_sets.values()}
     for store in stores.values():
@@ -311,19 +315,21 @@ def run_cell_task(plan: StudyPlan, task: CellTask, state: WorkerState, log: Log)
 
     config = plan.config
     device = resolve_device(config.device)
-    backbone, frozen, features = _encoder_state(plan, task.encoder, state, device)
+    backbone = _encoder_state(plan, task.encoder, state)
     info = plan.encoder_infos[task.encoder]
     protocol = plan.protocols[task.protocol]
+    features = None
+    if reads_frozen_encoder(protocol):
+        backbone, features = _frozen_state(plan, task.encoder, state, device)
     seed, fraction, missing = task.seed, task.fraction, task.test_sets
     labelled = protocol.uses_labels
     rows = plan.subsets[seed][fraction] if labelled else plan.train_rows
     context = ProtocolContext(
-        backbone=frozen if reads_frozen_encoder(protocol) else backbone, encoder=info, store=plan.store,
-        train_rows=rows,
+        backbone=backbone, encoder=info, store=plan.store, train_rows=rows,
         val_rows=plan.validation_rows(seed, fraction) if labelled else plan.val_rows,
         test_sets={n: plan.test_sets[n] for n in missing}, full_train_rows=len(plan.train_rows),
         label_fraction=fraction, seed=seed, run_seed=derived_seed(config.seed, seed, 31), device=device,
-        features=features.of if protocol.frozen_features else None, log=log)
+        features=features.of if protocol.frozen_features and features is not None else None, log=log)
     start = time.perf_counter()
     outcome = protocol.run(context)
     wall = time.perf_counter() - start

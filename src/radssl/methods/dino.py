@@ -42,6 +42,7 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.center import center_mean
 from pydantic import Field, model_validator
+from timm.layers import Format
 from torch import nn
 
 from radssl.errors import ConfigError
@@ -91,8 +92,6 @@ def any_input_size(backbone: nn.Module) -> Iterator[None]:
     if vit is None or getattr(vit, "dynamic_img_size", True):
         yield
         return
-    from timm.layers import Format
-
     embed = vit.patch_embed
     saved = (vit.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)
     vit.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = True, False, False, Format.NHWC

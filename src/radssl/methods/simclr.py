@@ -15,7 +15,7 @@ from pydantic import Field
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch, ViewRequirements
+from radssl.views.batch import ViewBatch
 
 
 class SimCLRParams(MethodParams):
@@ -31,6 +31,7 @@ class SimCLR(SSLMethod):
     Params = SimCLRParams
     family = "contrastive"
     paper = "Chen et al., ICML 2020 (arXiv:2002.05709)"
+    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: SimCLRParams) -> None:
         super().__init__(backbone, params)
@@ -40,13 +41,6 @@ class SimCLR(SSLMethod):
             output_dim=params.projection_dim,
         )
         self.criterion = NTXentLoss(temperature=params.temperature, gather_distributed=params.gather_distributed)
-
-    @classmethod
-    def requirements(cls, params: SimCLRParams) -> ViewRequirements:
-        return ViewRequirements(spatial_dims=(2, 3))
-
-    def project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone(images))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch, ViewRequirements
+from radssl.views.batch import ViewBatch
 
 
 class SimSiamParams(MethodParams):
@@ -45,6 +45,7 @@ class SimSiam(SSLMethod):
     Params = SimSiamParams
     family = "non-contrastive"
     paper = "Chen & He, CVPR 2021 (arXiv:2011.10566)"
+    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: SimSiamParams) -> None:
         super().__init__(backbone, params)
@@ -58,13 +59,6 @@ class SimSiam(SSLMethod):
             ])
         self.prediction_head = SimSiamPredictionHead(dim, params.prediction_hidden_dim, dim)
         self.criterion = NegativeCosineSimilarity()
-
-    @classmethod
-    def requirements(cls, params: SimSiamParams) -> ViewRequirements:
-        return ViewRequirements(spatial_dims=(2, 3))
-
-    def project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone(images))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class BarlowTwinsParams(MethodParams):
@@ -52,7 +52,6 @@ class BarlowTwins(SSLMethod):
     Params = BarlowTwinsParams
     family = "non-contrastive"
     paper = "Zbontar et al., ICML 2021 (arXiv:2103.03230)"
-    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: BarlowTwinsParams) -> None:
         super().__init__(backbone, params)
@@ -60,6 +59,10 @@ class BarlowTwins(SSLMethod):
             backbone.feature_dim, params.projection_hidden_dim, params.projection_dim
         )
         self.criterion = BarlowTwinsLoss(lambda_param=params.lambda_param, gather_distributed=False)
+
+    @classmethod
+    def requirements(cls, params: BarlowTwinsParams) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

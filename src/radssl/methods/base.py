@@ -50,8 +50,6 @@ class SSLMethod(nn.Module):
     Params: ClassVar[type[MethodParams]]
     family: ClassVar[Family] = "contrastive"
     paper: ClassVar[str] = ""
-    spatial_dims_supported: ClassVar[tuple[int, ...]] = (2,)
-    """Image (2) and/or volume (3) views the method handles; what the default :meth:`requirements` declares."""
     preset: ClassVar[Preset] = NO_PRESET
     """Radiology defaults per config section (``views``, ``optim``, ...); applied under the user's own keys. Set
     from the method's entry in ``radssl/presets/methods.yaml`` (a subclass without an entry inherits its parent's)."""
@@ -70,8 +68,8 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def requirements(cls, params: MethodParams) -> ViewRequirements:
-        """Default: two views of one size, of the dimensionality in ``spatial_dims_supported``."""
-        return ViewRequirements(spatial_dims=cls.spatial_dims_supported)
+        """Default: two views of one size, 2D."""
+        return ViewRequirements()
 
     def forward(self, batch: ViewBatch) -> MethodOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -20,7 +20,7 @@ from torch import nn
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod, frozen_copy
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class BYOLParams(MethodParams):
@@ -42,7 +42,6 @@ class BYOL(SSLMethod):
     Params = BYOLParams
     family = "non-contrastive"
     paper = "Grill et al., NeurIPS 2020 (arXiv:2006.07733)"
-    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: BYOLParams) -> None:
         super().__init__(backbone, params)
@@ -55,6 +54,10 @@ class BYOL(SSLMethod):
         self.target_backbone = frozen_copy(backbone)
         self.target_projection_head = frozen_copy(self.projection_head)
         self.criterion = NegativeCosineSimilarity()
+
+    @classmethod
+    def requirements(cls, params: BYOLParams) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projection_head, self.target_projection_head)]

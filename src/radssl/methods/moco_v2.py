@@ -51,7 +51,7 @@ from torch import nn
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod, frozen_copy
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class KeyQueue(nn.Module):
@@ -138,7 +138,6 @@ class MoCoV2(SSLMethod):
     Params = MoCoV2Params
     family = "contrastive"
     paper = "He et al., CVPR 2020 (arXiv:1911.05722); Chen et al. 2020 (arXiv:2003.04297)"
-    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: MoCoV2Params) -> None:
         super().__init__(backbone, params)
@@ -149,6 +148,10 @@ class MoCoV2(SSLMethod):
         self.target_projection_head = frozen_copy(self.projection_head)
         self.queue = KeyQueue(params.queue_size, params.projection_dim)
         self._split_keys = params.shuffle_bn_group > 0 and _has_batch_norm(self.target_backbone)
+
+    @classmethod
+    def requirements(cls, params: MoCoV2Params) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projection_head, self.target_projection_head)]

@@ -37,7 +37,7 @@ from torch import nn
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod, frozen_copy
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class MoCoV3Params(MethodParams):
@@ -96,7 +96,6 @@ class MoCoV3(SSLMethod):
     Params = MoCoV3Params
     family = "contrastive"
     paper = "Chen, Xie & He, ICCV 2021 (arXiv:2104.02057)"
-    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: MoCoV3Params) -> None:
         super().__init__(backbone, params)
@@ -114,6 +113,10 @@ class MoCoV3(SSLMethod):
         self.prediction_head = reference_mlp(2, out, hidden, out, last_bn=vit)
         self.target_backbone = frozen_copy(backbone)
         self.target_projection_head = frozen_copy(self.projection_head)
+
+    @classmethod
+    def requirements(cls, params: MoCoV3Params) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projection_head, self.target_projection_head)]

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class SimCLRParams(MethodParams):
@@ -31,7 +31,6 @@ class SimCLR(SSLMethod):
     Params = SimCLRParams
     family = "contrastive"
     paper = "Chen et al., ICML 2020 (arXiv:2002.05709)"
-    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: SimCLRParams) -> None:
         super().__init__(backbone, params)
@@ -41,6 +40,10 @@ class SimCLR(SSLMethod):
             output_dim=params.projection_dim,
         )
         self.criterion = NTXentLoss(temperature=params.temperature, gather_distributed=params.gather_distributed)
+
+    @classmethod
+    def requirements(cls, params: SimCLRParams) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class SimSiamParams(MethodParams):
@@ -45,7 +45,6 @@ class SimSiam(SSLMethod):
     Params = SimSiamParams
     family = "non-contrastive"
     paper = "Chen & He, CVPR 2021 (arXiv:2011.10566)"
-    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: SimSiamParams) -> None:
         super().__init__(backbone, params)
@@ -59,6 +58,10 @@ class SimSiam(SSLMethod):
             ])
         self.prediction_head = SimSiamPredictionHead(dim, params.prediction_hidden_dim, dim)
         self.criterion = NegativeCosineSimilarity()
+
+    @classmethod
+    def requirements(cls, params: SimSiamParams) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.views.batch import ViewBatch
+from radssl.views.batch import ViewBatch, ViewRequirements
 
 
 class VICRegParams(MethodParams):
@@ -61,13 +61,16 @@ class VICReg(SSLMethod):
     Params = VICRegParams
     family = "non-contrastive"
     paper = "Bardes, Ponce & LeCun, ICLR 2022 (arXiv:2105.04906)"
-    spatial_dims_supported = (2, 3)
 
     def __init__(self, backbone: Backbone, params: VICRegParams) -> None:
         super().__init__(backbone, params)
         self.projection_head = VICRegProjectionHead(
             backbone.feature_dim, params.projection_hidden_dim, params.projection_dim, params.projection_layers
         )
+
+    @classmethod
+    def requirements(cls, params: VICRegParams) -> ViewRequirements:
+        return ViewRequirements(spatial_dims=(2, 3))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

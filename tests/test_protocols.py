@@ -43,7 +43,7 @@ def _one_thread() -> None:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("protocols={linaer: {}}", "unknown key 'protocols.linaer': unknown protocol — did you mean 'linear'?"),
+        ("protocols={linaer: {}}", "unknown key 'protocols.linaer': unknown protocol 'linaer' — did you mean 'linear'?"),
         ("protocols={knn: {kk: 3}}", "unknown key 'protocols.knn.kk' — did you mean 'k'?"),
         ("protocols={finetune: {epochz: 3}}", "unknown key 'protocols.finetune.epochz' — did you mean 'epochs'?"),
         ("protocols={zero_shot: {}}", "protocols.zero_shot.prompts"),

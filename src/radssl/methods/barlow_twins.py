@@ -52,16 +52,6 @@ class BarlowTwins(SSLMethod):
     Params = BarlowTwinsParams
     family = "non-contrastive"
     paper = "Zbontar et al., ICML 2021 (arXiv:2103.03230)"
-    preset = {
-        # The paper's (BYOL's) augmentation for grey images: crop scale 0.3–1 (paper 0.08, which at 28 px leaves an
-        # 8-px patch), colour jitter p=0.8 → brightness/contrast, blur p=1.0 / 0.1 on the two views → 0.5 on both,
-        # σ scaled from 224 px to ≤ 64 px; no solarisation; small rotations for radiographs.
-        "views": {"crop_scale": (0.3, 1.0), "intensity_p": 0.8, "brightness": 0.4, "contrast": 0.4,
-                  "blur_p": 0.5, "blur_sigma": (0.1, 0.6), "hflip_p": 0.5, "rotation_degrees": 10.0},
-        # The paper: LARS, lr 0.2 per 256 for weights, weight decay 1.5e-6, 10 warm-up epochs (of 1000; 5 % here
-        # for short runs). Its 0.0048 lr for biases/BN needs per-group LRs, which the engine does not offer.
-        "optim": {"optimizer": "lars", "lr": 0.2, "momentum": 0.9, "weight_decay": 1.5e-6, "warmup_fraction": 0.05},
-    }
 
     def __init__(self, backbone: Backbone, params: BarlowTwinsParams) -> None:
         super().__init__(backbone, params)
@@ -73,9 +63,6 @@ class BarlowTwins(SSLMethod):
     @classmethod
     def requirements(cls, params: BarlowTwinsParams) -> ViewRequirements:
         return ViewRequirements(spatial_dims=(2, 3))
-
-    def project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone(images))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

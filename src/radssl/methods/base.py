@@ -10,7 +10,8 @@ any scalars worth logging. It declares
   targets are saved with the method's state (BYOL, MoCo, DINO);
 - ``after_optimizer_step()``: parameter constraints applied after each optimiser step (CLIP's bound on its logit
   scale), so a bound never sits in the forward pass where it would cut the gradient;
-- ``preset``: its radiology defaults for the ``views`` and ``optim`` sections (a user's own keys always win).
+- ``preset``: its radiology defaults for the ``views``/``optim``/``method``/``train`` sections (a user's own keys
+  always win), looked up by ``name`` in the shipped ``radssl/presets/methods.yaml`` (:mod:`radssl.methods.presets`).
 
 Hyper-parameters live in a pydantic ``Params`` model so a typo in a YAML key is an error that names the key, before
 any compute is spent. Schedules (momentum, teacher temperature) are functions of the global step only, so a resumed
@@ -19,6 +20,7 @@ run follows exactly the schedule of an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -27,6 +29,7 @@ from lightly.utils.scheduler import cosine_schedule
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from radssl.methods.presets import NO_PRESET, Preset, method_presets
 from radssl.models.base import Backbone
 from radssl.views.batch import ViewBatch, ViewRequirements
 
@@ -47,8 +50,15 @@ class SSLMethod(nn.Module):
     Params: ClassVar[type[MethodParams]]
     family: ClassVar[Family] = "contrastive"
     paper: ClassVar[str] = ""
-    preset: ClassVar[dict[str, dict[str, Any]]] = {}
-    """Radiology defaults per config section (``views``, ``optim``); applied under the user's own keys."""
+    preset: ClassVar[Preset] = NO_PRESET
+    """Radiology defaults per config section (``views``, ``optim``, ...); applied under the user's own keys. Set
+    from the method's entry in ``radssl/presets/methods.yaml`` (a subclass without an entry inherits its parent's)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        entry = method_presets().get(cls.__dict__.get("name", ""))
+        if entry is not None and "preset" not in cls.__dict__:
+            cls.preset = entry.sections
 
     def __init__(self, backbone: Backbone, params: MethodParams) -> None:
         super().__init__()
@@ -63,6 +73,10 @@ class SSLMethod(nn.Module):
 
     def forward(self, batch: ViewBatch) -> MethodOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def project(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone, then the method's ``projection_head``: the embedding its loss compares (methods with that head)."""
+        return self.projection_head(self.backbone(images))
 
     # ------------------------------------------------------------------ schedules
     def set_progress(self, step: int, max_steps: int) -> None:
@@ -112,8 +126,6 @@ def apply_momentum(method: SSLMethod, step: int, max_steps: int) -> float | None
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with gradients off: the starting point of a momentum target."""
-    import copy
-
     target = copy.deepcopy(module)
     for parameter in target.parameters():
         parameter.requires_grad = False

@@ -42,6 +42,7 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.center import center_mean
 from pydantic import Field, model_validator
+from timm.layers import Format
 from torch import nn
 
 from radssl.errors import ConfigError
@@ -91,8 +92,6 @@ def any_input_size(backbone: nn.Module) -> Iterator[None]:
     if vit is None or getattr(vit, "dynamic_img_size", True):
         yield
         return
-    from timm.layers import Format
-
     embed = vit.patch_embed
     saved = (vit.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)
     vit.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = True, False, False, Format.NHWC
@@ -109,20 +108,6 @@ class DINO(SSLMethod):
     Params = DINOParams
     family = "non-contrastive"
     paper = "Caron et al., ICCV 2021 (arXiv:2104.14294)"
-    preset = {
-        # Views: DINO's multi-crop (2 global crops of 40–100 %, 8 local of 5–40 % at 3/7 the side; the policy's
-        # defaults); the intensity/blur/noise ranges stay radssl's X-ray recipe in place of colour jitter/solarise.
-        "views": {"policy": "multi_crop", "crop_scale": [0.4, 1.0]},
-        # Optimiser: the reference's AdamW, lr 5e-4 per 256 images, 10 of 100 epochs warm-up, cosine to ~0,
-        # weight decay 0.04 (its starting value; the reference raises it to 0.4 by cosine, which radssl's
-        # constant-decay optimiser does not do).
-        "optim": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "warmup_fraction": 0.1,
-                  "betas": [0.9, 0.999]},
-        # Gradient clipping at 3.0 as the reference's default (main_dino.py --clip_grad 3.0, applied after backward,
-        # before optimizer.step). The reference clips each parameter's norm (utils.clip_gradients); radssl clips the
-        # global norm (Fabric), which at the same threshold is at least as strict.
-        "train": {"clip_grad": 3.0},
-    }
 
     def __init__(self, backbone: Backbone, params: DINOParams) -> None:
         super().__init__(backbone, params)

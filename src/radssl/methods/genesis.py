@@ -41,19 +41,6 @@ class ModelsGenesis(SSLMethod):
     Params = ModelsGenesisParams
     family = "generative"
     paper = "Zhou et al., MICCAI 2019 / Medical Image Analysis 2021 (arXiv:2004.07882)"
-    preset = {
-        # Views: the reference's only augmentation is flipping (image and target together), on sub-volumes cropped
-        # at several scales; here a mild random crop (60–100 %) and a horizontal flip, no rotation and no intensity,
-        # blur or noise — the corruption itself is the pretext. The corruption's own keys default to the reference.
-        "views": {"policy": "restoration", "crop_scale": [0.6, 1.0], "rotation_degrees": 0.0, "intensity_p": 0.0,
-                  "blur_p": 0.0, "noise_p": 0.0},
-        # Optimiser: the reference's SGD (momentum 0.9, no weight decay) at lr 1 for [0, 1] targets, batch 6, not
-        # scaled with the batch (lr_scaling none). Our targets are normalised pixels, (x − 0.449) / 0.226, so the MSE
-        # is 1 / 0.226² ≈ 19.6 times the reference's and the same step needs lr 1 × 0.226² ≈ 0.05 (lr 1 diverges
-        # within 6 steps here). Cosine decay in place of the reference's step halving on plateaus.
-        "optim": {"optimizer": "sgd", "lr": 0.05, "lr_scaling": "none", "momentum": 0.9, "weight_decay": 0.0,
-                  "warmup_fraction": 0.05},
-    }
 
     def __init__(self, backbone: Backbone, params: ModelsGenesisParams) -> None:
         super().__init__(backbone, params)

@@ -25,7 +25,7 @@ first batch, so checkpoints carry it and a resumed run checks that the views sti
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -128,13 +128,6 @@ class ImageTextMethod(SSLMethod):
 
     Params: ClassVar[type[ImageTextParams]] = ImageTextParams
     family = "multimodal"
-    preset: ClassVar[dict[str, dict[str, Any]]] = {
-        # No horizontal flip: reports name the side ("left lower zone"), and a flipped image contradicts its text.
-        # Milder crops than SimCLR's: the report describes the whole image, and a small crop loses the finding.
-        "views": {"policy": "image_text", "hflip_p": 0.0, "crop_scale": (0.6, 1.0)},
-        "optim": {"optimizer": "adamw", "lr": 1e-3, "lr_scaling": "none", "weight_decay": 1e-4,
-                  "warmup_fraction": 0.05},
-    }
 
     def __init__(self, backbone: Backbone, params: ImageTextParams) -> None:
         super().__init__(backbone, params)

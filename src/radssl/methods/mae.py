@@ -82,15 +82,6 @@ class MAE(SSLMethod):
     Params = MAEParams
     family = "generative"
     paper = "He et al., CVPR 2022 (arXiv:2111.06377)"
-    preset = {
-        # Views: MAE's only augmentation is a random resized crop (scale 0.2–1) and a horizontal flip.
-        "views": {"policy": "single_view", "crop_scale": [0.2, 1.0], "rotation_degrees": 0.0, "intensity_p": 0.0,
-                  "blur_p": 0.0, "noise_p": 0.0},
-        # Optimiser: the paper's AdamW, base lr 1.5e-4 per 256 images, betas (0.9, 0.95), weight decay 0.05,
-        # warm-up 40 of 800 epochs, cosine decay.
-        "optim": {"optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
-                  "warmup_fraction": 0.05},
-    }
 
     def __init__(self, backbone: Backbone, params: MAEParams) -> None:
         super().__init__(backbone, params)

@@ -138,17 +138,6 @@ class MoCoV2(SSLMethod):
     Params = MoCoV2Params
     family = "contrastive"
     paper = "He et al., CVPR 2020 (arXiv:1911.05722); Chen et al. 2020 (arXiv:2003.04297)"
-    preset = {
-        # MoCo v2's "aug+" for grey radiographs: RandomResizedCrop(scale 0.2–1) and flips as the paper; colour
-        # jitter (0.4, 0.4, ·, ·) p=0.8 → brightness/contrast; no grayscale/hue (already grey); blur p=0.5 with the
-        # paper's σ 0.1–2 px at 224 px scaled to ≤ 64 px images; small rotations for radiographs.
-        "views": {"crop_scale": (0.2, 1.0), "intensity_p": 0.8, "brightness": 0.4, "contrast": 0.4,
-                  "blur_p": 0.5, "blur_sigma": (0.1, 0.6), "hflip_p": 0.5, "rotation_degrees": 10.0},
-        # SGD, momentum 0.9, cosine schedule, no warm-up as the paper; for CIFAR-sized images lightly's CIFAR-10
-        # benchmark recipe for MoCo: lr 0.06 per 128 = 0.12 per 256, weight decay 5e-4 (paper, ImageNet: 0.03, 1e-4;
-        # with those the loss barely moved in 20 steps at batch 32 here).
-        "optim": {"optimizer": "sgd", "lr": 0.12, "momentum": 0.9, "weight_decay": 5e-4, "warmup_fraction": 0.0},
-    }
 
     def __init__(self, backbone: Backbone, params: MoCoV2Params) -> None:
         super().__init__(backbone, params)

@@ -96,19 +96,6 @@ class MoCoV3(SSLMethod):
     Params = MoCoV3Params
     family = "contrastive"
     paper = "Chen, Xie & He, ICCV 2021 (arXiv:2104.02057)"
-    preset = {
-        # Reference ResNet recipe (CONFIG.md): crop scale 0.2–1, BYOL-style augmentation; blur p=1.0 / 0.1 on the
-        # two views → 0.5 on both here (the two-view policy applies one recipe to both), paper σ scaled to ≤ 64 px;
-        # colour jitter → brightness/contrast; no solarisation (radssl's augmenter has none).
-        "views": {"crop_scale": (0.2, 1.0), "intensity_p": 0.8, "brightness": 0.4, "contrast": 0.4,
-                  "blur_p": 0.5, "blur_sigma": (0.1, 0.6), "hflip_p": 0.5, "rotation_degrees": 10.0},
-        # The reference recipes are for batch 4096 on ImageNet (ResNet: LARS lr 0.6 per 256, weight decay 1e-6;
-        # ViT: AdamW lr 1.5e-4 per 256, weight decay 0.1) and did not move the loss in 20 steps at batch 32 here.
-        # For CIFAR-sized images at batch 256 we use the SGD recipe of lightly's CIFAR-10 benchmark for its MoCo
-        # (lr 0.06 per 128 = 0.12 per 256, momentum 0.9, weight decay 5e-4) with the reference's 10 % warm-up.
-        # ViT users: {optimizer: adamw, lr: 1.5e-4, weight_decay: 0.1} as the reference.
-        "optim": {"optimizer": "sgd", "lr": 0.12, "momentum": 0.9, "weight_decay": 5e-4, "warmup_fraction": 0.1},
-    }
 
     def __init__(self, backbone: Backbone, params: MoCoV3Params) -> None:
         super().__init__(backbone, params)

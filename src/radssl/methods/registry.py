@@ -10,7 +10,7 @@ from radssl.methods.base import MethodParams, SSLMethod
 from radssl.models.base import Backbone
 from radssl.registry import Registry
 
-METHODS: Registry[SSLMethod] = Registry("method", {
+METHODS: Registry[SSLMethod] = Registry("method", base=SSLMethod, entries={
     "simclr": "radssl.methods.simclr:SimCLR",
     "byol": "radssl.methods.byol:BYOL",
     "moco_v2": "radssl.methods.moco_v2:MoCoV2",
@@ -26,9 +26,8 @@ METHODS: Registry[SSLMethod] = Registry("method", {
 })
 
 
-def method_class(name: str) -> type[SSLMethod]:
-    """The class registered under ``name``; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
-    return METHODS.load(name)
+method_class = METHODS.load
+"""The class registered under a name; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
 
 
 def validate_params(name: str, params: dict) -> MethodParams:

@@ -45,17 +45,6 @@ class SimSiam(SSLMethod):
     Params = SimSiamParams
     family = "non-contrastive"
     paper = "Chen & He, CVPR 2021 (arXiv:2011.10566)"
-    preset = {
-        # The paper's augmentation (MoCo v2's): crop scale 0.2–1, colour jitter p=0.8 → brightness/contrast, blur
-        # p=0.5 with σ scaled from 224 px to ≤ 64 px, flips; small rotations for radiographs.
-        "views": {"crop_scale": (0.2, 1.0), "intensity_p": 0.8, "brightness": 0.4, "contrast": 0.4,
-                  "blur_p": 0.5, "blur_sigma": (0.1, 0.6), "hflip_p": 0.5, "rotation_degrees": 10.0},
-        # The paper's CIFAR-10 recipe (images of this size): SGD, momentum 0.9, weight decay 5e-4, cosine, no
-        # warm-up, lr 0.03 per 256 at batch 512 = 0.06; lightly's CIFAR-10 benchmark keeps 0.06 at every batch size
-        # ("no lr-scaling, results in better training stability"), and so do we.
-        "optim": {"optimizer": "sgd", "lr": 0.06, "lr_scaling": "none", "momentum": 0.9, "weight_decay": 5e-4,
-                  "warmup_fraction": 0.0},
-    }
 
     def __init__(self, backbone: Backbone, params: SimSiamParams) -> None:
         super().__init__(backbone, params)
@@ -73,9 +62,6 @@ class SimSiam(SSLMethod):
     @classmethod
     def requirements(cls, params: SimSiamParams) -> ViewRequirements:
         return ViewRequirements(spatial_dims=(2, 3))
-
-    def project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone(images))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

@@ -61,16 +61,6 @@ class VICReg(SSLMethod):
     Params = VICRegParams
     family = "non-contrastive"
     paper = "Bardes, Ponce & LeCun, ICLR 2022 (arXiv:2105.04906)"
-    preset = {
-        # The paper's (BYOL's) augmentation for grey images: crop scale 0.3–1 (paper 0.08, which at 28 px leaves an
-        # 8-px patch), colour jitter p=0.8 → brightness/contrast, blur p=1.0 / 0.1 on the two views → 0.5 on both,
-        # σ scaled from 224 px to ≤ 64 px; no solarisation; small rotations for radiographs.
-        "views": {"crop_scale": (0.3, 1.0), "intensity_p": 0.8, "brightness": 0.4, "contrast": 0.4,
-                  "blur_p": 0.5, "blur_sigma": (0.1, 0.6), "hflip_p": 0.5, "rotation_degrees": 10.0},
-        # The reference code: LARS, base lr 0.2 per 256, weight decay 1e-6, 10 warm-up epochs (of 1000; 5 % here
-        # for short runs).
-        "optim": {"optimizer": "lars", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-6, "warmup_fraction": 0.05},
-    }
 
     def __init__(self, backbone: Backbone, params: VICRegParams) -> None:
         super().__init__(backbone, params)
@@ -81,9 +71,6 @@ class VICReg(SSLMethod):
     @classmethod
     def requirements(cls, params: VICRegParams) -> ViewRequirements:
         return ViewRequirements(spatial_dims=(2, 3))
-
-    def project(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone(images))
 
     def forward(self, batch: ViewBatch) -> MethodOutput:
         first, second = batch.views

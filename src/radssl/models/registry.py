@@ -13,7 +13,7 @@ from radssl.models.base import Backbone
 from radssl.models.spec import BackboneSpec
 from radssl.registry import Registry
 
-BACKBONE_FAMILIES: Registry[Backbone] = Registry("backbone", {
+BACKBONE_FAMILIES: Registry[Backbone] = Registry("backbone", base=Backbone, entries={
     "resnet18": "radssl.models.backbones:ResNet18",
     "resnet50": "radssl.models.backbones:ResNet50",
     "small_cnn": "radssl.models.backbones:SmallCNN",
@@ -32,9 +32,8 @@ BACKBONE_FAMILIES: Registry[Backbone] = Registry("backbone", {
 })
 
 
-def backbone_class(family: str) -> type[Backbone]:
-    """The class registered under ``family``; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
-    return BACKBONE_FAMILIES.load(family)
+backbone_class = BACKBONE_FAMILIES.load
+"""The class registered under a family name; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
 
 
 def resolve_spec(spec: BackboneSpec) -> BackboneSpec:

@@ -348,7 +348,7 @@ class FramePairing(TablePairing):
         return f"no loop holds two frames {self.params.min_offset}–{self.params.max_offset} apart"
 
 
-PAIRINGS: Registry[Pairing] = Registry("pairing", {
+PAIRINGS: Registry[Pairing] = Registry("pairing", base=Pairing, entries={
     "none": "radssl.views.pairing:SelfPairing",
     "patient": "radssl.views.pairing:PatientPairing",
     "slice": "radssl.views.pairing:SlicePairing",
@@ -356,8 +356,7 @@ PAIRINGS: Registry[Pairing] = Registry("pairing", {
 })
 
 
-def pairing_class(kind: str) -> type[Pairing]:
-    return PAIRINGS.load(kind)
+pairing_class = PAIRINGS.load
 
 
 def build_pairing(params: PairingParams, columns: PairingColumns) -> Pairing:

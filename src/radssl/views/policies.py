@@ -146,7 +146,7 @@ class SingleViewPolicy(ViewPolicy):
         return ViewBatch(views=[normalise_view(view, self.context.channels_last)], rows=rows)
 
 
-POLICIES: Registry[ViewPolicy] = Registry("view policy", {
+POLICIES: Registry[ViewPolicy] = Registry("view policy", base=ViewPolicy, entries={
     "two_view": "radssl.views.policies:TwoViewPolicy",
     "single_view": "radssl.views.policies:SingleViewPolicy",
     "neighbouring_crops": "radssl.views.volume_policies:NeighbouringCropPolicy",
@@ -156,13 +156,9 @@ POLICIES: Registry[ViewPolicy] = Registry("view policy", {
 })
 
 
-def register_policy(cls: type[ViewPolicy]) -> type[ViewPolicy]:
-    """Register a policy class under its ``name`` (usable as a decorator); later registrations win."""
-    return POLICIES.register(cls)
-
-
-def policy_class(name: str) -> type[ViewPolicy]:
-    return POLICIES.load(name)
+register_policy = POLICIES.register
+"""Register a policy class under its ``name`` (usable as a decorator); later registrations win."""
+policy_class = POLICIES.load
 
 
 def build_policy(settings: ViewSettings, context: PolicyContext) -> ViewPolicy:

@@ -2,36 +2,10 @@
 
 Adding a protocol = one module with a :class:`~radssl.transfer.protocols.base.Protocol` subclass + one line in
 :data:`~radssl.transfer.protocols.base.PROTOCOLS` (or :func:`register_protocol`). See ``base.py`` for the interface.
+The package exports exactly ``base.__all__`` (listed once, there).
 """
 
-from radssl.transfer.protocols.base import (
-    PROTOCOLS,
-    CaseOutputs,
-    EncoderInfo,
-    Protocol,
-    ProtocolContext,
-    ProtocolOutcome,
-    ProtocolParams,
-    StudySetup,
-    build_protocol,
-    protocol_class,
-    protocol_names,
-    register_protocol,
-    validate_protocols,
-)
+from radssl.transfer.protocols import base
+from radssl.transfer.protocols.base import *  # noqa: F403 - the interface, as base.__all__ names it
 
-__all__ = [
-    "PROTOCOLS",
-    "CaseOutputs",
-    "EncoderInfo",
-    "Protocol",
-    "ProtocolContext",
-    "ProtocolOutcome",
-    "ProtocolParams",
-    "StudySetup",
-    "build_protocol",
-    "protocol_class",
-    "protocol_names",
-    "register_protocol",
-    "validate_protocols",
-]
+__all__ = list(base.__all__)

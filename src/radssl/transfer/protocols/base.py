@@ -30,7 +30,6 @@ values, in the test set's fixed case order, so paired tests between initialisati
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
 from radssl.data.store import ImageStore
-from radssl.registry import Registry
+from radssl.registry import Registry, did_you_mean
 
 __all__ = [
     "PROTOCOLS",
@@ -216,7 +215,7 @@ def budget_steps_per_epoch(rule: str | int, batch_size: int, subset_rows: int, f
 
 
 # ---------------------------------------------------------------------------------------------- registry
-PROTOCOLS: Registry[Protocol] = Registry("protocol", {
+PROTOCOLS: Registry[Protocol] = Registry("protocol", base=Protocol, entries={
     "linear": "radssl.transfer.protocols.linear:LinearProbeProtocol",
     "knn": "radssl.transfer.protocols.knn:KnnProtocol",
     "finetune": "radssl.transfer.protocols.finetune:FinetuneProtocol",
@@ -227,20 +226,10 @@ PROTOCOLS: Registry[Protocol] = Registry("protocol", {
 """Protocol name → class or ``module:Class`` import path (imported on first use)."""
 
 
-def register_protocol(cls: type[Protocol]) -> type[Protocol]:
-    """Register a protocol class under its ``name`` (usable as a decorator); a later registration wins."""
-    if not (isinstance(cls, type) and issubclass(cls, Protocol)) or not getattr(cls, "name", ""):
-        raise TypeError(f"register_protocol takes a Protocol subclass with a name, got {cls!r}")
-    return PROTOCOLS.register(cls)
-
-
-def protocol_names() -> list[str]:
-    return PROTOCOLS.names()
-
-
-def protocol_class(name: str) -> type[Protocol]:
-    """The class registered under ``name``; :class:`~radssl.registry.UnknownNameError` (did-you-mean) otherwise."""
-    return PROTOCOLS.load(name)
+register_protocol = PROTOCOLS.register
+"""Register a Protocol subclass under its ``name`` (usable as a decorator); a later registration wins."""
+protocol_names = PROTOCOLS.names
+protocol_class = PROTOCOLS.load
 
 
 def build_protocol(name: str, params: ProtocolParams | Mapping[str, Any] | None = None) -> Protocol:
@@ -251,20 +240,18 @@ def validate_protocols(value: Mapping[str, Any], prefix: str = "protocols") -> d
     """``{name: params mapping | None}`` → ``{name: validated Params | None}``.
 
     Raises one :class:`pydantic.ValidationError` holding every problem with its location inside the mapping
-    (``('linear', 'Cz')``), so a config loader reports ``protocols.linear.Cz`` — an unknown protocol name or an
-    unknown key, each with the closest valid spelling.
+    (``('linear', 'Cz')``), so a config loader reports ``protocols.linear.Cz`` — an unknown protocol name (the
+    registry's own :class:`~radssl.registry.UnknownNameError` message) or an unknown key, each with the closest
+    valid spelling.
     """
     errors: list[InitErrorDetails] = []
     out: dict[str, ProtocolParams | None] = {}
     for name, params in value.items():
         name = str(name)
         if name not in PROTOCOLS:
-            close = difflib.get_close_matches(name, list(PROTOCOLS), n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
             errors.append(InitErrorDetails(
-                type=PydanticCustomError("unknown_protocol", "unknown key '{key}': unknown protocol{hint} "
-                                         "(registered protocols: {known})",
-                                         {"key": f"{prefix}.{name}", "hint": hint, "known": ", ".join(PROTOCOLS)}),
+                type=PydanticCustomError("unknown_protocol", "unknown key '{key}': {problem}",
+                                         {"key": f"{prefix}.{name}", "problem": str(PROTOCOLS.unknown(name))}),
                 loc=(name,), input=params))
             continue
         if params is None or params is False:
@@ -274,21 +261,26 @@ def validate_protocols(value: Mapping[str, Any], prefix: str = "protocols") -> d
         try:
             out[name] = cls.Params.model_validate({} if params is True else params)
         except ValidationError as error:
-            allowed = list(cls.Params.model_fields)
-            for item in error.errors():
-                loc = (name, *item["loc"])
-                if item["type"] == "extra_forbidden":
-                    key = str(item["loc"][-1]) if item["loc"] else ""
-                    close = difflib.get_close_matches(key, allowed, n=1)
-                    hint = f" — did you mean '{close[0]}'?" if close else f" — '{name}' takes: {', '.join(allowed)}"
-                    dotted = ".".join(str(p) for p in (prefix, *loc))
-                    errors.append(InitErrorDetails(
-                        type=PydanticCustomError("unknown_key", "unknown key '{key}'{hint}",
-                                                 {"key": dotted, "hint": hint}), loc=loc, input=item["input"]))
-                else:
-                    errors.append(InitErrorDetails(
-                        type=PydanticCustomError("protocol_params", "{msg}", {"msg": item["msg"]}),
-                        loc=loc, input=item.get("input")))
+            errors.extend(_params_errors(name, list(cls.Params.model_fields), error, prefix))
     if errors:
         raise ValidationError.from_exception_data("protocols", errors)
     return out
+
+
+def _params_errors(name: str, allowed: list[str], error: ValidationError, prefix: str) -> list[InitErrorDetails]:
+    """A protocol's params errors located under its name; an unknown key gets the closest spelling (or the keys)."""
+    details: list[InitErrorDetails] = []
+    for item in error.errors():
+        loc = (name, *item["loc"])
+        if item["type"] == "extra_forbidden":
+            key = str(item["loc"][-1]) if item["loc"] else ""
+            hint = did_you_mean(key, allowed) or f" — '{name}' takes: {', '.join(allowed)}"
+            dotted = ".".join(str(p) for p in (prefix, *loc))
+            details.append(InitErrorDetails(
+                type=PydanticCustomError("unknown_key", "unknown key '{key}'{hint}", {"key": dotted, "hint": hint}),
+                loc=loc, input=item["input"]))
+        else:
+            details.append(InitErrorDetails(
+                type=PydanticCustomError("protocol_params", "{msg}", {"msg": item["msg"]}),
+                loc=loc, input=item.get("input")))
+    return details

@@ -41,7 +41,6 @@ so ``on_bad_file: skip`` skips and lists it.
 
 from __future__ import annotations
 
-import csv as csv_module
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -50,9 +49,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-from radssl.data.folder import class_index, derive_classes, split_name, under_root
+from radssl.data.ingest import RowFile, ordered_map
+from radssl.data.label_table import (
+    SideTables,
+    entry_label,
+    label_record,
+    read_label_table,
+    split_name,
+    table_classes,
+)
 from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
@@ -64,25 +71,22 @@ LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-class DicomSourceConfig(BaseModel):
-    """Where the DICOM files are, how they become records, and where labels come from."""
+class DicomSourceConfig(SideTables):
+    """Where the DICOM files are, how they become records, and where labels come from.
 
-    model_config = ConfigDict(extra="forbid")
+    ``root``, ``label_csv``, ``label_column``, ``classes`` and the ``report_*`` fields are
+    :class:`~radssl.data.label_table.SideTables`' (relative CSV paths are read inside ``root``).
+    """
 
     kind: Literal["dicom"] = "dicom"
-    root: Path
     pattern: str = "**/*"
     """Glob below ``root``; files are recognised by their ``DICM`` preamble, so no suffix is needed."""
     assemble: Literal["images", "series"] = "images"
     """``images``: every 2D image or frame is a record; ``series``: the slices of a series become one volume."""
-    label_csv: Path | None = None
-    """Labels (and optionally splits) keyed by ``label_key``; a relative path is read inside ``root``."""
     label_key: Literal["patient_id", "study_id", "series_id", "path"] = "patient_id"
     """Which identifier the CSV rows are keyed by; ``path`` is the file (or series folder) relative to root."""
     key_column: str | None = None
     """CSV column holding that identifier; defaults to the ``label_key`` name."""
-    label_column: str = "label"
-    classes: list[str] | None = None
     split_column: str | None = None
     """Column of ``label_csv`` holding each key's split (``train``/``val``/``test``; ``valid``, ``validation``,
     ``training``, ``testing``, ``unlabelled`` understood). Unset, radssl makes its own patient-level splits (and
@@ -92,24 +96,8 @@ class DicomSourceConfig(BaseModel):
     """Expected DICOM Modality (``CT``, ``MR``, ``US``, ``DX`` ...); a file of another modality is an error."""
     slice_spacing_tolerance: float | None = Field(default=0.1, ge=0.0)
     """Largest relative deviation of one slice gap from the series' median gap; ``None`` turns the check off."""
-    report_csv: Path | None = None
-    """Free-text reports (for image–text pretraining) keyed by ``report_key``; a relative path is read inside
-    ``root``. Read and joined by ``radssl.data.reports``."""
     report_key: Literal["patient_id", "study_id"] = "study_id"
     """Which identifier the report rows are keyed by (a study's report is shared by all its images)."""
-    report_key_column: str | None = None
-    """CSV column holding that identifier; defaults to the ``report_key`` name."""
-    report_column: str = "report"
-    report_encoding: str = "utf-8"
-    """Text encoding of ``report_csv`` (e.g. ``latin-1``, ``cp1252``); undecodable bytes are an error naming the line."""
-
-    @model_validator(mode="after")
-    def _label_csv_in_root(self) -> "DicomSourceConfig":
-        if self.label_csv is not None:
-            self.label_csv = under_root(self.root, self.label_csv)
-        if self.report_csv is not None:
-            self.report_csv = under_root(self.root, self.report_csv)
-        return self
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -699,45 +687,6 @@ def _assemble_series(files: list[list[_Frame]], config: DicomSourceConfig, log: 
 
 
 # ----------------------------------------------------------------------------------------- labels
-def _read_label_table(config: DicomSourceConfig) -> tuple[dict[str, tuple[str, str, int]], list[str] | None]:
-    """key → (label text, split text, CSV line); and the class list (declared or derived)."""
-    if config.label_csv is None:
-        return {}, None
-    path = Path(config.label_csv)
-    if not path.is_file():
-        raise DataError(
-            str(path), "label CSV not found", "check `label_csv` in the source config (a relative path is read inside `root`)"
-        )
-    key_column = config.key_column or config.label_key
-    with open(path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv_module.DictReader(stream)
-        header = list(reader.fieldnames or [])
-        wanted = [key_column, config.label_column] + ([config.split_column] if config.split_column else [])
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise DataError(
-                str(path),
-                f"columns {missing} not found; the CSV has {header}",
-                "fix key_column/label_column/split_column",
-            )
-        table: dict[str, tuple[str, str, int]] = {}
-        for row in reader:
-            key = (row.get(key_column) or "").strip()
-            if not key:
-                continue
-            label = (row.get(config.label_column) or "").strip()
-            split = (row.get(config.split_column) or "").strip() if config.split_column else ""
-            if key in table and table[key][:2] != (label, split):
-                raise DataError(
-                    f"{path}: line {reader.line_num}",
-                    f"'{key}' appears again with a different label (first on line {table[key][2]})",
-                    "list each key once",
-                )
-            table.setdefault(key, (label, split, reader.line_num))
-    classes = config.classes or derive_classes([label for label, _, _ in table.values()])
-    return table, classes
-
-
 def _record_keys(record: Record, config: DicomSourceConfig) -> list[str]:
     if config.label_key != "path":
         return [str(getattr(record, config.label_key))]
@@ -753,28 +702,24 @@ def _record_keys(record: Record, config: DicomSourceConfig) -> list[str]:
 
 
 def _attach_labels(records: list[Record], config: DicomSourceConfig, log: BadFileLog) -> list[Record]:
-    table, classes = _read_label_table(config)
     if config.label_csv is None:
         return records
+    table = read_label_table(config.label_csv, config.key_column or config.label_key, config.label_column,
+                             config.split_column, columns_fix="fix key_column/label_column/split_column")
+    classes = table_classes(config.classes, table)
     kept = []
     for record in records:
         entry = next((table[k] for k in _record_keys(record, config) if k in table), None)
         try:
-            if entry is not None:
-                label_text, split_text, line = entry
-                where = f"{config.label_csv}: line {line}"
-                if label_text:
-                    record.label = class_index(label_text, classes or [], where, config.label_column)
-                record.extra["class_name"] = label_text
-                if config.split_column:
-                    record.split = split_name(split_text, where, config.split_column)
-            else:
-                record.extra["class_name"] = ""
+            label, class_name = entry_label(entry, classes, config.label_column)
+            split = split_name(entry.split, entry.where, config.split_column) if entry and config.split_column else None
         except DataError as error:
             log.handle(DataError(record.path, f"{error.source}: {error.problem}", error.fix))
             continue
-        if classes:
-            record.extra["class_names"] = tuple(classes)
+        if entry is not None and config.split_column:
+            record.split = split
+        record.extra["class_name"] = class_name  # every record of a labelled source names its class ("" = none)
+        label_record(record, label, classes or None, class_name)
         kept.append(record)
     return kept
 
@@ -844,8 +789,6 @@ class _PreprocessedRows:
     """Frames preprocessed while planning: rows of a scratch ``.npy`` in file order (odd shapes kept aside)."""
 
     def __init__(self, path: Path) -> None:
-        from radssl.data.ingest import RowFile
-
         self.file = RowFile(path)
         self.where: dict[tuple[str, int | None], int | np.ndarray | DataError] = {}
         self.rows: np.ndarray | None = None
@@ -890,8 +833,6 @@ def plan_dicom_units(
     preprocessed in that same pass and kept as a row in ``scratch``, and the units copy those rows in record
     order (one decode per file). Otherwise (``series``) each unit decodes its files again and stacks the volume.
     """
-    from radssl.data.ingest import ordered_map
-
     early = preprocess if config.assemble == "images" and scratch is not None else None
     rows = _PreprocessedRows(Path(scratch) / "frames.npy") if early is not None else None
     files: list[list[_Frame]] = []

@@ -349,13 +349,13 @@ def _modality_values(ds: Any, pixels: np.ndarray, frames: int) -> list[np.ndarra
     return out
 
 
-def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[_Frame]:
-    """Decode one DICOM file into its frames (one for a single-frame file) with their tags."""
+def _read_dataset(path: Path) -> Any:
+    """The parsed file (pixels not decoded yet); a DataError naming it when its header cannot be read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, force=False)
+        return pydicom.dcmread(path, force=False)
     except InvalidDicomError as error:
         raise DataError(str(path), f"not a readable DICOM file ({error})", "re-export or remove it") from error
     except Exception as error:  # EOFError, struct.error, OSError, ValueError on damaged headers
@@ -364,6 +364,10 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
             f"cannot read the DICOM header ({type(error).__name__}: {error}); the file is truncated or corrupt",
             "re-export or remove it, or use on_bad_file: skip",
         ) from error
+
+
+def _file_modality(ds: Any, path: Path, expected_modality: str | None) -> str:
+    """The file's Modality (upper case), else the expected one; a file of another modality is an error."""
     modality = _text(ds, "Modality").upper()
     if expected_modality and modality and modality != expected_modality.upper():
         raise DataError(
@@ -371,7 +375,11 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
             f"Modality is '{modality}' but the source config expects '{expected_modality}'",
             "fix `modality`, narrow `pattern`, or move the file out of this dataset",
         )
-    modality = modality or (expected_modality or "").upper()
+    return modality or (expected_modality or "").upper()
+
+
+def _frame_values(ds: Any, path: Path) -> tuple[list[np.ndarray], int, str]:
+    """Each frame's grey values (modality units for MONOCHROME), the frame count and the photometric interpretation."""
     pixels = _decode(ds, path)
     declared = _floats(ds.get("NumberOfFrames"))
     frames = max(int(declared[0]), 1) if declared else 1
@@ -384,9 +392,43 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
     if grey.ndim != expected_ndim:
         raise DataError(str(path), f"decoded pixels have shape {grey.shape}; expected {frames} frame(s) of 2D images")
     if photometric.startswith("MONOCHROME"):
-        values = _modality_values(ds, grey, frames)
-    else:
-        values = list(grey) if frames > 1 else [grey]
+        return _modality_values(ds, grey, frames), frames, photometric
+    return (list(grey) if frames > 1 else [grey]), frames, photometric
+
+
+def _frame(ds: Any, path: Path, index: int | None, pixels: np.ndarray, frames: int, modality: str,
+           spacing: tuple[float, float] | None, extra: dict[str, Any]) -> _Frame:
+    """One frame with the geometry tags of its functional group (or of the file)."""
+    position = _floats(_functional(ds, index, "PlanePositionSequence", "ImagePositionPatient"))
+    orientation = _floats(_functional(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient"))
+    thickness = _floats(_functional(ds, index, "PixelMeasuresSequence", "SliceThickness"))
+    between = _floats(_functional(ds, index, "PixelMeasuresSequence", "SpacingBetweenSlices"))
+    instance = _floats(ds.get("InstanceNumber"))
+    return _Frame(
+        pixels=np.ascontiguousarray(pixels),
+        path=path,
+        frame=index,
+        n_frames=frames,
+        patient_id=_text(ds, "PatientID"),
+        study_id=_text(ds, "StudyInstanceUID"),
+        series_id=_text(ds, "SeriesInstanceUID"),
+        sop_uid=extra["sop_instance_uid"],
+        modality=modality,
+        instance_number=int(instance[0]) if instance else None,
+        position=np.array(position) if position and len(position) == 3 else None,
+        orientation=np.array(orientation) if orientation and len(orientation) == 6 else None,
+        pixel_spacing=spacing,
+        slice_thickness=thickness[0] if thickness and thickness[0] > 0 else None,
+        spacing_between_slices=between[0] if between and between[0] > 0 else None,
+        extra=extra,
+    )
+
+
+def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[_Frame]:
+    """Decode one DICOM file into its frames (one for a single-frame file) with their tags."""
+    ds = _read_dataset(path)
+    modality = _file_modality(ds, path, expected_modality)
+    values, frames, photometric = _frame_values(ds, path)
     base = {
         "photometric": photometric,
         "invert": photometric == "MONOCHROME1",
@@ -396,41 +438,17 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
     }
     voi = _voi_lut(ds) if photometric.startswith("MONOCHROME") else None
     frame_time = _floats(ds.get("FrameTime"))
-    instance = _floats(ds.get("InstanceNumber"))
     out = []
     for f, frame_pixels in enumerate(values):
         index = f if frames > 1 else None
         spacing, spacing_source = _pixel_spacing(ds, index)
-        position = _floats(_functional(ds, index, "PlanePositionSequence", "ImagePositionPatient"))
-        orientation = _floats(_functional(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient"))
-        thickness = _floats(_functional(ds, index, "PixelMeasuresSequence", "SliceThickness"))
-        between = _floats(_functional(ds, index, "PixelMeasuresSequence", "SpacingBetweenSlices"))
-        extra = dict(base, spacing_source=spacing_source)
+        extra: dict[str, Any] = dict(base, spacing_source=spacing_source)
         extra["windows"] = _windows(ds, index) if photometric.startswith("MONOCHROME") else []
         if voi is not None:
             extra["voi_lut"] = voi
         if frame_time:
             extra["frame_time_ms"] = frame_time[0]
-        out.append(
-            _Frame(
-                pixels=np.ascontiguousarray(frame_pixels),
-                path=path,
-                frame=index,
-                n_frames=frames,
-                patient_id=_text(ds, "PatientID"),
-                study_id=_text(ds, "StudyInstanceUID"),
-                series_id=_text(ds, "SeriesInstanceUID"),
-                sop_uid=base["sop_instance_uid"],
-                modality=modality,
-                instance_number=int(instance[0]) if instance else None,
-                position=np.array(position) if position and len(position) == 3 else None,
-                orientation=np.array(orientation) if orientation and len(orientation) == 6 else None,
-                pixel_spacing=spacing,
-                slice_thickness=thickness[0] if thickness and thickness[0] > 0 else None,
-                spacing_between_slices=between[0] if between and between[0] > 0 else None,
-                extra=extra,
-            )
-        )
+        out.append(_frame(ds, path, index, frame_pixels, frames, modality, spacing, extra))
     return out
 
 

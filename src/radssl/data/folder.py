@@ -41,7 +41,9 @@ from __future__ import annotations
 import csv as csv_module
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -506,6 +508,20 @@ def _fill_csv_record(record: Record, config: FolderSourceConfig, row: dict[str, 
         label_record(record, cells.label, classes, cells.class_name)
 
 
+def _masked_record(config: FolderSourceConfig, path: Path, log: BadFileLog, decode: bool,
+                   mask_paths: Callable[[], list[Path]] | None, where: str) -> Record | None:
+    """The image's record with its mask files checked and attached; None (after ``log``) when either is bad."""
+    record = _image_record(path, log, config.modality, decode)
+    if record is None or mask_paths is None:
+        return record
+    try:
+        _attach_mask(record, config, mask_paths(), where)
+    except DataError as error:
+        log.handle(error)
+        return None
+    return record
+
+
 def _from_csv(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) -> list[Record]:
     rows, classes = _csv_table(config)
     first_line: dict[Path, int] = {}
@@ -520,17 +536,13 @@ def _from_csv(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) 
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(image_path, log, config.modality, decode)
+        where = f"{config.csv}: line {line}"
+        mask_paths = None if masks is None else (
+            partial(_mask_paths_from_cell, config, row[config.mask_column], where) if config.mask_column
+            else partial(masks.masks_for, image_path))
+        record = _masked_record(config, image_path, log, decode, mask_paths, where)
         if record is None:
             continue
-        if masks is not None:
-            try:
-                paths = (_mask_paths_from_cell(config, row[config.mask_column], f"{config.csv}: line {line}")
-                         if config.mask_column else masks.masks_for(image_path))
-                _attach_mask(record, config, paths, f"{config.csv}: line {line}")
-            except DataError as error:
-                log.handle(error)
-                continue
         _fill_csv_record(record, config, row, line, cells, classes)
         records.append(record)
     return records
@@ -595,15 +607,10 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog, decode: bool =
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(path, log, config.modality, decode)
+        record = _masked_record(config, path, log, decode,
+                                partial(finder.masks_for, path) if config.has_masks else None, str(path))
         if record is None:
             continue
-        if config.has_masks:
-            try:
-                _attach_mask(record, config, finder.masks_for(path), str(path))
-            except DataError as error:
-                log.handle(error)
-                continue
         record.split = split
         record.patient_id = patient
         label_record(record, label, classes or None, name)

@@ -290,7 +290,8 @@ def _mr_channels(spec: SyntheticVolumeSpec, rng: np.random.Generator, tissues: d
 def _ct_channel(rng: np.random.Generator, tissues: dict[str, np.ndarray], texture: np.ndarray, gain: np.ndarray,
                 noise: float) -> np.ndarray:
     """The CT image in stored units: Hounsfield-like values through the abdomen window, additive noise."""
-    body, inner, fat, spine, organ, finding = (tissues[k] for k in ("body", "inner", "fat", "spine", "organ", "finding"))
+    body, inner, fat, spine = tissues["body"], tissues["inner"], tissues["fat"], tissues["spine"]
+    organ, finding = tissues["organ"], tissues["finding"]
     hu_soft = (_CT_TABLE["tissue"] + 12.0 * texture) * inner + _CT_TABLE["fat"] * fat
     hu = _CT_TABLE["background"] * (1.0 - body) + hu_soft * (1.0 - spine) + _CT_TABLE["bone"] * spine
     hu = hu * (1.0 - organ) + (_CT_TABLE["organ"] + 8.0 * texture) * organ

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from radssl.config import FilesData, MedMNISTData, SyntheticData, SyntheticVolumeData
+from radssl.data.medical import load_medical_store
+from radssl.data.medmnist import load_medmnist
+from radssl.data.slices import volumes_to_slices
 from radssl.data.store import ImageStore
+from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
+from radssl.data.synthetic3d import make_synthetic_volume_store
 
 
 def build_store(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
@@ -11,20 +16,14 @@ def build_store(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore
     store = _load(section)
     slices = getattr(section, "slices", None)
     if slices is not None:
-        from radssl.data.slices import volumes_to_slices
-
         store = volumes_to_slices(store, slices.axis, slices.keep)
     return store
 
 
 def _load(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
     if isinstance(section, MedMNISTData):
-        from radssl.data.medmnist import load_medmnist
-
         return load_medmnist(section.name, section.size, section.root, allow_download=section.download)
     if isinstance(section, SyntheticData):
-        from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
-
         extra = {} if section.finding_contrast is None else {"finding_contrast": section.finding_contrast}
         spec = SyntheticSpec(
             **extra,
@@ -39,11 +38,7 @@ def _load(section: MedMNISTData | SyntheticData | FilesData) -> ImageStore:
         )
         return make_synthetic_store(spec)
     if isinstance(section, SyntheticVolumeData):
-        from radssl.data.synthetic3d import make_synthetic_volume_store
-
         return make_synthetic_volume_store(section.spec())
     if isinstance(section, FilesData):
-        from radssl.data.medical import load_medical_store
-
         return load_medical_store(section, name=section.name)
     raise TypeError(f"unsupported data section {type(section).__name__}")

@@ -41,7 +41,6 @@ so ``on_bad_file: skip`` skips and lists it.
 
 from __future__ import annotations
 
-import csv as csv_module
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -50,9 +49,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-from radssl.data.folder import class_index, derive_classes, split_name, under_root
+from radssl.data.ingest import RowFile, ordered_map
+from radssl.data.label_table import (
+    SideTables,
+    entry_label,
+    label_record,
+    read_label_table,
+    split_name,
+    table_classes,
+)
 from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
@@ -64,25 +71,22 @@ LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-class DicomSourceConfig(BaseModel):
-    """Where the DICOM files are, how they become records, and where labels come from."""
+class DicomSourceConfig(SideTables):
+    """Where the DICOM files are, how they become records, and where labels come from.
 
-    model_config = ConfigDict(extra="forbid")
+    ``root``, ``label_csv``, ``label_column``, ``classes`` and the ``report_*`` fields are
+    :class:`~radssl.data.label_table.SideTables`' (relative CSV paths are read inside ``root``).
+    """
 
     kind: Literal["dicom"] = "dicom"
-    root: Path
     pattern: str = "**/*"
     """Glob below ``root``; files are recognised by their ``DICM`` preamble, so no suffix is needed."""
     assemble: Literal["images", "series"] = "images"
     """``images``: every 2D image or frame is a record; ``series``: the slices of a series become one volume."""
-    label_csv: Path | None = None
-    """Labels (and optionally splits) keyed by ``label_key``; a relative path is read inside ``root``."""
     label_key: Literal["patient_id", "study_id", "series_id", "path"] = "patient_id"
     """Which identifier the CSV rows are keyed by; ``path`` is the file (or series folder) relative to root."""
     key_column: str | None = None
     """CSV column holding that identifier; defaults to the ``label_key`` name."""
-    label_column: str = "label"
-    classes: list[str] | None = None
     split_column: str | None = None
     """Column of ``label_csv`` holding each key's split (``train``/``val``/``test``; ``valid``, ``validation``,
     ``training``, ``testing``, ``unlabelled`` understood). Unset, radssl makes its own patient-level splits (and
@@ -92,24 +96,8 @@ class DicomSourceConfig(BaseModel):
     """Expected DICOM Modality (``CT``, ``MR``, ``US``, ``DX`` ...); a file of another modality is an error."""
     slice_spacing_tolerance: float | None = Field(default=0.1, ge=0.0)
     """Largest relative deviation of one slice gap from the series' median gap; ``None`` turns the check off."""
-    report_csv: Path | None = None
-    """Free-text reports (for image–text pretraining) keyed by ``report_key``; a relative path is read inside
-    ``root``. Read and joined by ``radssl.data.reports``."""
     report_key: Literal["patient_id", "study_id"] = "study_id"
     """Which identifier the report rows are keyed by (a study's report is shared by all its images)."""
-    report_key_column: str | None = None
-    """CSV column holding that identifier; defaults to the ``report_key`` name."""
-    report_column: str = "report"
-    report_encoding: str = "utf-8"
-    """Text encoding of ``report_csv`` (e.g. ``latin-1``, ``cp1252``); undecodable bytes are an error naming the line."""
-
-    @model_validator(mode="after")
-    def _label_csv_in_root(self) -> "DicomSourceConfig":
-        if self.label_csv is not None:
-            self.label_csv = under_root(self.root, self.label_csv)
-        if self.report_csv is not None:
-            self.report_csv = under_root(self.root, self.report_csv)
-        return self
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -361,13 +349,13 @@ def _modality_values(ds: Any, pixels: np.ndarray, frames: int) -> list[np.ndarra
     return out
 
 
-def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[_Frame]:
-    """Decode one DICOM file into its frames (one for a single-frame file) with their tags."""
+def _read_dataset(path: Path) -> Any:
+    """The parsed file (pixels not decoded yet); a DataError naming it when its header cannot be read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, force=False)
+        return pydicom.dcmread(path, force=False)
     except InvalidDicomError as error:
         raise DataError(str(path), f"not a readable DICOM file ({error})", "re-export or remove it") from error
     except Exception as error:  # EOFError, struct.error, OSError, ValueError on damaged headers
@@ -376,6 +364,10 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
             f"cannot read the DICOM header ({type(error).__name__}: {error}); the file is truncated or corrupt",
             "re-export or remove it, or use on_bad_file: skip",
         ) from error
+
+
+def _file_modality(ds: Any, path: Path, expected_modality: str | None) -> str:
+    """The file's Modality (upper case), else the expected one; a file of another modality is an error."""
     modality = _text(ds, "Modality").upper()
     if expected_modality and modality and modality != expected_modality.upper():
         raise DataError(
@@ -383,7 +375,11 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
             f"Modality is '{modality}' but the source config expects '{expected_modality}'",
             "fix `modality`, narrow `pattern`, or move the file out of this dataset",
         )
-    modality = modality or (expected_modality or "").upper()
+    return modality or (expected_modality or "").upper()
+
+
+def _frame_values(ds: Any, path: Path) -> tuple[list[np.ndarray], int, str]:
+    """Each frame's grey values (modality units for MONOCHROME), the frame count and the photometric interpretation."""
     pixels = _decode(ds, path)
     declared = _floats(ds.get("NumberOfFrames"))
     frames = max(int(declared[0]), 1) if declared else 1
@@ -396,9 +392,43 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
     if grey.ndim != expected_ndim:
         raise DataError(str(path), f"decoded pixels have shape {grey.shape}; expected {frames} frame(s) of 2D images")
     if photometric.startswith("MONOCHROME"):
-        values = _modality_values(ds, grey, frames)
-    else:
-        values = list(grey) if frames > 1 else [grey]
+        return _modality_values(ds, grey, frames), frames, photometric
+    return (list(grey) if frames > 1 else [grey]), frames, photometric
+
+
+def _frame(ds: Any, path: Path, index: int | None, pixels: np.ndarray, frames: int, modality: str,
+           spacing: tuple[float, float] | None, extra: dict[str, Any]) -> _Frame:
+    """One frame with the geometry tags of its functional group (or of the file)."""
+    position = _floats(_functional(ds, index, "PlanePositionSequence", "ImagePositionPatient"))
+    orientation = _floats(_functional(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient"))
+    thickness = _floats(_functional(ds, index, "PixelMeasuresSequence", "SliceThickness"))
+    between = _floats(_functional(ds, index, "PixelMeasuresSequence", "SpacingBetweenSlices"))
+    instance = _floats(ds.get("InstanceNumber"))
+    return _Frame(
+        pixels=np.ascontiguousarray(pixels),
+        path=path,
+        frame=index,
+        n_frames=frames,
+        patient_id=_text(ds, "PatientID"),
+        study_id=_text(ds, "StudyInstanceUID"),
+        series_id=_text(ds, "SeriesInstanceUID"),
+        sop_uid=extra["sop_instance_uid"],
+        modality=modality,
+        instance_number=int(instance[0]) if instance else None,
+        position=np.array(position) if position and len(position) == 3 else None,
+        orientation=np.array(orientation) if orientation and len(orientation) == 6 else None,
+        pixel_spacing=spacing,
+        slice_thickness=thickness[0] if thickness and thickness[0] > 0 else None,
+        spacing_between_slices=between[0] if between and between[0] > 0 else None,
+        extra=extra,
+    )
+
+
+def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[_Frame]:
+    """Decode one DICOM file into its frames (one for a single-frame file) with their tags."""
+    ds = _read_dataset(path)
+    modality = _file_modality(ds, path, expected_modality)
+    values, frames, photometric = _frame_values(ds, path)
     base = {
         "photometric": photometric,
         "invert": photometric == "MONOCHROME1",
@@ -408,41 +438,17 @@ def read_dicom_frames(path: Path, expected_modality: str | None = None) -> list[
     }
     voi = _voi_lut(ds) if photometric.startswith("MONOCHROME") else None
     frame_time = _floats(ds.get("FrameTime"))
-    instance = _floats(ds.get("InstanceNumber"))
     out = []
     for f, frame_pixels in enumerate(values):
         index = f if frames > 1 else None
         spacing, spacing_source = _pixel_spacing(ds, index)
-        position = _floats(_functional(ds, index, "PlanePositionSequence", "ImagePositionPatient"))
-        orientation = _floats(_functional(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient"))
-        thickness = _floats(_functional(ds, index, "PixelMeasuresSequence", "SliceThickness"))
-        between = _floats(_functional(ds, index, "PixelMeasuresSequence", "SpacingBetweenSlices"))
-        extra = dict(base, spacing_source=spacing_source)
+        extra: dict[str, Any] = dict(base, spacing_source=spacing_source)
         extra["windows"] = _windows(ds, index) if photometric.startswith("MONOCHROME") else []
         if voi is not None:
             extra["voi_lut"] = voi
         if frame_time:
             extra["frame_time_ms"] = frame_time[0]
-        out.append(
-            _Frame(
-                pixels=np.ascontiguousarray(frame_pixels),
-                path=path,
-                frame=index,
-                n_frames=frames,
-                patient_id=_text(ds, "PatientID"),
-                study_id=_text(ds, "StudyInstanceUID"),
-                series_id=_text(ds, "SeriesInstanceUID"),
-                sop_uid=base["sop_instance_uid"],
-                modality=modality,
-                instance_number=int(instance[0]) if instance else None,
-                position=np.array(position) if position and len(position) == 3 else None,
-                orientation=np.array(orientation) if orientation and len(orientation) == 6 else None,
-                pixel_spacing=spacing,
-                slice_thickness=thickness[0] if thickness and thickness[0] > 0 else None,
-                spacing_between_slices=between[0] if between and between[0] > 0 else None,
-                extra=extra,
-            )
-        )
+        out.append(_frame(ds, path, index, frame_pixels, frames, modality, spacing, extra))
     return out
 
 
@@ -699,45 +705,6 @@ def _assemble_series(files: list[list[_Frame]], config: DicomSourceConfig, log: 
 
 
 # ----------------------------------------------------------------------------------------- labels
-def _read_label_table(config: DicomSourceConfig) -> tuple[dict[str, tuple[str, str, int]], list[str] | None]:
-    """key → (label text, split text, CSV line); and the class list (declared or derived)."""
-    if config.label_csv is None:
-        return {}, None
-    path = Path(config.label_csv)
-    if not path.is_file():
-        raise DataError(
-            str(path), "label CSV not found", "check `label_csv` in the source config (a relative path is read inside `root`)"
-        )
-    key_column = config.key_column or config.label_key
-    with open(path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv_module.DictReader(stream)
-        header = list(reader.fieldnames or [])
-        wanted = [key_column, config.label_column] + ([config.split_column] if config.split_column else [])
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise DataError(
-                str(path),
-                f"columns {missing} not found; the CSV has {header}",
-                "fix key_column/label_column/split_column",
-            )
-        table: dict[str, tuple[str, str, int]] = {}
-        for row in reader:
-            key = (row.get(key_column) or "").strip()
-            if not key:
-                continue
-            label = (row.get(config.label_column) or "").strip()
-            split = (row.get(config.split_column) or "").strip() if config.split_column else ""
-            if key in table and table[key][:2] != (label, split):
-                raise DataError(
-                    f"{path}: line {reader.line_num}",
-                    f"'{key}' appears again with a different label (first on line {table[key][2]})",
-                    "list each key once",
-                )
-            table.setdefault(key, (label, split, reader.line_num))
-    classes = config.classes or derive_classes([label for label, _, _ in table.values()])
-    return table, classes
-
-
 def _record_keys(record: Record, config: DicomSourceConfig) -> list[str]:
     if config.label_key != "path":
         return [str(getattr(record, config.label_key))]
@@ -753,28 +720,24 @@ def _record_keys(record: Record, config: DicomSourceConfig) -> list[str]:
 
 
 def _attach_labels(records: list[Record], config: DicomSourceConfig, log: BadFileLog) -> list[Record]:
-    table, classes = _read_label_table(config)
     if config.label_csv is None:
         return records
+    table = read_label_table(config.label_csv, config.key_column or config.label_key, config.label_column,
+                             config.split_column, columns_fix="fix key_column/label_column/split_column")
+    classes = table_classes(config.classes, table)
     kept = []
     for record in records:
         entry = next((table[k] for k in _record_keys(record, config) if k in table), None)
         try:
-            if entry is not None:
-                label_text, split_text, line = entry
-                where = f"{config.label_csv}: line {line}"
-                if label_text:
-                    record.label = class_index(label_text, classes or [], where, config.label_column)
-                record.extra["class_name"] = label_text
-                if config.split_column:
-                    record.split = split_name(split_text, where, config.split_column)
-            else:
-                record.extra["class_name"] = ""
+            label, class_name = entry_label(entry, classes, config.label_column)
+            split = split_name(entry.split, entry.where, config.split_column) if entry and config.split_column else None
         except DataError as error:
             log.handle(DataError(record.path, f"{error.source}: {error.problem}", error.fix))
             continue
-        if classes:
-            record.extra["class_names"] = tuple(classes)
+        if entry is not None and config.split_column:
+            record.split = split
+        record.extra["class_name"] = class_name  # every record of a labelled source names its class ("" = none)
+        label_record(record, label, classes or None, class_name)
         kept.append(record)
     return kept
 
@@ -844,8 +807,6 @@ class _PreprocessedRows:
     """Frames preprocessed while planning: rows of a scratch ``.npy`` in file order (odd shapes kept aside)."""
 
     def __init__(self, path: Path) -> None:
-        from radssl.data.ingest import RowFile
-
         self.file = RowFile(path)
         self.where: dict[tuple[str, int | None], int | np.ndarray | DataError] = {}
         self.rows: np.ndarray | None = None
@@ -890,8 +851,6 @@ def plan_dicom_units(
     preprocessed in that same pass and kept as a row in ``scratch``, and the units copy those rows in record
     order (one decode per file). Otherwise (``series``) each unit decodes its files again and stacks the volume.
     """
-    from radssl.data.ingest import ordered_map
-
     early = preprocess if config.assemble == "images" and scratch is not None else None
     rows = _PreprocessedRows(Path(scratch) / "frames.npy") if early is not None else None
     files: list[list[_Frame]] = []

@@ -41,7 +41,9 @@ from __future__ import annotations
 import csv as csv_module
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -49,21 +51,21 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from radssl.data.image_masks import index_masks, mask_name_match, merge_mask_files
+from radssl.data.label_table import (
+    SPLIT_ALIASES,
+    class_index,
+    derive_classes,
+    label_record,
+    multilabel_value,
+    read_csv_rows,
+    require_columns,
+    split_name,
+    under_root,
+)
 from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-    "unlabelled": "unlabelled",
-    "unlabeled": "unlabelled",
-}
 LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 UNCONFIGURED_MASK_SUFFIX = "_mask"
 """Without mask settings, ``<stem>_mask[_n].<ext>`` beside an image ``<stem>.<ext>`` is a mask, never an image."""
@@ -188,12 +190,6 @@ class FolderSourceConfig(BaseModel):
         return ["background", *(self.mask_values or {"foreground": 1})]
 
 
-def under_root(root: Path, path: Path) -> Path:
-    """A config path: absolute as given, relative ones inside ``root`` (where the data and their CSV live)."""
-    path = Path(path)
-    return path if path.is_absolute() else Path(root) / path
-
-
 def outside_root(root: Path, path: Path) -> bool:
     """Whether ``path`` leaves ``root`` once ``..`` are resolved.
 
@@ -218,38 +214,6 @@ def patient_from_name(path: Path, pattern: str, where: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- labels
-def class_index(value: str, classes: Sequence[str], where: str, column: str, fix: str | None = None) -> int:
-    """Index of ``value`` among declared ``classes``; a DataError naming ``where`` (file + row) otherwise."""
-    try:
-        return list(classes).index(value)
-    except ValueError:
-        raise DataError(
-            where,
-            f"label '{value}' in column '{column}' is not one of the declared classes {list(classes)}",
-            fix or "fix the label or add it to `classes`",
-        ) from None
-
-
-def derive_classes(values: Sequence[str]) -> list[str]:
-    """The class list when none is declared: distinct non-empty values, numeric order if all are integers."""
-    distinct = sorted({v for v in values if v != ""})
-    if distinct and all(v.lstrip("-").isdigit() for v in distinct):
-        return sorted(distinct, key=int)
-    return distinct
-
-
-def multilabel_value(value: str, where: str, column: str) -> int:
-    """One multilabel cell: ``0``/``1`` (also ``0.0``/``1.0``, ``true``/``false``); empty = unknown (-1)."""
-    text = value.strip().lower()
-    if text == "":
-        return -1
-    if text in ("1", "1.0", "true", "yes"):
-        return 1
-    if text in ("0", "0.0", "false", "no"):
-        return 0
-    raise DataError(where, f"multilabel column '{column}' holds '{value}'; expected 0 or 1 (empty = unknown)")
-
-
 def _position_cell(value: str, where: str, column: str) -> int | None:
     """A slice/frame number cell: a non-negative integer (``3``, ``3.0``); empty = unknown."""
     text = value.strip()
@@ -263,20 +227,6 @@ def _position_cell(value: str, where: str, column: str) -> int | None:
         raise DataError(where, f"column '{column}' holds '{value}'; expected a slice/frame number (0, 1, 2, ...)",
                         "fix the cell, or leave it empty where the position is unknown")
     return int(number)
-
-
-def split_name(value: str, where: str, column: str) -> str | None:
-    """Normalise a split cell (``valid`` → ``val`` ...); empty = not given."""
-    text = value.strip().lower()
-    if text == "":
-        return None
-    if text not in SPLIT_ALIASES:
-        raise DataError(
-            where,
-            f"split column '{column}' holds '{value}'",
-            f"use one of {sorted(set(SPLIT_ALIASES.values()))}",
-        )
-    return SPLIT_ALIASES[text]
 
 
 # ----------------------------------------------------------------------------------------- pixels
@@ -445,19 +395,6 @@ def _merge_mask(record: Record) -> None:
                             if paths else np.zeros(shape, dtype=np.uint8))
 
 
-def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and (line number, row) pairs; line numbers count the header as line 1, like an editor."""
-    if not path.is_file():
-        raise DataError(
-            str(path), "CSV file not found", "check `csv` in the source config (a relative `csv` is read inside `root`)"
-        )
-    with open(path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv_module.DictReader(stream)
-        header = list(reader.fieldnames or [])
-        rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader]
-    return header, rows
-
-
 def _patient_id(config: FolderSourceConfig, path: Path, row: dict[str, str] | None, where: str) -> str:
     if config.patient_pattern:
         return patient_from_name(path, config.patient_pattern, where)
@@ -466,105 +403,147 @@ def _patient_id(config: FolderSourceConfig, path: Path, row: dict[str, str] | No
     return ""
 
 
-def _from_csv(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) -> list[Record]:
-    assert config.csv is not None
+def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The folder CSV's header and (line, row) pairs (:func:`radssl.data.label_table.read_csv_rows`)."""
+    return read_csv_rows(path, "CSV file not found",
+                         "check `csv` in the source config (a relative `csv` is read inside `root`)")
+
+
+def _csv_table(config: FolderSourceConfig) -> tuple[list[tuple[int, dict[str, str]]], list[str] | None]:
+    """The CSV's rows and the class list of a one-column label (None otherwise), columns checked before any row."""
     csv_path = config.csv
-    header, rows = _read_csv_rows(csv_path)
+    assert csv_path is not None
+    header, rows = _csv_rows(csv_path)
     wanted = [config.path_column, *config.label_columns]
     wanted += [c for c in (config.patient_column, config.split_column, config.study_column, config.series_column,
                            config.slice_column, config.frame_column, config.mask_column) if c]
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise DataError(str(csv_path), f"columns {missing} not found; the CSV has {header}", "fix the column names")
+    require_columns(str(csv_path), header, wanted, "fix the column names")
     if not rows:
         raise DataError(str(csv_path), "the CSV lists no images", "add rows or point `csv` at the right file")
-
-    multilabel = len(config.label_columns) > 1
-    classes: list[str] | None = None
     if len(config.label_columns) == 1:
         column = config.label_columns[0]
-        classes = config.classes or derive_classes([row[column] for _, row in rows])
-    elif multilabel and config.classes and list(config.classes) != list(config.label_columns):
+        return rows, config.classes or derive_classes([row[column] for _, row in rows])
+    if len(config.label_columns) > 1 and config.classes and list(config.classes) != list(config.label_columns):
         raise DataError(
             str(csv_path),
             f"`classes` {config.classes} differ from the multilabel `label_columns` {config.label_columns}",
             "leave `classes` empty for multilabel data (the label columns name the classes)",
         )
+    return rows, None
 
+
+def _csv_image(config: FolderSourceConfig, raw: str, line: int, first_line: dict[Path, int],
+               masks: MaskFinder | None, log: BadFileLog) -> Path | None:
+    """The image file a CSV row names; None (after ``log``) for an empty, repeated or missing one."""
+    where = f"{config.csv}: line {line}"
+    if raw == "":
+        log.handle(DataError(where, f"empty '{config.path_column}' cell"))
+        return None
+    image_path = under_root(config.root, Path(raw))
+    if outside_root(config.root, image_path):
+        # Refused under every on_bad_file policy: a row reaching outside the data folder is a wrong CSV
+        # (or a hostile one), not a damaged image.
+        raise DataError(
+            where,
+            f"path '{raw}' lies outside the data root {config.root}",
+            "list images inside `root` (paths relative to it), or set `root` to a folder holding them all",
+        )
+    key = image_path.resolve()
+    if key in first_line:
+        log.handle(DataError(where, f"duplicate path '{raw}' (first listed on line {first_line[key]})",
+                             "list each image once"))
+        return None
+    first_line[key] = line
+    if masks is not None and not config.mask_column and masks.is_mask(image_path):
+        raise DataError(where, f"'{raw}' is a mask file under the mask rule (mask_suffix/mask_folder), listed "
+                        f"as an image", "list only images in the CSV; their masks are found by the rule")
+    if not image_path.is_file():
+        log.handle(DataError(str(image_path), f"file not found (named on {config.csv} line {line})"))
+        return None
+    return image_path
+
+
+@dataclass(frozen=True)
+class _RowCells:
+    """What one CSV row says about its image besides the path (checked before the image is decoded)."""
+
+    label: int | list[int] | None
+    class_name: str
+    split: str | None
+    patient: str
+    positions: dict[str, int | None]
+
+
+def _csv_cells(config: FolderSourceConfig, row: dict[str, str], line: int, image_path: Path,
+               classes: list[str] | None) -> _RowCells:
+    """The row's label, split, patient and slice/frame positions; a DataError naming the line and column."""
+    where = f"{config.csv}: line {line}"
+    label: int | list[int] | None = None
+    class_name = ""
+    if len(config.label_columns) > 1:
+        label = [multilabel_value(row[c], where, c) for c in config.label_columns]
+    elif classes is not None and row[config.label_columns[0]] != "":
+        class_name = row[config.label_columns[0]]
+        label = class_index(class_name, classes, f"{where} ({row[config.path_column]})", config.label_columns[0])
+    split = split_name(row[config.split_column], where, config.split_column) if config.split_column else None
+    patient = _patient_id(config, image_path, row, where)
+    positions = {name: _position_cell(row[column], where, column)
+                 for name, column in (("slice_index", config.slice_column), ("frame_index", config.frame_column))
+                 if column}
+    return _RowCells(label, class_name, split, patient, positions)
+
+
+def _fill_csv_record(record: Record, config: FolderSourceConfig, row: dict[str, str], line: int, cells: _RowCells,
+                     classes: list[str] | None) -> None:
+    record.split = cells.split
+    record.patient_id = cells.patient
+    record.study_id = row[config.study_column] if config.study_column else ""
+    record.series_id = row[config.series_column] if config.series_column else ""
+    record.extra.update({name: value for name, value in cells.positions.items() if value is not None})
+    record.extra["csv_line"] = line
+    if len(config.label_columns) > 1:  # multilabel: the label columns name the classes
+        record.label = cells.label
+        record.extra["class_names"] = tuple(config.label_columns)
+    else:
+        label_record(record, cells.label, classes, cells.class_name)
+
+
+def _masked_record(config: FolderSourceConfig, path: Path, log: BadFileLog, decode: bool,
+                   mask_paths: Callable[[], list[Path]] | None, where: str) -> Record | None:
+    """The image's record with its mask files checked and attached; None (after ``log``) when either is bad."""
+    record = _image_record(path, log, config.modality, decode)
+    if record is None or mask_paths is None:
+        return record
+    try:
+        _attach_mask(record, config, mask_paths(), where)
+    except DataError as error:
+        log.handle(error)
+        return None
+    return record
+
+
+def _from_csv(config: FolderSourceConfig, log: BadFileLog, decode: bool = True) -> list[Record]:
+    rows, classes = _csv_table(config)
     first_line: dict[Path, int] = {}
     records: list[Record] = []
     masks = MaskFinder(config) if config.has_masks else None
     for line, row in rows:
-        where = f"{csv_path}: line {line}"
-        raw = row[config.path_column]
-        if raw == "":
-            log.handle(DataError(where, f"empty '{config.path_column}' cell"))
-            continue
-        image_path = under_root(config.root, Path(raw))
-        if outside_root(config.root, image_path):
-            # Refused under every on_bad_file policy: a row reaching outside the data folder is a wrong CSV
-            # (or a hostile one), not a damaged image.
-            raise DataError(
-                where,
-                f"path '{raw}' lies outside the data root {config.root}",
-                "list images inside `root` (paths relative to it), or set `root` to a folder holding them all",
-            )
-        key = image_path.resolve()
-        if key in first_line:
-            log.handle(
-                DataError(
-                    where,
-                    f"duplicate path '{raw}' (first listed on line {first_line[key]})",
-                    "list each image once",
-                )
-            )
-            continue
-        first_line[key] = line
-        if masks is not None and not config.mask_column and masks.is_mask(image_path):
-            raise DataError(where, f"'{raw}' is a mask file under the mask rule (mask_suffix/mask_folder), listed "
-                            f"as an image", "list only images in the CSV; their masks are found by the rule")
-        if not image_path.is_file():
-            log.handle(DataError(str(image_path), f"file not found (named on {csv_path} line {line})"))
+        image_path = _csv_image(config, row[config.path_column], line, first_line, masks, log)
+        if image_path is None:
             continue
         try:
-            label: int | list[int] | None = None
-            class_name = ""
-            if multilabel:
-                label = [multilabel_value(row[c], where, c) for c in config.label_columns]
-            elif classes is not None and row[config.label_columns[0]] != "":
-                class_name = row[config.label_columns[0]]
-                label = class_index(class_name, classes, f"{where} ({raw})", config.label_columns[0])
-            split = split_name(row[config.split_column], where, config.split_column) if config.split_column else None
-            patient = _patient_id(config, image_path, row, where)
-            positions = {name: _position_cell(row[column], where, column)
-                         for name, column in (("slice_index", config.slice_column), ("frame_index", config.frame_column))
-                         if column}
+            cells = _csv_cells(config, row, line, image_path, classes)
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(image_path, log, config.modality, decode)
+        where = f"{config.csv}: line {line}"
+        mask_paths = None if masks is None else (
+            partial(_mask_paths_from_cell, config, row[config.mask_column], where) if config.mask_column
+            else partial(masks.masks_for, image_path))
+        record = _masked_record(config, image_path, log, decode, mask_paths, where)
         if record is None:
             continue
-        if masks is not None:
-            try:
-                paths = (_mask_paths_from_cell(config, row[config.mask_column], where) if config.mask_column
-                         else masks.masks_for(image_path))
-                _attach_mask(record, config, paths, where)
-            except DataError as error:
-                log.handle(error)
-                continue
-        record.label = label
-        record.split = split
-        record.patient_id = patient
-        record.study_id = row[config.study_column] if config.study_column else ""
-        record.series_id = row[config.series_column] if config.series_column else ""
-        record.extra.update({name: value for name, value in positions.items() if value is not None})
-        record.extra["csv_line"] = line
-        if multilabel:
-            record.extra["class_names"] = tuple(config.label_columns)
-        elif classes is not None:
-            record.extra["class_names"] = tuple(classes)
-            record.extra["class_name"] = class_name
+        _fill_csv_record(record, config, row, line, cells, classes)
         records.append(record)
     return records
 
@@ -628,21 +607,13 @@ def _from_subfolders(config: FolderSourceConfig, log: BadFileLog, decode: bool =
         except DataError as error:
             log.handle(error)
             continue
-        record = _image_record(path, log, config.modality, decode)
+        record = _masked_record(config, path, log, decode,
+                                partial(finder.masks_for, path) if config.has_masks else None, str(path))
         if record is None:
             continue
-        if config.has_masks:
-            try:
-                _attach_mask(record, config, finder.masks_for(path), str(path))
-            except DataError as error:
-                log.handle(error)
-                continue
-        record.label = label
         record.split = split
         record.patient_id = patient
-        if classes:
-            record.extra["class_names"] = tuple(classes)
-            record.extra["class_name"] = name
+        label_record(record, label, classes or None, name)
         records.append(record)
     return records
 
@@ -664,7 +635,7 @@ def list_folder_files(config: FolderSourceConfig) -> list[Path]:
         ]
         return sorted(set(files) | set(mask_dir))
     try:
-        header, rows = _read_csv_rows(config.csv)
+        header, rows = _csv_rows(config.csv)
     except (DataError, OSError, UnicodeDecodeError, csv_module.Error):
         return [config.csv]  # reading reports the problem properly
     if config.path_column not in header:

@@ -26,7 +26,6 @@ the mask, before any pixel is cached (a mask on another grid would be silently m
 
 from __future__ import annotations
 
-import csv as csv_module
 import math
 from collections import defaultdict
 from dataclasses import replace
@@ -34,9 +33,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from radssl.data.folder import class_index, derive_classes, under_root
+from radssl.data.label_table import (
+    LabelEntry,
+    SideTables,
+    entry_label,
+    label_record,
+    read_label_table,
+    table_classes,
+    under_root,
+)
 from radssl.data.records import BadFileLog, ReadUnit, Record
 from radssl.errors import DataError
 
@@ -44,13 +51,14 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _UNIT_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}
 
 
-class NiftiSourceConfig(BaseModel):
-    """Where the NIfTI files are and how cases, masks, labels and patients are found."""
+class NiftiSourceConfig(SideTables):
+    """Where the NIfTI files are and how cases, masks, labels and patients are found.
 
-    model_config = ConfigDict(extra="forbid")
+    ``root``, ``label_csv``, ``label_column``, ``classes`` and the ``report_*`` fields are
+    :class:`~radssl.data.label_table.SideTables`' (relative CSV paths are read inside ``root``).
+    """
 
     kind: Literal["nifti"] = "nifti"
-    root: Path
     pattern: str = "**/*.nii*"
     mask_suffix: str | None = None
     """Masks are ``<case>_<mask_suffix>.nii[.gz]`` beside the image; they are not read as images."""
@@ -65,26 +73,14 @@ class NiftiSourceConfig(BaseModel):
     fourth_axis: Literal["frames", "channels"] = "frames"
     layout: Literal["volume", "axial_slices"] = "volume"
     """``axial_slices`` turns each volume into 2D records (one per depth index) for 2D pretraining."""
-    label_csv: Path | None = None
-    """Labels per case; a relative path is read inside ``root``."""
     label_key: str = "case_id"
     """CSV column holding the case id (file name without sequence/extension) or, failing that, the patient id."""
-    label_column: str = "label"
-    classes: list[str] | None = None
     patient_from: Literal["folder", "file"] = "folder"
     """Patient id from the parent folder's name (one folder per patient) or from the case id."""
     modality: str = ""
     """NIfTI stores no modality: ``MR``, ``CT``, ... here lets ``preprocess.modality: auto`` pick windows."""
-    report_csv: Path | None = None
-    """Free-text reports (for image–text pretraining) keyed by ``report_key``; a relative path is read inside
-    ``root``. Read and joined by ``radssl.data.reports``."""
     report_key: Literal["case_id", "patient_id"] = "case_id"
     """Which identifier the report rows are keyed by (every slice or frame of a case shares its report)."""
-    report_key_column: str | None = None
-    """CSV column holding that identifier; defaults to the ``report_key`` name."""
-    report_column: str = "report"
-    report_encoding: str = "utf-8"
-    """Text encoding of ``report_csv`` (e.g. ``latin-1``, ``cp1252``); undecodable bytes are an error naming the line."""
 
     @field_validator("sequences")
     @classmethod
@@ -101,7 +97,7 @@ class NiftiSourceConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _label_csv_in_root(self) -> "NiftiSourceConfig":
+    def _masks(self) -> "NiftiSourceConfig":
         if self.mask_suffix is not None and self.mask_folder is not None:
             raise ValueError("set either `mask_suffix` (masks beside the images) or `mask_folder`, not both")
         if self.mask_classes is not None and self.mask_suffix is None and self.mask_folder is None:
@@ -109,10 +105,6 @@ class NiftiSourceConfig(BaseModel):
                              "`mask_folder`")
         if self.mask_folder is not None:
             self.mask_folder = under_root(self.root, self.mask_folder)
-        if self.label_csv is not None:
-            self.label_csv = under_root(self.root, self.label_csv)
-        if self.report_csv is not None:
-            self.report_csv = under_root(self.root, self.report_csv)
         return self
 
 
@@ -267,33 +259,13 @@ def _patient_id(config: NiftiSourceConfig, folder: Path, case_id: str) -> str:
     return folder.name
 
 
-def _read_labels(config: NiftiSourceConfig) -> tuple[dict[str, tuple[str, int]], list[str] | None]:
-    """{key: (line text label, csv line)} and the class list, from ``label_csv``."""
+def _read_labels(config: NiftiSourceConfig) -> tuple[dict[str, LabelEntry], list[str] | None]:
+    """{key: entry} and the class list, from ``label_csv`` (one row per case)."""
     if config.label_csv is None:
         return {}, config.classes
-    path = config.label_csv
-    if not path.is_file():
-        raise DataError(
-            str(path), "label CSV not found", "check `label_csv` in the source config (a relative path is read inside `root`)"
-        )
-    with open(path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv_module.DictReader(stream)
-        header = list(reader.fieldnames or [])
-        missing = [c for c in (config.label_key, config.label_column) if c not in header]
-        if missing:
-            raise DataError(str(path), f"columns {missing} not found; the CSV has {header}", "fix label_key/label_column")
-        labels: dict[str, tuple[str, int]] = {}
-        for row in reader:
-            key = (row[config.label_key] or "").strip()
-            if key in labels:
-                raise DataError(
-                    str(path),
-                    f"line {reader.line_num}: case '{key}' repeats line {labels[key][1]}",
-                    "list each case once",
-                )
-            labels[key] = ((row[config.label_column] or "").strip(), reader.line_num)
-    classes = config.classes or derive_classes([value for value, _ in labels.values()])
-    return labels, classes
+    labels = read_label_table(config.label_csv, config.label_key, config.label_column, repeats="never",
+                              columns_fix="fix label_key/label_column")
+    return labels, table_classes(config.classes, labels)
 
 
 def _load_case(config: NiftiSourceConfig, case_id: str, paths: dict[str, Path]) -> tuple[np.ndarray, tuple, np.ndarray]:
@@ -432,7 +404,7 @@ def read_nifti_case(
     case_id: str,
     paths: dict[str, Path],
     mask_path: Path | None,
-    entry: tuple[str, int] | None,
+    entry: LabelEntry | None,
     classes: list[str] | None,
 ) -> list[Record]:
     """One case's records (``ReadUnit.load`` of this source; runs in an ingest worker). Raises ``DataError``."""
@@ -449,17 +421,10 @@ def read_nifti_case(
                 "add the mask, unset mask_suffix/mask_folder, or drop the case with on_bad_file: skip",
             )
         mask = _load_mask(mask_path, pixels.shape[-3:], spacing, affine, config.mask_classes)
-    label, class_name = None, ""
-    if entry is not None and entry[0] != "":
-        class_name = entry[0]
-        where = f"{config.label_csv}: line {entry[1]}"
-        label = class_index(class_name, classes or [], where, config.label_column)
+    label, class_name = entry_label(entry, classes, config.label_column)
     extra: dict[str, Any] = {"case_id": case_id, "affine": affine.tolist(), "files": [str(paths[s]) for s in order]}
     if config.sequences:
         extra["channel_names"] = list(config.sequences)
-    if classes:
-        extra["class_names"] = tuple(classes)
-        extra["class_name"] = class_name
     base = Record(
         pixels=pixels,
         path=str(first_path),
@@ -467,7 +432,7 @@ def read_nifti_case(
         study_id=case_id,
         series_id=case_id,
         modality=config.modality,
-        label=label,
         extra=extra,
     )
+    label_record(base, label, classes or None, class_name)
     return _case_records(config, pixels, mask, spacing, base)

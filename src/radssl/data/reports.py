@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from radssl.data.folder import FolderSourceConfig
+from radssl.data.label_table import require_columns, under_root
 from radssl.errors import DataError
 
 REPORT_COLUMN = "report"
@@ -57,10 +59,8 @@ def read_report_table(path: Path, key_column: str, report_column: str, encoding:
     path = Path(path)
     reader = csv.DictReader(io.StringIO(_decode(path, encoding), newline=""))
     header = list(reader.fieldnames or [])
-    missing = [c for c in (key_column, report_column) if c not in header]
-    if missing:
-        raise DataError(where or str(path), f"columns {missing} not found; the CSV has {header}",
-                        "fix report_column / the key column name, or the CSV header")
+    require_columns(where or str(path), header, (key_column, report_column),
+                    "fix report_column / the key column name, or the CSV header")
     table: dict[str, tuple[str, int]] = {}
     for row in reader:
         key = (row.get(key_column) or "").strip()
@@ -106,8 +106,6 @@ def source_reports(source: object) -> tuple[dict[str, tuple[str, int]], str] | N
 
     ``None`` when the source declares no reports. Key kinds: ``path`` (folder), ``patient_id``, ``study_id``.
     """
-    from radssl.data.folder import FolderSourceConfig, under_root
-
     if isinstance(source, FolderSourceConfig):
         if source.report_column is None:
             return None

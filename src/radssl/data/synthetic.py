@@ -50,6 +50,7 @@ from scipy import ndimage
 
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ImageStore, TaskInfo
+from radssl.data.synthetic_spec import check_spec, common_checks, spec_stream
 from radssl.errors import DataError
 
 _SOURCE = "synthetic radiographs"
@@ -80,17 +81,13 @@ class SyntheticSpec:
     """Also draw the finding's segmentation mask per image (:func:`finding_masks`); the images do not change."""
 
     def __post_init__(self) -> None:
-        checks = (
-            (self.n_patients >= 1, f"n_patients={self.n_patients}", "use at least 1 patient"),
+        common = common_checks(self)
+        check_spec("SyntheticSpec", (
+            common["n_patients"],
             (self.images_per_patient >= 1, f"images_per_patient={self.images_per_patient}", "use at least 1"),
             (self.image_size >= 16, f"image_size={self.image_size}", "use image_size >= 16 pixels"),
-            (0.0 <= self.positive_rate <= 1.0, f"positive_rate={self.positive_rate}", "use a value in [0, 1]"),
-            (self.site >= 0, f"site={self.site}", "use 0 for the internal site or a positive integer"),
-            (self.finding_contrast >= 0.0, f"finding_contrast={self.finding_contrast}", "use a value >= 0"),
-        )
-        for ok, field_value, fix in checks:
-            if not ok:
-                raise DataError("SyntheticSpec", f"{field_value} is invalid", fix)
+            common["positive_rate"], common["site"], common["finding_contrast"],
+        ))
 
     @property
     def n_images(self) -> int:
@@ -98,12 +95,7 @@ class SyntheticSpec:
 
 
 # ----------------------------------------------------------------------------------------------- randomness
-def _rng(spec: SyntheticSpec, stream: int, chunk: int = 0) -> np.random.Generator:
-    """Independent random stream per (seed, site, purpose, chunk); site styles use :func:`_site_style`."""
-    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.site, stream, chunk]))
-
-
-_STREAM_PATIENTS, _STREAM_IMAGES, _STREAM_PIXELS, _STREAM_REPORTS = 1, 2, 3, 4
+_STREAM_PATIENTS, _STREAM_IMAGES, _STREAM_PIXELS, _STREAM_REPORTS = 1, 2, 3, 4  # purposes of `spec_stream`
 
 
 # ----------------------------------------------------------------------------------------------- site style
@@ -153,7 +145,7 @@ def _site_style(site: int) -> SiteStyle:
 # --------------------------------------------------------------------------------------------- parameters
 def _sample_patients(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     """Per-patient anatomy and disease; the same distribution at every site (the site only seeds it)."""
-    rng = _rng(spec, _STREAM_PATIENTS)
+    rng = spec_stream(spec, _STREAM_PATIENTS)
     n = spec.n_patients
     u = rng.uniform
     params = {
@@ -208,7 +200,7 @@ def _sample_patients(spec: SyntheticSpec) -> dict[str, np.ndarray]:
 
 def _sample_images(spec: SyntheticSpec, style: SiteStyle) -> dict[str, np.ndarray]:
     """Per-image positioning, exposure, inhomogeneity and finding jitter."""
-    rng = _rng(spec, _STREAM_IMAGES)
+    rng = spec_stream(spec, _STREAM_IMAGES)
     m = spec.n_images
     u = rng.uniform
     k_field = 3
@@ -359,7 +351,7 @@ def _render_chunk(
 ) -> np.ndarray:
     """Render all images of ``patient_rows`` as float32 (M, H, W) in [0, 1]."""
     size, k = spec.image_size, spec.images_per_patient
-    rng = _rng(spec, _STREAM_PIXELS, chunk)
+    rng = spec_stream(spec, _STREAM_PIXELS, chunk)
     image_rows = (patient_rows[:, None] * k + np.arange(k)).reshape(-1)
     owner = np.repeat(np.arange(len(patient_rows)), k)  # image → patient within the chunk
     p = {name: values[patient_rows][owner] for name, values in patients.items()}
@@ -479,7 +471,7 @@ def synthetic_reports(spec: SyntheticSpec, patients: dict[str, np.ndarray], imag
     names the same side, zone and size. Images rotated by more than 4° or exposed off the site's mean by more than
     0.25 also get a technique remark, as real reports note positioning and exposure.
     """
-    rng = _rng(spec, _STREAM_REPORTS)
+    rng = spec_stream(spec, _STREAM_REPORTS)
     k = spec.images_per_patient
     side, zone = finding_place(spec, patients)
     size = np.where(patients["finding_r"] < 0.11, "small", "moderate-sized")

@@ -28,6 +28,7 @@ Config: ``data: {source: synthetic3d, ...}`` (:class:`SyntheticVolumeData`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ImageStore, TaskInfo
+from radssl.data.synthetic_spec import check_spec, common_checks, spec_stream
 from radssl.errors import DataError
 
 MASK_CLASSES = ("background", "organ", "finding")
@@ -73,21 +75,17 @@ class SyntheticVolumeSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = (
-            (self.n_patients >= 1, f"n_patients={self.n_patients}", "use at least 1 patient"),
+        common = common_checks(self)
+        check_spec("SyntheticVolumeSpec", (
+            common["n_patients"],
             (self.volumes_per_patient >= 1, f"volumes_per_patient={self.volumes_per_patient}", "use at least 1"),
             (16 <= self.volume_size <= 128, f"volume_size={self.volume_size}", "use 16 to 128 voxels per side"),
             (1 <= self.channels <= 4, f"channels={self.channels}", "use 1 to 4 channels (sequences)"),
             (self.modality in ("ct", "mr"), f"modality={self.modality!r}", "use 'ct' or 'mr'"),
             (self.modality == "mr" or self.channels == 1, f"channels={self.channels} with modality 'ct'",
              "CT volumes have one channel; use modality 'mr' for multi-sequence volumes"),
-            (0.0 <= self.positive_rate <= 1.0, f"positive_rate={self.positive_rate}", "use a value in [0, 1]"),
-            (self.finding_contrast >= 0.0, f"finding_contrast={self.finding_contrast}", "use a value >= 0"),
-            (self.site >= 0, f"site={self.site}", "use 0 for the internal site or a positive integer"),
-        )
-        for ok, field_value, fix in checks:
-            if not ok:
-                raise DataError("SyntheticVolumeSpec", f"{field_value} is invalid", fix)
+            common["positive_rate"], common["finding_contrast"], common["site"],
+        ))
 
     @property
     def n_volumes(self) -> int:
@@ -120,10 +118,6 @@ class SyntheticVolumeData(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------- randomness
-def _rng(spec: SyntheticVolumeSpec, stream: int, chunk: int = 0) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.site, stream, chunk]))
-
-
 @dataclass(frozen=True)
 class _SiteStyle:
     noise: float  # noise sd in stored [0, 1] units
@@ -144,7 +138,7 @@ def _site_style(site: int) -> _SiteStyle:
 # --------------------------------------------------------------------------------------------- parameters
 def _sample_patients(spec: SyntheticVolumeSpec) -> dict[str, np.ndarray]:
     """Per-patient anatomy (normalised coordinates in [-1, 1]) and disease."""
-    rng = _rng(spec, _STREAM_PATIENTS)
+    rng = spec_stream(spec, _STREAM_PATIENTS)
     n = spec.n_patients
     u = rng.uniform
     params = {
@@ -179,7 +173,7 @@ def _sample_patients(spec: SyntheticVolumeSpec) -> dict[str, np.ndarray]:
 
 def _sample_volumes(spec: SyntheticVolumeSpec, patients: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-volume positioning: patient index, shift (x, y, z), in-plane rotation, scale."""
-    rng = _rng(spec, _STREAM_VOLUMES)
+    rng = spec_stream(spec, _STREAM_VOLUMES)
     m = spec.n_volumes
     return {
         "patient": np.repeat(np.arange(spec.n_patients), spec.volumes_per_patient),
@@ -205,41 +199,49 @@ def _soft_inside(distance: np.ndarray, edge: float) -> np.ndarray:
     return np.clip((1.0 - distance) / edge + 0.5, 0.0, 1.0)
 
 
-def _render_chunk(spec: SyntheticVolumeSpec, p: dict[str, np.ndarray], v: dict[str, np.ndarray],
-                  rows: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images (m, C, S, S, S) float in [0, 1] and masks (m, S, S, S) uint8 for the volumes ``rows``."""
-    size, m = spec.volume_size, len(rows)
-    rng = _rng(spec, _STREAM_VOXELS, chunk)
-    patient = v["patient"][rows]
+def _col(values: np.ndarray) -> np.ndarray:
+    """Per-volume values as a (m, 1, 1, 1) float32 column that broadcasts over a chunk's voxels."""
+    return values.astype(np.float32).reshape((len(values),) + (1, 1, 1))
 
-    def col(values: np.ndarray) -> np.ndarray:
-        return values.astype(np.float32).reshape((len(values),) + (1, 1, 1))
 
+def _patient_coords(size: int, v: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Patient coordinates (x, y, z) of every voxel of the volumes ``rows`` (shift, in-plane rotation, scale)."""
     coords = (np.arange(size, dtype=np.float32) * 2 + 1) / size - 1
     z, y, x = coords[None, :, None, None], coords[None, None, :, None], coords[None, None, None, :]
-    # Positioning: volume coordinates → patient coordinates (shift, in-plane rotation, scale).
-    scale, angle = col(v["scale"][rows]), col(v["rotation"][rows])
+    scale, angle = _col(v["scale"][rows]), _col(v["rotation"][rows])
     shift = v["shift"][rows].astype(np.float32)
     xs, ys, zs = (x - shift[:, 0, None, None, None]), (y - shift[:, 1, None, None, None]), (z - shift[:, 2, None, None, None])
     cos, sin = np.cos(angle), np.sin(angle)
-    px, py, pz = (cos * xs + sin * ys) / scale, (-sin * xs + cos * ys) / scale, zs / scale
+    return (cos * xs + sin * ys) / scale, (-sin * xs + cos * ys) / scale, zs / scale
 
-    def patient_col(name: str) -> np.ndarray:
-        return col(p[name][patient])
 
+def _body(patient_col: Callable[[str], np.ndarray], px: np.ndarray, py: np.ndarray, pz: np.ndarray,
+          edge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Partial-volume body, inside of the fat rim, fat rim and spine."""
     taper = 1.0 - patient_col("body_taper") * pz**2
     body_r = np.sqrt((px / (patient_col("body_a") * taper)) ** 2 + (py / (patient_col("body_b") * taper)) ** 2)
-    edge = 2.0 / size
     body = _soft_inside(body_r, edge / 0.8)
     inner = _soft_inside(body_r / (1.0 - patient_col("fat")), edge / 0.8)
     fat = np.clip(body - inner, 0.0, 1.0)
     spine_r = np.sqrt((px / 0.11) ** 2 + ((py - 0.75 * patient_col("body_b")) / 0.11) ** 2) + 0.0 * pz
     spine = _soft_inside(spine_r, edge / 0.11) * inner
+    return body, inner, fat, spine
 
-    organ = np.zeros_like(body)
-    organ_hard = np.zeros(body.shape, dtype=bool)
-    finding = np.zeros_like(body)
-    finding_hard = np.zeros(body.shape, dtype=bool)
+
+def _organs(p: dict[str, np.ndarray], v: dict[str, np.ndarray], rows: np.ndarray,
+            coords: tuple[np.ndarray, ...], edge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Partial-volume organs and finding, and the hard mask (0 background, 1 organ, 2 finding)."""
+    patient = v["patient"][rows]
+    px, py, pz = coords
+
+    def patient_col(name: str) -> np.ndarray:
+        return _col(p[name][patient])
+
+    shape = np.broadcast_shapes(px.shape, py.shape, pz.shape)
+    organ = np.zeros(shape, dtype=np.float32)
+    organ_hard = np.zeros(shape, dtype=bool)
+    finding = np.zeros(shape, dtype=np.float32)
+    finding_hard = np.zeros(shape, dtype=bool)
     a, b, c = patient_col("organ_a"), patient_col("organ_b"), patient_col("organ_c")
     for side in (-1.0, 1.0):
         ox, oy, oz = side * patient_col("organ_x"), patient_col("organ_y"), patient_col("organ_z")
@@ -257,37 +259,70 @@ def _render_chunk(spec: SyntheticVolumeSpec, p: dict[str, np.ndarray], v: dict[s
         fz = rel[:, 2, None, None, None] * c + jitter[:, 2, None, None, None]
         radius = patient_col("finding_r")
         rf = np.sqrt((rx - fx) ** 2 + (ry - fy) ** 2 + (dz - fz) ** 2) / radius
-        present = col((p["label"][patient] == 1) & (p["finding_side"][patient] == side))
+        present = _col((p["label"][patient] == 1) & (p["finding_side"][patient] == side))
         finding = np.maximum(finding, _soft_inside(rf, edge / radius) * present)
         finding_hard |= (rf <= 1.0) & (present > 0)
-    organ = organ * inner
     mask = np.where(finding_hard, 2, np.where(organ_hard, 1, 0)).astype(np.uint8)
+    return organ, finding, mask
 
+
+def _mr_channels(spec: SyntheticVolumeSpec, rng: np.random.Generator, tissues: dict[str, np.ndarray],
+                 texture: np.ndarray, gain: np.ndarray, noise: float) -> list[np.ndarray]:
+    """One [0, 1]-scaled magnitude image per MR sequence: coil bias field and Rician noise."""
+    m, size = texture.shape[0], spec.volume_size
+    inner, fat, spine, organ, finding = (tissues[k] for k in ("inner", "fat", "spine", "organ", "finding"))
+    bias = np.exp(0.25 * _smooth_noise(rng, m, size, coarse=3))
+    channels = []
+    for table in _MR_TABLES[: spec.channels]:
+        soft = (table["tissue"] * (1.0 + 0.08 * texture)) * inner + table["fat"] * fat
+        signal = soft * (1.0 - spine) + table["bone"] * spine
+        signal = signal * (1.0 - organ) + table["organ"] * (1.0 + 0.05 * texture) * organ
+        signal = np.clip(signal + table["finding"] * gain * finding, 0.0, None) * bias
+        # Rician noise: magnitude of a complex signal with Gaussian noise on both parts
+        real = signal + rng.normal(0.0, noise, signal.shape).astype(np.float32)
+        imaginary = rng.normal(0.0, noise, signal.shape).astype(np.float32)
+        magnitude = np.sqrt(real**2 + imaginary**2)
+        top = np.percentile(magnitude.reshape(m, -1), 99.5, axis=1).reshape(m, 1, 1, 1)
+        channels.append(magnitude / np.maximum(top, 1e-6))
+    return channels
+
+
+def _ct_channel(rng: np.random.Generator, tissues: dict[str, np.ndarray], texture: np.ndarray, gain: np.ndarray,
+                noise: float) -> np.ndarray:
+    """The CT image in stored units: Hounsfield-like values through the abdomen window, additive noise."""
+    body, inner, fat, spine = tissues["body"], tissues["inner"], tissues["fat"], tissues["spine"]
+    organ, finding = tissues["organ"], tissues["finding"]
+    hu_soft = (_CT_TABLE["tissue"] + 12.0 * texture) * inner + _CT_TABLE["fat"] * fat
+    hu = _CT_TABLE["background"] * (1.0 - body) + hu_soft * (1.0 - spine) + _CT_TABLE["bone"] * spine
+    hu = hu * (1.0 - organ) + (_CT_TABLE["organ"] + 8.0 * texture) * organ
+    centre, width = _CT_WINDOW
+    stored = (hu - (centre - width / 2)) / width + gain * finding
+    return stored + rng.normal(0.0, noise, stored.shape).astype(np.float32)
+
+
+def _render_chunk(spec: SyntheticVolumeSpec, p: dict[str, np.ndarray], v: dict[str, np.ndarray],
+                  rows: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (m, C, S, S, S) float in [0, 1] and masks (m, S, S, S) uint8 for the volumes ``rows``."""
+    size, m = spec.volume_size, len(rows)
+    rng = spec_stream(spec, _STREAM_VOXELS, chunk)
+    patient = v["patient"][rows]
+
+    def patient_col(name: str) -> np.ndarray:
+        return _col(p[name][patient])
+
+    coords = _patient_coords(size, v, rows)
+    edge = 2.0 / size
+    body, inner, fat, spine = _body(patient_col, *coords, edge)
+    organ, finding, mask = _organs(p, v, rows, coords, edge)
+    tissues = {"body": body, "inner": inner, "fat": fat, "spine": spine, "organ": organ * inner, "finding": finding}
     texture = _smooth_noise(rng, m, size, coarse=max(4, size // 6)) * patient_col("texture")
     style = _site_style(spec.site)
     gain = patient_col("finding_gain") * spec.finding_contrast
-    channels = []
     if spec.modality == "ct":
-        hu_soft = (_CT_TABLE["tissue"] + 12.0 * texture) * inner + _CT_TABLE["fat"] * fat
-        hu = _CT_TABLE["background"] * (1.0 - body) + hu_soft * (1.0 - spine) + _CT_TABLE["bone"] * spine
-        hu = hu * (1.0 - organ) + (_CT_TABLE["organ"] + 8.0 * texture) * organ
-        centre, width = _CT_WINDOW
-        stored = (hu - (centre - width / 2)) / width + gain * finding
-        channels.append(stored + rng.normal(0.0, style.noise, stored.shape).astype(np.float32))
+        channels = [_ct_channel(rng, tissues, texture, gain, style.noise)]
     else:
-        bias = np.exp(0.25 * _smooth_noise(rng, m, size, coarse=3))
-        for table in _MR_TABLES[: spec.channels]:
-            soft = (table["tissue"] * (1.0 + 0.08 * texture)) * inner + table["fat"] * fat
-            signal = soft * (1.0 - spine) + table["bone"] * spine
-            signal = signal * (1.0 - organ) + table["organ"] * (1.0 + 0.05 * texture) * organ
-            signal = np.clip(signal + table["finding"] * gain * finding, 0.0, None) * bias
-            # Rician noise: magnitude of a complex signal with Gaussian noise on both parts
-            real = signal + rng.normal(0.0, style.noise, signal.shape).astype(np.float32)
-            imaginary = rng.normal(0.0, style.noise, signal.shape).astype(np.float32)
-            magnitude = np.sqrt(real**2 + imaginary**2)
-            top = np.percentile(magnitude.reshape(m, -1), 99.5, axis=1).reshape(m, 1, 1, 1)
-            channels.append(magnitude / np.maximum(top, 1e-6))
-    images = np.stack(channels, axis=1) * col(v["intensity"][rows])[:, None]
+        channels = _mr_channels(spec, rng, tissues, texture, gain, style.noise)
+    images = np.stack(channels, axis=1) * _col(v["intensity"][rows])[:, None]
     images = np.clip(images + style.offset, 0.0, 1.0) ** style.curve
     return images.astype(np.float32), mask
 

@@ -13,6 +13,9 @@ from radssl.transfer.finetune import finetune
 from radssl.transfer.segmentation import finetune_segmentation
 
 
+_GATHERS = (torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select)
+
+
 class _Gathers(torch.Tensor):
     """A store's images that remember the most rows one indexing call returned."""
 
@@ -21,7 +24,7 @@ class _Gathers(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
         out = super().__torch_function__(func, types, args, kwargs or {})
-        if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.ndim == args[0].ndim:
+        if func in _GATHERS and isinstance(out, torch.Tensor) and out.ndim == args[0].ndim:
             cls.largest = max(cls.largest, int(out.shape[0]))
         return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
 

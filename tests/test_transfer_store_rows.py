@@ -4,6 +4,7 @@ than RAM is never copied whole): the largest gather from the store's images is o
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from radssl.data.store import StoreRows
@@ -42,6 +43,17 @@ def test_store_rows_gathers_only_what_is_asked() -> None:
     view = StoreRows(images, np.array([7, 2, 5]))
     assert view.shape == (3, 1, 3) and len(view) == 3 and view.nbytes() == 3 * 3 * 4
     assert torch.equal(view[0:2], images[[7, 2]]) and torch.equal(view[torch.tensor([2])], images[[5]])
+
+
+def test_store_rows_index_select_is_a_fresh_batch_in_the_asked_order() -> None:
+    images = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 1, 3)
+    view = StoreRows(images, np.array([7, 2, 5]), device="cpu")
+    batch = view.index_select(0, torch.tensor([2, 0, 2]))
+    assert torch.equal(batch, images[[5, 7, 5]])
+    batch.zero_()
+    assert torch.equal(images, torch.arange(10 * 3, dtype=torch.float32).reshape(10, 1, 3)), "a copy, not a view"
+    with pytest.raises(ValueError, match="dim 0"):
+        view.index_select(1, torch.tensor([0]))
 
 
 def test_finetune_reads_the_store_a_batch_at_a_time() -> None:

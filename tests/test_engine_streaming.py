@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from radssl.config import load_config
-from radssl.data.store import ImageStore
+from radssl.data.store import ImageStore, StoreRows
 from radssl.engine.checkpoint import load_checkpoint
-from radssl.engine.feed import StepViews, StreamedImages, choose_device_cache, pretraining_images
+from radssl.engine.feed import StepViews, choose_device_cache, pretraining_images
 from radssl.engine.prefetch import Prefetcher, tensors_in
 from radssl.engine.pretrain import SimulatedCrash, pretrain, pretrain_rows, view_context
 from radssl.views.columns import PairingColumns
@@ -142,7 +142,8 @@ def test_auto_streams_when_the_budget_is_tiny_and_keeps_resident_when_it_fits(tm
 
 def test_streamed_images_read_the_store_rows_of_the_pretraining_positions(tiny_store: ImageStore) -> None:
     rows = np.array([5, 9, 2, 40])
-    streamed = StreamedImages(tiny_store.images, rows, torch.device("cpu"))
+    streamed = pretraining_images(tiny_store.images, rows, torch.device("cpu"), "streamed")
+    assert isinstance(streamed, StoreRows)
     assert streamed.shape == (4, *tiny_store.images.shape[1:]) and len(streamed) == 4
     got = streamed.index_select(0, torch.tensor([3, 0, 3]))
     assert torch.equal(got, tiny_store.images[[40, 5, 40]])

@@ -13,7 +13,7 @@ from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
 from radssl.errors import ConfigError
 from radssl.methods.registry import build_method
 from radssl.models.registry import build_from_spec, make_spec
-from radssl.text.encoder import HuggingFaceTextEncoder, ScratchTextEncoder
+from radssl.text.encoder import HuggingFaceTextEncoder, ScratchTextEncoder, encode_in_batches
 from radssl.text.tokenizer import fit_tokenizer
 from radssl.views.augment import AugmentationParams
 from radssl.views.columns import PairingColumns
@@ -53,6 +53,29 @@ def test_scratch_encoder_pools_only_real_tokens() -> None:
         torch.testing.assert_close(encoder(ids, mask), encoder(padded_ids, padded_mask), rtol=1e-5, atol=1e-6)
         different = encoder(torch.tensor([[2, 7, 10, 3]]), torch.ones(1, 4, dtype=torch.long))
     assert not torch.allclose(different, encoder(ids, mask)[:1]), "a different token changes the embedding"
+
+
+def test_encode_in_batches_tokenises_a_batch_at_a_time_in_eval_mode_and_restores_the_mode() -> None:
+    texts = ["clear lungs", "small left effusion", "no acute findings", "cardiomegaly", "clear lungs again"]
+    tokenizer = fit_tokenizer(texts, vocab_size=60, min_frequency=1)
+    module = torch.nn.Linear(2, 2).train()
+    seen: list[tuple[int, bool]] = []
+
+    def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen.append((ids.shape[0], module.training))
+        return ids.float().sum(1, keepdim=True)
+
+    outputs = encode_in_batches(module, tokenizer, texts, 2, encode)
+    assert seen == [(2, False), (2, False), (1, False)] and module.training, "eval while encoding, mode restored"
+    expected = tokenizer.encode(texts).input_ids.float().sum(1, keepdim=True)
+    assert torch.equal(torch.cat(outputs), expected), "every text once, in order"
+
+    def fails(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        encode_in_batches(module, tokenizer, texts, 2, fails)
+    assert module.training, "the mode is restored after an error too"
 
 
 @pytest.fixture(scope="module")

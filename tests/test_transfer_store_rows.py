@@ -4,6 +4,7 @@ than RAM is never copied whole): the largest gather from the store's images is o
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from radssl.data.store import StoreRows
@@ -11,6 +12,9 @@ from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
 from radssl.models.registry import build_backbone
 from radssl.transfer.finetune import finetune
 from radssl.transfer.segmentation import finetune_segmentation
+
+
+_GATHERS = (torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select)
 
 
 class _Gathers(torch.Tensor):
@@ -21,7 +25,7 @@ class _Gathers(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
         out = super().__torch_function__(func, types, args, kwargs or {})
-        if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.ndim == args[0].ndim:
+        if func in _GATHERS and isinstance(out, torch.Tensor) and out.ndim == args[0].ndim:
             cls.largest = max(cls.largest, int(out.shape[0]))
         return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
 
@@ -39,6 +43,17 @@ def test_store_rows_gathers_only_what_is_asked() -> None:
     view = StoreRows(images, np.array([7, 2, 5]))
     assert view.shape == (3, 1, 3) and len(view) == 3 and view.nbytes() == 3 * 3 * 4
     assert torch.equal(view[0:2], images[[7, 2]]) and torch.equal(view[torch.tensor([2])], images[[5]])
+
+
+def test_store_rows_index_select_is_a_fresh_batch_in_the_asked_order() -> None:
+    images = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 1, 3)
+    view = StoreRows(images, np.array([7, 2, 5]), device="cpu")
+    batch = view.index_select(0, torch.tensor([2, 0, 2]))
+    assert torch.equal(batch, images[[5, 7, 5]])
+    batch.zero_()
+    assert torch.equal(images, torch.arange(10 * 3, dtype=torch.float32).reshape(10, 1, 3)), "a copy, not a view"
+    with pytest.raises(ValueError, match="dim 0"):
+        view.index_select(1, torch.tensor([0]))
 
 
 def test_finetune_reads_the_store_a_batch_at_a_time() -> None:

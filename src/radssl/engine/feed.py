@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from radssl.data.store import StoreRows
 from radssl.views.batch import ViewBatch
 from radssl.views.columns import PairingColumns
 from radssl.views.policies import ViewPolicy
@@ -88,50 +89,15 @@ def choose_device_cache(setting: str, images_bytes: int, device: torch.device,
     return DeviceCacheChoice("resident" if fits else "streamed", reason, images_bytes, budget)
 
 
-class StreamedImages:
-    """The pretraining set read on demand: ``index_select(0, positions)`` gathers those rows from the store.
-
-    ``images`` is the store's CPU tensor (usually ``torch.from_numpy`` over a memory-mapped ``images.npy``), ``rows``
-    maps a position in the pretraining set to a store row. On CUDA the gather lands in pinned memory and is copied
-    with ``non_blocking=True``, so the copy overlaps compute when issued from a side stream
-    (:mod:`radssl.engine.prefetch`).
-    """
-
-    def __init__(self, images: torch.Tensor, rows: np.ndarray, device: torch.device) -> None:
-        if images.device.type != "cpu":
-            raise ValueError(f"streamed images must come from a CPU (memory-mapped) store, got {images.device}")
-        self.images = images
-        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-        self.device = torch.device(device)
-        self.pin = self.device.type == "cuda"
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), *self.images.shape[1:]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.images.dtype
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def index_select(self, dim: int, positions: torch.Tensor) -> torch.Tensor:
-        if dim != 0:
-            raise ValueError("streamed images are indexed by row (dim 0) only")
-        store_rows = self.rows.index_select(0, positions.to("cpu", torch.long))
-        gathered = torch.empty((len(store_rows), *self.images.shape[1:]), dtype=self.images.dtype,
-                               pin_memory=self.pin)
-        torch.index_select(self.images, 0, store_rows, out=gathered)
-        return gathered.to(self.device, non_blocking=self.pin)
-
-
 def pretraining_images(store_images: torch.Tensor, rows: np.ndarray, device: torch.device,
-                       mode: CacheMode) -> torch.Tensor | StreamedImages:
-    """What the view policy indexes: the resident copy on ``device``, or a :class:`StreamedImages` reader."""
+                       mode: CacheMode) -> torch.Tensor | StoreRows:
+    """What the view policy indexes: the resident copy on ``device``, or a :class:`StoreRows` reader that gathers
+    each step's rows from the (memory-mapped) store onto ``device``."""
     if mode == "resident":
         return store_images.index_select(0, torch.from_numpy(np.asarray(rows, dtype=np.int64))).to(device)
-    return StreamedImages(store_images, rows, device)
+    if store_images.device.type != "cpu":
+        raise ValueError(f"streamed images must come from a CPU (memory-mapped) store, got {store_images.device}")
+    return StoreRows(store_images, rows, device)
 
 
 # ------------------------------------------------------------------------------------------ step → views
@@ -144,7 +110,7 @@ class StepViews:
     """
 
     policy: ViewPolicy
-    images: Any  # torch.Tensor (resident) or StreamedImages
+    images: torch.Tensor | StoreRows  # resident or streamed
     columns: PairingColumns
     seed: int
     rank: int

@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig, TrainSection, dump_config
+from radssl.data.build import build_store
 from radssl.data.store import ImageStore
 from radssl.engine.checkpoint import FINAL, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from radssl.engine.feed import DeviceCacheChoice, StepViews, choose_device_cache, derived_seed, pretraining_images
@@ -226,12 +228,7 @@ class _MetricsLog:
                 write_text_atomic(self.path, "\n".join(buffer) + "\n")
             else:
                 self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(directory / "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:  # tensorboard is a declared dependency; degrade to CSV only if someone removed it
-            self.writer = None
+        self.writer = SummaryWriter(log_dir=str(directory / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, row: dict[str, float | int]) -> None:
         if not self.enabled:
@@ -348,8 +345,6 @@ def _setup(config: PretrainConfig, store: ImageStore | None, fabric: Any, initia
            initial_backbone_source: str, policy: ViewPolicy | None) -> _Run:
     """Check data, backbone, policy and method against each other (before anything is written), then build."""
     if store is None:
-        from radssl.data.build import build_store
-
         store = build_store(config.data)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

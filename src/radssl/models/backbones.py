@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
-from radssl.models.base import Backbone
+from radssl.models.base import Backbone, resnet_feature_maps
 from radssl.models.spec import BackboneSpec
 
 SMALL_STEM_MAX_SIZE = 64
@@ -59,12 +59,7 @@ class _ResNet(Backbone):
         return self.net(images)
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        net = self.net
-        stem = net.relu(net.bn1(net.conv1(images)))
-        x1 = net.layer1(net.maxpool(stem))
-        x2 = net.layer2(x1)
-        x3 = net.layer3(x2)
-        return [stem, x1, x2, x3, net.layer4(x3)]
+        return resnet_feature_maps(self.net, images, self.net.relu)
 
 
 class ResNet18(_ResNet):

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from radssl.models.backbones import SmallCNN
-from radssl.models.base import Backbone
+from radssl.models.base import Backbone, resnet_feature_maps
 from radssl.models.spec import BackboneSpec
 
 SMALL_STEM_MAX_SIZE_3D = 64
@@ -100,12 +100,7 @@ class ResNet18_3D(Backbone):
         return self.net(images)
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        net = self.net
-        stem = net.act(net.bn1(net.conv1(images)))
-        x1 = net.layer1(stem if net.no_max_pool else net.maxpool(stem))
-        x2 = net.layer2(x1)
-        x3 = net.layer3(x2)
-        return [stem, x1, x2, x3, net.layer4(x3)]
+        return resnet_feature_maps(self.net, images, self.net.act, max_pool=not self.net.no_max_pool)
 
 
 # ---------------------------------------------------------------------------------------------- small CNN

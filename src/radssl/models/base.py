@@ -56,3 +56,17 @@ class Backbone(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def resnet_feature_maps(net: nn.Module, images: torch.Tensor, activation: nn.Module,
+                        max_pool: bool = True) -> list[torch.Tensor]:
+    """The stem's and the four stages' outputs of a torchvision or MONAI ResNet (2D or 3D), high to low resolution.
+
+    The stem is ``activation(bn1(conv1(x)))`` (torchvision names its activation ``relu``, MONAI ``act``); the stem's
+    max-pool runs unless ``max_pool`` is False (MONAI's ``no_max_pool``).
+    """
+    stem = activation(net.bn1(net.conv1(images)))
+    x1 = net.layer1(net.maxpool(stem) if max_pool else stem)
+    x2 = net.layer2(x1)
+    x3 = net.layer3(x2)
+    return [stem, x1, x2, x3, net.layer4(x3)]

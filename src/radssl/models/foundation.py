@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from radssl.data.store import NORMALISATION_MEAN, NORMALISATION_STD
-from radssl.models.base import Backbone
+from radssl.models.base import Backbone, resnet_feature_maps
 from radssl.models.spec import BackboneSpec
 
 FOUNDATION_FAMILIES = ("timm", "hf", "torchvision", "monai")
@@ -314,11 +314,7 @@ class TorchvisionBackbone(FoundationBackbone):
                 if i in (1, 3, 5, 7):
                     maps.append(x)
             return maps
-        stem = net.relu(net.bn1(net.conv1(images)))
-        x1 = net.layer1(net.maxpool(stem))
-        x2 = net.layer2(x1)
-        x3 = net.layer3(x2)
-        return [stem, x1, x2, x3, net.layer4(x3)]
+        return resnet_feature_maps(net, images, net.relu)
 
 
 # -------------------------------------------------------------------------------------------------- monai
@@ -353,9 +349,4 @@ class MonaiBackbone(FoundationBackbone):
         return self.model(images)
 
     def encode_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        net = self.model
-        stem = net.act(net.bn1(net.conv1(images)))
-        x1 = net.layer1(stem if net.no_max_pool else net.maxpool(stem))
-        x2 = net.layer2(x1)
-        x3 = net.layer3(x2)
-        return [stem, x1, x2, x3, net.layer4(x3)]
+        return resnet_feature_maps(self.model, images, self.model.act, max_pool=not self.model.no_max_pool)

@@ -20,6 +20,7 @@ so a checkpoint's text tower re-tokenises and embeds new text exactly as in trai
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from radssl.errors import ConfigError
-from radssl.text.tokenizer import FIT, ReportTokenizer, load_tokenizer
+from radssl.text.tokenizer import FIT, ReportTokenizer, from_pretrained_locally, load_tokenizer, local_model_path
 
 Pooling = Literal["mean", "cls"]
 
@@ -48,6 +49,23 @@ def sinusoidal_positions(length: int, width: int, device: torch.device, dtype: t
     codes[:, 0::2] = torch.sin(position * frequency)
     codes[:, 1::2] = torch.cos(position * frequency)[:, : width // 2]
     return codes.to(dtype)
+
+
+def encode_in_batches(module: nn.Module, tokenizer: ReportTokenizer, texts: list[str], batch_size: int,
+                      encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``encode(input_ids, attention_mask)`` of ``texts`` tokenised ``batch_size`` at a time, on ``module``'s device
+    and with ``module`` in eval mode (its mode restored after): what embedding raw texts takes (call under no_grad)."""
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    try:
+        outputs = []
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer.encode(texts[start : start + batch_size])
+            outputs.append(encode(tokens.input_ids.to(device), tokens.attention_mask.to(device)))
+        return outputs
+    finally:
+        module.train(was_training)
 
 
 class TextEncoder(nn.Module):
@@ -81,16 +99,8 @@ class TextEncoder(nn.Module):
         """(N, feature_dim) pooled features of raw texts, tokenised with the bound tokenizer (eval mode)."""
         if self.tokenizer is None:
             raise ConfigError("this text encoder has no tokenizer yet (it is bound on the first training batch)")
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            outputs = []
-            for start in range(0, len(texts), batch_size):
-                tokens = self.tokenizer.encode(texts[start : start + batch_size])
-                outputs.append(self(tokens.input_ids.to(device), tokens.attention_mask.to(device)).float().cpu())
-        finally:
-            self.train(was_training)
+        outputs = encode_in_batches(self, self.tokenizer, texts, batch_size,
+                                    lambda ids, mask: self(ids, mask).float().cpu())
         return torch.cat(outputs) if outputs else torch.empty(0, self.feature_dim)
 
 
@@ -139,19 +149,13 @@ class HuggingFaceTextEncoder(TextEncoder):
 
     def __init__(self, path: str | Path, pooling: Pooling = "cls", trainable_layers: int | None = None) -> None:
         super().__init__()
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            raise ConfigError(
-                f"text encoder '{path}' is not a directory — give a local Hugging Face model directory "
-                "(config.json + weights, e.g. saved with save_pretrained); radssl never downloads models at run "
-                "time, or use method.text_encoder: scratch"
-            )
-        from transformers import AutoModel
+        path = local_model_path(
+            path, what="text encoder", directory=True, otherwise="method.text_encoder: scratch",
+            give="a local Hugging Face model directory (config.json + weights, e.g. saved with save_pretrained)")
+        from transformers import AutoModel  # heavy (~seconds): only for pretrained text encoders
 
-        try:
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"{path}: cannot load a Hugging Face model from this directory ({error})") from None
+        self.model = from_pretrained_locally(AutoModel.from_pretrained, path,
+                                             "cannot load a Hugging Face model from this directory")
         self.path = str(path)
         self.pooling = pooling
         self.feature_dim = int(self.model.config.hidden_size)

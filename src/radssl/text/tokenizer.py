@@ -26,9 +26,10 @@ import hashlib
 import heapq
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,6 +202,29 @@ def fit_tokenizer(
 
 
 # ------------------------------------------------------------------------------------------------ loading
+def local_model_path(path: str | Path, *, what: str, directory: bool, give: str, otherwise: str) -> Path:
+    """``path`` expanded; a ConfigError saying what to give instead when it is missing (or not a ``directory``).
+
+    Why one helper: tokenizers and text encoders are read only from local files (radssl never downloads at run
+    time), and both say so in the same words.
+    """
+    path = Path(path).expanduser()
+    if not (path.is_dir() if directory else path.exists()):
+        problem = "is not a directory" if directory else "not found"
+        raise ConfigError(f"{what} '{path}' {problem} — give {give}; radssl never downloads models at run time, "
+                          f"or use {otherwise}")
+    return path
+
+
+def from_pretrained_locally(load: Callable[..., Any], path: Path, problem: str, **kwargs: Any) -> Any:
+    """``load(str(path), local_files_only=True, **kwargs)`` (a transformers ``from_pretrained``); its OSError or
+    ValueError becomes a ConfigError naming ``path`` and the ``problem``."""
+    try:
+        return load(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: {problem} ({error})") from None
+
+
 def _pad_id(tokenizer: Tokenizer, declared: int | None) -> int:
     if declared is not None:
         return int(declared)
@@ -217,13 +241,9 @@ def load_tokenizer(path: str | Path, max_length: int = 64) -> "ReportTokenizer":
     A directory without ``tokenizer.json`` (a slow, ``vocab.txt``-only tokenizer) is converted by
     ``transformers.AutoTokenizer(..., local_files_only=True)`` to its fast equivalent.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"tokenizer '{path}' not found — give a local Hugging Face model directory (e.g. one saved with "
-            "save_pretrained) or a tokenizer.json file; radssl never downloads models at run time, or use "
-            "views.tokenizer: fit to fit one on the reports"
-        )
+    path = local_model_path(
+        path, what="tokenizer", directory=False, otherwise="views.tokenizer: fit to fit one on the reports",
+        give="a local Hugging Face model directory (e.g. one saved with save_pretrained) or a tokenizer.json file")
     declared_pad: int | None = None
     if path.is_file():
         tokenizer = Tokenizer.from_file(str(path))
@@ -231,12 +251,10 @@ def load_tokenizer(path: str | Path, max_length: int = 64) -> "ReportTokenizer":
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         declared_pad = _declared_pad_id(path)
     else:
-        try:
-            from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy (~seconds): only for directories without tokenizer.json
 
-            loaded = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"{path}: no usable tokenizer in this directory ({error})") from None
+        loaded = from_pretrained_locally(AutoTokenizer.from_pretrained, path, "no usable tokenizer in this directory",
+                                         use_fast=True)
         if not getattr(loaded, "is_fast", False):
             raise ConfigError(f"{path}: the model's tokenizer has no fast (Rust) version radssl could use")
         tokenizer = Tokenizer.from_str(loaded.backend_tokenizer.to_str())

@@ -68,6 +68,7 @@ nearest-neighbour sampling (zeros outside), and no intensity op touches them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import Any, Literal
@@ -274,6 +275,117 @@ def bias_field(coefficients: torch.Tensor, size: tuple[int, ...], order: int) ->
     return log_field.exp_()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Draws:
+    """Per-sample random draws for one batch from one generator (call order fixes the bits of every view)."""
+
+    batch_size: int
+    device: torch.device
+    generator: torch.Generator
+
+    def uniform(self, low: float, high: float) -> torch.Tensor:
+        """(B,) uniform in [low, high)."""
+        return _uniform(low, high, self.batch_size, self.device, self.generator)
+
+    def log_uniform(self, low: float, high: float) -> torch.Tensor:
+        """(B,) log-uniform in [low, high) (both > 0)."""
+        return torch.exp(self.uniform(math.log(low), math.log(high)))
+
+    def bernoulli(self, p: float) -> torch.Tensor:
+        """(B,) bool, True with probability ``p``."""
+        return _bernoulli(p, self.batch_size, self.device, self.generator)
+
+    def signed(self, count: int) -> torch.Tensor:
+        """(B, count) uniform in [-1, 1)."""
+        return 2.0 * torch.rand(self.batch_size, count, device=self.device, generator=self.generator) - 1.0
+
+    def integers(self, low: int, high: int) -> torch.Tensor:
+        """(B,) int64 uniform in [low, high)."""
+        return torch.randint(low, high, (self.batch_size,), device=self.device, generator=self.generator)
+
+    def constant(self, value: float) -> torch.Tensor:
+        """(B,) filled with ``value`` (no draw): the identity factor of a skipped op."""
+        return torch.full((self.batch_size,), value, device=self.device)
+
+
+def _draw_crop(p: AugmentationParams, size: tuple[int, ...], draws: _Draws) -> ParameterDict:
+    """``crop_extent`` and ``crop_center`` (B, n) of a random resized crop of an input of spatial ``size``.
+
+    Szegedy et al. 2015 / torchvision: area fraction uniform, aspect log-uniform. Vectorised: instead of
+    torchvision's 10 rejection tries, crops that would overflow are clamped to the full extent along that axis
+    (same support, slightly more mass at the edge).
+    """
+    n = len(size)
+    height, width = size[-2], size[-1]
+    scale = draws.uniform(*p.crop_scale)
+    ratio = draws.log_uniform(*p.crop_ratio)
+    plane_area = scale if n == 2 else scale ** (2.0 / 3.0)
+    extent_x = torch.sqrt(plane_area * ratio * (height / width)).clamp(max=1.0)
+    extent_y = torch.sqrt(plane_area / ratio * (width / height)).clamp(max=1.0)
+    extents = [extent_x, extent_y]
+    if n == 3:
+        extents.append((scale ** (1.0 / 3.0)).clamp(max=1.0))
+    crop_extent = torch.stack(extents, dim=1)
+    # Centre uniform over positions where the crop fits inside the image (normalised coords).
+    crop_center = (1.0 - crop_extent) * draws.signed(n)
+    return {"crop_center": crop_center, "crop_extent": crop_extent}
+
+
+def _draw_radiograph_ops(p: AugmentationParams, draws: _Draws) -> tuple[ParameterDict, torch.Tensor]:
+    """Flips, in-plane rotation, brightness / contrast / gamma, blur and noise: the draws of every config.
+
+    Also returns ``intensity_on`` (B,) bool: which samples get the intensity ops (the CT window jitter too).
+    """
+    hflip = draws.bernoulli(p.hflip_p)
+    vflip = draws.bernoulli(p.vflip_p)
+    rotation = draws.uniform(-p.rotation_degrees, p.rotation_degrees) * (math.pi / 180.0)
+    intensity_on = draws.bernoulli(p.intensity_p)
+    one, zero = draws.constant(1.0), draws.constant(0.0)
+    brightness = torch.where(intensity_on, draws.uniform(1.0 - p.brightness, 1.0 + p.brightness), one)
+    contrast = torch.where(intensity_on, draws.uniform(1.0 - p.contrast, 1.0 + p.contrast), one)
+    gamma = torch.where(intensity_on, draws.log_uniform(*p.gamma), one)
+    blur_sigma = torch.where(draws.bernoulli(p.blur_p), draws.uniform(*p.blur_sigma), zero)
+    noise_std = torch.where(draws.bernoulli(p.noise_p), draws.uniform(*p.noise_std), zero)
+    noise_seed = torch.randint(0, 2**62, (), device=draws.device, generator=draws.generator, dtype=torch.int64)
+    return {
+        "hflip": hflip, "vflip": vflip, "rotation": rotation, "brightness": brightness, "contrast": contrast,
+        "gamma": gamma, "blur_sigma": blur_sigma, "noise_std": noise_std, "noise_seed": noise_seed,
+    }, intensity_on
+
+
+def _draw_volume_geometry(p: AugmentationParams, n: int, planes: list[int], draws: _Draws) -> ParameterDict:
+    """Depth flip, quarter-turns (in ``planes``, indices into :data:`PLANES`) and tilts, each only if configured."""
+    drawn: ParameterDict = {}
+    if n == 3 and p.dflip_p > 0:
+        drawn["dflip"] = draws.bernoulli(p.dflip_p)
+    if p.rot90_p > 0 and planes:
+        turned = draws.bernoulli(p.rot90_p)
+        turns = draws.integers(1, 4)
+        drawn["rot90_k"] = torch.where(turned, turns, torch.zeros_like(turns))
+        choice = draws.integers(0, len(planes))
+        drawn["rot90_plane"] = torch.tensor(planes, device=draws.device)[choice]
+    if n == 3 and p.tilt_degrees > 0:
+        drawn["tilt"] = draws.signed(2) * math.radians(p.tilt_degrees)
+    return drawn
+
+
+def _draw_modality_intensity(
+    p: AugmentationParams, n: int, intensity_on: torch.Tensor, draws: _Draws
+) -> ParameterDict:
+    """CT window jitter (gated with the other intensity ops by ``intensity_on``) and MR bias field, if configured."""
+    drawn: ParameterDict = {}
+    if p.window_level > 0 or p.window_width != (1.0, 1.0):
+        level = draws.uniform(-p.window_level, p.window_level)
+        drawn["window_level"] = torch.where(intensity_on, level, draws.constant(0.0))
+        drawn["window_width"] = torch.where(intensity_on, draws.log_uniform(*p.window_width), draws.constant(1.0))
+    if p.bias_field_p > 0:
+        on = draws.bernoulli(p.bias_field_p)
+        coefficients = draws.signed(len(bias_field_exponents(n, p.bias_field_order)))
+        drawn["bias_field"] = on
+        drawn["bias_coefficients"] = coefficients * p.bias_field_coefficient * on[:, None]
+    return drawn
+
+
 class BatchAugmenter(torch.nn.Module):
     """Augment a whole batch in a few tensor ops, each sample with its own random parameters.
 
@@ -322,8 +434,6 @@ class BatchAugmenter(torch.nn.Module):
         and ``window_width`` (B,) width factor (0 and 1 = unchanged); ``bias_field`` (B,) bool and
         ``bias_coefficients`` (B, K) for the monomials of :func:`bias_field_exponents`.
         """
-        p = self.params
-        device = torch.device(device)
         n = self.spatial_dims
         size = tuple(input_size) if input_size is not None else self.output_size
         if len(size) != n:
@@ -332,80 +442,15 @@ class BatchAugmenter(torch.nn.Module):
                 f"has {len(size)} spatial dims but the augmenter was built for {n}",
                 f"pass a {n}-tuple or build the augmenter with a matching output_size",
             )
-        height, width = size[-2], size[-1]
-        g = generator
-
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return _uniform(low, high, batch_size, device, g)
-
-        # Random resized crop (Szegedy et al. 2015 / torchvision): area fraction uniform, aspect log-uniform.
-        # Vectorised: instead of torchvision's 10 rejection tries, crops that would overflow are clamped to the
-        # full extent along that axis (same support, slightly more mass at the edge).
-        scale = uniform(*p.crop_scale)
-        ratio = torch.exp(uniform(math.log(p.crop_ratio[0]), math.log(p.crop_ratio[1])))
-        plane_area = scale if n == 2 else scale ** (2.0 / 3.0)
-        extent_x = torch.sqrt(plane_area * ratio * (height / width)).clamp(max=1.0)
-        extent_y = torch.sqrt(plane_area / ratio * (width / height)).clamp(max=1.0)
-        extents = [extent_x, extent_y]
-        if n == 3:
-            extents.append((scale ** (1.0 / 3.0)).clamp(max=1.0))
-        crop_extent = torch.stack(extents, dim=1)
-        # Centre uniform over positions where the crop fits inside the image (normalised coords).
-        crop_center = (1.0 - crop_extent) * (2.0 * torch.rand(batch_size, n, device=device, generator=g) - 1.0)
-
-        hflip = _bernoulli(p.hflip_p, batch_size, device, g)
-        vflip = _bernoulli(p.vflip_p, batch_size, device, g)
-        rotation = uniform(-p.rotation_degrees, p.rotation_degrees) * (math.pi / 180.0)
-
-        intensity_on = _bernoulli(p.intensity_p, batch_size, device, g)
-        one = torch.ones(batch_size, device=device)
-        brightness = torch.where(intensity_on, uniform(1.0 - p.brightness, 1.0 + p.brightness), one)
-        contrast = torch.where(intensity_on, uniform(1.0 - p.contrast, 1.0 + p.contrast), one)
-        gamma = torch.where(intensity_on, torch.exp(uniform(math.log(p.gamma[0]), math.log(p.gamma[1]))), one)
-
-        zero = torch.zeros(batch_size, device=device)
-        blur_sigma = torch.where(_bernoulli(p.blur_p, batch_size, device, g), uniform(*p.blur_sigma), zero)
-        noise_std = torch.where(_bernoulli(p.noise_p, batch_size, device, g), uniform(*p.noise_std), zero)
-        noise_seed = torch.randint(0, 2**62, (), device=device, generator=g, dtype=torch.int64)
-
-        drawn = {
-            "crop_center": crop_center,
-            "crop_extent": crop_extent,
-            "hflip": hflip,
-            "vflip": vflip,
-            "rotation": rotation,
-            "brightness": brightness,
-            "contrast": contrast,
-            "gamma": gamma,
-            "blur_sigma": blur_sigma,
-            "noise_std": noise_std,
-            "noise_seed": noise_seed,
-        }
+        draws = _Draws(batch_size, torch.device(device), generator)
+        # The steps run in this fixed order: each consumes the generator in turn, so the order fixes the bits.
+        drawn = _draw_crop(self.params, size, draws)
+        common, intensity_on = _draw_radiograph_ops(self.params, draws)
+        drawn.update(common)
         # Ops added for volumes and CT/MR come after every draw above and are drawn only when configured, so a
         # radiograph config leaves the generator exactly where it always did (bit-identical views, same speed).
-        if n == 3 and p.dflip_p > 0:
-            drawn["dflip"] = _bernoulli(p.dflip_p, batch_size, device, g)
-        planes = self._planes
-        if p.rot90_p > 0 and planes:
-            turned = _bernoulli(p.rot90_p, batch_size, device, g)
-            turns = torch.randint(1, 4, (batch_size,), device=device, generator=g)
-            drawn["rot90_k"] = torch.where(turned, turns, torch.zeros_like(turns))
-            choice = torch.randint(0, len(planes), (batch_size,), device=device, generator=g)
-            drawn["rot90_plane"] = torch.tensor(planes, device=device)[choice]
-        if n == 3 and p.tilt_degrees > 0:
-            drawn["tilt"] = (2.0 * torch.rand(batch_size, 2, device=device, generator=g) - 1.0) * math.radians(
-                p.tilt_degrees)
-        if p.window_level > 0 or p.window_width != (1.0, 1.0):
-            zero = torch.zeros(batch_size, device=device)
-            drawn["window_level"] = torch.where(intensity_on, uniform(-p.window_level, p.window_level), zero)
-            width = torch.exp(uniform(math.log(p.window_width[0]), math.log(p.window_width[1])))
-            drawn["window_width"] = torch.where(intensity_on, width, one)
-        if p.bias_field_p > 0:
-            on = _bernoulli(p.bias_field_p, batch_size, device, g)
-            count = len(bias_field_exponents(n, p.bias_field_order))
-            coefficients = (2.0 * torch.rand(batch_size, count, device=device, generator=g) - 1.0)
-            drawn["bias_field"] = on
-            drawn["bias_coefficients"] = coefficients * p.bias_field_coefficient * on[:, None]
+        drawn.update(_draw_volume_geometry(self.params, n, self._planes, draws))
+        drawn.update(_draw_modality_intensity(self.params, n, intensity_on, draws))
         return drawn
 
     # ------------------------------------------------------------------ applying

@@ -21,7 +21,6 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from radssl.data.store import images_to_float
 from radssl.errors import ConfigError
 from radssl.views.augment import BatchAugmenter
 from radssl.views.batch import ViewBatch, ViewLayout
@@ -95,9 +94,7 @@ class MultiCropPolicy(ViewPolicy):
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, images: torch.Tensor, columns: PairingColumns,
                  generator: torch.Generator) -> ViewBatch:
-        partner_rows = self.partners(rows, columns, generator)
-        anchor = images_to_float(images.index_select(0, rows))
-        partner = anchor if partner_rows is rows else images_to_float(images.index_select(0, partner_rows))
+        anchor, partner, partner_rows = self.pair_images(rows, images, columns, generator)
         channels_last = self.context.channels_last
         # One batched call per view size: [anchor; partner] for the globals, the anchor repeated for the locals.
         global_views = self.global_augmenter(torch.cat([anchor, partner]), generator).chunk(2)
@@ -106,5 +103,4 @@ class MultiCropPolicy(ViewPolicy):
         if count:
             local = self.local_augmenter(anchor.repeat((count,) + (1,) * (anchor.ndim - 1)), generator)
             views += [normalise_view(v, channels_last) for v in local.chunk(count)]
-        return ViewBatch(views=views, rows=rows, partner_rows=None if partner_rows is rows else partner_rows,
-                         num_global=self.num_global)
+        return ViewBatch(views=views, rows=rows, partner_rows=partner_rows, num_global=self.num_global)

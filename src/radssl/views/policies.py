@@ -90,6 +90,19 @@ class ViewPolicy:
         assert self._pairing is not None
         return self._pairing.partners(rows, generator)
 
+    def pair_images(self, rows: torch.Tensor, images: torch.Tensor, columns: PairingColumns,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The images of ``rows`` and of their partners as float [0, 1], and the partner rows.
+
+        Where each row is its own partner (``views.pairing: none``) the anchor batch is reused, not gathered twice,
+        and the partner rows are None (what :class:`ViewBatch` records).
+        """
+        partner_rows = self.partners(rows, columns, generator)
+        anchor = images_to_float(images.index_select(0, rows))
+        if partner_rows is rows:
+            return anchor, anchor, None
+        return anchor, images_to_float(images.index_select(0, partner_rows)), partner_rows
+
     # ---------------------------------------------------------------- interface
     def layout(self) -> ViewLayout:  # pragma: no cover - interface
         raise NotImplementedError
@@ -114,16 +127,9 @@ class TwoViewPolicy(ViewPolicy):
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, images: torch.Tensor, columns: PairingColumns,
                  generator: torch.Generator) -> ViewBatch:
-        partner_rows = self.partners(rows, columns, generator)
-        first = images_to_float(images.index_select(0, rows))
-        if partner_rows is rows:
-            second = first
-            partner_rows_out = None
-        else:
-            second = images_to_float(images.index_select(0, partner_rows))
-            partner_rows_out = partner_rows
+        first, second, partner_rows = self.pair_images(rows, images, columns, generator)
         views = [normalise_view(self.augmenter(x, generator), self.context.channels_last) for x in (first, second)]
-        return ViewBatch(views=views, rows=rows, partner_rows=partner_rows_out)
+        return ViewBatch(views=views, rows=rows, partner_rows=partner_rows)
 
 
 class SingleViewPolicy(ViewPolicy):

@@ -26,7 +26,6 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from radssl.data.store import images_to_float
 from radssl.errors import ConfigError
 from radssl.views.augment import BatchAugmenter
 from radssl.views.batch import ViewBatch, ViewLayout
@@ -130,13 +129,11 @@ class NeighbouringCropPolicy(ViewPolicy):
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, images: torch.Tensor, columns: PairingColumns,
                  generator: torch.Generator) -> NeighbouringCropBatch:
-        partner_rows = self.partners(rows, columns, generator)
-        first = images_to_float(images.index_select(0, rows))
-        second = first if partner_rows is rows else images_to_float(images.index_select(0, partner_rows))
+        first, second, partner_rows = self.pair_images(rows, images, columns, generator)
         anchor, partner = self.region_centres(rows.shape[0], first.device, generator)
         views = [self._view(first, anchor, generator), self._view(second, partner, generator)]
         return NeighbouringCropBatch(
-            views=views, rows=rows, partner_rows=None if partner_rows is rows else partner_rows,
+            views=views, rows=rows, partner_rows=partner_rows,
             extras={"region_centres": torch.stack([anchor, partner], dim=1)},
             centre_distance=(anchor - partner).norm(dim=1),
         )

@@ -39,7 +39,7 @@ from torch import nn
 from radssl.errors import ConfigError
 from radssl.methods.base import MethodOutput, MethodParams, SSLMethod
 from radssl.models.base import Backbone
-from radssl.text.encoder import TextEncoder, build_text_encoder
+from radssl.text.encoder import TextEncoder, build_text_encoder, encode_in_batches
 from radssl.views.batch import ViewBatch, ViewRequirements
 from radssl.views.image_text import TOKENIZER_KEY, tokenizer_from_tensor
 
@@ -195,16 +195,7 @@ class ImageTextMethod(SSLMethod):
         if tokenizer is None:
             raise ConfigError(f"method '{self.name}' has no tokenizer yet: it is bound on the first training batch "
                               "(load a trained checkpoint)")
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            chunks = []
-            for start in range(0, len(texts), batch_size):
-                tokens = tokenizer.encode(texts[start : start + batch_size])
-                chunks.append(self.encode_tokens(tokens.input_ids.to(device), tokens.attention_mask.to(device)))
-        finally:
-            self.train(was_training)
+        chunks = encode_in_batches(self, tokenizer, texts, batch_size, self.encode_tokens)
         if not chunks:
             return torch.empty(0, self.params.projection_dim)
         return F.normalize(torch.cat(chunks).float(), dim=1).cpu()

@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the machine it ran on, seed intervals, and writing results.
+"""What every benchmark script shares: the machine it ran on, seed intervals, and writing and reading results.
 
 Kept here once so every result file describes its machine the same way (CPU model, cores, threads, GPU, load average,
 package versions) and every seed interval is :func:`radssl.study.statistics.seed_t_interval`.
@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,22 @@ def mean_sd_interval(values: list[float | None]) -> dict[str, float]:
             "n": int(len(array))}
 
 
-def write_json(path: Path, record: Any) -> None:
-    """Write a result file atomically (a killed benchmark never leaves half a JSON)."""
-    write_text_atomic(Path(path), json.dumps(record, indent=2, default=float) + "\n")
+def write_json(path: Path, record: Any, indent: int = 2, default: Callable[[Any], Any] = float) -> None:
+    """Write a result file atomically (a killed benchmark never leaves half a JSON); ``default`` turns what JSON
+    cannot hold into what it can (numpy scalars into floats, say)."""
+    write_text_atomic(Path(path), json.dumps(record, indent=indent, default=default) + "\n")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file a page is re-rendered from (``--render-only``), with an error naming it where it is missing or
+    not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no result file to render from (run the benchmark first, or name it)")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{path}: not JSON ({error})") from error
+    if not isinstance(record, dict):
+        raise SystemExit(f"{path}: a result file holds a JSON object, found {type(record).__name__}")
+    return record

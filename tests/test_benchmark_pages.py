@@ -195,6 +195,7 @@ def test_label_efficiency_3d_page_from_a_small_record() -> None:
     assert hippo[3] == ["SSL − random (finetune)", "+0.012 [0.003, 0.021] bootstrap p 0.015, Wilcoxon p 0.004"]
     assert resources == [["workload", "samples/s (wall)", "unit", "peak RSS MB"], [EVIL, "12.35", "volumes", "790.1"]]
     assert page.count("<img ") == 2 and "Budget: 12 CPU-minutes" in page
+    assert "<li>second note</li>" in page  # the reading: one bullet per note
 
 
 def test_multimodal_page_from_a_small_record() -> None:

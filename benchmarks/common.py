@@ -80,3 +80,18 @@ def read_result(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise SystemExit(f"{path}: a result file holds a JSON object, found {type(record).__name__}")
     return record
+
+
+def render_from_result(path: Path, render: Callable[[dict[str, Any]], str],
+                       renote: Callable[[dict[str, Any]], None] | None = None, indent: int = 1) -> Path:
+    """``--render-only`` / ``--rerender``: the page ``<path>.html`` from the result JSON at ``path``, running nothing.
+    ``renote`` (``--rerender``) first recomputes what the record says in words and writes the JSON back (``indent``
+    as the script writes it); without it the JSON is only read."""
+    path = Path(path)
+    record = read_result(path)
+    if renote is not None:
+        renote(record)
+        write_json(path, record, indent=indent)
+    page = path.with_suffix(".html")
+    write_text_atomic(page, render(record))
+    return page

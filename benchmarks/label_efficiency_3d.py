@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from common import machine as shared_machine
-from common import read_result, write_json
+from common import render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import load_config
@@ -465,7 +465,8 @@ def hippocampus_section(hippo: dict[str, Any]) -> PageSection:
     curve = interval_curves({arm: [(float(f), s["arms"][arm][f]["dice_mean"]["mean"],
                                     *s["arms"][arm][f]["dice_mean"]["case_bootstrap_ci"]) for f in fractions]
                              for arm in ("finetune/random", "finetune/ssl")}, "test mean Dice", (0.0, 1.0),
-                            ("nnU-Net ≈ .89", NNUNET_REFERENCE), "Test mean Dice over cases with the case-bootstrap 95 % CI.")
+                            ("nnU-Net ≈ .89", NNUNET_REFERENCE),
+                            "Test mean Dice over cases with the case-bootstrap 95 % CI.")
     return PageSection(
         "hippocampus", "(b) MSD hippocampus segmentation — test mean Dice of the two structures",
         paragraphs=[f"{hippo['data']['description']}; splits {hippo['data']['splits']}.",
@@ -539,6 +540,11 @@ def reading(payload: dict[str, Any]) -> list[str]:
     return notes
 
 
+def renote(payload: dict[str, Any]) -> None:
+    """``--rerender``: the reading's sentences again, from the record's numbers."""
+    payload["notes"] = reading(payload)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
@@ -577,11 +583,7 @@ def main() -> None:
                         help="only rebuild the HTML from an existing --output (the JSON is read, never written)")
     args = parser.parse_args()
     if args.render_only or args.rerender:
-        payload = read_result(args.output)
-        if args.rerender:
-            payload["notes"] = reading(payload)
-            write_json(args.output, payload, indent=1)
-        write_text_atomic(args.output.with_suffix(".html"), render_html(payload))
+        render_from_result(args.output, render_html, renote if args.rerender else None)
         return
     if args.smoke:
         args.seeds, args.vessel_steps, args.ssl_steps, args.seg_epochs, args.seg_steps_per_epoch = [0, 1], 3, 3, 2, 2

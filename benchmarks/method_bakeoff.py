@@ -381,8 +381,10 @@ def render_html(record: dict[str, Any], path: Path) -> None:
     protocols = [p for p in ("linear", "knn", "finetune") if any(p in entry["ssl"] for entry in rows.values())] \
         or ["linear", "knn"]
     sections = [
-        PageSection("methods", "Methods at an equal budget", paragraphs=[Paragraph(record["budget_statement"], "Budget")],
-                    tables=[results_table(record, protocols)], fine_print=[READING], figures=[curves_figure(record, protocols)]),
+        PageSection("methods", "Methods at an equal budget",
+                    paragraphs=[Paragraph(record["budget_statement"], "Budget")],
+                    tables=[results_table(record, protocols)], fine_print=[READING],
+                    figures=[curves_figure(record, protocols)]),
         PageSection("checks", "Checks", preformatted=[json.dumps(record["summary"]["checks"], indent=1)]),
         PageSection("settings", "Settings", preformatted=[json.dumps(record["settings"], indent=1)]),
     ]

@@ -43,7 +43,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common import machine as shared_machine
-from common import read_result, write_json
+from common import render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
@@ -294,9 +294,10 @@ def html_page(results: dict[str, Any]) -> str:
                   numeric=range(1, 1 + len(FRACTIONS)))
     sections = [
         PageSection("retrieval", "Retrieval on held-out patients and zero-shot classification",
-                    paragraphs=["Mean ± SD over seeds; chance levels beside each recall (reports shared by several "
-                                "images count once). Zero-shot: synthetic — nodule vs normal; real — CT vs X-ray (the "
-                                "store's label), and COVID-19 vs other named findings."], tables=[retrieval]),
+                    paragraphs=["Mean ± SD over seeds; chance levels beside each recall (reports shared by "
+                                "several images count once). Zero-shot: synthetic — nodule vs normal; real — CT vs "
+                                "X-ray (the store's label), and COVID-19 vs other named findings."],
+                    tables=[retrieval]),
         PageSection("probe", "Linear probe of the image encoder (synthetic, test AUC)", tables=[probe]),
         PageSection("settings", "Settings and machine", preformatted=[json.dumps(results["settings"], indent=1),
                                                                       json.dumps(results["machine"], indent=1)]),
@@ -327,7 +328,7 @@ def main() -> None:
                         help="only rebuild the HTML from an existing --results JSON (read, never written)")
     args = parser.parse_args()
     if args.render_only:
-        write_text_atomic(args.results.with_suffix(".html"), html_page(read_result(args.results)))
+        render_from_result(args.results, html_page)
         return
     if args.smoke:
         args.steps, args.covid_steps, args.seeds, args.patients, args.text_seeds = 6, 6, [0], 60, [0]

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from common import machine as shared_machine
-from common import read_result, write_json
+from common import render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import MedMNISTData, load_config
@@ -238,6 +238,13 @@ def render_html(payload: dict[str, Any]) -> str:
                                  subtitle=payload["question"], sections=sections, machine=payload["machine"])
 
 
+def renote(payload: dict[str, Any]) -> None:
+    """``--rerender``: the verdict sentence again, from the record's paired contrast, first among the notes."""
+    note = verdict(payload["summary"], payload["settings"]["label_fractions"])
+    payload["notes"] = [n for n in payload["notes"] if not n.startswith(("At this budget", "Paired intervals"))]
+    payload["notes"].insert(0, note)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="folder with medmnist/vesselmnist3d.npz "
@@ -257,13 +264,7 @@ def main() -> None:
                         help="only rebuild the HTML from an existing --output JSON (read, never written)")
     args = parser.parse_args()
     if args.render_only or args.rerender:
-        payload = read_result(args.output)
-        if args.rerender:
-            note = verdict(payload["summary"], payload["settings"]["label_fractions"])
-            payload["notes"] = [n for n in payload["notes"] if not n.startswith(("At this budget", "Paired intervals"))]
-            payload["notes"].insert(0, note)
-            write_json(args.output, payload, indent=1)
-        write_text_atomic(args.output.with_suffix(".html"), render_html(payload))
+        render_from_result(args.output, render_html, renote if args.rerender else None)
         return
     if args.smoke:
         args.steps, args.seeds = 4, args.seeds[:2]

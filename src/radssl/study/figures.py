@@ -164,8 +164,9 @@ def size_figure(analysis: Analysis, names: Names) -> EmbeddedFigure:
 
 @dataclass(frozen=True)
 class Series:
-    """One line of a benchmark figure: (x, value, low, high) points — a non-finite bound draws no bar on that side —
-    in a matplotlib ``fmt`` ("-o" a line with markers; "k--" a black dashed line); ``bars=False`` draws the line only."""
+    """One line of a benchmark figure: (x, value, low, high) points — a non-finite bound draws no bar on that
+    side — in a matplotlib ``fmt`` ("-o" a line with markers; "k--" a black dashed line); ``bars=False`` draws the
+    line alone."""
 
     label: str
     points: Sequence[tuple[float, float, float, float]]

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_seconds(children: bool = False) -> float:
+    """User + system CPU seconds of this process (all threads), plus its finished children's with ``children`` —
+    the budget of a benchmark on a shared machine, where wall time is inflated by other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    if children:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def machine(**extra: Any) -> dict[str, Any]:

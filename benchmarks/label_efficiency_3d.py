@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import cpu_seconds as process_cpu_seconds
 from common import machine as shared_machine
 from common import render_from_result, write_json
 
@@ -88,10 +89,8 @@ NNUNET_REFERENCE = 0.89
 
 # ------------------------------------------------------------------------------------------------ bookkeeping
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its finished children (all threads)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    """User + system CPU seconds of this process and its finished children (all threads): the probes' children."""
+    return process_cpu_seconds(children=True)
 
 
 class Phases:

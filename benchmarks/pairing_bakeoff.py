@@ -34,7 +34,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import cpu_seconds
 from common import machine as shared_machine
 from common import render_from_result, write_json
 
@@ -62,11 +62,6 @@ from radssl.transfer.linear_probe import linear_probe
 ARMS = ("two_view", "slice_pairs")
 FLOOR = "random_init"
 LEVELS = ("volume", "slice")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def machine() -> dict[str, Any]:

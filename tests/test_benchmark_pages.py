@@ -80,6 +80,11 @@ def test_benchmark_page_escapes_every_text_slot_and_lays_out_tables_from_rows() 
     assert "Machine: 2-core CPU" in page and "Versions: torch 2.x, radssl 0.1.0" in page
 
 
+def test_an_interval_cell_without_bounds_shows_the_value_alone() -> None:
+    assert interval_cell(0.5, float("nan"), float("nan")) == Cell("0.500")
+    assert interval_cell(-0.25, None, 0.1, difference=True, after=("p 0.2",)) == Cell("−0.250", ("[–, 0.100]", "p 0.2"))
+
+
 def test_a_table_row_of_the_wrong_length_is_refused_naming_the_table() -> None:
     with pytest.raises(ValueError, match=r"'AUC table': row 1 has 1 cells for 2 headers"):
         Table(["a", "b"], [["1", "2"], ["3"]], caption="AUC table")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -140,9 +141,11 @@ class PageSection:
 def interval_cell(mean: float | None, low: float | None, high: float | None, *, digits: int = 3,
                   difference: bool = False, after: Sequence[str] = (), strong: bool = False) -> Cell:
     """``mean [low, high]`` as a cell (a difference is signed); ``after`` adds fine-print lines (a p-value, a
-    second interval). Non-finite numbers read "–"."""
+    second interval). Non-finite numbers read "–"; an interval with neither bound (one seed) is left out."""
     value = signed(mean, digits) if difference else num(mean, digits)
-    return Cell(value, (f"[{num(low, digits)}, {num(high, digits)}]", *after), strong)
+    shown = any(b is not None and math.isfinite(b) for b in (low, high))
+    interval = (f"[{num(low, digits)}, {num(high, digits)}]",) if shown else ()
+    return Cell(value, (*interval, *after), strong)
 
 
 def machine_footer(machine: Mapping[str, Any], versions: Mapping[str, str] | None = None) -> list[str]:

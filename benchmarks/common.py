@@ -6,6 +6,7 @@ package versions) and every seed interval is :func:`radssl.study.statistics.seed
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -92,6 +93,15 @@ def read_result(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise SystemExit(f"{path}: a result file holds a JSON object, found {type(record).__name__}")
     return record
+
+
+def add_render_arguments(parser: argparse.ArgumentParser, result_flag: str, rerender: str | None = None) -> None:
+    """``--render-only`` (the page from the JSON at ``result_flag``, which is only read) and, where the script can
+    recompute its notes from the numbers, ``--rerender`` (help text ``rerender``)."""
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"only rebuild the HTML from an existing {result_flag} JSON (read, never written)")
+    if rerender:
+        parser.add_argument("--rerender", action="store_true", help=rerender)
 
 
 def render_from_result(path: Path, render: Callable[[dict[str, Any]], str],

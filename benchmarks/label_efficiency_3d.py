@@ -56,7 +56,7 @@ import torch
 
 from common import cpu_seconds as process_cpu_seconds
 from common import machine as shared_machine
-from common import render_from_result, write_json
+from common import add_render_arguments, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import load_config
@@ -577,9 +577,7 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=8)
     parser.add_argument("--probe-steps", type=int, default=6)
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: plumbing only (a few minutes)")
-    parser.add_argument("--rerender", action="store_true", help="rebuild notes and HTML from an existing --output")
-    parser.add_argument("--render-only", action="store_true",
-                        help="only rebuild the HTML from an existing --output (the JSON is read, never written)")
+    add_render_arguments(parser, "--output", rerender="rebuild notes and HTML from an existing --output")
     args = parser.parse_args()
     if args.render_only or args.rerender:
         render_from_result(args.output, render_html, renote if args.rerender else None)

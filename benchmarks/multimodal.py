@@ -43,7 +43,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common import machine as shared_machine
-from common import render_from_result, write_json
+from common import add_render_arguments, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
@@ -324,8 +324,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("RADSSL_DATA_DIR"))
     parser.add_argument("--results", type=Path, default=RESULTS / "multimodal.json")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one seed: plumbing only")
-    parser.add_argument("--render-only", action="store_true",
-                        help="only rebuild the HTML from an existing --results JSON (read, never written)")
+    add_render_arguments(parser, "--results")
     args = parser.parse_args()
     if args.render_only:
         render_from_result(args.results, html_page)

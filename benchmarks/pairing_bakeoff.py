@@ -44,7 +44,7 @@ import torch
 
 from common import cpu_seconds
 from common import machine as shared_machine
-from common import render_from_result, write_json
+from common import add_render_arguments, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import MedMNISTData, load_config
@@ -253,10 +253,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/pairing_bakeoff.json"))
     parser.add_argument("--smoke", action="store_true", help="a few steps and one seed: plumbing only")
-    parser.add_argument("--rerender", action="store_true",
-                        help="recompute the verdict note and the HTML from an existing --output JSON (no training)")
-    parser.add_argument("--render-only", action="store_true",
-                        help="only rebuild the HTML from an existing --output JSON (read, never written)")
+    add_render_arguments(parser, "--output", rerender="recompute the verdict note and the HTML from an existing "
+                                                      "--output JSON (no training)")
     args = parser.parse_args()
     if args.render_only or args.rerender:
         render_from_result(args.output, render_html, renote if args.rerender else None)

@@ -252,3 +252,16 @@ def test_pairing_bakeoff_page_from_a_small_record() -> None:
     assert paired[2] == ["slice"] + ["−0.020 [-0.120, 0.080]"] * 2
     assert runs[1:] == [["two_view", "0", "512", "0.400", "2.500", "10.0", "12.0"],
                         ["slice_pairs", "0", "512", "0.400", "2.500", "10.0", "12.0"]]
+
+
+def test_render_from_result_reads_the_json_and_writes_it_back_only_when_renoting(tmp_path) -> None:  # noqa: ANN001
+    common = load_benchmark_script("common")
+    path = tmp_path / "result.json"
+    path.write_text('{"notes": ["old"]}')
+    page = common.render_from_result(path, lambda record: f"<p>{record['notes'][0]}</p>")
+    assert page.read_text() == "<p>old</p>" and path.read_text() == '{"notes": ["old"]}'
+    common.render_from_result(path, lambda record: f"<p>{record['notes'][0]}</p>",
+                              renote=lambda record: record.update(notes=["new"]))
+    assert page.read_text() == "<p>new</p>" and json.loads(path.read_text()) == {"notes": ["new"]}
+    with pytest.raises(SystemExit, match="missing.json: no result file"):
+        common.render_from_result(tmp_path / "missing.json", str)

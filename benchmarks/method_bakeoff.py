@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import bakeoff_lib as lib
-from common import machine, mean_sd_interval, read_result, write_json
+from common import machine, mean_sd_interval, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.methods.registry import METHODS, method_class
@@ -375,7 +375,7 @@ def results_table(record: dict[str, Any], protocols: list[str]) -> Table:
     return Table(headers, body, numeric=range(2, len(headers)))
 
 
-def render_html(record: dict[str, Any], path: Path) -> None:
+def render_html(record: dict[str, Any]) -> str:
     """The bake-off's page (radssl's benchmark template): budget, curves, the per-method table, checks, settings."""
     rows = record["summary"]["methods"]
     protocols = [p for p in ("linear", "knn", "finetune") if any(p in entry["ssl"] for entry in rows.values())] \
@@ -388,10 +388,10 @@ def render_html(record: dict[str, Any], path: Path) -> None:
         PageSection("checks", "Checks", preformatted=[json.dumps(record["summary"]["checks"], indent=1)]),
         PageSection("settings", "Settings", preformatted=[json.dumps(record["settings"], indent=1)]),
     ]
-    write_text_atomic(path, render_benchmark_page(
+    return render_benchmark_page(
         title="radssl method bake-off", heading=f"Method bake-off: {record['settings']['dataset']}",
         subtitle="Every method pretrained at one budget, read out beside its random-init twin.", sections=sections,
-        machine=record["machine"], versions=record.get("versions")))
+        machine=record["machine"], versions=record.get("versions"))
 
 
 READING = ("Cells: mean test AUC over seeds [95 % t-interval over seeds; each seed changes the pretraining run and the "
@@ -407,9 +407,8 @@ READING = ("Cells: mean test AUC over seeds [95 % t-interval over seeds; each se
 
 def render_only(args: argparse.Namespace) -> int:
     """Re-render ``benchmarks/results/<stem>.html`` from its committed ``<stem>.json``; the JSON is only read."""
-    stem = bakeoff_stem(args.dataset, args.tag)
-    render_html(read_result(RESULTS / f"{stem}.json"), RESULTS / f"{stem}.html")
-    print(f"wrote {RESULTS / f'{stem}.html'}")
+    page = render_from_result(RESULTS / f"{bakeoff_stem(args.dataset, args.tag)}.json", render_html)
+    print(f"wrote {page}")
     return 0
 
 
@@ -491,7 +490,7 @@ def summarise_cached(args: argparse.Namespace, methods: list[str]) -> int:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{stem}.json", record)
-    render_html(record, RESULTS / f"{stem}.html")
+    write_text_atomic(RESULTS / f"{stem}.html", render_html(record))
     for method, entry in record["summary"]["methods"].items():
         linear = entry["ssl"]["linear"]
         print(f"{method:<16} {entry['backbone'][:40]:<42} "

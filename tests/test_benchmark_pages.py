@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from support import load_benchmark_script
@@ -119,8 +118,8 @@ def _bakeoff_record(bakeoff) -> dict:  # noqa: ANN001
             "versions": {"torch": "2.x"}, "summary": bakeoff.summarise(runs, lightly), "runs": runs}
 
 
-def test_method_bakeoff_page_has_one_row_per_method_with_its_intervals(bakeoff, tmp_path) -> None:  # noqa: ANN001
-    page = _render(bakeoff, _bakeoff_record(bakeoff), tmp_path)
+def test_method_bakeoff_page_has_one_row_per_method_with_its_intervals(bakeoff) -> None:  # noqa: ANN001
+    page = bakeoff.render_html(_bakeoff_record(bakeoff))
     assert_escaped(page)
     (header, *rows), = parse(page).tables
     assert len(rows) == 2 and [r[0] for r in rows] == [EVIL, "simclr"]
@@ -135,10 +134,10 @@ def test_method_bakeoff_page_has_one_row_per_method_with_its_intervals(bakeoff, 
     assert page.count("<img ") == 1
 
 
-def test_method_bakeoff_reads_the_committed_summaries_older_lightly_keys(bakeoff, tmp_path) -> None:  # noqa: ANN001
+def test_method_bakeoff_reads_the_committed_summaries_older_lightly_keys(bakeoff) -> None:  # noqa: ANN001
     """The committed JSON predates per-arm lightly bars: its single rerun is the arm "rerun"."""
     record = json.loads(bakeoff.RESULTS.joinpath("method_bakeoff_breastmnist.json").read_text())
-    (header, *rows), = parse(_render(bakeoff, record, tmp_path)).tables
+    (header, *rows), = parse(bakeoff.render_html(record)).tables
     assert "− lightly rerun, paired, linear 1 %" in header
     assert len(rows) == len(record["summary"]["methods"])
     moco = dict(zip(header, next(r for r in rows if r[0] == "moco_v2")))
@@ -146,9 +145,6 @@ def test_method_bakeoff_reads_the_committed_summaries_older_lightly_keys(bakeoff
     assert moco["− lightly rerun, paired, linear 1 %"].startswith(f"{paired['mean']:+.3f}")
 
 
-def _render(bakeoff, record: dict, folder: Path) -> str:  # noqa: ANN001
-    bakeoff.render_html(record, folder / "page.html")
-    return (folder / "page.html").read_text()
 
 
 def test_render_only_never_writes_the_json(bakeoff, tmp_path, monkeypatch) -> None:  # noqa: ANN001

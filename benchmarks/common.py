@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the machine it ran on, seed intervals, and writing results.
+"""What every benchmark script shares: the machine it ran on, seed intervals, and writing and reading results.
 
 Kept here once so every result file describes its machine the same way (CPU model, cores, threads, GPU, load average,
 package versions) and every seed interval is :func:`radssl.study.statistics.seed_t_interval`.
@@ -6,10 +6,13 @@ package versions) and every seed interval is :func:`radssl.study.statistics.seed
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
+import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_seconds(children: bool = False) -> float:
+    """User + system CPU seconds of this process (all threads), plus its finished children's with ``children`` —
+    the budget of a benchmark on a shared machine, where wall time is inflated by other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    if children:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def machine(**extra: Any) -> dict[str, Any]:
@@ -60,6 +74,46 @@ def mean_sd_interval(values: list[float | None]) -> dict[str, float]:
             "n": int(len(array))}
 
 
-def write_json(path: Path, record: Any) -> None:
-    """Write a result file atomically (a killed benchmark never leaves half a JSON)."""
-    write_text_atomic(Path(path), json.dumps(record, indent=2, default=float) + "\n")
+def write_json(path: Path, record: Any, indent: int = 2, default: Callable[[Any], Any] = float) -> None:
+    """Write a result file atomically (a killed benchmark never leaves half a JSON); ``default`` turns what JSON
+    cannot hold into what it can (numpy scalars into floats, say)."""
+    write_text_atomic(Path(path), json.dumps(record, indent=indent, default=default) + "\n")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file a page is re-rendered from (``--render-only``), with an error naming it where it is missing or
+    not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no result file to render from (run the benchmark first, or name it)")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{path}: not JSON ({error})") from error
+    if not isinstance(record, dict):
+        raise SystemExit(f"{path}: a result file holds a JSON object, found {type(record).__name__}")
+    return record
+
+
+def add_render_arguments(parser: argparse.ArgumentParser, result_flag: str, rerender: str | None = None) -> None:
+    """``--render-only`` (the page from the JSON at ``result_flag``, which is only read) and, where the script can
+    recompute its notes from the numbers, ``--rerender`` (help text ``rerender``)."""
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"only rebuild the HTML from an existing {result_flag} JSON (read, never written)")
+    if rerender:
+        parser.add_argument("--rerender", action="store_true", help=rerender)
+
+
+def render_from_result(path: Path, render: Callable[[dict[str, Any]], str],
+                       renote: Callable[[dict[str, Any]], None] | None = None, indent: int = 1) -> Path:
+    """``--render-only`` / ``--rerender``: the page ``<path>.html`` from the result JSON at ``path``, running nothing.
+    ``renote`` (``--rerender``) first recomputes what the record says in words and writes the JSON back (``indent``
+    as the script writes it); without it the JSON is only read."""
+    path = Path(path)
+    record = read_result(path)
+    if renote is not None:
+        renote(record)
+        write_json(path, record, indent=indent)
+    page = path.with_suffix(".html")
+    write_text_atomic(page, render(record))
+    return page

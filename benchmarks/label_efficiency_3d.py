@@ -41,7 +41,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import multiprocessing
@@ -55,7 +54,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import cpu_seconds as process_cpu_seconds
 from common import machine as shared_machine
+from common import add_render_arguments, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import load_config
@@ -65,7 +66,8 @@ from radssl.data.store import ImageStore, TaskInfo
 from radssl.engine.pretrain import backbone_for, pretrain
 from radssl.models.registry import build_from_spec
 from radssl.study.figures import interval_curves
-from radssl.study.pages import Section, figure, render_page
+from radssl.study.formatting import num
+from radssl.study.pages import Cell, PageSection, Paragraph, Table, interval_cell, render_benchmark_page
 from radssl.study.statistics import (
     binary_auc,
     bootstrap_ci,
@@ -87,10 +89,8 @@ NNUNET_REFERENCE = 0.89
 
 # ------------------------------------------------------------------------------------------------ bookkeeping
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its finished children (all threads)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    """User + system CPU seconds of this process and its finished children (all threads): the probes' children."""
+    return process_cpu_seconds(children=True)
 
 
 class Phases:
@@ -410,103 +410,98 @@ def resource_probes(args: argparse.Namespace, root: Path, work: Path) -> list[di
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.{digits}f}"
+def vessel_section(vessel: dict[str, Any]) -> PageSection:
+    """(a): linear-probe test AUC per arm and label fraction, the paired SSL − random row, and the curves."""
+    s, p = vessel["summary"], vessel["pretraining"]
+    fractions = list(s["arms"]["ssl"])
+    headers = ["encoder", *(f"{float(f):.0%} ({s['arms']['ssl'][f]['train_cases']} volumes)" for f in fractions)]
+    rows: list[list[Cell | str]] = [[init, *(interval_cell(s["arms"][init][f]["mean"],
+                                                           *s["arms"][init][f]["seed_t_interval"]) for f in fractions)]
+                                    for init in ("random", "ssl")]
+    rows.append(["SSL − random", *(interval_cell(s["ssl_minus_random"][f]["mean"],
+                                                 *s["ssl_minus_random"][f]["seeds_and_cases_interval"],
+                                                 difference=True, after=(f"p {num(s['ssl_minus_random'][f]['p'])}",))
+                                   for f in fractions)])
+    curve = interval_curves({init: [(float(f), s["arms"][init][f]["mean"], *s["arms"][init][f]["seed_t_interval"])
+                                    for f in fractions] for init in ("random", "ssl")}, "test AUC", (0.4, 1.0),
+                            ("ResNet-18+3D .874", MEDMNIST_REFERENCE["ResNet-18+3D"]),
+                            "Linear-probe test AUC, mean over seeds with the t-interval over seeds.")
+    return PageSection(
+        "vessel", "(a) VesselMNIST3D classification — linear probe test AUC",
+        paragraphs=[f"{vessel['data']['description']}; splits {vessel['data']['splits']}, positives "
+                    f"{vessel['data']['positives']}. SSL: {p['method']}, {p['backbone']}, {p['steps']} steps × batch "
+                    f"{p['batch_size']} ({p['images_seen']} volumes seen), final loss {num(p['final_loss'])}.",
+                    Paragraph(vessel["protocol"], "Protocol")],
+        tables=[Table(headers, rows, numeric=range(1, len(headers)))],
+        fine_print=["Mean over seeds [t-interval over seeds]; SSL − random: mean paired difference [interval over "
+                    "seeds and test cases], p. Reference (supervised, from scratch, all labels; MedMNIST v2): "
+                    "ResNet-18+3D .874, ResNet-18+ACS .930."],
+        figures=[curve])
+
+
+def hippocampus_cell(entry: dict[str, Any] | None) -> Cell:
+    """A segmentation arm's cell: mean Dice [case bootstrap CI], then per-structure Dice and HD95."""
+    if entry is None:
+        return Cell("")
+    d, a, b, h = (entry[m] for m in ("dice_mean", "dice_anterior", "dice_posterior", "hd95_mean"))
+    return interval_cell(d["mean"], *d["case_bootstrap_ci"], strong=True,
+                         after=(f"ant {num(a['mean'])} · post {num(b['mean'])} · HD95 {num(h['mean'], 1)} mm",))
+
+
+def hippocampus_section(hippo: dict[str, Any]) -> PageSection:
+    """(b): test mean Dice per arm and fraction, the paired SSL − random rows per protocol, and the curves."""
+    s, p = hippo["summary"], hippo["pretraining"]
+    fractions = list(s["arms"]["finetune/ssl"])
+    headers = ["arm", *(f"{float(f):.0%} ({hippo['subsets'][f]} cases)" for f in fractions)]
+    rows: list[list[Cell | str]] = [[arm, *(hippocampus_cell(s["arms"][arm].get(f)) for f in fractions)]
+                                    for arm in s["arms"]]
+    for protocol, per_fraction in s["ssl_minus_random"].items():
+        rows.append([f"SSL − random ({protocol})", *(
+            Cell("") if (e := per_fraction.get(f)) is None else
+            interval_cell(e["dice_difference"], *e["paired_bootstrap_ci"], difference=True,
+                          after=(f"bootstrap p {num(e['paired_bootstrap_p'])}, Wilcoxon p {num(e['wilcoxon_p'])}",))
+            for f in fractions)])
+    curve = interval_curves({arm: [(float(f), s["arms"][arm][f]["dice_mean"]["mean"],
+                                    *s["arms"][arm][f]["dice_mean"]["case_bootstrap_ci"]) for f in fractions]
+                             for arm in ("finetune/random", "finetune/ssl")}, "test mean Dice", (0.0, 1.0),
+                            ("nnU-Net ≈ .89", NNUNET_REFERENCE),
+                            "Test mean Dice over cases with the case-bootstrap 95 % CI.")
+    return PageSection(
+        "hippocampus", "(b) MSD hippocampus segmentation — test mean Dice of the two structures",
+        paragraphs=[f"{hippo['data']['description']}; splits {hippo['data']['splits']}.",
+                    Paragraph(hippo["data"]["caveat"], "Caveat"),
+                    f"SSL: {p['method']}, {p['backbone']}, {p['steps']} steps × batch {p['batch_size']} on the "
+                    f"{p['pretrain_images']} training cases' images, final loss {num(p['final_loss'])}.",
+                    Paragraph(hippo["protocol"], "Protocol")],
+        tables=[Table(headers, rows, numeric=range(1, len(headers)))],
+        fine_print=["Mean over test cases of each case's mean Dice [case bootstrap 95 % CI]; per-structure Dice and "
+                    "HD95 (mm; both-empty cases left out, a missed or hallucinated structure counts the image "
+                    "diagonal). SSL − random: paired bootstrap over test cases [95 % CI] and Wilcoxon signed-rank p. "
+                    "Reference: nnU-Net ≈ .89 (all cases, GPU, 1000 epochs)."],
+        figures=[curve])
 
 
 def render_html(payload: dict[str, Any]) -> str:
+    """The page (radssl's benchmark template): (a), (b), (c) where measured, the reading and the settings."""
     sections = []
-    vessel = payload.get("vessel")
-    if vessel:
-        s = vessel["summary"]
-        fractions = list(s["arms"]["ssl"])
-        head = "".join(f"<th>{float(f):.0%} ({s['arms']['ssl'][f]['train_cases']} volumes)</th>" for f in fractions)
-        rows = "".join(
-            f"<tr><td>{init}</td>" + "".join(
-                f"<td>{_fmt(s['arms'][init][f]['mean'])} <small>[{_fmt(s['arms'][init][f]['seed_t_interval'][0])}, "
-                f"{_fmt(s['arms'][init][f]['seed_t_interval'][1])}]</small></td>" for f in fractions) + "</tr>"
-            for init in ("random", "ssl"))
-        diff = "<tr><td>SSL − random</td>" + "".join(
-            f"<td>{s['ssl_minus_random'][f]['mean']:+.3f} <small>[{_fmt(s['ssl_minus_random'][f]['seeds_and_cases_interval'][0])}, "
-            f"{_fmt(s['ssl_minus_random'][f]['seeds_and_cases_interval'][1])}], p {_fmt(s['ssl_minus_random'][f]['p'], 3)}"
-            "</small></td>" for f in fractions) + "</tr>"
-        curve = figure(interval_curves({init: [(float(f), s["arms"][init][f]["mean"], *s["arms"][init][f]["seed_t_interval"])
-                                   for f in fractions] for init in ("random", "ssl")}, "test AUC", (0.4, 1.0),
-                           ("ResNet-18+3D .874", MEDMNIST_REFERENCE["ResNet-18+3D"]),
-                           "Linear-probe test AUC, mean over seeds with the t-interval over seeds."))
-        p = vessel["pretraining"]
-        sections.append(Section("vessel", "(a) VesselMNIST3D classification — linear probe test AUC", f"""<p>{html.escape(vessel['data']['description'])}; splits {vessel['data']['splits']}, positives
-{vessel['data']['positives']}. SSL: {html.escape(p['method'])}, {html.escape(p['backbone'])}, {p['steps']} steps ×
-batch {p['batch_size']} ({p['images_seen']} volumes seen), final loss {_fmt(p['final_loss'])}.
-Protocol: {html.escape(vessel['protocol'])}.</p>
-<table><tr><th>encoder</th>{head}</tr>{rows}{diff}</table>
-<p><small>Mean over seeds [t-interval over seeds]; SSL − random: mean paired difference [interval over seeds and test
-cases], p. Reference (supervised, from scratch, all labels; MedMNIST v2): ResNet-18+3D .874, ResNet-18+ACS .930.
-</small></p>{curve}"""))
-    hippo = payload.get("hippocampus")
-    if hippo:
-        s = hippo["summary"]
-        arms = list(s["arms"])
-        fractions = list(s["arms"]["finetune/ssl"])
-        head = "".join(f"<th>{float(f):.0%} ({hippo['subsets'][f]} cases)</th>" for f in fractions)
-        rows = []
-        for arm in arms:
-            cells = []
-            for f in fractions:
-                entry = s["arms"][arm].get(f)
-                if entry is None:
-                    cells.append("<td></td>")
-                    continue
-                d, a, b, h = (entry[m] for m in ("dice_mean", "dice_anterior", "dice_posterior", "hd95_mean"))
-                cells.append(f"<td><b>{_fmt(d['mean'])}</b> <small>[{_fmt(d['case_bootstrap_ci'][0])}, "
-                             f"{_fmt(d['case_bootstrap_ci'][1])}]<br>ant {_fmt(a['mean'])} · post {_fmt(b['mean'])} · "
-                             f"HD95 {_fmt(h['mean'], 1)} mm</small></td>")
-            rows.append(f"<tr><td>{arm}</td>{''.join(cells)}</tr>")
-        diffs = []
-        for protocol, per_fraction in s["ssl_minus_random"].items():
-            cells = []
-            for f in fractions:
-                e = per_fraction.get(f)
-                cells.append("<td></td>" if e is None else
-                             f"<td>{e['dice_difference']:+.3f} <small>[{_fmt(e['paired_bootstrap_ci'][0])}, "
-                             f"{_fmt(e['paired_bootstrap_ci'][1])}], bootstrap p {_fmt(e['paired_bootstrap_p'], 3)}, "
-                             f"Wilcoxon p {_fmt(e['wilcoxon_p'], 3)}</small></td>")
-            diffs.append(f"<tr><td>SSL − random ({protocol})</td>{''.join(cells)}</tr>")
-        curve = figure(interval_curves({arm: [(float(f), s["arms"][arm][f]["dice_mean"]["mean"],
-                                   *s["arms"][arm][f]["dice_mean"]["case_bootstrap_ci"]) for f in fractions]
-                            for arm in ("finetune/random", "finetune/ssl")}, "test mean Dice", (0.0, 1.0),
-                           ("nnU-Net ≈ .89", NNUNET_REFERENCE),
-                           "Test mean Dice over cases with the case-bootstrap 95 % CI."))
-        p = hippo["pretraining"]
-        sections.append(Section("hippocampus", "(b) MSD hippocampus segmentation — test mean Dice of the two structures",
-                                f"""<p>{html.escape(hippo['data']['description'])}; splits {hippo['data']['splits']}.
-<b>Caveat</b>: {html.escape(hippo['data']['caveat'])}. SSL: {html.escape(p['method'])}, {html.escape(p['backbone'])},
-{p['steps']} steps × batch {p['batch_size']} on the {p['pretrain_images']} training cases' images, final loss
-{_fmt(p['final_loss'])}. Protocol: {html.escape(hippo['protocol'])}.</p>
-<table><tr><th>arm</th>{head}</tr>{''.join(rows)}{''.join(diffs)}</table>
-<p><small>Mean over test cases of each case's mean Dice [case bootstrap 95 % CI]; per-structure Dice and HD95 (mm;
-both-empty cases left out, a missed or hallucinated structure counts the image diagonal). SSL − random: paired
-bootstrap over test cases [95 % CI] and Wilcoxon signed-rank p. Reference: nnU-Net ≈ .89 (all cases, GPU, 1000
-epochs).</small></p>{curve}"""))
-    probes = payload.get("resources")
-    if probes:
-        rows = "".join(f"<tr><td>{html.escape(r['kind'])}</td><td>{_fmt(r['samples_per_s'], 2)}</td>"
-                       f"<td>{html.escape(r['unit'])}</td><td>{r['peak_rss_mb']}</td></tr>" for r in probes)
-        sections.append(Section("resources", "(c) 3D throughput and peak memory (each workload alone in a fresh process)",
-                                f"""<table><tr><th>workload</th><th>samples/s (wall)</th><th>unit</th><th>peak RSS MB</th></tr>{rows}</table>
-<p><small>Peak RSS includes the Python + torch + radssl baseline (the 'baseline' row). 1 torch thread on a shared
-2-core CPU: wall-clock rates are lower bounds.</small></p>"""))
-    m, b = payload["machine"], payload["budget"]
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in payload["notes"])
-    sections.append(Section("reading", "Reading", f"<ul>{notes}</ul><p><small>Settings: "
-                                                  f"{html.escape(json.dumps(payload['settings']))}</small></p>"))
-    return render_page(title="3D label efficiency",
-                       heading="3D label efficiency: random vs self-supervised 3D encoders (CPU budget)",
-                       subtitle=payload["question"], sections=sections,
-                       footer=f"Machine: {m['description']}; load average at start {m['load_average_at_start']}. "
-                              f"Budget: {b['statement']}")
+    if payload.get("vessel"):
+        sections.append(vessel_section(payload["vessel"]))
+    if payload.get("hippocampus"):
+        sections.append(hippocampus_section(payload["hippocampus"]))
+    if payload.get("resources"):
+        sections.append(PageSection(
+            "resources", "(c) 3D throughput and peak memory (each workload alone in a fresh process)",
+            tables=[Table(["workload", "samples/s (wall)", "unit", "peak RSS MB"],
+                          [[r["kind"], num(r["samples_per_s"], 2), r["unit"], str(r["peak_rss_mb"])]
+                           for r in payload["resources"]], numeric=(1, 3))],
+            fine_print=["Peak RSS includes the Python + torch + radssl baseline (the 'baseline' row). 1 torch thread "
+                        "on a shared 2-core CPU: wall-clock rates are lower bounds."]))
+    sections.append(PageSection("reading", "Reading", bullets=payload["notes"],
+                                fine_print=[f"Settings: {json.dumps(payload['settings'])}"]))
+    return render_benchmark_page(title="3D label efficiency",
+                                 heading="3D label efficiency: random vs self-supervised 3D encoders (CPU budget)",
+                                 subtitle=payload["question"], sections=sections, machine=payload["machine"],
+                                 footer=[f"Budget: {payload['budget']['statement']}"])
 
 
 def reading(payload: dict[str, Any]) -> list[str]:
@@ -544,6 +539,11 @@ def reading(payload: dict[str, Any]) -> list[str]:
     return notes
 
 
+def renote(payload: dict[str, Any]) -> None:
+    """``--rerender``: the reading's sentences again, from the record's numbers."""
+    payload["notes"] = reading(payload)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
@@ -577,13 +577,10 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=8)
     parser.add_argument("--probe-steps", type=int, default=6)
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: plumbing only (a few minutes)")
-    parser.add_argument("--rerender", action="store_true", help="rebuild notes and HTML from an existing --output")
+    add_render_arguments(parser, "--output", rerender="rebuild notes and HTML from an existing --output")
     args = parser.parse_args()
-    if args.rerender:
-        payload = json.loads(args.output.read_text())
-        payload["notes"] = reading(payload)
-        write_text_atomic(args.output, json.dumps(payload, indent=1))
-        write_text_atomic(args.output.with_suffix(".html"), render_html(payload))
+    if args.render_only or args.rerender:
+        render_from_result(args.output, render_html, renote if args.rerender else None)
         return
     if args.smoke:
         args.seeds, args.vessel_steps, args.ssl_steps, args.seg_epochs, args.seg_steps_per_epoch = [0, 1], 3, 3, 2, 2
@@ -620,7 +617,7 @@ def main() -> None:
     payload = json.loads(json.dumps(payload, default=_jsonable))
     payload["notes"] = reading(payload)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.output, json.dumps(payload, indent=1))
+    write_json(args.output, payload, indent=1)
     write_text_atomic(args.output.with_suffix(".html"), render_html(payload))
     print(f"wrote {args.output} and {args.output.with_suffix('.html')} ({total_cpu / 60:.1f} CPU-min)")
 

@@ -41,18 +41,29 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import base64
-import html
-import io
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import bakeoff_lib as lib
+from common import machine, mean_sd_interval, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
+from radssl.methods.registry import METHODS, method_class
 from radssl.provenance import package_versions
+from radssl.study.bakeoff import SUMMARY_FILE, BakeoffConfig, plan_bakeoff, plan_lines, run_bakeoff
+from radssl.study.figures import Series, interval_panels
+from radssl.study.formatting import PROTOCOL_NAMES, num, signed
+from radssl.study.pages import (
+    Cell,
+    EmbeddedFigure,
+    PageSection,
+    Paragraph,
+    Table,
+    interval_cell,
+    render_benchmark_page,
+)
 
 RESULTS = Path(__file__).parent / "results"
 LIGHTLY_ARMS = ("documented", "strong")  # benchmarks/lightly_bar.py --arm
@@ -83,21 +94,19 @@ def lightly_reference_runs(runs_root: Path, dataset: str, budget_minutes: float 
 
 def lightly_summary(reference_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One lightly arm's runs as a bar: mean and interval over seeds per fraction, beside its images seen."""
-    images = lib.mean_sd_interval([run["images_seen"] for run in reference_runs])
+    images = mean_sd_interval([run["images_seen"] for run in reference_runs])
     legacy = any(run.get("legacy_budget") for run in reference_runs)
     return {
         "seeds": sorted(run["seed"] for run in reference_runs), "images_seen": images,
         "threads": sorted({run.get("threads") for run in reference_runs}, key=str),
         "budget": ("legacy: fixed step count, not set by the budget rule (rerun benchmarks/lightly_bar.py)" if legacy
                    else reference_runs[0].get("budget")),
-        "linear": {fraction: {**lib.mean_sd_interval([run["ssl"]["linear"][fraction]["test_auc"]
+        "linear": {fraction: {**mean_sd_interval([run["ssl"]["linear"][fraction]["test_auc"]
                                                        for run in reference_runs]), "images_seen": images["mean"]}
                    for fraction in reference_runs[0]["ssl"]["linear"]}}
 
 
 def default_methods() -> list[str]:
-    from radssl.methods.registry import METHODS, method_class
-
     names = []
     for name in sorted(METHODS):
         cls = method_class(name)
@@ -123,7 +132,7 @@ def paired_with_reference(method_runs: list[dict[str, Any]], reference_runs: lis
         diffs = [run["ssl"][protocol][fraction]["test_auc"]
                  - reference[run["seed"]]["ssl"][protocol][fraction]["test_auc"] for run in common
                  if fraction in reference[run["seed"]]["ssl"][protocol]]
-        stat = lib.mean_sd_interval(diffs)
+        stat = mean_sd_interval(diffs)
         out[fraction] = {**stat, "seeds": sorted(run["seed"] for run in common),
                          "beats": stat["mean"] > 0, "confident": stat["n"] >= 2 and stat["low"] > 0}
     return out
@@ -151,25 +160,25 @@ def summarise(runs: list[dict[str, Any]],
     for method, method_runs in sorted(by_method.items()):
         entry: dict[str, Any] = {
             "backbone": method_runs[0]["backbone"], "seeds": [r["seed"] for r in method_runs],
-            "images_seen": lib.mean_sd_interval([r["images_seen"] for r in method_runs]),
-            "pretrain_wall_s": lib.mean_sd_interval([r["pretrain_wall_s"] for r in method_runs]),
-            "images_per_s": lib.mean_sd_interval([r["pretrain_images_per_s"] for r in method_runs]),
+            "images_seen": mean_sd_interval([r["images_seen"] for r in method_runs]),
+            "pretrain_wall_s": mean_sd_interval([r["pretrain_wall_s"] for r in method_runs]),
+            "images_per_s": mean_sd_interval([r["pretrain_images_per_s"] for r in method_runs]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in method_runs),
-            "final_loss": lib.mean_sd_interval([r["final_loss"] for r in method_runs]),
+            "final_loss": mean_sd_interval([r["final_loss"] for r in method_runs]),
         }
         protocols = run_protocols(method_runs)
         for arm in ("ssl", "random_init"):
             for protocol in protocols:
                 for fraction in method_runs[0][arm][protocol]:
                     values = [r[arm][protocol][fraction]["test_auc"] for r in method_runs]
-                    entry.setdefault(arm, {}).setdefault(protocol, {})[fraction] = lib.mean_sd_interval(values)
+                    entry.setdefault(arm, {}).setdefault(protocol, {})[fraction] = mean_sd_interval(values)
         # Paired by seed: SSL − its own random init, per fraction (same seed = same label subset).
         for protocol in protocols:
             for fraction in method_runs[0]["ssl"][protocol]:
                 gains = [r["ssl"][protocol][fraction]["test_auc"] - r["random_init"][protocol][fraction]["test_auc"]
                          for r in method_runs]
                 entry.setdefault("gain_over_random", {}).setdefault(protocol, {})[fraction] = \
-                    lib.mean_sd_interval(gains)
+                    mean_sd_interval(gains)
         for arm, reference_runs in references.items():
             entry.setdefault("minus_lightly_paired", {})[arm] = paired_with_reference(method_runs, reference_runs)
         rows[method] = entry
@@ -266,7 +275,7 @@ def compare_with_lightly(args: argparse.Namespace, summary_path: Path) -> Path |
         return None
     comparison = best_vs_lightly_from_bakeoff(json.loads(summary_path.read_text()), references)
     path = summary_path.parent / "lightly_comparison.json"
-    write_text_atomic(path, json.dumps(comparison, indent=2, default=float))
+    write_json(path, comparison)
     for arm, entry in comparison["arms"].items():
         for fraction, cell in entry["fractions"].items():
             print(f"{comparison['best_method']} vs lightly {arm} at {fraction}: {cell['ours']['mean']:.3f} "
@@ -287,113 +296,120 @@ def random_check(rows: dict[str, Any], protocol: str) -> dict[str, Any]:
     return out
 
 
-def render_html(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def lightly_arms(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each lightly arm's bar in a summary: ``lightly`` (per arm, this script's format), or the single
+    ``lightly_example_rerun`` of the committed runs' older summaries (read as the arm ``rerun``)."""
+    if summary.get("lightly"):
+        return summary["lightly"]
+    return {"rerun": summary["lightly_example_rerun"]} if summary.get("lightly_example_rerun") else {}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = record["summary"]["methods"]
-    protocols = [p for p in ("linear", "knn", "finetune") if any(p in entry["ssl"] for entry in rows.values())] \
-        or ["linear", "knn"]
-    fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 4))
-    for axis, protocol in zip(axes, protocols):
-        for method, entry in rows.items():
-            if protocol not in entry["ssl"]:
-                continue
-            fractions = sorted(entry["ssl"][protocol], key=float)
-            xs = [float(f) for f in fractions]
-            axis.errorbar(xs, [entry["ssl"][protocol][f]["mean"] for f in fractions],
-                          yerr=[[entry["ssl"][protocol][f]["mean"] - entry["ssl"][protocol][f]["low"]
-                                 for f in fractions],
-                                [entry["ssl"][protocol][f]["high"] - entry["ssl"][protocol][f]["mean"]
-                                 for f in fractions]], marker="o", capsize=2, label=method)
+def minus_lightly(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A method's paired differences to each lightly arm (``minus_lightly_paired``, or the older summaries'
+    ``minus_lightly_example_paired`` against the single rerun)."""
+    if entry.get("minus_lightly_paired"):
+        return entry["minus_lightly_paired"]
+    return {"rerun": entry["minus_lightly_example_paired"]} if entry.get("minus_lightly_example_paired") else {}
+
+
+def stat_points(per_fraction: dict[str, dict[str, float]]) -> list[tuple[float, float, float, float]]:
+    return [(float(f), per_fraction[f]["mean"], per_fraction[f]["low"], per_fraction[f]["high"])
+            for f in sorted(per_fraction, key=float)]
+
+
+def curves_figure(record: dict[str, Any], protocols: list[str]) -> EmbeddedFigure:
+    """Test AUC per read-out panel: every method (interval over seeds), the first ResNet's random init, and on the
+    linear panel each lightly arm (its seeds and images seen in the legend)."""
+    rows, arms = record["summary"]["methods"], lightly_arms(record["summary"])
+    panels: dict[str, list[Series]] = {}
+    for protocol in protocols:
+        series = [Series(method, stat_points(entry["ssl"][protocol]))
+                  for method, entry in rows.items() if protocol in entry["ssl"]]
         first = next((entry for entry in rows.values() if protocol in entry["random_init"]
                       and entry["backbone"].startswith("resnet")), None)
         if first:
-            fractions = sorted(first["random_init"][protocol], key=float)
-            axis.plot([float(f) for f in fractions], [first["random_init"][protocol][f]["mean"] for f in fractions],
-                      "k--", label="random init (ResNet)")
-        for (arm, rerun), style in zip(record["summary"].get("lightly", {}).items(), ("k-.", "k:")):
-            if protocol != "linear":
-                continue
-            fractions = sorted(rerun["linear"], key=float)
-            lows = [rerun["linear"][f]["low"] for f in fractions]
-            highs = [rerun["linear"][f]["high"] for f in fractions]
-            means = [rerun["linear"][f]["mean"] for f in fractions]
-            axis.errorbar([float(f) for f in fractions], means,
-                          yerr=[[m - lo if lo == lo else 0.0 for m, lo in zip(means, lows)],
-                                [hi - m if hi == hi else 0.0 for m, hi in zip(means, highs)]],
-                          fmt=style, marker="s", capsize=2,
-                          label=f"lightly {arm} ({len(rerun['seeds'])} seeds, "
-                                f"{rerun['images_seen']['mean']:.0f} images)")
-        axis.set_xscale("log")
-        axis.set_xlabel("label fraction")
-        axis.set_ylabel("test AUC")
-        axis.set_title(f"{protocol} read-out")
-        axis.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="lower right")
-    handles, labels = axes[0].get_legend_handles_labels()
-    lightly = [(h, t) for h, t in zip(handles, labels) if t.startswith("lightly")]
-    if lightly:  # the method colours are in the right panel's legend; the left one names the two lightly lines
-        axes[0].legend(*zip(*lightly), fontsize=7, loc="lower right")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    image = base64.b64encode(buffer.getvalue()).decode()
+            series.append(Series("random init (ResNet)", stat_points(first["random_init"][protocol]), "k--",
+                                 bars=False))
+        if protocol == "linear":
+            series += [Series(f"lightly {arm} ({len(bar['seeds'])} seeds, {bar['images_seen']['mean']:.0f} images)"
+                              if isinstance(bar["images_seen"], dict) else f"lightly {arm} ({len(bar['seeds'])} seeds)",
+                              stat_points(bar["linear"]), style)
+                       for (arm, bar), style in zip(arms.items(), ("k-.s", "k:s"))]
+        panels[f"{PROTOCOL_NAMES.get(protocol, protocol)} read-out"] = series
+    return interval_panels(panels, "test AUC", "Test AUC per read-out: mean over seeds with the 95 % t-interval "
+                           "over seeds; dashed: the random init of the first ResNet method; lightly arms on the "
+                           "linear panel.", alt="label-efficiency curves per method")
 
-    def cell(stat: dict[str, float]) -> str:
-        if stat.get("n", 0) >= 2:
-            return f"{stat['mean']:.3f} <small>[{stat['low']:.3f}, {stat['high']:.3f}]</small>"
-        return f"{stat['mean']:.3f}"
 
-    arms = list(record["summary"].get("lightly", {}))
-    header = "<tr><th>method</th><th>backbone</th><th>seeds</th><th>img/s</th><th>images seen</th><th>peak MiB</th>" + \
-        "".join(f"<th>linear {f}</th>" for f in ("1 %", "10 %", "100 %")) + \
-        "".join(f"<th>kNN {f}</th>" for f in ("1 %", "10 %", "100 %")) + "<th>gain vs random, linear 1 %</th>" + \
-        ("".join(f"<th>fine-tune {f}</th>" for f in ("1 %", "10 %", "100 %")) +
-         "<th>gain vs random, fine-tune 1 %</th>" if "finetune" in protocols else "") + \
-        "".join(f"<th>− lightly {arm}, paired, linear {f}</th>" for arm in arms for f in ("1 %", "10 %", "100 %")) \
-        + "</tr>"
-    body = []
+def stat_cell(stat: dict[str, float], difference: bool = False) -> Cell:
+    """Mean [95 % t-interval over seeds] where two or more seeds, else the mean alone."""
+    if stat.get("n", 0) >= 2:
+        return interval_cell(stat["mean"], stat["low"], stat["high"], difference=difference)
+    return Cell(signed(stat["mean"]) if difference else num(stat["mean"]))
+
+
+def results_table(record: dict[str, Any], protocols: list[str]) -> Table:
+    """One row per method: cost, test AUC per read-out and fraction, the gain over random init at 1 %, and the
+    paired difference to each lightly arm."""
+    rows, arms = record["summary"]["methods"], list(lightly_arms(record["summary"]))
     missing = {"mean": float("nan")}
+    fractions, shown = ("0.01", "0.1", "1"), ("1 %", "10 %", "100 %")
+    headers = ["method", "backbone", "seeds", "img/s", "images seen", "peak MiB"]
+    for protocol in protocols:
+        headers += [f"{PROTOCOL_NAMES.get(protocol, protocol)} {f}" for f in shown]
+        if protocol != "knn":
+            headers.append(f"gain vs random, {PROTOCOL_NAMES.get(protocol, protocol)} 1 %")
+    headers += [f"− lightly {arm}, paired, linear {f}" for arm in arms for f in shown]
+    body = []
     for method, entry in rows.items():
-        fr = ("0.01", "0.1", "1")
-        body.append(
-            f"<tr><td>{html.escape(method)}</td><td>{html.escape(entry['backbone'])}</td>"
-            f"<td>{len(entry['seeds'])}</td>"
-            f"<td>{entry['images_per_s']['mean']:.0f}</td><td>{entry['images_seen']['mean']:.0f}</td>"
-            f"<td>{entry['peak_rss_mb']:.0f}</td>"
-            + "".join(f"<td>{cell(entry['ssl']['linear'][f])}</td>" for f in fr if f in entry['ssl']['linear'])
-            + "".join(f"<td>{cell(entry['ssl']['knn'][f])}</td>" for f in fr if f in entry['ssl']['knn'])
-            + f"<td>{cell(entry['gain_over_random']['linear'].get('0.01', {'mean': float('nan')}))}</td>"
-            + ("".join(f"<td>{cell(entry['ssl'].get('finetune', {}).get(f, missing))}</td>" for f in fr)
-               + f"<td>{cell(entry['gain_over_random'].get('finetune', {}).get('0.01', missing))}</td>"
-               if "finetune" in protocols else "")
-            + "".join(f"<td>{cell(entry.get('minus_lightly_paired', {}).get(arm, {}).get(f, missing))}</td>"
-                      for arm in arms for f in fr)
-            + "</tr>")
-    settings = html.escape(json.dumps(record["settings"], indent=1))
-    checks = html.escape(json.dumps(record["summary"]["checks"], indent=1))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>radssl method bake-off</title>
-<style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-pre{{background:#f6f6f6;padding:8px;font-size:12px}}</style></head><body>
-<h1>Method bake-off: {html.escape(record['settings']['dataset'])}</h1>
-<p>{html.escape(record['budget_statement'])}</p>
-<p>Machine: {html.escape(json.dumps(record['machine']))}</p>
-<img src="data:image/png;base64,{image}" alt="label-efficiency curves per method">
-<table>{header}{''.join(body)}</table>
-<p>Cells: mean test AUC over seeds [95 % t-interval over seeds; each seed changes the pretraining run and the label
-subsets]. C of the linear probe chosen on the validation split. Random init = each run's own starting weights.
-Fine-tune (where run): backbone + linear head trained end to end at each fraction, backbone LR scale chosen on
-validation, the same rule for SSL and random init (bakeoff_lib.finetune_readouts).
-"− lightly &lt;arm&gt;, paired": this method minus lightly's own SimCLR example (documented, or the strong arm:
-momentum 0.9, milder views) at the same budget (benchmarks/lightly_bar.py runs; images seen of each arm in the
-legend and in the checks), seed by seed, so both sides are read out on the same label subsets.</p>
-<h2>Checks</h2><pre>{checks}</pre><h2>Settings</h2><pre>{settings}</pre></body></html>"""
-    write_text_atomic(path, page)
+        cells: list[Cell | str] = [method, entry["backbone"], str(len(entry["seeds"])),
+                                   f"{entry['images_per_s']['mean']:.0f}", f"{entry['images_seen']['mean']:.0f}",
+                                   f"{entry['peak_rss_mb']:.0f}"]
+        for protocol in protocols:
+            cells += [stat_cell(entry["ssl"].get(protocol, {}).get(f, missing)) for f in fractions]
+            if protocol != "knn":
+                cells.append(stat_cell(entry["gain_over_random"].get(protocol, {}).get("0.01", missing), True))
+        paired = minus_lightly(entry)
+        cells += [stat_cell(paired.get(arm, {}).get(f, missing), True) for arm in arms for f in fractions]
+        body.append(cells)
+    return Table(headers, body, numeric=range(2, len(headers)))
+
+
+def render_html(record: dict[str, Any]) -> str:
+    """The bake-off's page (radssl's benchmark template): budget, curves, the per-method table, checks, settings."""
+    rows = record["summary"]["methods"]
+    protocols = [p for p in ("linear", "knn", "finetune") if any(p in entry["ssl"] for entry in rows.values())] \
+        or ["linear", "knn"]
+    sections = [
+        PageSection("methods", "Methods at an equal budget",
+                    paragraphs=[Paragraph(record["budget_statement"], "Budget")],
+                    tables=[results_table(record, protocols)], fine_print=[READING],
+                    figures=[curves_figure(record, protocols)]),
+        PageSection("checks", "Checks", preformatted=[json.dumps(record["summary"]["checks"], indent=1)]),
+        PageSection("settings", "Settings", preformatted=[json.dumps(record["settings"], indent=1)]),
+    ]
+    return render_benchmark_page(
+        title="radssl method bake-off", heading=f"Method bake-off: {record['settings']['dataset']}",
+        subtitle="Every method pretrained at one budget, read out beside its random-init twin.", sections=sections,
+        machine=record["machine"], versions=record.get("versions"))
+
+
+READING = ("Cells: mean test AUC over seeds [95 % t-interval over seeds; each seed changes the pretraining run and the "
+           "label subsets]. C of the linear probe chosen on the validation split. Random init = each run's own "
+           "starting weights. Fine-tune (where run): backbone + linear head trained end to end at each fraction, "
+           "backbone LR scale chosen on validation, the same rule for SSL and random init "
+           "(bakeoff_lib.finetune_readouts). \"− lightly <arm>, paired\": this method minus lightly's own SimCLR "
+           "example (documented, or the strong arm: momentum 0.9, milder views; \"rerun\" in the committed runs: the "
+           "documented example rerun with seeds) at the same budget (benchmarks/lightly_bar.py runs; images seen of "
+           "each arm in the legend and in the checks), seed by seed, so both sides are read out on the same label "
+           "subsets.")
+
+
+def render_only(args: argparse.Namespace) -> int:
+    """Re-render ``benchmarks/results/<stem>.html`` from its committed ``<stem>.json``; the JSON is only read."""
+    page = render_from_result(RESULTS / f"{bakeoff_stem(args.dataset, args.tag)}.json", render_html)
+    print(f"wrote {page}")
+    return 0
 
 
 def bakeoff_stem(dataset: str, tag: str) -> str:
@@ -418,11 +434,9 @@ def threads_text(runs: list[dict[str, Any]], default: int) -> str:
     return f"{'/'.join(map(str, used))} torch threads per run (a run's steps come from its calibration, not its speed)"
 
 
-def bakeoff_config(args: argparse.Namespace):  # noqa: ANN201 - radssl.study.bakeoff.BakeoffConfig
+def bakeoff_config(args: argparse.Namespace) -> BakeoffConfig:
     """The ``radssl bakeoff`` config of this benchmark's flags: MedMNIST ``--dataset``, one budget, linear + kNN
     (+ fine-tuning) read-outs at 1 / 10 / 100 % labels, every method that fits (or ``--methods``)."""
-    from radssl.study.bakeoff import BakeoffConfig
-
     stem = bakeoff_stem(args.dataset, args.tag)
     budget = ({"wall_clock_s": args.budget_minutes * 60.0, "threads": args.threads} if args.budget_minutes
               else {"images_seen": args.budget_images})
@@ -469,14 +483,14 @@ def summarise_cached(args: argparse.Namespace, methods: list[str]) -> int:
         "budget_statement": f"Equal budget for every method: {budget}, batch {args.batch_size}, "
                             f"{threads_text(runs, args.threads)}; presets as shipped; linear probe C chosen on "
                             f"validation.",
-        "machine": lib.machine(),
+        "machine": machine(),
         "versions": package_versions(),
         "summary": summarise(runs, references),
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(record, indent=2, default=float))
-    render_html(record, RESULTS / f"{stem}.html")
+    write_json(RESULTS / f"{stem}.json", record)
+    write_text_atomic(RESULTS / f"{stem}.html", render_html(record))
     for method, entry in record["summary"]["methods"].items():
         linear = entry["ssl"]["linear"]
         print(f"{method:<16} {entry['backbone'][:40]:<42} "
@@ -518,14 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached-only", action="store_true",
                         help="summarise the committed per-run results under benchmarks/results/runs (the format "
                              "before `radssl bakeoff`), run nothing")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only re-render benchmarks/results/method_bakeoff_<dataset>[_<tag>].html from its "
+                             "committed JSON (read, never written); needs no budget")
     args = parser.parse_args(argv)
+    if args.render_only:
+        return render_only(args)
     if not args.budget_minutes and not args.budget_images:
         parser.error("state one budget: --budget-images N (equal images seen, the primary rule) or --budget-minutes M "
                      "(equal measured wall-clock with --threads)")
     if args.cached_only:
         return summarise_cached(args, args.methods or default_methods())
-    from radssl.study.bakeoff import SUMMARY_FILE, plan_bakeoff, plan_lines, run_bakeoff
-
     if args.compare_only:
         path = Path(bakeoff_config(args).output_dir) / SUMMARY_FILE
         if not path.is_file():

@@ -29,7 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import html
+import csv
 import json
 import os
 import shutil
@@ -43,6 +43,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common import machine as shared_machine
+from common import add_render_arguments, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
@@ -51,7 +52,8 @@ from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore
 from radssl.engine.pretrain import backbone_for, pretrain
 from radssl.provenance import package_versions
-from radssl.study.pages import Section, render_page, table
+from radssl.study.formatting import num
+from radssl.study.pages import Cell, PageSection, Table, render_benchmark_page
 from radssl.transfer.features import extract_features
 from radssl.transfer.linear_probe import linear_probe
 from radssl.transfer.zero_shot import (
@@ -141,8 +143,6 @@ def image_text_readouts(method: Any, store: ImageStore, prompts: ZeroShotPrompts
 
 def covid_zero_shot(method: Any, store: ImageStore, root: Path) -> float | None:
     """Zero-shot AUC of COVID-19 vs other named findings (test patients; 'todo' rows left out)."""
-    import csv
-
     with open(root / "reports.csv", newline="", encoding="utf-8") as stream:
         finding = {str(root / row["image"]): row["finding"] for row in csv.DictReader(stream)}
     test = store.indices("test")
@@ -257,50 +257,55 @@ def machine() -> dict[str, Any]:
     return shared_machine(load_average_at_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
 
 
-def _fmt(stats: dict[str, float] | None, digits: int = 3) -> str:
+def stats_text(stats: dict[str, float] | None, digits: int = 3) -> str:
+    """Mean ± SD over seeds (the mean alone for one seed; "–" where nothing was measured)."""
     if not stats:
         return "–"
-    mean = f"{stats['mean']:.{digits}f}"
-    return f"{mean} ± {stats['sd']:.{digits}f}" if stats["n"] > 1 else mean
+    mean = num(stats["mean"], digits)
+    return f"{mean} ± {num(stats['sd'], digits)}" if stats["n"] > 1 else mean
 
 
-def html_page(results: dict[str, Any]) -> str:
-    """A self-contained page (radssl's page template): settings, machine, and the tables."""
-    esc = html.escape
-    rows = []
+def retrieval_rows(results: dict[str, Any]) -> list[list[Cell | str]]:
+    """One row per data set × ConVIRT arm: recall per direction beside its chance level, zero-shot AUCs, s/step."""
+    rows: list[list[Cell | str]] = []
     for dataset, arms in results["summary"].items():
         for arm, entry in arms.items():
             if "image_to_text" not in entry:
                 continue
-            cells = [esc(dataset), esc(arm)]
+            cells: list[Cell | str] = [dataset, arm]
             for direction in ("image_to_text", "text_to_image"):
                 for k in ("R@1", "R@5", "R@10"):
                     chance = entry.get(f"chance_{direction}", {}).get(k)
-                    cells.append(f"{_fmt(entry[direction].get(k))}<br><small>chance {_fmt(chance)}</small>")
-            cells.append(_fmt(entry.get("zero_shot_auc")))
-            cells.append(_fmt(entry.get("covid_vs_other_zero_shot_auc")))
-            cells.append(_fmt(entry.get("seconds_per_step"), 2))
+                    cells.append(Cell(stats_text(entry[direction].get(k)), (f"chance {stats_text(chance)}",)))
+            cells += [stats_text(entry.get("zero_shot_auc")), stats_text(entry.get("covid_vs_other_zero_shot_auc")),
+                      stats_text(entry.get("seconds_per_step"), 2)]
             rows.append(cells)
-    retrieval_table = table(["data", "arm", "I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10",
-                             "zero-shot AUC", "COVID-19 vs other zero-shot AUC", "s / step"], rows,
-                            numeric=range(2, 11))
-    probe_rows = [[esc(arm)] + [_fmt(entry["probe_auc"].get(f"{f:g}")) for f in FRACTIONS]
-                  for arm, entry in results["summary"].get("synthetic", {}).items() if "probe_auc" in entry]
-    probe_table = table(["image encoder"] + [f"{f:.0%} labels" for f in FRACTIONS], probe_rows,
-                        numeric=range(1, 1 + len(FRACTIONS)))
+    return rows
+
+
+def html_page(results: dict[str, Any]) -> str:
+    """A self-contained page (radssl's benchmark template): the tables, settings and machine."""
+    retrieval = Table(["data", "arm", "I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10",
+                       "zero-shot AUC", "COVID-19 vs other zero-shot AUC", "s / step"], retrieval_rows(results),
+                      numeric=range(2, 11))
+    probe = Table(["image encoder"] + [f"{f:.0%} labels" for f in FRACTIONS],
+                  [[arm] + [stats_text(entry["probe_auc"].get(f"{f:g}")) for f in FRACTIONS]
+                   for arm, entry in results["summary"].get("synthetic", {}).items() if "probe_auc" in entry],
+                  numeric=range(1, 1 + len(FRACTIONS)))
     sections = [
-        Section("retrieval", "Retrieval on held-out patients and zero-shot classification",
-                "<p>Mean ± SD over seeds; chance levels beside each recall (reports shared by several images count "
-                "once). Zero-shot: synthetic — nodule vs normal; real — CT vs X-ray (the store's label), and COVID-19 "
-                "vs other named findings.</p>" + retrieval_table),
-        Section("probe", "Linear probe of the image encoder (synthetic, test AUC)", probe_table),
-        Section("settings", "Settings and machine",
-                f'<pre class="config">{esc(json.dumps(results["settings"], indent=1))}</pre>'
-                f'<pre class="config">{esc(json.dumps(results["machine"], indent=1))}</pre>'),
+        PageSection("retrieval", "Retrieval on held-out patients and zero-shot classification",
+                    paragraphs=["Mean ± SD over seeds; chance levels beside each recall (reports shared by "
+                                "several images count once). Zero-shot: synthetic — nodule vs normal; real — CT vs "
+                                "X-ray (the store's label), and COVID-19 vs other named findings."],
+                    tables=[retrieval]),
+        PageSection("probe", "Linear probe of the image encoder (synthetic, test AUC)", tables=[probe]),
+        PageSection("settings", "Settings and machine", preformatted=[json.dumps(results["settings"], indent=1),
+                                                                      json.dumps(results["machine"], indent=1)]),
     ]
-    return render_page(title="radssl: image–report pretraining", heading="Image–report pretraining (ConVIRT) on CPU",
-                       subtitle=results["budget"], sections=sections,
-                       footer=f"Total wall time: {results['wall_time_s']:.0f} s · data: multimodal.json")
+    return render_benchmark_page(title="radssl: image–report pretraining",
+                                 heading="Image–report pretraining (ConVIRT) on CPU", subtitle=results["budget"],
+                                 sections=sections, machine=results["machine"], versions=results.get("versions"),
+                                 footer=[f"Total wall time: {results['wall_time_s']:.0f} s · data: multimodal.json"])
 
 
 def main() -> None:
@@ -319,7 +324,11 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("RADSSL_DATA_DIR"))
     parser.add_argument("--results", type=Path, default=RESULTS / "multimodal.json")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one seed: plumbing only")
+    add_render_arguments(parser, "--results")
     args = parser.parse_args()
+    if args.render_only:
+        render_from_result(args.results, html_page)
+        return
     if args.smoke:
         args.steps, args.covid_steps, args.seeds, args.patients, args.text_seeds = 6, 6, [0], 60, [0]
     torch.set_num_threads(args.threads)
@@ -356,7 +365,7 @@ def main() -> None:
         "wall_time_s": wall,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.results, json.dumps(results, indent=2))
+    write_json(args.results, results)
     write_text_atomic(args.results.with_suffix(".html"), html_page(results))
     print(f"wrote {args.results} and {args.results.with_suffix('.html')} ({wall / 60:.1f} min)")
 

@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import html
 import json
-import math
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import cpu_seconds
 from common import machine as shared_machine
+from common import add_render_arguments, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
 from radssl.config import MedMNISTData, load_config
@@ -54,7 +53,8 @@ from radssl.data.slices import SlicesConfig
 from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore, TaskInfo
 from radssl.engine.pretrain import backbone_for, pretrain
-from radssl.study.pages import Section, render_page, table
+from radssl.study.formatting import num
+from radssl.study.pages import Cell, PageSection, Paragraph, Table, interval_cell, render_benchmark_page
 from radssl.study.statistics import binary_auc, seed_t_interval, seeds_and_cases_interval, seeds_and_cases_paired_test
 from radssl.transfer.features import extract_features
 from radssl.transfer.linear_probe import linear_probe
@@ -62,11 +62,6 @@ from radssl.transfer.linear_probe import linear_probe
 ARMS = ("two_view", "slice_pairs")
 FLOOR = "random_init"
 LEVELS = ("volume", "slice")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def machine() -> dict[str, Any]:
@@ -198,51 +193,51 @@ def verdict(summary: dict[str, Any], fractions: list[float]) -> str:
     return "Paired intervals excluding 0: " + "; ".join(found) + "."
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def seed_interval_cell(e: dict[str, Any], difference: bool = False) -> Cell:
+    """Mean [t-interval over seeds]; where measured, the interval over seeds and test volumes (with the paired p of
+    a difference) on a second line."""
+    after = ()
+    if "seeds_and_cases_interval" in e:
+        low, high = e["seeds_and_cases_interval"]
+        p = f", p {num(e['seeds_and_cases_p'], 2)}" if difference and "seeds_and_cases_p" in e else ""
+        after = (f"seeds+cases [{num(low)}, {num(high)}]{p}",)
+    return interval_cell(e["mean"], *e["seed_t_interval"], difference=difference, after=after)
 
 
 def render_html(payload: dict[str, Any]) -> str:
-    """A self-contained page (radssl's page template) of the summary, the contrast and the runs."""
+    """A self-contained page (radssl's benchmark template) of the summary, the contrast and the runs."""
     s, summary = payload["settings"], payload["summary"]
     fractions = s["label_fractions"]
-
-    def interval(e: dict[str, Any], signed: bool = False) -> str:
-        text = (f"{e['mean']:+.3f}" if signed else _fmt(e["mean"])) + \
-            f" <small>[{_fmt(e['seed_t_interval'][0])}, {_fmt(e['seed_t_interval'][1])}]</small>"
-        if "seeds_and_cases_interval" in e:
-            low, high = e["seeds_and_cases_interval"]
-            p = f", p {_fmt(e['seeds_and_cases_p'], 2)}" if signed and "seeds_and_cases_p" in e else ""
-            text += f"<br><small>seeds+cases [{_fmt(low)}, {_fmt(high)}]{p}</small>"
-        return text
-
-    rows = [[level, arm] + [interval(summary["arms"][arm][level][str(f)]) for f in fractions]
-            for level in LEVELS for arm in (*ARMS, FLOOR)]
-    contrast_rows = [[level] + [interval(summary["slice_pairs_minus_two_view"][level][str(f)], signed=True)
-                                for f in fractions] for level in LEVELS]
-    runs = [[arm, str(seed), str(record["images_seen"]), _fmt(record["cross_image_share"], 3),
-             _fmt(record["final_loss"], 3), str(record["cpu_s"]), str(record["wall_s"])]
-            for arm in ARMS for seed, record in payload["pretraining"][arm].items()]
     head = [f"{f:.0%} labels" for f in fractions]
-    m = payload["machine"]
+    rows = [[level, arm] + [seed_interval_cell(summary["arms"][arm][level][str(f)]) for f in fractions]
+            for level in LEVELS for arm in (*ARMS, FLOOR)]
+    contrast_rows = [[level] + [seed_interval_cell(summary["slice_pairs_minus_two_view"][level][str(f)], True)
+                                for f in fractions] for level in LEVELS]
+    runs = [[arm, str(seed), str(record["images_seen"]), num(record["cross_image_share"]),
+             num(record["final_loss"]), str(record["cpu_s"]), str(record["wall_s"])]
+            for arm in ARMS for seed, record in payload["pretraining"][arm].items()]
     sections = [
-        Section("probe", f"Linear-probe test AUC (mean over {len(s['seeds'])} seeds [t-interval over seeds])",
-                f"<p><b>Data</b>: {html.escape(payload['data']['description'])}</p>"
-                f"<p><b>Budget</b>: {html.escape(payload['budget']['statement'])}</p>"
-                + table(["level", "encoder", *head], rows, numeric=range(2, 2 + len(head)))),
-        Section("contrast", "slice_pairs − two_view (paired by seed)",
-                table(["level", *head], contrast_rows, numeric=range(1, 1 + len(head)))),
-        Section("runs", "Pretraining runs",
-                table(["arm", "seed", "images seen", "cross-image share", "final loss", "CPU s", "wall s"], runs,
-                      numeric=range(2, 7))),
-        Section("reading", "Reading", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in payload["notes"])
-                + "</ul>" + f"<p><small>Settings: {html.escape(json.dumps(s))}</small></p>"),
+        PageSection("probe", f"Linear-probe test AUC (mean over {len(s['seeds'])} seeds [t-interval over seeds])",
+                    paragraphs=[Paragraph(payload["data"]["description"], "Data"),
+                                Paragraph(payload["budget"]["statement"], "Budget")],
+                    tables=[Table(["level", "encoder", *head], rows, numeric=range(2, 2 + len(head)))]),
+        PageSection("contrast", "slice_pairs − two_view (paired by seed)",
+                    tables=[Table(["level", *head], contrast_rows, numeric=range(1, 1 + len(head)))]),
+        PageSection("runs", "Pretraining runs",
+                    tables=[Table(["arm", "seed", "images seen", "cross-image share", "final loss", "CPU s", "wall s"],
+                                  runs, numeric=range(2, 7))]),
+        PageSection("reading", "Reading", bullets=payload["notes"], fine_print=[f"Settings: {json.dumps(s)}"]),
     ]
-    return render_page(title="Slice pairs vs two-view",
-                       heading="Slice-pair positives vs plain two-view SimCLR, equal budget",
-                       subtitle=payload["question"], sections=sections,
-                       footer=f"Machine: {m['description']}; load average at start {m['load_average_at_start']}; "
-                              f"torch {m['versions'].get('torch', '')}")
+    return render_benchmark_page(title="Slice pairs vs two-view",
+                                 heading="Slice-pair positives vs plain two-view SimCLR, equal budget",
+                                 subtitle=payload["question"], sections=sections, machine=payload["machine"])
+
+
+def renote(payload: dict[str, Any]) -> None:
+    """``--rerender``: the verdict sentence again, from the record's paired contrast, first among the notes."""
+    note = verdict(payload["summary"], payload["settings"]["label_fractions"])
+    payload["notes"] = [n for n in payload["notes"] if not n.startswith(("At this budget", "Paired intervals"))]
+    payload["notes"].insert(0, note)
 
 
 def main() -> None:
@@ -258,16 +253,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/pairing_bakeoff.json"))
     parser.add_argument("--smoke", action="store_true", help="a few steps and one seed: plumbing only")
-    parser.add_argument("--rerender", action="store_true",
-                        help="recompute the verdict note and the HTML from an existing --output JSON (no training)")
+    add_render_arguments(parser, "--output", rerender="recompute the verdict note and the HTML from an existing "
+                                                      "--output JSON (no training)")
     args = parser.parse_args()
-    if args.rerender:
-        payload = json.loads(args.output.read_text())
-        note = verdict(payload["summary"], payload["settings"]["label_fractions"])
-        payload["notes"] = [n for n in payload["notes"] if not n.startswith(("At this budget", "Paired intervals"))]
-        payload["notes"].insert(0, note)
-        write_text_atomic(args.output, json.dumps(payload, indent=1))
-        write_text_atomic(args.output.with_suffix(".html"), render_html(payload))
+    if args.render_only or args.rerender:
+        render_from_result(args.output, render_html, renote if args.rerender else None)
         return
     if args.smoke:
         args.steps, args.seeds = 4, args.seeds[:2]
@@ -372,7 +362,7 @@ def main() -> None:
     payload = json.loads(json.dumps(payload, default=_jsonable))
     payload["notes"].insert(0, verdict(payload["summary"], args.fractions))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.output, json.dumps(payload, indent=1, default=_jsonable))
+    write_json(args.output, payload, indent=1, default=_jsonable)
     write_text_atomic(args.output.with_suffix(".html"),
                       render_html(json.loads(json.dumps(payload, default=_jsonable))))
     print(f"wrote {args.output} and {args.output.with_suffix('.html')} ({total_cpu / 60:.1f} CPU-min)")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -161,24 +162,57 @@ def size_figure(analysis: Analysis, names: Names) -> EmbeddedFigure:
                             "Effect of the pretraining-set size: mean over seeds at each label fraction.")
 
 
+@dataclass(frozen=True)
+class Series:
+    """One line of a benchmark figure: (x, value, low, high) points — a non-finite bound draws no bar on that
+    side — in a matplotlib ``fmt`` ("-o" a line with markers; "k--" a black dashed line); ``bars=False`` draws the
+    line alone."""
+
+    label: str
+    points: Sequence[tuple[float, float, float, float]]
+    fmt: str = "-o"
+    bars: bool = True
+
+
+def _draw_series(ax: Any, series: Series) -> None:
+    x, y, low, high = (np.array([p[i] for p in series.points], dtype=float) for i in range(4))
+    if not series.bars:
+        ax.plot(x, y, series.fmt, lw=1.5, label=series.label)
+        return
+    err = np.vstack([y - low, high - y])
+    ax.errorbar(x, y, yerr=np.where(np.isfinite(err), err, 0.0), fmt=series.fmt, ms=4, lw=1.8, capsize=2.5,
+                label=series.label)
+
+
+def interval_panels(panels: Mapping[str, Sequence[Series]], y_label: str, caption: str, *,
+                    y_range: tuple[float, float] | None = None, reference: tuple[str, float] | None = None,
+                    alt: str | None = None) -> EmbeddedFigure:
+    """A figure for benchmark pages: one panel per title, each with its series on a log label-fraction axis (error
+    bars from each point's interval) and an optional dashed reference line; the study report's style (``RC``)."""
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(5.2 * len(panels), 3.4), layout="constrained")
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (title, series) in zip(axes, panels.items(), strict=True):
+            for line in series:
+                _draw_series(ax, line)
+            if reference is not None:
+                ax.axhline(reference[1], color="#7a7a7a", lw=1, ls="--", label=reference[0])
+            fractions = sorted({p[0] for line in series for p in line.points})
+            if fractions:
+                fraction_axis(ax, fractions)
+            if y_range is not None:
+                ax.set_ylim(*y_range)
+            if title:
+                ax.set_title(title)
+            ax.set_xlabel("labelled training data (log scale)")
+            ax.set_ylabel(y_label)
+            ax.legend(fontsize=7.5)
+        return EmbeddedFigure.from_matplotlib(fig, alt or f"{y_label} versus label fraction", caption)
+
+
 def interval_curves(series: dict[str, Sequence[tuple[float, float, float, float]]], y_label: str,
                     y_range: tuple[float, float], reference: tuple[str, float] | None = None,
                     caption: str = "") -> EmbeddedFigure:
-    """A small figure for benchmark pages: one line per series of (label fraction, value, low, high) on a log
-    fraction axis, with error bars and an optional dashed reference line; the study report's style (``RC``)."""
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(5.2, 3.2), layout="constrained")
-        ax = fig.subplots()
-        fractions = sorted({p[0] for points in series.values() for p in points})
-        for name, points in series.items():
-            x, y, low, high = (np.array([p[i] for p in points], dtype=float) for i in range(4))
-            ax.errorbar(x, y, yerr=np.vstack([y - low, high - y]), fmt="-o", ms=4, lw=1.8, capsize=2.5, label=name)
-        if reference is not None:
-            ax.axhline(reference[1], color="#7a7a7a", lw=1, ls="--", label=reference[0])
-        if fractions:
-            fraction_axis(ax, fractions)
-        ax.set_ylim(*y_range)
-        ax.set_xlabel("labelled training data (log scale)")
-        ax.set_ylabel(y_label)
-        ax.legend(fontsize=8)
-        return EmbeddedFigure.from_matplotlib(fig, f"{y_label} versus label fraction", caption)
+    """One panel of :func:`interval_panels`: one line per series of (label fraction, value, low, high)."""
+    return interval_panels({"": [Series(name, points) for name, points in series.items()]}, y_label, caption,
+                           y_range=y_range, reference=reference)

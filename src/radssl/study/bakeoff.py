@@ -68,15 +68,8 @@ from radssl.study.config import ExternalTestSet, ProtocolsSection, StudyConfig
 from radssl.study.report import render_report
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
-from radssl.study.statistics import (
-    accuracy,
-    binary_auc,
-    case_mean,
-    macro_auc,
-    seed_t_interval,
-    seeds_and_cases_interval,
-    seeds_and_cases_paired_test,
-)
+from radssl.study.statistics import seed_t_interval, seeds_and_cases_interval, seeds_and_cases_paired_test
+from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",

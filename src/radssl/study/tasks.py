@@ -32,10 +32,11 @@ from radssl.provenance import device_description, package_versions
 from radssl.study.config import FOUNDATION_KINDS, InitSpec
 from radssl.study.plan import CellTask, Encoder, FeaturesTask, PretrainTask, StudyPlan, Task
 from radssl.study.results_store import CellKey
-from radssl.study.statistics import accuracy, binary_auc, bootstrap_ci, case_mean, macro_auc
+from radssl.study.statistics import bootstrap_ci
 from radssl.transfer.bn_stats import frozen_encoder, reads_frozen_encoder
 from radssl.transfer.features import FeatureCache
 from radssl.transfer.initialisation import initialise_backbone
+from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 from radssl.transfer.protocols import CaseOutputs, Protocol, ProtocolContext
 
 __all__ = ["CellRecord", "CellResult", "FeaturesRecord", "PretrainRecord", "WorkerState", "Work", "enter_task", "execute",

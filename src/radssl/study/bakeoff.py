@@ -65,6 +65,7 @@ from radssl.errors import ConfigError, DataError
 from radssl.methods.registry import METHODS, method_class
 from radssl.provenance import package_versions
 from radssl.study.config import ExternalTestSet, ProtocolsSection, StudyConfig
+from radssl.study.plan import Log, print_log
 from radssl.study.report import render_report
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
@@ -78,11 +79,6 @@ __all__ = [
 
 SUMMARY_FILE = "bakeoff.json"
 CALIBRATION_FILE = "calibration.json"
-Log = Callable[[str], None]
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -333,7 +329,7 @@ def _pretrain_config(config: BakeoffConfig, arm: Arm, output_dir: Path, train_ch
             from None
 
 
-def select_methods(config: BakeoffConfig, store: Any, log: Log = _print) -> tuple[dict[str, Arm], dict[str, str]]:
+def select_methods(config: BakeoffConfig, store: Any, log: Log = print_log) -> tuple[dict[str, Arm], dict[str, str]]:
     """(arms that fit the data, {method: why not} for those that do not), before any compute.
 
     Each candidate's config is checked exactly as pretraining would check it (backbone for the data, view policy
@@ -489,7 +485,7 @@ def study_configs(config: BakeoffConfig, arms: dict[str, Arm]) -> dict[str, Stud
     return out
 
 
-def plan_bakeoff(config: BakeoffConfig, log: Log = _print, store: Any = None) -> BakeoffPlan:
+def plan_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None) -> BakeoffPlan:
     """Select the methods, set the budget (calibrating under a wall-clock budget) and build the studies."""
     if store is None:
         store = build_store(config.data)
@@ -727,7 +723,7 @@ def report_notes(summary: dict[str, Any], group: str) -> list[str]:
     return notes
 
 
-def run_bakeoff(config: BakeoffConfig, log: Log = _print, store: Any = None) -> Path:
+def run_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None) -> Path:
     """Plan, run every study (resumable) and write ``<output_dir>/bakeoff.json``; returns its path.
 
     Each study's report is rendered again with the bake-off's budget, arms and flags among its notes, so the page

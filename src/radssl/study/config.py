@@ -72,6 +72,14 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+def _check_entry_name(value: str, field: str, what: str, example: str) -> str:
+    """A list entry's name: plain (:func:`_check_name`) and none of the names the grid itself uses."""
+    _check_name(value, field)
+    if value in _RESERVED_NAMES:
+        raise ValueError(f"{what} name '{value}' is reserved; choose another (e.g. '{example}')")
+    return value
+
+
 # --------------------------------------------------------------------------------------------- sections
 class ExternalTestSet(Section):
     """A test set from another site or file: every row of ``data`` is treated as a test case."""
@@ -82,10 +90,7 @@ class ExternalTestSet(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        _check_name(value, "external_test_sets.name")
-        if value in _RESERVED_NAMES:
-            raise ValueError(f"external test set name '{value}' is reserved; choose another (e.g. 'site2')")
-        return value
+        return _check_entry_name(value, "external_test_sets.name", "external test set", "site2")
 
 
 class PretrainingRun(Section):
@@ -112,10 +117,7 @@ class PretrainingRun(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        _check_name(value, "pretraining.name")
-        if value in _RESERVED_NAMES:
-            raise ValueError(f"pretraining name '{value}' is reserved; choose another (e.g. 'simclr')")
-        return value
+        return _check_entry_name(value, "pretraining.name", "pretraining", "simclr")
 
     @model_validator(mode="after")
     def _no_own_fraction(self) -> "PretrainingRun":

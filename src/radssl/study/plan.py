@@ -77,7 +77,8 @@ SubsetDrawer = Callable[..., dict[float, np.ndarray]]
 """Draws nested label-fraction subsets (default :func:`radssl.data.splits.label_fraction_subsets`)."""
 
 
-def _print(message: str) -> None:
+def print_log(message: str) -> None:
+    """The default :data:`Log` of a study or bake-off: each message on stdout at once."""
     print(message, flush=True)
 
 
@@ -358,7 +359,7 @@ def _encoder_info(config: StudyConfig, encoder: Encoder) -> EncoderInfo:
     return EncoderInfo(encoder.init, encoder.pretrain, method, family, checkpoint, encoder.label)
 
 
-def prepare_study(config: StudyConfig, log: Log = _print, *, load: StoreLoader = build_store,
+def prepare_study(config: StudyConfig, log: Log = print_log, *, load: StoreLoader = build_store,
                   draw: SubsetDrawer = label_fraction_subsets) -> StudyPlan:
     """Load the data and validate the whole grid; raises ConfigError/DataError naming the file and field.
 

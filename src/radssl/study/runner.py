@@ -33,7 +33,7 @@ from radssl.data.splits import save_subsets
 from radssl.errors import ConfigError, DataError, RadsslError
 from radssl.study.config import StudyConfig, apply_named_override, load_study_config
 from radssl.study.executors import make_executor
-from radssl.study.plan import StudyPlan, Task, _check_compatible, plan_tasks, prepare_study
+from radssl.study.plan import Log, StudyPlan, Task, _check_compatible, plan_tasks, prepare_study, print_log
 from radssl.study.report import render_report
 from radssl.study.results_store import ResultsStore
 from radssl.study.tasks import CellResult, FeaturesRecord, PretrainRecord, TaskResult, Work, execute
@@ -42,11 +42,6 @@ __all__ = ["REPORT_DIR", "RESULTS_FILE", "StudyIncomplete", "run_study"]
 
 RESULTS_FILE = "results.sqlite"
 REPORT_DIR = "report"
-Log = Callable[[str], None]
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 class StudyIncomplete(RadsslError):
@@ -157,7 +152,7 @@ class _Driver:
         self.log(f"radssl study: FAILED {task.id}: {error} | {self._status()}")
 
 
-def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = None, log: Log = _print,
+def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = None, log: Log = print_log,
               executor: str = "serial", address: str | None = None, max_retries: int = 1,
               work: Work | None = None) -> Path:
     """Run (or resume) a whole study and render its report; returns the study's output folder.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -254,3 +255,14 @@ def test_study_pretraining_entries_take_the_method_preset_where_they_are_silent(
         raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{shipped}.yaml").read_text())
         simclr = next(run for run in raw["pretraining"] if run["name"] == "simclr")
         assert not {"views", "optim"} & set(simclr) and set(simclr["method"]) == {"name"}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"pretraining": [{"name": "test", "method": {"name": "simclr"}}], "initialisations": ["random", "ssl:test"]},
+     "pretraining name 'test' is reserved; choose another (e.g. 'simclr')"),
+    ({"external_test_sets": [{"name": "val", "data": {"source": "synthetic", "site": 2}}]},
+     "external test set name 'val' is reserved; choose another (e.g. 'site2')"),
+])
+def test_reserved_entry_names_are_refused(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_study_config(_study(tmp_path, **fields))

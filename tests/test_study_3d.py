@@ -72,20 +72,18 @@ def test_a_2d_backbone_on_volumes_is_refused_before_compute(tmp_path: Path) -> N
     assert not (tmp_path / "study").exists()
 
 
-def test_multilabel_studies_are_refused_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multilabel_studies_are_refused_clearly(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    import radssl.data.build as build
     from radssl.data.store import TaskInfo
     from support import make_tiny_store
 
     store = make_tiny_store()
     labels = torch.stack([store.labels.float(), 1 - store.labels.float()], dim=1)
     multilabel = replace(store, labels=labels, task=TaskInfo("multilabel", 2, ("a", "b")), _fingerprint=None)
-    monkeypatch.setattr(build, "build_store", lambda section: multilabel)
     config = StudyConfig.model_validate({"output_dir": str(tmp_path / "s"), "protocols": ["linear"]})
     with pytest.raises(DataError, match="multilabel studies are not implemented"):
-        prepare_study(config, **QUIET)
+        prepare_study(config, **QUIET, load=lambda section: multilabel)
 
 
 def test_3d_shift_and_flip_move_every_voxel_of_a_volume_together() -> None:

@@ -91,7 +91,7 @@ def test_an_unknown_method_is_a_did_you_mean_error_before_any_data_is_read(monke
     def no_data(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("data were loaded before the config was checked")
 
-    monkeypatch.setattr("radssl.data.build.build_store", no_data)
+    monkeypatch.setattr("radssl.study.bakeoff.build_store", no_data)
     with pytest.raises(ConfigError, match="did you mean 'simclr'"):
         load_bakeoff_config(EXAMPLE, methods=["simclrr"])
     assert main(["bakeoff", str(EXAMPLE), "--methods", "simclrr", "byol"]) == 2

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,11 +45,10 @@ def _study(tmp_path: Path, **fields) -> Path:
     return path
 
 
-def _use_stores(monkeypatch: pytest.MonkeyPatch, stores: dict[int, ImageStore]) -> None:
-    """Route data sections to in-memory stores by ``site`` (0 = the study data, others = external sets)."""
-    import radssl.data.build as build
-
-    monkeypatch.setattr(build, "build_store", lambda section: stores[section.site])
+def _stores(stores: dict[int, ImageStore]) -> Callable[[Any], ImageStore]:
+    """A store loader for ``prepare_study(load=...)``: data sections to in-memory stores by ``site`` (0 = the study
+    data, others = external sets)."""
+    return lambda section: stores[section.site]
 
 
 def test_valid_study_loads_with_shorthand_and_named_overrides(tmp_path: Path) -> None:
@@ -132,16 +134,15 @@ def _three_class_store(test_class_2: bool, n: int = 60) -> ImageStore:
                       np.array([f"p{i}" for i in range(n)]), TaskInfo("multiclass", 3), origin="three.npz")
 
 
-def test_test_class_unseen_in_training_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _use_stores(monkeypatch, {0: _three_class_store(test_class_2=True)})
+def test_test_class_unseen_in_training_is_refused(tmp_path: Path) -> None:
+    load = _stores({0: _three_class_store(test_class_2=True)})
     config = load_study_config(_study(tmp_path))
     with pytest.raises(DataError) as error:
-        prepare_study(config, log=lambda _: None)
+        prepare_study(config, log=lambda _: None, load=load)
     assert "three.npz [test split]" in str(error.value) and "class 2" in str(error.value)
 
 
-def test_external_set_with_unseen_class_or_other_size_is_refused(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_external_set_with_unseen_class_or_other_size_is_refused(tmp_path: Path) -> None:
     internal = make_tiny_store(n=96, size=16)
     foreign = make_tiny_store(n=32, size=16, seed=3)
     foreign.labels[0] = 1
@@ -149,35 +150,37 @@ def test_external_set_with_unseen_class_or_other_size_is_refused(tmp_path: Path,
                          foreign.task, origin="site5.npz")
     big = make_tiny_store(n=32, size=20, seed=4)
     external = [{"name": "site5", "data": {"source": "synthetic", "site": 5}}]
-    _use_stores(monkeypatch, {0: internal, 5: shifted, 6: big})
+    load = _stores({0: internal, 5: shifted, 6: big})
     with pytest.raises(DataError, match=r"site5\.npz \[external_test_sets\[0\] \('site5'\)\].*AUC is undefined"):
-        prepare_study(load_study_config(_study(tmp_path, external_test_sets=external)), log=lambda _: None)
+        prepare_study(load_study_config(_study(tmp_path, external_test_sets=external)), log=lambda _: None,
+                      load=load)
     external = [{"name": "big", "data": {"source": "synthetic", "site": 6}}]
     with pytest.raises(DataError, match="images are 1×20×20 but the study data's are 1×16×16"):
-        prepare_study(load_study_config(_study(tmp_path, external_test_sets=external)), log=lambda _: None)
+        prepare_study(load_study_config(_study(tmp_path, external_test_sets=external)), log=lambda _: None,
+                      load=load)
 
 
-def test_empty_validation_split_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_empty_validation_split_is_refused(tmp_path: Path) -> None:
     store = make_tiny_store(n=64, size=16)
     store.split[store.split == "val"] = "train"
-    _use_stores(monkeypatch, {0: store})
+    load = _stores({0: store})
     with pytest.raises(DataError, match="'val' split is empty"):
-        prepare_study(load_study_config(_study(tmp_path)), log=lambda _: None)
+        prepare_study(load_study_config(_study(tmp_path)), log=lambda _: None, load=load)
 
 
-def test_batch_larger_than_pretraining_set_names_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _use_stores(monkeypatch, {0: make_tiny_store(n=64, size=16)})
+def test_batch_larger_than_pretraining_set_names_the_run(tmp_path: Path) -> None:
+    load = _stores({0: make_tiny_store(n=64, size=16)})
     config = load_study_config(_study(tmp_path, pretrain_fractions=[0.25, 1.0]))  # 12 of 48 train images
     with pytest.raises(DataError) as error:
-        prepare_study(config, log=lambda _: None)
+        prepare_study(config, log=lambda _: None, load=load)
     assert "pretraining[0] 'simclr', pretrain_fraction 0.25" in str(error.value)
     assert "train.batch_size" in str(error.value)
 
 
-def test_small_fractions_keep_every_class_and_nest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _use_stores(monkeypatch, {0: make_tiny_store(n=96, size=16)})
+def test_small_fractions_keep_every_class_and_nest(tmp_path: Path) -> None:
+    load = _stores({0: make_tiny_store(n=96, size=16)})
     config = load_study_config(_study(tmp_path, label_fractions=[0.01, 0.3, 1.0], seeds=[0, 1]))
-    plan = prepare_study(config, log=lambda _: None)
+    plan = prepare_study(config, log=lambda _: None, load=load)
     labels = plan.store.labels.numpy()
     for seed, subsets in plan.subsets.items():
         assert set(labels[subsets[0.01]]) == {0, 1}, f"seed {seed}: 1% lost a class"
@@ -252,3 +255,14 @@ def test_study_pretraining_entries_take_the_method_preset_where_they_are_silent(
         raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{shipped}.yaml").read_text())
         simclr = next(run for run in raw["pretraining"] if run["name"] == "simclr")
         assert not {"views", "optim"} & set(simclr) and set(simclr["method"]) == {"name"}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"pretraining": [{"name": "test", "method": {"name": "simclr"}}], "initialisations": ["random", "ssl:test"]},
+     "pretraining name 'test' is reserved; choose another (e.g. 'simclr')"),
+    ({"external_test_sets": [{"name": "val", "data": {"source": "synthetic", "site": 2}}]},
+     "external test set name 'val' is reserved; choose another (e.g. 'site2')"),
+])
+def test_reserved_entry_names_are_refused(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_study_config(_study(tmp_path, **fields))

@@ -171,8 +171,7 @@ def test_full_validation_and_budget_rules_are_options(tmp_path: Path) -> None:
         assert plan.finetune_steps_per_epoch(n) == expected_full
 
 
-def test_a_validation_subset_without_both_classes_is_refused_before_compute(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_validation_subset_without_both_classes_is_refused_before_compute(tmp_path: Path) -> None:
     import radssl.data.splits as splits
 
     drawn = splits.label_fraction_subsets
@@ -183,12 +182,11 @@ def test_a_validation_subset_without_both_classes_is_refused_before_compute(tmp_
             subsets = {f: r[labels[r] == 0] for f, r in subsets.items()}
         return subsets
 
-    monkeypatch.setattr(splits, "label_fraction_subsets", negatives_only)
     with pytest.raises(DataError, match=r"validation: proportional, seed 0.*label fraction 0\.25 keeps \d+ "
                                         r"validation images.*AUC is undefined.*raise validation_min_per_class, or "
                                         r"set validation: full"):
-        prepare_study(StudyConfig.model_validate(_raw(tmp_path)), **QUIET)
-    prepare_study(StudyConfig.model_validate({**_raw(tmp_path), "validation": "full"}), **QUIET)
+        prepare_study(StudyConfig.model_validate(_raw(tmp_path)), **QUIET, draw=negatives_only)
+    prepare_study(StudyConfig.model_validate({**_raw(tmp_path), "validation": "full"}), **QUIET, draw=negatives_only)
 
 
 @pytest.mark.parametrize(("override", "expected"), [

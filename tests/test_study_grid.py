@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,9 +21,10 @@ from radssl.engine.checkpoint import load_checkpoint
 from radssl.errors import ConfigError
 from radssl.study.commands import add_study_commands
 from radssl.study.config import StudyConfig, load_study_config
-from radssl.study.plan import _check_compatible, prepare_study
+from radssl.study.plan import PretrainTask, _check_compatible, prepare_study
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import run_study
+from radssl.study.tasks import execute
 
 
 QUIET = {"log": lambda _: None}
@@ -71,18 +73,30 @@ class _Counter:
         return self.function(*args, **kwargs)
 
 
-def _count_protocols(monkeypatch: pytest.MonkeyPatch, knn_fail_on: int | None = None) -> dict[str, _Counter]:
+class _PretrainCounter:
+    """The study's ``work`` (:func:`radssl.study.tasks.execute`), counting the pretraining runs it starts."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def work(self, plan, task, state, log):  # noqa: ANN001, ANN201
+        if isinstance(task, PretrainTask):
+            self.calls += 1
+        return execute(plan, task, state, log)
+
+
+def _count_protocols(monkeypatch: pytest.MonkeyPatch, knn_fail_on: int | None = None) -> dict[str, Any]:
+    """Counters of each read-out and of the pretraining runs; pass ``work=counters["pretrain"].work`` to run_study."""
     counters = {
         "linear": _Counter(probe_module.linear_probe),
         "knn": _Counter(knn_module.knn_evaluate, knn_fail_on),
         "finetune": _Counter(finetune_module.finetune),
-        "pretrain": _Counter(engine.pretrain),
+        "pretrain": _PretrainCounter(),
         "features": _Counter(features_module.extract_features),
     }
     monkeypatch.setattr(probe_module, "linear_probe", counters["linear"])
     monkeypatch.setattr(knn_module, "knn_evaluate", counters["knn"])
     monkeypatch.setattr(finetune_module, "finetune", counters["finetune"])
-    monkeypatch.setattr(engine, "pretrain", counters["pretrain"])
     monkeypatch.setattr(features_module, "extract_features", counters["features"])
     return counters
 
@@ -95,7 +109,8 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(2)
     with pytest.MonkeyPatch.context() as patch:
         counters = _count_protocols(patch)
-        output = run_study(_tiny_study(tmp_path_factory.mktemp("clean") / "study"), **QUIET)
+        output = run_study(_tiny_study(tmp_path_factory.mktemp("clean") / "study"), **QUIET,
+                           work=counters["pretrain"].work)
     CLEAN_CALLS.update({name: c.calls for name, c in counters.items()})
     return output
 
@@ -155,7 +170,7 @@ def test_random_init_is_the_pretraining_starting_point(clean_run: Path) -> None:
 def test_rerun_recomputes_nothing(clean_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = _cells(clean_run)
     counters = _count_protocols(monkeypatch)
-    run_study(_tiny_study(clean_run), **QUIET)
+    run_study(_tiny_study(clean_run), **QUIET, work=counters["pretrain"].work)
     assert {name: c.calls for name, c in counters.items()} == dict.fromkeys(counters, 0)
     assert _cells(clean_run) == before
 
@@ -167,13 +182,13 @@ def test_killed_study_resumes_to_the_clean_result(clean_run: Path, tmp_path: Pat
     with monkeypatch.context() as patch:
         counters = _count_protocols(patch, knn_fail_on=6)
         with pytest.raises(KeyboardInterrupt):
-            run_study(_tiny_study(crashed), **QUIET)
+            run_study(_tiny_study(crashed), **QUIET, work=counters["pretrain"].work)
         assert counters["pretrain"].calls == 1
     partial = _cells(crashed)
     assert 0 < len(partial) < len(_cells(clean_run))
 
     counters = _count_protocols(monkeypatch)
-    run_study(_tiny_study(crashed), **QUIET)
+    run_study(_tiny_study(crashed), **QUIET, work=counters["pretrain"].work)
     done_groups = {(k.split("|")[1], k.split("|")[2], k.split("|")[3], k.split("|")[5]) for k in partial}
     resumed = {name: c.calls for name, c in counters.items()}
     assert resumed["pretrain"] == 0, "the finished pretraining run was repeated"

@@ -8,10 +8,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
+
+from radssl.config import load_config, read_yaml_mapping
+from radssl.data.build import build_store
+from radssl.data.medical import inspect_store
+from radssl.engine.pretrain import pretrain
 from radssl.errors import RadsslError
+from radssl.evaluation.quick import evaluate_pretraining, summary_lines
+from radssl.models.foundation_weights import fingerprint
+from radssl.study.bakeoff import load_bakeoff_config, plan_bakeoff, plan_lines, run_bakeoff
+from radssl.study.commands import add_study_commands, run_demo_study
+from radssl.study.config import load_study_config
+from radssl.study.preflight import config_kind as kind_of
+from radssl.study.preflight import preflight
+from radssl.transfer.embed import embedding_table, write_embeddings
+from radssl.transfer.export import EXPORT_TARGETS, export_checkpoint
+from radssl.transfer.initialisation import INIT_KINDS, initialise_backbone
 
 OVERRIDES_HELP = "config overrides as section.key=value (YAML values), e.g. train.steps=200 method.temperature=0.2"
 
@@ -28,8 +45,6 @@ def _common_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _print_evaluation(evaluation: dict | None) -> None:
-    from radssl.evaluation.quick import summary_lines
-
     if evaluation:
         print("frozen-backbone evaluation (SSL vs random init, same architecture):")
         for line in summary_lines(evaluation):
@@ -37,20 +52,12 @@ def _print_evaluation(evaluation: dict | None) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    import os
-
-    from radssl.config import load_config
-    from radssl.data.build import build_store
-    from radssl.engine.pretrain import pretrain
-
     config = load_config(args.config, _common_overrides(args))
     store = build_store(config.data)
     result = pretrain(config, store=store)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 evaluates and reports
         return 0
     print(f"pretraining finished: {result.steps} steps, {result.wall_time_s:.0f} s, final loss {result.final_loss:.4f}")
-    from radssl.evaluation.quick import evaluate_pretraining
-
     _print_evaluation(evaluate_pretraining(result, store, config))
     print(f"checkpoint: {result.checkpoint}")
     print(f"outputs:    {result.output_dir} (config.yaml, run.json, metrics.csv, tensorboard/, eval.json)")
@@ -58,8 +65,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from radssl.study.commands import run_demo_study
-
     task = getattr(args, "task", "classification")
     print("radssl demo: a small study on the embedded *synthetic* radiograph-like dataset (offline):")
     if task == "segmentation":
@@ -78,16 +83,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def config_kind(raw: dict) -> str:
     """``study``, ``pretrain`` or ``data`` (see :func:`radssl.study.preflight.config_kind`)."""
-    from radssl.study.preflight import config_kind as kind_of
-
     return kind_of(raw)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     """Run the checks the config's own command runs before compute (one validation path), then inspect its data."""
-    from radssl.data.medical import inspect_store
-    from radssl.study.preflight import preflight
-
     kind, datasets = preflight(args.config, list(args.overrides), log=print)
     print(f"{args.config}: valid {kind} config" + (f" (every check `radssl {kind}` runs before compute passed)"
                                                   if kind != "data" else ""))
@@ -102,15 +102,11 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bakeoff(args: argparse.Namespace) -> int:
     """Every method that fits the data (or --methods) at one budget, each with its random-init twin, as studies."""
-    from radssl.study.bakeoff import load_bakeoff_config, run_bakeoff
-
     # `--methods a b key=value`: argparse hands the override to --methods; give it back to the overrides.
     methods = [m for m in args.methods or [] if not _is_override(m)] or None
     extra = [m for m in args.methods or [] if _is_override(m)]
     config = load_bakeoff_config(args.config, _common_overrides(args) + extra, methods=methods)
     if args.plan_only:
-        from radssl.study.bakeoff import plan_bakeoff, plan_lines
-
         print("\n".join(plan_lines(plan_bakeoff(config))))
         return 0
     summary = run_bakeoff(config)
@@ -121,8 +117,6 @@ def cmd_bakeoff(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from radssl.transfer.export import export_checkpoint
-
     out = export_checkpoint(args.checkpoint, args.to, args.out)
     print(f"exported {args.checkpoint} → {out} ({args.to}; spec in {out / 'radssl_export.json'})")
     return 0
@@ -130,15 +124,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """One embedding per image of a config's data (pretrain or study config), from a checkpoint or foundation init."""
-    import torch
-
-    from radssl.config import load_config, read_yaml_mapping
-    from radssl.data.build import build_store
-    from radssl.models.foundation_weights import fingerprint
-    from radssl.study.config import load_study_config
-    from radssl.transfer.embed import embedding_table, write_embeddings
-    from radssl.transfer.initialisation import INIT_KINDS, initialise_backbone
-
     if Path(args.out).suffix not in (".parquet", ".npz", ".csv"):
         raise RadsslError(f"{args.out}: --out must end in .parquet, .npz or .csv")
     kind = config_kind(read_yaml_mapping(args.config))
@@ -161,8 +146,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def _add_transfer_commands(sub: argparse._SubParsersAction) -> None:
     """``export`` and ``embed``: weights and embeddings out (radssl.transfer.export / .embed)."""
-    from radssl.transfer.export import EXPORT_TARGETS
-
     export = sub.add_parser("export", help="write a checkpoint's backbone in another library's format",
                             description="Write the backbone of a pretraining checkpoint as a folder that loads in "
                                         "the target library without radssl (with radssl_export.json + README.md).")
@@ -224,8 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", help="montage PNG path (default: <config>.montage.png)")
     inspect.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     inspect.set_defaults(func=cmd_data_inspect)
-
-    from radssl.study.commands import add_study_commands
 
     add_study_commands(sub)
 

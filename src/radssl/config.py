@@ -27,7 +27,9 @@ from radssl.data.medical import MedicalDataConfig
 from radssl.data.slices import SlicesConfig
 from radssl.data.synthetic3d import SyntheticVolumeData
 from radssl.errors import ConfigError
+from radssl.methods.registry import METHODS, method_class, validate_params
 from radssl.models.foundation import FOUNDATION_FAMILIES
+from radssl.models.foundation_weights import foundation_spec, parse_foundation
 from radssl.models.registry import BACKBONE_FAMILIES, backbone_class, make_spec
 from radssl.models.spec import BackboneSpec
 from radssl.views.augment import AugmentationParams
@@ -126,7 +128,6 @@ class ModelSection(Section):
     def _family_from_weights(cls, raw: Any) -> Any:
         if not isinstance(raw, dict) or not raw.get("weights"):
             return raw
-        from radssl.models.foundation_weights import parse_foundation
 
         try:
             kind = parse_foundation(str(raw["weights"])).kind
@@ -162,8 +163,6 @@ class ModelSection(Section):
     def spec_for(self, in_channels: int, image_size: tuple[int, ...]) -> BackboneSpec:
         """The resolved spec for data of ``in_channels`` channels and spatial size ``image_size``."""
         if self.weights:
-            from radssl.models.foundation_weights import foundation_spec
-
             return foundation_spec(self.weights, in_channels, tuple(image_size), self.options.get("input_size"))
         try:
             return make_spec(self.backbone, in_channels, tuple(image_size), self.small_input, self.patch_size,
@@ -182,8 +181,6 @@ class MethodSection(BaseModel):
 
     @model_validator(mode="after")
     def _validate_params(self) -> "MethodSection":
-        from radssl.methods.registry import METHODS, validate_params
-
         if self.name not in METHODS:
             raise ValueError(f"unknown method '{self.name}'; choose one of {sorted(METHODS)}")
         validate_params(self.name, self.params())
@@ -307,7 +304,6 @@ def merge_method_preset(raw: Any) -> Any:
     method = raw.get("method") or {}
     if not isinstance(method, dict) or method.get("preset", True) is False:
         return raw
-    from radssl.methods.registry import METHODS, method_class
 
     name = method.get("name", "simclr")
     if name not in METHODS:
@@ -441,8 +437,6 @@ def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...], raw: dict[s
     section = _raw_at(raw, location[:-1])  # the mapping holding this section (the file, or one list entry)
     section = section if isinstance(section, dict) else {}
     if current is MethodSection:  # the method's own hyper-parameters are allowed keys too
-        from radssl.methods.registry import METHODS, method_class
-
         name = (section.get("method") or {}).get("name", "simclr")
         if name in METHODS:
             keys |= set(method_class(name).Params.model_fields)
@@ -456,8 +450,6 @@ def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...], raw: dict[s
 def _owner_hint(model: Any, key: str) -> str:
     """Where an unknown views/method key does belong: the view policies (and the methods whose preset picks one)
     or the methods that define it — the usual cause is a key of another policy or method."""
-    from radssl.methods.registry import METHODS, method_class
-
     if model is ViewsSection:
         policies = sorted(name for name in POLICIES if key in policy_class(name).Params.model_fields)
         if not policies:

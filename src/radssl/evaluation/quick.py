@@ -19,6 +19,7 @@ from radssl.atomic import write_text_atomic
 from radssl.config import PretrainConfig
 from radssl.data.splits import assign_patient_splits
 from radssl.data.store import ImageStore
+from radssl.engine.pretrain import backbone_for
 from radssl.models.backbones import Backbone
 from radssl.transfer.bn_stats import frozen_encoder
 from radssl.transfer.features import extract_features
@@ -114,8 +115,6 @@ def quick_evaluate(
     }
     if config.eval.compare_random:
         torch.manual_seed(config.seed)
-        from radssl.engine.pretrain import backbone_for
-
         random_backbone = backbone_for(config, store).to(device)
         result["random_init"] = evaluate_backbone(
             random_backbone, store, config.eval.knn_k, config.eval.knn_temperature, config.seed, device

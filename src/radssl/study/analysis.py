@@ -32,13 +32,9 @@ import numpy as np
 from radssl.study.results_store import CellKey, ResultsStore
 from radssl.study.statistics import (
     SeedsAndCases,
-    accuracy,
-    binary_auc,
-    case_mean,
     delong_seed_averaged,
     difference_range,
     fraction_matching_baseline,
-    macro_auc,
     mean_std_over_seeds,
     metric_range,
     paired_bootstrap_seed_averaged,
@@ -47,6 +43,7 @@ from radssl.study.statistics import (
     seeds_and_cases_paired_test,
     wilcoxon_paired,
 )
+from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 
 INTERNAL_TEST_SET = "test"
 SUPERVISED_INIT = "random"

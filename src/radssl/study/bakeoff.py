@@ -48,10 +48,29 @@ import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from radssl.atomic import write_text_atomic
-from radssl.config import DataSection, MedMNISTData, ModelSection, PretrainConfig, Section, TrainSection
+from radssl.config import (
+    DataSection,
+    MedMNISTData,
+    ModelSection,
+    PretrainConfig,
+    Section,
+    TrainSection,
+    apply_overrides,
+    format_validation_error,
+    read_yaml_mapping,
+)
+from radssl.data.build import build_store
+from radssl.engine.pretrain import check_pretraining, pretrain
 from radssl.errors import ConfigError, DataError
+from radssl.methods.registry import METHODS, method_class
+from radssl.provenance import package_versions
 from radssl.study.config import ExternalTestSet, ProtocolsSection, StudyConfig
+from radssl.study.plan import Log, print_log
+from radssl.study.report import render_report
+from radssl.study.results_store import ResultsStore
 from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
+from radssl.study.statistics import seed_t_interval, seeds_and_cases_interval, seeds_and_cases_paired_test
+from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",
@@ -60,11 +79,6 @@ __all__ = [
 
 SUMMARY_FILE = "bakeoff.json"
 CALIBRATION_FILE = "calibration.json"
-Log = Callable[[str], None]
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -156,8 +170,6 @@ class BakeoffConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "BakeoffConfig":
-        from radssl.methods.registry import METHODS
-
         for where, names in (("methods", self.methods or []), ("method_settings", list(self.method_settings))):
             for name in names:
                 if name not in METHODS:
@@ -194,8 +206,6 @@ class BakeoffConfig(Section):
 
 def unknown_method_message(name: str, where: str = "methods") -> str:
     """``unknown method 'simclrr' — did you mean 'simclr'?`` plus the registered names."""
-    from radssl.methods.registry import METHODS
-
     close = difflib.get_close_matches(name, sorted(METHODS), n=1)
     hint = f" — did you mean '{close[0]}'?" if close else ""
     return f"{where}: unknown method '{name}'{hint} (registered: {', '.join(sorted(METHODS))})"
@@ -204,8 +214,6 @@ def unknown_method_message(name: str, where: str = "methods") -> str:
 def load_bakeoff_config(path: Path | str | None, overrides: list[str] | None = None,
                         methods: list[str] | None = None) -> BakeoffConfig:
     """Load a bake-off YAML, apply ``key=value`` overrides and ``--methods``, validate; ConfigError naming the key."""
-    from radssl.config import apply_overrides, format_validation_error, read_yaml_mapping
-
     source = str(path) if path else "<defaults>"
     raw = read_yaml_mapping(Path(path) if path else None, "bake-off fields")
     apply_overrides(raw, list(overrides or []))
@@ -277,8 +285,6 @@ class BakeoffPlan:
 
 def _method_model(config: BakeoffConfig, method: str) -> tuple[dict[str, Any], str | None]:
     """The model section of a method: its own setting, the bake-off's, or the first family the method accepts."""
-    from radssl.methods.registry import method_class
-
     settings = config.method_settings.get(method)
     if settings is not None and settings.model is not None:
         return settings.model.model_dump(mode="json"), None
@@ -309,8 +315,6 @@ def _entry(config: BakeoffConfig, method: str, steps: int) -> dict[str, Any]:
 def _pretrain_config(config: BakeoffConfig, arm: Arm, output_dir: Path, train_changes: dict[str, Any] | None = None
                      ) -> PretrainConfig:
     """The PretrainConfig the study will build for an arm (method preset merged under the arm's own keys)."""
-    from radssl.config import format_validation_error
-
     entry = arm.entry
     raw = {
         "seed": config.seed, "output_dir": str(output_dir), "data": config.data.model_dump(mode="json"),
@@ -325,16 +329,13 @@ def _pretrain_config(config: BakeoffConfig, arm: Arm, output_dir: Path, train_ch
             from None
 
 
-def select_methods(config: BakeoffConfig, store: Any, log: Log = _print) -> tuple[dict[str, Arm], dict[str, str]]:
+def select_methods(config: BakeoffConfig, store: Any, log: Log = print_log) -> tuple[dict[str, Arm], dict[str, str]]:
     """(arms that fit the data, {method: why not} for those that do not), before any compute.
 
     Each candidate's config is checked exactly as pretraining would check it (backbone for the data, view policy
     and pairing for the metadata, method requirements for the views). A method the user listed that does not fit is
     an error; an automatically considered one is left out with its reason.
     """
-    from radssl.engine.pretrain import check_pretraining
-    from radssl.methods.registry import METHODS
-
     explicit = config.methods is not None
     candidates = list(config.methods) if explicit else sorted(METHODS)
     arms: dict[str, Arm] = {}
@@ -398,8 +399,6 @@ def calibrate(config: BakeoffConfig, arm: Arm, store: Any) -> dict[str, Any]:
     Runs the arm's own pretraining config (method, views, backbone, batch size, threads) through the engine, one
     log row per step, in a temporary folder; also the peak memory of those steps where the platform reports it.
     """
-    from radssl.engine.pretrain import pretrain
-
     warmup, timed = config.calibration.warmup_steps, config.calibration.steps
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / arm.method
@@ -481,17 +480,13 @@ def study_configs(config: BakeoffConfig, arms: dict[str, Arm]) -> dict[str, Stud
         try:
             out[group] = StudyConfig.model_validate(raw)
         except ValidationError as error:
-            from radssl.config import format_validation_error
-
             raise ConfigError(format_validation_error(error, f"bake-off study '{group}'", StudyConfig, raw)) \
                 from None
     return out
 
 
-def plan_bakeoff(config: BakeoffConfig, log: Log = _print, store: Any = None) -> BakeoffPlan:
+def plan_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None) -> BakeoffPlan:
     """Select the methods, set the budget (calibrating under a wall-clock budget) and build the studies."""
-    from radssl.data.build import build_store
-
     if store is None:
         store = build_store(config.data)
     if config.threads:
@@ -531,8 +526,6 @@ def _binary_column(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray | None
 def _case_outputs(results: Any, study: str, rows: list[dict[str, Any]]
                   ) -> tuple[np.ndarray, list[np.ndarray], Any] | None:
     """(y_true, per-seed scores or values, metric function) when every seed stored the same cases, else None."""
-    from radssl.study.statistics import accuracy, binary_auc, case_mean, macro_auc
-
     metric = rows[0]["metric"]
     if all(r["has_case_values"] for r in rows):
         values = [results.case_values(study, r["cell_key"])[metric] for r in rows]
@@ -557,8 +550,6 @@ def _case_outputs(results: Any, study: str, rows: list[dict[str, Any]]
 
 def _interval(results: Any, study: str, rows: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
     """Mean over seeds with the study's interval: over seeds and test cases where per-case outputs exist."""
-    from radssl.study.statistics import seed_t_interval, seeds_and_cases_interval
-
     values = [float(r["value"]) for r in rows]
     out: dict[str, Any] = {"mean": float(np.mean(values)), "low": None, "high": None, "n_seeds": len(rows),
                            "interval": "none"}
@@ -581,8 +572,6 @@ def _interval(results: Any, study: str, rows: list[dict[str, Any]], n_boot: int)
 def _gain(results: Any, study: str, ssl: list[dict[str, Any]], random: list[dict[str, Any]], n_boot: int
           ) -> dict[str, Any] | None:
     """SSL − random paired by seed (same label subset), tested over seeds and test cases as the report does."""
-    from radssl.study.statistics import seed_t_interval, seeds_and_cases_paired_test
-
     by_seed = {r["seed"]: r for r in random}
     pairs = [(a, by_seed[a["seed"]]) for a in sorted(ssl, key=lambda r: r["seed"]) if a["seed"] in by_seed]
     if not pairs:
@@ -611,8 +600,6 @@ def headline(results_path: Path, study: str, arms: dict[str, dict[str, Any]], n_
     """Per method × protocol × test set × label fraction: SSL and its random twin (mean, 95 % interval) and the
     paired gain, each row beside the arm's images seen. Computed from the study's results store with the study's
     own statistics (:mod:`radssl.study.statistics`)."""
-    from radssl.study.results_store import ResultsStore
-
     rows_out: list[dict[str, Any]] = []
     with ResultsStore(results_path) as results:
         cells = [r for r in results.cells(study) if r["metric"] == r["primary_metric"] and r["value"] is not None]
@@ -659,9 +646,6 @@ def budget_statement(config: BakeoffConfig) -> str:
 
 def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
     """The ``bakeoff.json`` record of a finished bake-off (read from each study's results store and run.json)."""
-    from radssl.provenance import package_versions
-    from radssl.study.results_store import ResultsStore
-
     config = plan.config
     arms: dict[str, dict[str, Any]] = {}
     for group, study in plan.studies.items():
@@ -739,15 +723,12 @@ def report_notes(summary: dict[str, Any], group: str) -> list[str]:
     return notes
 
 
-def run_bakeoff(config: BakeoffConfig, log: Log = _print, store: Any = None) -> Path:
+def run_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None) -> Path:
     """Plan, run every study (resumable) and write ``<output_dir>/bakeoff.json``; returns its path.
 
     Each study's report is rendered again with the bake-off's budget, arms and flags among its notes, so the page
     says what every arm was given and whether it got it.
     """
-    from radssl.study.report import render_report
-    from radssl.study.results_store import ResultsStore
-
     plan = plan_bakeoff(config, log, store)
     log(f"radssl bakeoff '{config.name}': {len(plan.arms)} methods ({', '.join(plan.arms)}) in "
         f"{len(plan.studies)} stud{'y' if len(plan.studies) == 1 else 'ies'}; budget: {budget_statement(config)}")

@@ -11,6 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from radssl.errors import DataError
+from radssl.study.report import render_report
+from radssl.study.results_store import ResultsStore
+from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
 
 DEMO_PRESET = "demo_study"
 DEMO_PRESETS = {"classification": "demo_study", "segmentation": "demo_segmentation"}
@@ -36,8 +39,6 @@ def run_demo_study(output_dir: Path | None = None, overrides: list[str] | None =
     fine-tuned U-Net decoders on the synthetic findings' masks). Returns the study output folder; the report is
     ``<folder>/report/report.html``.
     """
-    from radssl.study.runner import run_study
-
     extra = list(overrides or [])
     if output_dir is not None:
         extra.append(f"output_dir={output_dir}")
@@ -52,8 +53,6 @@ def _study_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from radssl.study.runner import REPORT_DIR, run_study
-
     output_dir = run_study(args.config, _study_overrides(args), executor=args.executor, address=args.address,
                            max_retries=args.max_retries)
     print(f"results: {output_dir / 'results.sqlite'}")
@@ -63,8 +62,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def resolve_results(path: Path) -> Path:
     """A study output folder or a ``results.sqlite`` file → the results file (a clear error if absent)."""
-    from radssl.study.runner import RESULTS_FILE
-
     path = Path(path)
     candidate = path / RESULTS_FILE if path.is_dir() else path
     if not candidate.is_file():
@@ -76,10 +73,6 @@ def resolve_results(path: Path) -> Path:
 def make_report(results: Path, out_dir: Path | None = None, study: str | None = None,
                 metric: str | None = None) -> Path:
     """Render the HTML report of one study in a results store; returns the HTML path."""
-    from radssl.study.runner import REPORT_DIR
-    from radssl.study.report import render_report
-    from radssl.study.results_store import ResultsStore
-
     results = resolve_results(results)
     with ResultsStore(results) as store:
         studies = store.studies()

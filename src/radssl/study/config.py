@@ -38,8 +38,14 @@ from radssl.config import (
     Section,
     TrainSection,
     ViewsSection,
+    apply_overrides,
+    format_validation_error,
+    preset_view_policy,
+    read_yaml_mapping,
 )
 from radssl.errors import ConfigError
+from radssl.models.foundation_weights import parse_foundation
+from radssl.transfer.protocols import PROTOCOLS, build_protocol, protocol_class, protocol_names, validate_protocols
 
 INIT_KINDS = ("random", "imagenet", "timm", "hf", "torchvision", "monai", "ssl", "imagenet+ssl")
 """Initialisation kinds, in the order the report draws them."""
@@ -66,6 +72,14 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+def _check_entry_name(value: str, field: str, what: str, example: str) -> str:
+    """A list entry's name: plain (:func:`_check_name`) and none of the names the grid itself uses."""
+    _check_name(value, field)
+    if value in _RESERVED_NAMES:
+        raise ValueError(f"{what} name '{value}' is reserved; choose another (e.g. '{example}')")
+    return value
+
+
 # --------------------------------------------------------------------------------------------- sections
 class ExternalTestSet(Section):
     """A test set from another site or file: every row of ``data`` is treated as a test case."""
@@ -76,10 +90,7 @@ class ExternalTestSet(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        _check_name(value, "external_test_sets.name")
-        if value in _RESERVED_NAMES:
-            raise ValueError(f"external test set name '{value}' is reserved; choose another (e.g. 'site2')")
-        return value
+        return _check_entry_name(value, "external_test_sets.name", "external test set", "site2")
 
 
 class PretrainingRun(Section):
@@ -101,17 +112,12 @@ class PretrainingRun(Section):
     @classmethod
     def _preset_policy(cls, raw: Any) -> Any:
         """Validate the views keys against the policy the method's preset chooses, as ``radssl pretrain`` does."""
-        from radssl.config import preset_view_policy
-
         return preset_view_policy(raw)
 
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        _check_name(value, "pretraining.name")
-        if value in _RESERVED_NAMES:
-            raise ValueError(f"pretraining name '{value}' is reserved; choose another (e.g. 'simclr')")
-        return value
+        return _check_entry_name(value, "pretraining.name", "pretraining", "simclr")
 
     @model_validator(mode="after")
     def _no_own_fraction(self) -> "PretrainingRun":
@@ -137,8 +143,6 @@ class ProtocolsSection(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _validate(cls, value: Any) -> Any:
-        from radssl.transfer.protocols import validate_protocols
-
         if isinstance(value, ProtocolsSection):
             return value.model_dump()
         if isinstance(value, (list, tuple)):
@@ -149,8 +153,6 @@ class ProtocolsSection(BaseModel):
         value = {str(k): ({} if v is None else v) for k, v in value.items()}
         validated = validate_protocols(value)
         if not any(p is not None for p in validated.values()):
-            from radssl.transfer.protocols import protocol_names
-
             raise ValueError(f"enable at least one protocol: {', '.join(protocol_names())}")
         return validated
 
@@ -158,8 +160,6 @@ class ProtocolsSection(BaseModel):
         try:
             return super().__getattr__(name)  # type: ignore[misc]
         except AttributeError:
-            from radssl.transfer.protocols import PROTOCOLS
-
             if name in PROTOCOLS:  # a registered protocol that is not enabled
                 return None
             raise
@@ -171,8 +171,6 @@ class ProtocolsSection(BaseModel):
     def enabled(self) -> dict[str, Any]:
         """Enabled protocols by name: frozen-feature ones first (cheap, sharing one feature extraction), then
         the others, in registry order."""
-        from radssl.transfer.protocols import PROTOCOLS, protocol_class
-
         entries = {n: p for n, p in (self.model_extra or {}).items() if p is not None}
         order = {name: i for i, name in enumerate(PROTOCOLS)}
         return dict(sorted(entries.items(), key=lambda kv: (not protocol_class(kv[0]).frozen_features,
@@ -180,8 +178,6 @@ class ProtocolsSection(BaseModel):
 
     def build(self) -> dict[str, Any]:
         """Enabled protocols as :class:`~radssl.transfer.protocols.Protocol` instances, in :meth:`enabled` order."""
-        from radssl.transfer.protocols import build_protocol
-
         return {name: build_protocol(name, params) for name, params in self.enabled().items()}
 
 
@@ -228,8 +224,6 @@ def parse_initialisation(text: str) -> InitSpec:
             "hf:<folder>, torchvision:<arch>:<file.pth>, monai:<arch>:<file.pt>)"
         )
     if kind in FOUNDATION_KINDS:
-        from radssl.models.foundation_weights import parse_foundation
-
         try:
             parse_foundation(f"{kind}:{target}")
         except ConfigError as error:
@@ -461,8 +455,6 @@ _NAMED_LISTS = ("pretraining", "external_test_sets")
 
 def apply_named_override(raw: dict[str, Any], text: str) -> bool:
     """Apply ``pretraining.<name>.a.b=value`` (or ``.<index>.``) to that list entry; False if not such a key."""
-    from radssl.config import apply_overrides
-
     key, sep, value = text.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if not sep or len(parts) < 3 or parts[0] not in _NAMED_LISTS:
@@ -490,8 +482,6 @@ def load_study_config(path: Path | str | None, overrides: list[str] | None = Non
     ``pretraining.simclr.train.steps=200``, ``external_test_sets.site2.data.n_patients=50``.
     """
     from pydantic import ValidationError
-
-    from radssl.config import apply_overrides, format_validation_error, read_yaml_mapping
 
     source = str(path) if path else "<defaults>"
     raw = read_yaml_mapping(path, "study fields")

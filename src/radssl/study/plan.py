@@ -36,14 +36,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from radssl.config import PretrainConfig, format_validation_error
+from radssl.data.build import build_store
+from radssl.data.splits import label_fraction_subsets
 from radssl.data.store import ImageStore
+from radssl.engine.checkpoint import FINAL, load_checkpoint
+from radssl.engine.pretrain import check_pretraining, plan_steps, pretrain_rows
 from radssl.errors import ConfigError, DataError
+from radssl.methods.registry import METHODS, method_class
 from radssl.study.config import (
     FOUNDATION_KINDS,
     INTERNAL_TEST_SET,
@@ -55,6 +61,8 @@ from radssl.study.config import (
     legacy_study_settings,
 )
 from radssl.study.results_store import CellKey
+from radssl.transfer.initialisation import initialise_backbone
+from radssl.transfer.metrics import check_auc_defined, check_classes_covered
 from radssl.transfer.protocols import EncoderInfo, Protocol, StudySetup
 
 __all__ = ["CellTask", "Encoder", "FeaturesTask", "PretrainJob", "PretrainTask", "StudyPlan", "Task", "cell_key", "plan_tasks",
@@ -63,9 +71,14 @@ __all__ = ["CellTask", "Encoder", "FeaturesTask", "PretrainJob", "PretrainTask",
 LABEL_FREE_FRACTION = 0.0
 """Cell label fraction of label-free protocols (zero-shot): no training label is used."""
 Log = Callable[[str], None]
+StoreLoader = Callable[[Any], ImageStore]
+"""Builds a store from a data section (default :func:`radssl.data.build.build_store`; tests pass in-memory stores)."""
+SubsetDrawer = Callable[..., dict[float, np.ndarray]]
+"""Draws nested label-fraction subsets (default :func:`radssl.data.splits.label_fraction_subsets`)."""
 
 
-def _print(message: str) -> None:
+def print_log(message: str) -> None:
+    """The default :data:`Log` of a study or bake-off: each message on stdout at once."""
     print(message, flush=True)
 
 
@@ -91,8 +104,6 @@ class PretrainJob:
         return Path(output_dir) / "pretraining" / self.run_name
 
     def checkpoint(self, output_dir: Path) -> Path:
-        from radssl.engine.checkpoint import FINAL
-
         return self.directory(output_dir) / "checkpoints" / FINAL
 
 
@@ -184,8 +195,6 @@ def _check_split_labels(store: ImageStore, train_rows: np.ndarray, splits: dict[
     Coverage is checked first for all splits: "class 2 is in the test set but not in training" is the message
     that points at the real problem, before "AUC is undefined on the validation set".
     """
-    from radssl.transfer.metrics import check_auc_defined, check_classes_covered
-
     train_y = store.labels[torch.from_numpy(train_rows)].numpy()
     labels = {what: store.labels[torch.from_numpy(rows)].numpy() for what, rows in splits.items()}
     for what, y in labels.items():
@@ -198,14 +207,12 @@ def _check_split_labels(store: ImageStore, train_rows: np.ndarray, splits: dict[
 
 
 def _external_store(config: StudyConfig, index: int, internal: ImageStore, train_y: np.ndarray,
-                    class_target: bool = True, mask_target: bool = False) -> ImageStore:
+                    class_target: bool = True, mask_target: bool = False, load: StoreLoader = build_store
+                    ) -> ImageStore:
     """Load one external test set, all rows as ``test``, and check it fits the internal task and images."""
-    from radssl.data.build import build_store
-    from radssl.transfer.metrics import check_auc_defined, check_classes_covered
-
     entry = config.external_test_sets[index]
     field_name = f"external_test_sets[{index}] ('{entry.name}')"
-    store = build_store(entry.data)
+    store = load(entry.data)
     where = f"{_where(store)} [{field_name}]"
     if class_target and (store.task.kind, store.task.num_classes) != (internal.task.kind, internal.task.num_classes):
         raise DataError(where, f"its task is {store.task.kind} with {store.task.num_classes} classes but the study "
@@ -246,8 +253,6 @@ def _pretrain_config(config: StudyConfig, job: PretrainJob) -> PretrainConfig:
         "train": {**run.train.model_dump(mode="json"), "pretrain_fraction": job.pretrain_fraction},
         "eval": {"enabled": False},
     }
-    from pydantic import ValidationError
-
     try:
         return PretrainConfig.model_validate(raw)
     except ValidationError as error:
@@ -280,8 +285,6 @@ def _encoders(config: StudyConfig) -> tuple[list[Encoder], list[PretrainJob]]:
 def _check_weights(config: StudyConfig, store: ImageStore, plan_configs: dict[PretrainJob, PretrainConfig],
                    encoders: list[Encoder]) -> None:
     """Every weights file exists and fits its backbone (a quick load; still no training)."""
-    from radssl.transfer.initialisation import initialise_backbone
-
     for encoder in encoders:
         if encoder.init in FOUNDATION_KINDS:  # files exist, weights fit (strict), patch size fits: before compute
             initialise_backbone(encoder.spec.text, in_channels=store.channels, image_size=store.image_shape)
@@ -343,16 +346,12 @@ def _check_masks(store: ImageStore, where: str) -> None:
 
 def _encoder_info(config: StudyConfig, encoder: Encoder) -> EncoderInfo:
     """What protocols may know about an encoder: its method and family (image–text or not) and checkpoint."""
-    from radssl.methods.registry import METHODS, method_class
-
     method = None
     checkpoint = encoder.checkpoint
     if encoder.job is not None:
         method = config.pretraining_run(encoder.job.run).method.name
         checkpoint = encoder.job.checkpoint(config.output_dir)
     elif encoder.checkpoint is not None and encoder.checkpoint.is_file():
-        from radssl.engine.checkpoint import load_checkpoint
-
         state = load_checkpoint(encoder.checkpoint)
         method = str(state.get("method_name") or (state.get("config") or {}).get("method", {}).get("name") or "")
         method = method or None
@@ -360,31 +359,64 @@ def _encoder_info(config: StudyConfig, encoder: Encoder) -> EncoderInfo:
     return EncoderInfo(encoder.init, encoder.pretrain, method, family, checkpoint, encoder.label)
 
 
-def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
+def prepare_study(config: StudyConfig, log: Log = print_log, *, load: StoreLoader = build_store,
+                  draw: SubsetDrawer = label_fraction_subsets) -> StudyPlan:
     """Load the data and validate the whole grid; raises ConfigError/DataError naming the file and field.
 
     Nothing is trained here: stores are built, label-fraction subsets drawn, pretraining configs validated
     (including whether the data fill a batch), weights files opened and every protocol's own checks run.
     What is checked follows the protocols: class labels (AUC defined on every split, classes in every subset)
-    for protocols scored against classes; masks for segmentation protocols.
+    for protocols scored against classes; masks for segmentation protocols. ``load`` and ``draw`` build the
+    stores and draw the subsets (tests inject their own).
     """
-    from radssl.data.build import build_store
-    from radssl.data.splits import label_fraction_subsets
-    from radssl.engine.pretrain import check_pretraining, plan_steps, pretrain_rows
-
     protocols = config.protocols.build()
-    store = build_store(config.data)
+    store = load(config.data)
     where = _where(store)
     _check_protocols_fit(protocols, store)
     class_target = any(p.target == "class" for p in protocols.values())
     mask_target = any(p.target == "mask" for p in protocols.values())
+    train_rows, val_rows, test_rows = _internal_splits(store, class_target, mask_target)
+    train_y = store.labels[torch.from_numpy(train_rows)].numpy()
+    test_sets: dict[str, tuple[ImageStore, np.ndarray]] = {INTERNAL_TEST_SET: (store, test_rows)}
+    for index in range(len(config.external_test_sets)):
+        external = _external_store(config, index, store, train_y, class_target, mask_target, load)
+        test_sets[config.external_test_sets[index].name] = (external, np.arange(len(external)))
+
+    # Subsets are stratified by class where every training row has one (segmentation: by finding / no finding),
+    # else drawn from one stratum.
+    labels = store.labels.numpy()
+    strata = labels if labels.ndim == 1 and (train_y >= 0).all() else np.zeros(len(store), dtype=np.int64)
+    subsets = _training_subsets(config, store, strata, train_rows, class_target, draw)
+    val_subsets = _validation_subsets(config, store, val_rows, strata, class_target, draw)
+
+    encoders, jobs = _encoders(config)
+    if any(e.init == "random" for e in encoders):  # the random encoder's spec fits the data (2D vs 3D, channels)
+        config.model.spec_for(store.channels, store.image_shape)
+    pretrain_configs = {job: _checked_pretrain_config(config, job, store) for job in jobs}
+    _check_weights(config, store, pretrain_configs, encoders)
+
+    infos = {encoder: _encoder_info(config, encoder) for encoder in encoders}
+    setup = dict(store=store, train_rows=train_rows, val_rows=val_rows, test_sets=test_sets, subsets=subsets,
+                 encoders=tuple(infos.values()))
+    skipped, notes = _check_protocols(config, protocols, setup, infos)
+    notes = [f"data: {note}" for note in store.notes] + notes + _config_notes(config, jobs)
+    for note in notes:
+        log(f"radssl study: note: {note}")
+    return StudyPlan(config, store, train_rows, val_rows, test_sets, subsets, jobs, encoders, pretrain_configs, notes,
+                     val_subsets, protocols, infos, skipped)
+
+
+def _internal_splits(store: ImageStore, class_target: bool, mask_target: bool
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) rows of the study data, each non-empty and scorable by the study's protocols."""
+    where = _where(store)
     train_rows, val_rows, test_rows = (store.indices(s) for s in ("train", "val", "test"))
     for split, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows)):
         if len(rows) == 0:
             raise DataError(where, f"the '{split}' split is empty (study field data)",
                             "a study needs train (label fractions), val (model selection) and test splits")
-    train_y = store.labels[torch.from_numpy(train_rows)].numpy()
     if class_target:
+        train_y = store.labels[torch.from_numpy(train_rows)].numpy()
         if (train_y < 0).any():
             raise DataError(where, f"{int((train_y < 0).sum())} training rows have no label",
                             "mark unlabelled images as split 'unlabelled' (they are still used for pretraining)")
@@ -392,51 +424,48 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
                                                 f"{where} [validation split]": val_rows})
     if mask_target:
         _check_masks(store, where)
-    test_sets: dict[str, tuple[ImageStore, np.ndarray]] = {INTERNAL_TEST_SET: (store, test_rows)}
-    for index in range(len(config.external_test_sets)):
-        external = _external_store(config, index, store, train_y, class_target, mask_target)
-        test_sets[config.external_test_sets[index].name] = (external, np.arange(len(external)))
+    return train_rows, val_rows, test_rows
 
-    # Subsets are stratified by class where every training row has one (segmentation: by finding / no finding),
-    # else drawn from one stratum.
+
+def _training_subsets(config: StudyConfig, store: ImageStore, strata: np.ndarray, train_rows: np.ndarray,
+                      class_target: bool, draw: SubsetDrawer) -> dict[int, dict[float, np.ndarray]]:
+    """Per seed, the nested label-fraction subsets of the training rows; each keeps every training class."""
+    where = _where(store)
     labels = store.labels.numpy()
-    strata = labels if labels.ndim == 1 and (train_y >= 0).all() else np.zeros(len(store), dtype=np.int64)
+    classes = set(np.unique(labels[train_rows]).tolist())
     subsets: dict[int, dict[float, np.ndarray]] = {}
     for seed in config.seeds:
-        drawn = label_fraction_subsets(strata, train_rows, config.label_fractions, seed, store.patient_id,
-                                       source=f"{where} [label_fractions, seed {seed}]")
+        drawn = draw(strata, train_rows, config.label_fractions, seed, store.patient_id,
+                     source=f"{where} [label_fractions, seed {seed}]")
         if class_target:
             for fraction, rows in drawn.items():
-                present = set(np.unique(labels[rows]).tolist())
-                missing = sorted(set(np.unique(train_y).tolist()) - present)
+                missing = sorted(classes - set(np.unique(labels[rows]).tolist()))
                 if missing:
                     raise DataError(f"{where} [label_fractions, seed {seed}]",
                                     f"label fraction {fraction:g} leaves class(es) {missing} with no example",
                                     "raise the smallest label fraction")
         subsets[seed] = drawn
-    val_subsets = _validation_subsets(config, store, val_rows, strata, class_target)
+    return subsets
 
-    encoders, jobs = _encoders(config)
-    if any(e.init == "random" for e in encoders):  # the random encoder's spec fits the data (2D vs 3D, channels)
-        config.model.spec_for(store.channels, store.image_shape)
-    pretrain_configs: dict[PretrainJob, PretrainConfig] = {}
-    for job in jobs:
-        pretrain_config = _pretrain_config(config, job)
-        index = [r.name for r in config.pretraining].index(job.run)
-        rows = pretrain_rows(store, job.pretrain_fraction, pretrain_config.seed)
-        plan_steps(pretrain_config, len(rows), 1, f"{where} [pretraining[{index}] '{job.run}', "
-                   f"pretrain_fraction {job.pretrain_fraction:g}]")
-        check_pretraining(pretrain_config, store)  # backbone × policy × method fit, before any compute
-        pretrain_configs[job] = pretrain_config
-    _check_weights(config, store, pretrain_configs, encoders)
 
-    infos = {encoder: _encoder_info(config, encoder) for encoder in encoders}
-    setup_base = dict(store=store, train_rows=train_rows, val_rows=val_rows, test_sets=test_sets, subsets=subsets,
-                      encoders=tuple(infos.values()))
+def _checked_pretrain_config(config: StudyConfig, job: PretrainJob, store: ImageStore) -> PretrainConfig:
+    """A job's pretraining config, checked against the data: its rows fill a batch; backbone × policy × method fit."""
+    pretrain_config = _pretrain_config(config, job)
+    index = [r.name for r in config.pretraining].index(job.run)
+    rows = pretrain_rows(store, job.pretrain_fraction, pretrain_config.seed)
+    plan_steps(pretrain_config, len(rows), 1, f"{_where(store)} [pretraining[{index}] '{job.run}', "
+               f"pretrain_fraction {job.pretrain_fraction:g}]")
+    check_pretraining(pretrain_config, store)  # before any compute
+    return pretrain_config
+
+
+def _check_protocols(config: StudyConfig, protocols: dict[str, Protocol], setup: dict[str, Any],
+                     infos: dict[Encoder, EncoderInfo]) -> tuple[dict[tuple[Encoder, str], str], list[str]]:
+    """Run every protocol's own checks; returns the (encoder, protocol) pairs it skips, with notes."""
     skipped: dict[tuple[Encoder, str], str] = {}
-    notes = [f"data: {note}" for note in store.notes]
+    notes: list[str] = []
     for name, protocol in protocols.items():
-        protocol.check(StudySetup(**setup_base, field_name=f"protocols.{name}"))
+        protocol.check(StudySetup(**setup, field_name=f"protocols.{name}"))
         for encoder, info in infos.items():
             reason = protocol.applies_to(info)
             if reason is not None:
@@ -445,7 +474,12 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
         if not protocol.uses_labels:
             notes.append(f"protocol '{name}' uses no training labels: it runs once per encoder and test set "
                          f"(label fraction 0, seed {config.seed}) and is drawn as a horizontal reference line")
+    return skipped, notes
 
+
+def _config_notes(config: StudyConfig, jobs: list[PretrainJob]) -> list[str]:
+    """Notes on what the config declares but the study will not run."""
+    notes = []
     dropped = config.dropped_initialisations()
     if dropped:
         notes.append(f"initialisations {dropped} skipped: imagenet_weights is not set (require_imagenet: false)")
@@ -453,23 +487,18 @@ def prepare_study(config: StudyConfig, log: Log = _print) -> StudyPlan:
     unused = [run.name for run in config.pretraining if run.name not in used]
     if unused:
         notes.append(f"pretraining runs {unused} are not used by any initialisation and will not run")
-    for note in notes:
-        log(f"radssl study: note: {note}")
-    return StudyPlan(config, store, train_rows, val_rows, test_sets, subsets, jobs, encoders, pretrain_configs, notes,
-                     val_subsets, protocols, infos, skipped)
+    return notes
 
 
 def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.ndarray, strata: np.ndarray,
-                        class_target: bool) -> dict[int, dict[float, np.ndarray]]:
+                        class_target: bool, draw: SubsetDrawer = label_fraction_subsets
+                        ) -> dict[int, dict[float, np.ndarray]]:
     """Proportional validation: per seed, nested stratified patient-grouped subsets with a per-class floor.
 
     Drawn with :func:`radssl.data.splits.label_fraction_subsets` like the training subsets (same strata), from an
     independent stream of the same seed (``[seed, 1]``); with class-scored protocols each is checked to define an
     AUC before any compute (segmentation-only studies: the floor is a number of validation cases per stratum).
     """
-    from radssl.data.splits import label_fraction_subsets
-    from radssl.transfer.metrics import check_auc_defined
-
     if config.validation != "proportional":
         return {}
     where = _where(store)
@@ -477,8 +506,8 @@ def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.nda
     out: dict[int, dict[float, np.ndarray]] = {}
     for seed in config.seeds:
         source = f"{where} [validation: proportional, seed {seed}]"
-        drawn = label_fraction_subsets(strata, val_rows, config.label_fractions, [seed, 1], store.patient_id,
-                                       source=source, min_rows_per_class=config.validation_min_per_class)
+        drawn = draw(strata, val_rows, config.label_fractions, [seed, 1], store.patient_id,
+                     source=source, min_rows_per_class=config.validation_min_per_class)
         for fraction, rows in drawn.items():
             if not class_target:
                 continue
@@ -532,22 +561,13 @@ class PretrainTask:
     """Run one SSL pretraining job; its encoder's cell tasks depend on it (they read its ``final.pt``)."""
 
     job: PretrainJob
+    kind: ClassVar[str] = "pretrain"
+    cells: ClassVar[int] = 0
+    depends_on: ClassVar[tuple[str, ...]] = ()
 
     @property
     def id(self) -> str:
         return f"pretrain:{self.job.run_name}"
-
-    @property
-    def depends_on(self) -> tuple[str, ...]:
-        return ()
-
-    @property
-    def kind(self) -> str:
-        return "pretrain"
-
-    @property
-    def cells(self) -> int:
-        return 0
 
 
 @dataclass(frozen=True)
@@ -560,18 +580,12 @@ class FeaturesTask:
 
     encoder: Encoder
     depends_on: tuple[str, ...] = ()
+    kind: ClassVar[str] = "features"
+    cells: ClassVar[int] = 0
 
     @property
     def id(self) -> str:
         return f"features:{self.encoder.label}"
-
-    @property
-    def kind(self) -> str:
-        return "features"
-
-    @property
-    def cells(self) -> int:
-        return 0
 
 
 @dataclass(frozen=True)
@@ -587,14 +601,11 @@ class CellTask:
     fraction: float
     test_sets: tuple[str, ...]
     depends_on: tuple[str, ...] = ()
+    kind: ClassVar[str] = "cell"
 
     @property
     def id(self) -> str:
         return f"cell:{self.encoder.label}|{self.protocol}|lf={self.fraction!r}|seed={self.seed}"
-
-    @property
-    def kind(self) -> str:
-        return "cell"
 
     @property
     def cells(self) -> int:

@@ -14,8 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from radssl.config import PretrainConfig
+from radssl.config import PretrainConfig, load_config, read_yaml_mapping
+from radssl.data.build import build_store
 from radssl.data.store import ImageStore
+from radssl.engine.pretrain import check_pretraining, plan_steps, pretrain_rows
+from radssl.study.bakeoff import load_bakeoff_config, select_methods, steps_for_images, study_configs
+from radssl.study.config import INTERNAL_TEST_SET, StudyConfig, load_study_config
+from radssl.study.plan import prepare_study
 
 ConfigKind = Literal["bakeoff", "study", "pretrain", "data"]
 
@@ -26,8 +31,6 @@ DATA_ONLY_KEYS = {"data", "model", "seed", "output_dir"}
 def config_kind(raw: dict[str, Any]) -> ConfigKind:
     """``bakeoff``, ``study``, ``pretrain`` or ``data``: which config a YAML mapping is, by the top-level keys only
     one has (a bake-off is the config with a ``budget``)."""
-    from radssl.study.config import StudyConfig
-
     if "budget" in raw:
         return "bakeoff"
     study_only = set(StudyConfig.model_fields) - set(PretrainConfig.model_fields)
@@ -39,8 +42,6 @@ def config_kind(raw: dict[str, Any]) -> ConfigKind:
 def check_pretrain_config(config: PretrainConfig, store: ImageStore, world_size: int = 1) -> None:
     """Everything ``radssl pretrain`` checks before its first step: enough images for one global batch, backbone ×
     view policy × method × pairing metadata (the engine's own checks; nothing is written)."""
-    from radssl.engine.pretrain import check_pretraining, plan_steps, pretrain_rows
-
     rows = pretrain_rows(store, config.train.pretrain_fraction, config.seed)
     plan_steps(config, len(rows), world_size, store.origin or store.name)
     check_pretraining(config, store)
@@ -53,20 +54,14 @@ def preflight(path: Path, overrides: list[str], log: Callable[[str], None] = pri
     Raises ConfigError/DataError naming the file and field. A study's notes (skipped protocols, data notes) go to
     ``log`` as ``radssl study`` prints them.
     """
-    from radssl.config import load_config, read_yaml_mapping
-
     kind = config_kind(read_yaml_mapping(path))
     if kind == "bakeoff":
         return kind, check_bakeoff_config(path, overrides, log)
     if kind == "study":
-        from radssl.study.config import INTERNAL_TEST_SET, load_study_config
-        from radssl.study.plan import prepare_study
-
         plan = prepare_study(load_study_config(path, overrides), log=log)
         stores = [("data", plan.store)] + [(f"external_test_sets.{name}", store)
                                            for name, (store, _) in plan.test_sets.items() if name != INTERNAL_TEST_SET]
         return kind, stores
-    from radssl.data.build import build_store
 
     config = load_config(path, overrides)
     store = build_store(config.data)
@@ -80,11 +75,6 @@ def check_bakeoff_config(path: Path, overrides: list[str], log: Callable[[str], 
     """What ``radssl bakeoff`` checks before compute: the methods that fit the data (and why the others do not), then
     every backbone group's study through :func:`radssl.study.plan.prepare_study`. Under a wall-clock budget the
     steps are not calibrated here (that is compute): one step per arm stands in, so the checks still run."""
-    from radssl.data.build import build_store
-    from radssl.study.bakeoff import load_bakeoff_config, select_methods, steps_for_images, study_configs
-    from radssl.study.config import INTERNAL_TEST_SET
-    from radssl.study.plan import prepare_study
-
     config = load_bakeoff_config(path, overrides)
     store = build_store(config.data)
     arms, excluded = select_methods(config, store, log)

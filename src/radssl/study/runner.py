@@ -25,24 +25,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from radssl.atomic import write_text_atomic
 from radssl.config import apply_overrides, dump_config, format_validation_error
+from radssl.data.splits import save_subsets
 from radssl.errors import ConfigError, DataError, RadsslError
 from radssl.study.config import StudyConfig, apply_named_override, load_study_config
-from radssl.study.plan import StudyPlan, Task, _check_compatible, plan_tasks, prepare_study
+from radssl.study.executors import make_executor
+from radssl.study.plan import Log, StudyPlan, Task, _check_compatible, plan_tasks, prepare_study, print_log
+from radssl.study.report import render_report
 from radssl.study.results_store import ResultsStore
-from radssl.study.tasks import CellResult, FeaturesRecord, PretrainRecord, TaskResult, Work
+from radssl.study.tasks import CellResult, FeaturesRecord, PretrainRecord, TaskResult, Work, execute
 
 __all__ = ["REPORT_DIR", "RESULTS_FILE", "StudyIncomplete", "run_study"]
 
 RESULTS_FILE = "results.sqlite"
 REPORT_DIR = "report"
-Log = Callable[[str], None]
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 class StudyIncomplete(RadsslError):
@@ -57,8 +56,6 @@ def _load(config: StudyConfig | str | Path, overrides: list[str] | None) -> Stud
     raw = config.to_dict()
     plain = [text for text in overrides if not apply_named_override(raw, text)]
     apply_overrides(raw, plain)
-    from pydantic import ValidationError
-
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as error:
@@ -66,8 +63,6 @@ def _load(config: StudyConfig | str | Path, overrides: list[str] | None) -> Stud
 
 
 def _save_subsets(plan: StudyPlan, directory: Path) -> None:
-    from radssl.data.splits import save_subsets
-
     fingerprint = plan.store.fingerprint()
     for seed, subsets in plan.subsets.items():
         path = directory / f"seed{seed}.json"
@@ -157,7 +152,7 @@ class _Driver:
         self.log(f"radssl study: FAILED {task.id}: {error} | {self._status()}")
 
 
-def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = None, log: Log = _print,
+def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = None, log: Log = print_log,
               executor: str = "serial", address: str | None = None, max_retries: int = 1,
               work: Work | None = None) -> Path:
     """Run (or resume) a whole study and render its report; returns the study's output folder.
@@ -169,10 +164,6 @@ def run_study(config: StudyConfig | str | Path, overrides: list[str] | None = No
     ``subsets/seed{n}.json``, ``pretraining/<run>/`` (checkpoints, metrics), ``features/`` (cache) and
     ``report/report.html`` + ``report/results.csv``. Raises :class:`StudyIncomplete` when a task failed.
     """
-    from radssl.study.executors import make_executor
-    from radssl.study.report import render_report
-    from radssl.study.tasks import execute
-
     runner = make_executor(executor, address, max_retries)  # a bad executor name fails before any work
     config = _load(config, overrides)
     if runner.name != "serial":  # workers resolve paths from their own working directory

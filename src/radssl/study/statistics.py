@@ -9,7 +9,10 @@ seeds, though: each seed draws another label subset and trains the read-out agai
 fractions that spread (0.03–0.10 AUC) dwarfs the test-case noise of one model. Intervals and tests of the
 *seed-averaged* numbers therefore add both sources (:func:`seeds_and_cases_interval`,
 :func:`seeds_and_cases_paired_test`); the test-case-only tools stay as what they are: statements about the
-trained models at hand. Everything here is numpy/scipy; scikit-learn is only used as the reference AUC in tests.
+trained models at hand. The metrics themselves (:func:`binary_auc`, :func:`macro_auc`, :func:`accuracy`,
+:func:`case_mean`, each with a ``batched`` twin for bootstrap resamples) live in :mod:`radssl.transfer.metrics`
+and are re-exported here; this module computes only the statistics of them. scikit-learn's ``roc_auc_score`` is
+accepted as a metric too and mapped to the batched AUC.
 
 References
 ----------
@@ -47,8 +50,10 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 from radssl.errors import DataError
+from radssl.transfer.metrics import accuracy, as_binary_labels, binary_auc, case_mean, macro_auc
 
 __all__ = [
     "DeLongResult",
@@ -84,145 +89,8 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics (each carries a ``batched`` twin that scores many bootstrap resamples at once)
+# Per-case statistics
 # --------------------------------------------------------------------------------------------------
-
-
-def _as_binary_labels(y_true: np.ndarray, source: str) -> np.ndarray:
-    """Validate binary labels and return them as a boolean array (True = positive class)."""
-    y = np.asarray(y_true)
-    if y.ndim != 1:
-        raise DataError(source, f"expected 1-D binary labels, got shape {y.shape}", "pass one label per case")
-    values = np.unique(y)
-    if not np.all(np.isin(values, [0, 1])):
-        raise DataError(
-            source,
-            f"binary labels must be 0/1 (or bool), got values {values[:10].tolist()}",
-            "map the positive class to 1 and the negative class to 0",
-        )
-    if values.size < 2:
-        present = "positive" if values.size and values[0] == 1 else "negative"
-        raise DataError(
-            source,
-            f"AUC is undefined: only the {present} class is present in y_true ({y.size} cases)",
-            "evaluate on a test set that contains both classes",
-        )
-    return y.astype(bool)
-
-
-def _batched_auc(positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUC of many resamples at once via midranks (Mann-Whitney U); rows without both classes -> NaN.
-
-    Own code rather than a loop over ``roc_auc_score`` because one ``rankdata(axis=1)`` over a
-    (n_boot, n) matrix is ~100x faster than 1000 sklearn calls.
-    """
-    ranks = stats.rankdata(scores, axis=-1)
-    n_pos = positive.sum(axis=-1).astype(np.float64)
-    n_neg = positive.shape[-1] - n_pos
-    rank_sum = np.where(positive, ranks, 0.0).sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
-
-
-def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Area under the ROC curve for binary labels (ties count one half), with a clear error if a class is absent."""
-    positive = _as_binary_labels(y_true, "binary_auc y_true")
-    score = np.asarray(y_score, dtype=np.float64)
-    if score.shape != positive.shape:
-        raise DataError("binary_auc y_score", f"shape {score.shape} does not match y_true {positive.shape}",
-                        "pass one score per case (probability of the positive class)")
-    return float(_batched_auc(positive[None], score[None])[0])
-
-
-def _binary_auc_batched(y_true_b: np.ndarray, y_score_b: np.ndarray) -> np.ndarray:
-    return _batched_auc(np.asarray(y_true_b).astype(bool), np.asarray(y_score_b, dtype=np.float64))
-
-
-binary_auc.batched = _binary_auc_batched  # type: ignore[attr-defined]
-
-
-def _check_multiclass(y_true: np.ndarray, y_score: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Return (y_true, y_score, multilabel) after checking shapes; y_score must be (N, K)."""
-    y = np.asarray(y_true)
-    s = np.asarray(y_score, dtype=np.float64)
-    if s.ndim != 2:
-        raise DataError(source, f"expected scores of shape (N, K), got {s.shape}",
-                        "pass one column per class (softmax probabilities or logits)")
-    if y.shape[0] != s.shape[0]:
-        raise DataError(source, f"y_true has {y.shape[0]} cases but y_score has {s.shape[0]}",
-                        "pass the scores of the same test cases")
-    if y.ndim == 2:
-        if y.shape != s.shape:
-            raise DataError(source, f"multi-label y_true shape {y.shape} != y_score shape {s.shape}",
-                            "pass one 0/1 column per label")
-        return y, s, True
-    if y.ndim != 1:
-        raise DataError(source, f"y_true must be 1-D class ids or 2-D 0/1 labels, got shape {y.shape}")
-    if not np.all((y >= 0) & (y < s.shape[1]) & (y == np.round(y))):
-        raise DataError(source, f"class ids must be integers in [0, {s.shape[1]}), got {np.unique(y)[:10].tolist()}",
-                        "encode classes as 0..K-1 matching the score columns")
-    return y.astype(np.int64), s, False
-
-
-def macro_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Macro one-vs-rest AUC for multi-class (y_true: class ids) or multi-label (y_true: (N, K) 0/1).
-
-    Every class must be present (and, one-vs-rest, absent) in y_true: a class with no positives has no
-    AUC, and silently dropping it would make numbers from different test sets incomparable.
-    """
-    y, s, multilabel = _check_multiclass(y_true, y_score, "macro_auc")
-    positive = (y != 0) if multilabel else (y[:, None] == np.arange(s.shape[1])[None, :])
-    n_pos = positive.sum(axis=0)
-    bad = np.flatnonzero((n_pos == 0) | (n_pos == positive.shape[0]))
-    if bad.size:
-        what = "no positive" if n_pos[bad[0]] == 0 else "only positive"
-        raise DataError(
-            "macro_auc y_true",
-            f"class/label {bad.tolist()} has {what} cases, so its one-vs-rest AUC is undefined",
-            "evaluate on a test set where every class is present, or drop that class from the task",
-        )
-    return float(np.mean(_batched_auc(positive.T, s.T)))
-
-
-def _macro_auc_batched(y_true_b: np.ndarray, y_score_b: np.ndarray) -> np.ndarray:
-    y_true_b = np.asarray(y_true_b)
-    n_classes = y_score_b.shape[-1]
-    per_class = []
-    for k in range(n_classes):
-        positive = (y_true_b[..., k] != 0) if y_true_b.ndim == 3 else (y_true_b == k)
-        per_class.append(_batched_auc(positive, y_score_b[..., k]))
-    return np.mean(np.stack(per_class, axis=0), axis=0)
-
-
-macro_auc.batched = _macro_auc_batched  # type: ignore[attr-defined]
-
-
-def case_mean(y_true: Any, values: Any) -> float:
-    """Mean of per-case metric values (each case's Dice, HD95, …), ignoring cases where the value is undefined.
-
-    The metric of protocols that score each case on its own (segmentation): the set's metric is the mean over cases,
-    so every tool here that takes a ``metric(y_true, y_score)`` works for it with ``y_score`` = the per-case values
-    (``y_true`` is ignored; pass zeros of the same length). Non-finite values (NaN: undefined for that case, e.g.
-    an HD95 where prediction and reference are both empty; an HD95 with exactly one of them empty is the image
-    diagonal, finite — :mod:`radssl.transfer.segmentation_metrics`) are left out. Where models are compared or
-    averaged over seeds, every mean is taken on the cases finite for all of them (:func:`on_common_cases`). Its case
-    covariance is computed exactly, not by a bootstrap (:func:`case_covariance`).
-    """
-    v = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(v)
-    return float(v[finite].mean()) if finite.any() else math.nan
-
-
-def _case_mean_batched(y_true_b: np.ndarray, values_b: np.ndarray) -> np.ndarray:
-    v = np.asarray(values_b, dtype=np.float64)
-    finite = np.isfinite(v)
-    count = finite.sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.where(finite, v, 0.0).sum(axis=-1) / count, np.nan)
-
-
-case_mean.batched = _case_mean_batched  # type: ignore[attr-defined]
 
 
 def on_common_cases(metric: Metric, vectors: Sequence[Any]) -> list[Any]:
@@ -289,45 +157,13 @@ def wilcoxon_paired(values_a: Sequence[Any], values_b: Sequence[Any]) -> Wilcoxo
     return WilcoxonResult(float(result.statistic), float(result.pvalue), n, median)
 
 
-def accuracy(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Accuracy from scores: argmax for (N, K) multi-class, 0.5 threshold for binary (N,) or multi-label (N, K).
-
-    Multi-label accuracy is the mean over all (case, label) decisions (Hamming accuracy).
-    """
-    s = np.asarray(y_score, dtype=np.float64)
-    y = np.asarray(y_true)
-    if s.ndim == 1:
-        if y.shape != s.shape:
-            raise DataError("accuracy", f"y_true shape {y.shape} != y_score shape {s.shape}")
-        return float(np.mean((s >= 0.5) == (y != 0)))
-    y, s, multilabel = _check_multiclass(y, s, "accuracy")
-    if multilabel:
-        return float(np.mean((s >= 0.5) == (y != 0)))
-    return float(np.mean(np.argmax(s, axis=1) == y))
-
-
-def _accuracy_batched(y_true_b: np.ndarray, y_score_b: np.ndarray) -> np.ndarray:
-    y_true_b = np.asarray(y_true_b)
-    if y_score_b.ndim == 2 or y_true_b.ndim == 3:  # binary (B, n) or multi-label (B, n, K)
-        correct = (y_score_b >= 0.5) == (y_true_b != 0)
-        return correct.reshape(correct.shape[0], -1).mean(axis=1)
-    return np.mean(np.argmax(y_score_b, axis=-1) == y_true_b, axis=1)
-
-
-accuracy.batched = _accuracy_batched  # type: ignore[attr-defined]
-
-
 def _batched_version(metric: Metric, y_true: np.ndarray, y_score: np.ndarray) -> Callable[..., np.ndarray] | None:
     """A vectorised twin of ``metric`` if one is known (own metrics, or sklearn's binary roc_auc_score)."""
     batched = getattr(metric, "batched", None)
     if callable(batched):
         return batched
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:  # pragma: no cover - sklearn is a dependency
-        return None
     if metric is roc_auc_score and np.ndim(y_true) == 1 and np.ndim(y_score) == 1:
-        return _binary_auc_batched
+        return binary_auc.batched  # type: ignore[attr-defined]
     return None
 
 
@@ -491,7 +327,7 @@ def delong_covariance(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]
     AUC = (sum T_Z[X] - m(m+1)/2) / (mn), V10 = (T_Z[X] - T_X)/n, V01 = 1 - (T_Z[Y] - T_Y)/m, and
     S = cov(V10)/m + cov(V01)/n (DeLong 1988, eq. 5). O(k N log N) instead of O(k m n).
     """
-    positive = _as_binary_labels(y_true, "delong y_true")
+    positive = as_binary_labels(y_true, "delong y_true")
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     if s.shape[1] != positive.size:
         raise DataError("delong scores", f"{s.shape[1]} scores for {positive.size} labels",
@@ -748,10 +584,6 @@ def combine_seed_and_case_variance(per_seed: Any, case_covariance: Any, alpha: f
 
 
 def _is_binary_auc(metric: Metric, y: np.ndarray, scores: Sequence[np.ndarray]) -> bool:
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:  # pragma: no cover - sklearn is a dependency
-        roc_auc_score = None
     return (metric is binary_auc or metric is roc_auc_score) and y.ndim == 1 and all(s.ndim == 1 for s in scores)
 
 
@@ -842,10 +674,6 @@ def metric_range(metric: Metric | str) -> tuple[float, float] | None:
     if isinstance(metric, str):
         name = metric.lower()
         return (0.0, 1.0) if any(name == p or name.startswith(p + "_") for p in _UNIT_RANGE_PREFIXES) else None
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:  # pragma: no cover - sklearn is a dependency
-        roc_auc_score = None
     return (0.0, 1.0) if metric in (binary_auc, macro_auc, accuracy, roc_auc_score) else None
 
 

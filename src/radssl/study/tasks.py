@@ -25,11 +25,18 @@ import torch
 from torch import nn
 
 from radssl.data.store import ImageStore
+from radssl.engine.feed import derived_seed
+from radssl.engine.pretrain import pretrain
 from radssl.errors import ConfigError
+from radssl.provenance import device_description, package_versions
 from radssl.study.config import FOUNDATION_KINDS, InitSpec
 from radssl.study.plan import CellTask, Encoder, FeaturesTask, PretrainTask, StudyPlan, Task
 from radssl.study.results_store import CellKey
+from radssl.study.statistics import bootstrap_ci
 from radssl.transfer.bn_stats import frozen_encoder, reads_frozen_encoder
+from radssl.transfer.features import FeatureCache
+from radssl.transfer.initialisation import initialise_backbone
+from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 from radssl.transfer.protocols import CaseOutputs, Protocol, ProtocolContext
 
 __all__ = ["CellRecord", "CellResult", "FeaturesRecord", "PretrainRecord", "WorkerState", "Work", "enter_task", "execute",
@@ -145,14 +152,10 @@ def execute(plan: StudyPlan, task: Task, state: WorkerState, log: Log) -> TaskRe
 # ------------------------------------------------------------------------------------------- pretraining
 def run_pretrain_task(plan: StudyPlan, task: PretrainTask, log: Log) -> PretrainRecord:
     """Run (or resume from its last checkpoint) one pretraining job; its cost comes from what the engine returns."""
-    from radssl.engine.pretrain import pretrain
-
     config, job = plan.config, task.job
     pretrain_config = plan.pretrain_configs[job]
     initial, source = None, ""
     if job.from_imagenet:
-        from radssl.transfer.initialisation import initialise_backbone
-
         weights = config.imagenet_file(InitSpec("imagenet+ssl", job.run))
         initial = initialise_backbone(f"imagenet:{weights}", pretrain_config.model.backbone,
                                       in_channels=plan.store.channels, small_input=None)
@@ -168,8 +171,6 @@ def run_pretrain_task(plan: StudyPlan, task: PretrainTask, log: Log) -> Pretrain
 
 # ------------------------------------------------------------------------------------------------- cells
 def _backbone(plan: StudyPlan, encoder: Encoder) -> nn.Module:
-    from radssl.transfer.initialisation import initialise_backbone
-
     config, store = plan.config, plan.store
     if encoder.init == "random":
         # Same spec and seed as the pretraining engine: random = the SSL runs' starting point.
@@ -192,8 +193,6 @@ class _Features:
     """
 
     def __init__(self, plan: StudyPlan, backbone: nn.Module, cache_dir: Path, device: torch.device) -> None:
-        from radssl.transfer.features import FeatureCache
-
         self.plan, self.backbone, self.device = plan, backbone, device
         self.cache = FeatureCache(cache_dir)  # one per encoder: memory is freed when the encoder is done
         self._by_store: dict[int, torch.Tensor] = {}
@@ -230,8 +229,6 @@ def _check_outcome(protocol: Protocol, outputs: dict[str, CaseOutputs], plan: St
 
 def _cell_metrics(task_kind: str, y_true: np.ndarray, y_score: np.ndarray, n_boot: int) -> dict[str, Any]:
     """AUC and accuracy with percentile-bootstrap 95% CIs over test cases (same resamples for every cell)."""
-    from radssl.study.statistics import accuracy, binary_auc, bootstrap_ci, macro_auc
-
     auc = binary_auc if task_kind == "binary" else macro_auc
     return {
         "auc": bootstrap_ci(y_true, y_score, auc, n_boot=n_boot, seed=0),
@@ -241,8 +238,6 @@ def _cell_metrics(task_kind: str, y_true: np.ndarray, y_score: np.ndarray, n_boo
 
 def _value_metrics(values: dict[str, np.ndarray], n_boot: int) -> dict[str, Any]:
     """Mean of each per-case metric with a percentile-bootstrap 95% CI over cases (undefined cases left out)."""
-    from radssl.study.statistics import bootstrap_ci, case_mean
-
     out: dict[str, Any] = {}
     for name, v in values.items():
         v = np.asarray(v, dtype=np.float64)
@@ -310,9 +305,6 @@ def run_cell_task(plan: StudyPlan, task: CellTask, state: WorkerState, log: Log)
     Dispatches through the protocol plugins only: the task builds the cell's context (rows, validation rows,
     test sets, shared frozen features) and records what ``Protocol.run`` returns.
     """
-    from radssl.engine.feed import derived_seed
-    from radssl.provenance import device_description, package_versions
-
     config = plan.config
     device = resolve_device(config.device)
     backbone = _encoder_state(plan, task.encoder, state)

@@ -9,32 +9,13 @@ them to the results store at once; a task that raises or whose worker dies is re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol
-
 from radssl.errors import ConfigError
-from radssl.study.plan import StudyPlan, Task
-from radssl.study.tasks import TaskResult, Work
+from radssl.study.executors.base import Executor, TaskEvents
+from radssl.study.executors.serial import SerialExecutor
+
+__all__ = ["EXECUTORS", "Executor", "TaskEvents", "make_executor"]
 
 EXECUTORS = ("serial", "ray")
-
-
-class TaskEvents(Protocol):
-    """The driver's side of a run: it writes the results store and prints progress."""
-
-    def started(self, task: Task) -> None: ...
-
-    def finished(self, task: Task, result: TaskResult) -> None: ...
-
-    def failed(self, task: Task, error: str) -> None: ...
-
-
-class Executor(Protocol):
-    name: str
-
-    def run(self, plan: StudyPlan, tasks: Sequence[Task], work: Work, events: TaskEvents,
-            log: Callable[[str], None]) -> None:
-        """Run ``tasks`` (dependencies first in the sequence) and report each through ``events``."""
 
 
 def make_executor(name: str = "serial", address: str | None = None, max_retries: int = 1) -> Executor:
@@ -42,12 +23,12 @@ def make_executor(name: str = "serial", address: str | None = None, max_retries:
     if name == "serial":
         if address is not None:
             raise ConfigError(f"--address {address}: only the ray executor joins a cluster — add --executor ray")
-        from radssl.study.executors.serial import SerialExecutor
-
         return SerialExecutor()
     if name == "ray":
         try:
-            from radssl.study.executors.ray import RayExecutor  # the only module that imports ray
+            # Imported here, not at the top: the serial path must never import Ray (an optional dependency, slow to
+            # import); this is the only module that imports the one that imports ray.
+            from radssl.study.executors.ray import RayExecutor
         except ModuleNotFoundError as error:
             if error.name != "ray":
                 raise

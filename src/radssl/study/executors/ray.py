@@ -33,7 +33,7 @@ import torch
 
 from radssl.data.store import ImageStore
 from radssl.errors import ConfigError
-from radssl.study.executors import TaskEvents
+from radssl.study.executors.base import TaskEvents
 from radssl.study.plan import StudyPlan, Task
 from radssl.study.tasks import WorkerState, Work, enter_task
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Sequence
 
-from radssl.study.executors import TaskEvents
+from radssl.study.executors.base import TaskEvents
 from radssl.study.plan import StudyPlan, Task
 from radssl.study.tasks import WorkerState, Work, enter_task
 

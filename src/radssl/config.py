@@ -7,7 +7,6 @@ entry. The validated config is written beside every output (and inside every che
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +31,7 @@ from radssl.models.foundation import FOUNDATION_FAMILIES
 from radssl.models.foundation_weights import foundation_spec, parse_foundation
 from radssl.models.registry import BACKBONE_FAMILIES, backbone_class, make_spec
 from radssl.models.spec import BackboneSpec
+from radssl.registry import did_you_mean
 from radssl.views.augment import AugmentationParams
 from radssl.views.pairing import PAIRINGS, PairingParams
 from radssl.views.policies import POLICIES, ViewSettings, policy_class
@@ -504,9 +504,8 @@ def format_validation_error(error: ValidationError, source: str, model: type[Bas
         entry = _entry_label(raw, tuple(p for p in location if p not in tags))
         if item["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, location[:-1], raw)
-            close = difflib.get_close_matches(str(location[-1]), allowed, n=1)
             owner = _owner_hint(_section_model(model, location[:-1]), str(location[-1]))
-            hint = f" — did you mean '{close[0]}'?" if close else (
+            hint = did_you_mean(str(location[-1]), allowed) or (
                 owner or (f" — allowed: {', '.join(allowed)}" if allowed else ""))
             line = f"  unknown key '{key}'{hint}{entry}"
         else:

@@ -33,7 +33,6 @@ memory (where measured) and the headline numbers with 95 % intervals, each besid
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import statistics
@@ -64,6 +63,7 @@ from radssl.engine.pretrain import check_pretraining, pretrain
 from radssl.errors import ConfigError, DataError
 from radssl.methods.registry import METHODS, method_class
 from radssl.provenance import package_versions
+from radssl.registry import did_you_mean
 from radssl.study.config import ExternalTestSet, ProtocolsSection, StudyConfig
 from radssl.study.plan import Log, print_log
 from radssl.study.report import render_report
@@ -206,9 +206,8 @@ class BakeoffConfig(Section):
 
 def unknown_method_message(name: str, where: str = "methods") -> str:
     """``unknown method 'simclrr' — did you mean 'simclr'?`` plus the registered names."""
-    close = difflib.get_close_matches(name, sorted(METHODS), n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
-    return f"{where}: unknown method '{name}'{hint} (registered: {', '.join(sorted(METHODS))})"
+    names = sorted(METHODS)
+    return f"{where}: unknown method '{name}'{did_you_mean(name, names)} (registered: {', '.join(names)})"
 
 
 def load_bakeoff_config(path: Path | str | None, overrides: list[str] | None = None,

@@ -23,7 +23,7 @@ PARAMS = (FinetuneParams, SegmentationParams, FinetuneSegmentationParams)
 
 
 @pytest.mark.parametrize("params", PARAMS)
-def test_protocol_params_inherit_the_recipe_fields_with_their_validation_and_description(params) -> None:  # noqa: ANN001
+def test_protocol_params_inherit_the_recipe_fields_with_validation_and_description(params) -> None:  # noqa: ANN001
     for name, shared in RecipeFields.model_fields.items():
         field = params.model_fields[name]
         assert field.description and field.description == shared.description, name

@@ -9,6 +9,9 @@ engine (``bf16`` autocasts the forward pass on CUDA only, so CPU runs stay in fl
 
 What a task supplies (:class:`SupervisedTask`): the batches of an epoch (sampling, augmentation, device copies — so
 its random draws keep their order), the loss, and the validation score. The loop never sees images or labels.
+
+The recipe's keys are declared once, in :class:`RecipeFields` (and :class:`PrecisionField`): the protocol configs of a
+study (``transfer.protocols``) inherit them, and ``params.recipe(steps_per_epoch)`` makes the :class:`SupervisedRecipe`.
 """
 
 from __future__ import annotations

@@ -487,11 +487,10 @@ def finetune_segmentation(
     ``store`` holds the training and validation cases (``train_rows`` / ``val_rows``) with ``meta["mask"]``;
     ``test_sets`` maps a name to ``(store, rows)`` (external sets may come from other stores, with masks). Classes:
     ``class_names`` (background first) or ``num_classes``, else the store's ``mask_classes``. The training recipe
-    (``epochs`` 30, ``lr`` 1e-3, ``weight_decay`` 1e-4, ``early_stopping_patience`` 10, ``min_epochs`` 1) comes from
-    ``recipe`` (:class:`~radssl.engine.supervised.RecipeFields`, e.g. a protocol's params) with any of those keys given
-    as keywords on top. ``steps_per_epoch``
-    fixes the optimiser steps per epoch whatever the number of training cases (default: one pass,
-    ``ceil(n_train / batch_size)``), so label fractions can share one budget. ``patch_size`` None trains and predicts
+    (``epochs`` 30, ``lr`` 1e-3, ``weight_decay`` 1e-4, ``early_stopping_patience`` 10, ``min_epochs`` 1, ``precision``
+    '32') comes from ``recipe`` (:class:`~radssl.engine.supervised.RecipeFields`, e.g. a protocol's params) with any of
+    those keys given as keywords on top. ``steps_per_epoch`` fixes the optimiser steps per epoch whatever the number
+    of training cases (default: one pass, ``ceil(n_train / batch_size)``), so label fractions can share one budget. ``patch_size`` None trains and predicts
     on whole images/volumes; a size trains on random patches (``foreground_ratio`` centred on foreground) and predicts
     by sliding window (``sw_batch_size``, ``sw_overlap``, ``sw_mode``). ``spacing`` (mm per axis) overrides the
     store's ``meta["voxel_spacing"]`` for HD95. ``hd95=False`` skips HD95 (Dice only; much faster on big volumes).
@@ -534,9 +533,10 @@ def finetune_segmentation(
     scored = _score_test_sets(model, test_sets, names, evaluate, spacing, hd95, return_predictions)
     settings = _settings(schedule, freeze_encoder, dict(
         batch_size=batch_size, encoder_lr_scale=encoder_lr_scale, patch_size=None if patch is None else list(patch),
-        foreground_ratio=foreground_ratio, augment=None if augmentation is None else augmentation.model_dump(mode="json"),
-        seed=seed, sw_batch_size=sw_batch_size, sw_overlap=sw_overlap, sw_mode=sw_mode, decoder_norm=decoder_norm,
-        class_names=list(names), train_cases=int(n), val_cases=len(val_rows)))
+        foreground_ratio=foreground_ratio, seed=seed,
+        augment=None if augmentation is None else augmentation.model_dump(mode="json"), sw_batch_size=sw_batch_size,
+        sw_overlap=sw_overlap, sw_mode=sw_mode, decoder_norm=decoder_norm, class_names=list(names), train_cases=int(n),
+        val_cases=len(val_rows)))
     return SegmentationResult(
         **scored, class_names=names, val_metric=outcome.best_metric, best_epoch=outcome.best_epoch,
         history=outcome.history, wall_time_s=time.perf_counter() - start_time, steps=outcome.steps_run,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import radssl.transfer.finetune as finetune_module
-import radssl.transfer.linear_probe as probe_module
+import radssl.transfer.protocols.finetune as finetune_module  # patched where the protocols look them up
+import radssl.transfer.protocols.linear as probe_module
 from radssl.data.splits import load_subsets
 from radssl.errors import ConfigError, DataError
 from radssl.study.config import StudyConfig, legacy_study_settings, load_study_config
@@ -63,7 +63,7 @@ def fair_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list
     torch.set_num_threads(1)
     finetunes = _Recorder(finetune_module.finetune, lambda a, k: {
         "train": len(a[2]), "val": tuple(np.asarray(a[3]).tolist()), "scale": k["backbone_lr_scale"],
-        "steps_per_epoch": k["steps_per_epoch"], "min_epochs": k["min_epochs"]})
+        "steps_per_epoch": k["steps_per_epoch"], "min_epochs": k["recipe"].recipe(k["steps_per_epoch"]).min_epochs})
     probes = _Recorder(probe_module.linear_probe, lambda a, k: {"train": len(a[0]), "val": len(a[2])})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(finetune_module, "finetune", finetunes)

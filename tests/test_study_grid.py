@@ -13,9 +13,9 @@ import torch
 
 import radssl.engine.pretrain as engine
 import radssl.transfer.features as features_module
-import radssl.transfer.finetune as finetune_module
-import radssl.transfer.knn as knn_module
-import radssl.transfer.linear_probe as probe_module
+import radssl.transfer.protocols.finetune as finetune_module
+import radssl.transfer.protocols.knn as knn_module
+import radssl.transfer.protocols.linear as probe_module
 from radssl.data.splits import load_subsets
 from radssl.engine.checkpoint import load_checkpoint
 from radssl.errors import ConfigError

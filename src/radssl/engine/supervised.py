@@ -9,6 +9,9 @@ engine (``bf16`` autocasts the forward pass on CUDA only, so CPU runs stay in fl
 
 What a task supplies (:class:`SupervisedTask`): the batches of an epoch (sampling, augmentation, device copies — so
 its random draws keep their order), the loss, and the validation score. The loop never sees images or labels.
+
+The recipe's keys are declared once, in :class:`RecipeFields` (and :class:`PrecisionField`): the protocol configs of a
+study (``transfer.protocols``) inherit them, and ``params.recipe(steps_per_epoch)`` makes the :class:`SupervisedRecipe`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import torch
 from lightning.fabric import Fabric
@@ -26,27 +29,70 @@ from torch import nn
 
 from radssl.errors import RadsslError
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 
 class NonFiniteLossError(RadsslError, FloatingPointError):
     """The training loss became NaN or inf; raised at the first such step, before weights are ruined."""
 
 
-class SupervisedRecipe(BaseModel):
-    """How long and how fast to train, and when to stop: the keys every trained read-out shares."""
+EarlyStoppingFloor = Annotated[int, Field(gt=0, description="early stopping never stops before this epoch (floor)")]
+"""The ``min_epochs`` field's type: one validation and description, a default per place (the engine's recipe floors
+at epoch 1, a study's protocol configs at epoch 5)."""
+
+
+class RecipeFields(BaseModel):
+    """The training keys every supervised read-out shares, declared once (validation, defaults, descriptions).
+
+    :class:`SupervisedRecipe` (what :func:`fit` runs) and the protocol configs (``transfer.protocols``: fine-tuning,
+    segmentation) both inherit them, so a key a user writes in a study config is the key the engine reads.
+    :meth:`recipe` is the one way from such settings to a recipe.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, gt=0, description="training epochs; the validation split is scored after each")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate of the new head/decoder (cosine decay per step)")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW decay on conv/linear weights (none on biases, norms)")
+    early_stopping_patience: int | None = Field(
+        10, gt=0, description="epochs without a better validation score before stopping; null trains every epoch")
+    min_epochs: EarlyStoppingFloor = 1
+
+    def recipe(self, steps_per_epoch: int, **overrides: Any) -> "SupervisedRecipe":
+        """This object's recipe fields with ``overrides`` on top and the task's resolved steps per epoch.
+
+        Unknown override keys and bad values raise :class:`pydantic.ValidationError` naming the key, before compute.
+        """
+        values = self.model_dump(include=set(SupervisedRecipe.model_fields))
+        return SupervisedRecipe.model_validate({**values, **overrides, "steps_per_epoch": steps_per_epoch})
+
+
+class PrecisionField(BaseModel):
+    """The ``precision`` key (its own model: fine-tuning's config has it, segmentation's does not)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["32", "bf16"] = Field(
+        "32", description="bf16 autocasts the forward pass on CUDA only (CPU runs stay float32, reproducible)")
+
+
+class SupervisedRecipe(RecipeFields, PrecisionField):
+    """How long and how fast to train, and when to stop: the shared fields plus the task's resolved steps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(30, ge=1)
     steps_per_epoch: int = Field(1, ge=1, description="optimiser steps between two validations")
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    early_stopping_patience: int | None = Field(10, ge=1)
-    min_epochs: int = Field(1, ge=1, description="early stopping never stops before this epoch (floor)")
-    precision: Literal["32", "bf16"] = "32"
 
     @property
     def total_steps(self) -> int:
         return max(1, self.epochs * self.steps_per_epoch)
+
+
+def build_seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
+    """``build()`` with the global RNG seeded by ``seed`` (new layers' initial weights), the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 @dataclass

@@ -37,6 +37,8 @@ from radssl.atomic import torch_save_atomic, write_text_atomic
 from radssl.data.store import NORMALISATION_MEAN, NORMALISATION_STD
 from radssl.errors import ConfigError
 from radssl.models.base import Backbone
+from radssl.models.foundation_weights import fingerprint, strict_load
+from radssl.transfer.initialisation import _load, initialise_backbone
 
 EXPORT_TARGETS = ("torchvision", "timm", "monai", "hf", "torchscript", "onnx")
 SPEC_FILE = "radssl_export.json"
@@ -175,8 +177,6 @@ def _timm_vit_to_hf(state: Mapping[str, torch.Tensor], depth: int) -> dict[str, 
 
 
 def _export_hf(backbone: Backbone, out: Path) -> dict[str, Any]:
-    from radssl.models.foundation_weights import strict_load
-
     if backbone.spec.family == "hf":
         model, convention = backbone.model, _foundation_input(backbone)
     else:
@@ -320,9 +320,6 @@ def _readme(spec: Mapping[str, Any]) -> str:
 
 def export_checkpoint(checkpoint: Path | str, target: str, out: Path | str) -> Path:
     """Export the backbone of a radssl pretraining checkpoint (``radssl export``)."""
-    from radssl.models.foundation_weights import fingerprint
-    from radssl.transfer.initialisation import _load, initialise_backbone
-
     checkpoint = Path(checkpoint)
     state = _load(checkpoint, "ssl", "resnet18")
     if not isinstance(state, Mapping) or "backbone_spec" not in state:

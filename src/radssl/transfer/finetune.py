@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from radssl.data.store import ImageStore, StoreRows, TaskInfo, images_to_float
-from radssl.engine.supervised import NonFiniteLossError, SupervisedRecipe, TrainingBatch, fit  # noqa: F401 (re-export)
+from radssl.engine.supervised import (  # noqa: F401 (NonFiniteLossError: re-exported)
+    NonFiniteLossError,
+    RecipeFields,
+    TrainingBatch,
+    build_seeded,
+    fit,
+)
 from radssl.errors import DataError
 from radssl.transfer.features import normalise_for_backbone
 from radssl.transfer.metrics import (
@@ -247,38 +253,50 @@ class _ClassificationTask:
         return metrics[PRIMARY_METRIC], {f"val_{k}": v for k, v in metrics.items()}
 
 
+def _checked_labels(backbone: nn.Module, store: ImageStore, task: TaskInfo, train_rows: np.ndarray,
+                    val_rows: np.ndarray, test_sets: Mapping[str, tuple[ImageStore, np.ndarray]], batch_size: int,
+                    min_steps_per_epoch: int) -> tuple[torch.Tensor, list[tuple[str, ImageStore, np.ndarray]]]:
+    """Every check :func:`finetune` makes on its data before compute; the training labels and the evaluation sets
+    (validation first) come back."""
+    where = store.origin or store.name
+    if len(train_rows) < 2 or len(val_rows) == 0:
+        raise DataError(where, f"fine-tuning needs ≥ 2 training rows and ≥ 1 validation row, got "
+                        f"{len(train_rows)} and {len(val_rows)}")
+    if batch_size < 2 or min_steps_per_epoch < 1:
+        raise ValueError(f"need batch_size ≥ 2 and min_steps_per_epoch ≥ 1, got {batch_size} and {min_steps_per_epoch}")
+    _check_store(store, backbone, "the training store")
+    train_y = store.labels[torch.from_numpy(train_rows)]
+    if not labelled_mask(task, train_y.numpy()).all():
+        raise DataError(where, "some training rows are unlabelled (-1 or all-NaN)", "pass labelled rows only")
+    evaluation = [("validation set", store, val_rows)]
+    evaluation += [(name, s, np.asarray(rows, dtype=np.int64)) for name, (s, rows) in test_sets.items()]
+    for name, eval_store, rows in evaluation:
+        _check_store(eval_store, backbone, name)
+        y = eval_store.labels[torch.from_numpy(rows)].numpy()
+        check_classes_covered(task, train_y.numpy(), y, name)
+        check_auc_defined(task, y[labelled_mask(task, y)], name)
+    return train_y, evaluation
+
+
 def finetune(
-    backbone: nn.Module,
-    store: ImageStore,
-    train_rows: np.ndarray,
-    val_rows: np.ndarray,
-    test_sets: Mapping[str, tuple[ImageStore, np.ndarray]],
-    task: TaskInfo | None = None,
-    epochs: int = 30,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    backbone_lr_scale: float = 0.1,
-    weight_decay: float = 1e-4,
-    early_stopping_patience: int | None = 10,
-    augment: bool = True,
-    max_shift: int | None = None,
-    hflip: bool = True,
-    class_balanced: bool = False,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    eval_batch_size: int = 512,
-    precision: Literal["32", "bf16"] = "32",
-    min_steps_per_epoch: int = 1,
-    steps_per_epoch: int | None = None,
-    min_epochs: int = 1,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    backbone: nn.Module, store: ImageStore, train_rows: np.ndarray, val_rows: np.ndarray,
+    test_sets: Mapping[str, tuple[ImageStore, np.ndarray]], task: TaskInfo | None = None, *,
+    recipe: RecipeFields | None = None, batch_size: int = 128, backbone_lr_scale: float = 0.1, augment: bool = True,
+    max_shift: int | None = None, hflip: bool = True, class_balanced: bool = False, seed: int = 0,
+    device: str | torch.device = "cpu", eval_batch_size: int = 512, min_steps_per_epoch: int = 1,
+    steps_per_epoch: int | None = None, on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    **recipe_keys: Any,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` with a new linear head; select the epoch on validation AUC.
 
     ``train_rows``/``val_rows`` index ``store``; ``test_sets`` maps a name to ``(store, rows)`` (external
     test sets may come from other stores). 2D images and 3D volumes (a 3D backbone) alike. ``max_shift`` defaults
     to 1/8 of the smallest image side (4 px at 32 px).
-    ``early_stopping_patience=None`` trains all ``epochs``. ``precision='bf16'`` autocasts on CUDA only.
+    The training recipe — ``epochs`` (30), ``lr`` (1e-3), ``weight_decay`` (1e-4), ``early_stopping_patience`` (10;
+    None trains all epochs), ``min_epochs`` (1: the early-stopping floor, so a noisy first validation score on a
+    small validation set cannot end a run) and ``precision`` ('32'; 'bf16' autocasts on CUDA only) — comes from
+    ``recipe`` (:class:`~radssl.engine.supervised.RecipeFields`, e.g. a protocol's params) with any of those keys
+    given as keywords on top.
     ``min_steps_per_epoch`` lets an "epoch" of a tiny label fraction (say 1 % = 47 images, one step) run
     several passes, so small fractions are not also under-trained: label-efficiency curves then compare
     labels, not optimisation budgets.
@@ -287,8 +305,6 @@ def finetune(
     shuffled passes over ``train_rows``, so a small subset is cycled (fresh augmentations each time) and a large
     one is seen in part per epoch, the rest first in the next. :mod:`radssl.study.tasks` uses it to give every
     label fraction the same number of optimiser steps and the same validation schedule.
-    ``min_epochs`` is the early-stopping floor: training never stops before that many epochs, so a noisy
-    first validation score on a small validation set cannot end a run after one or two epochs.
     Raises :class:`NonFiniteLossError` at the first NaN/inf loss and ``DataError`` before any compute when
     a split is empty, has unlabelled rows, or holds a class the training rows never show.
     """
@@ -296,73 +312,37 @@ def finetune(
     task = task or store.task
     outputs = head_outputs(task)
     device = torch.device(device)
-    where = store.origin or store.name
-    train_rows = np.asarray(train_rows, dtype=np.int64)
-    val_rows = np.asarray(val_rows, dtype=np.int64)
-    if len(train_rows) < 2 or len(val_rows) == 0:
-        raise DataError(where, f"fine-tuning needs ≥ 2 training rows and ≥ 1 validation row, got "
-                        f"{len(train_rows)} and {len(val_rows)}")
-    if epochs < 1 or batch_size < 2:
-        raise ValueError(f"need epochs ≥ 1 and batch_size ≥ 2, got {epochs} and {batch_size}")
-    if min_steps_per_epoch < 1 or min_epochs < 1 or (steps_per_epoch is not None and steps_per_epoch < 1):
-        raise ValueError(f"need min_steps_per_epoch, steps_per_epoch and min_epochs ≥ 1, got {min_steps_per_epoch}, "
-                         f"{steps_per_epoch} and {min_epochs}")
-    _check_store(store, backbone, "the training store")
-    train_y = store.labels[torch.from_numpy(train_rows)]
-    if not labelled_mask(task, train_y.numpy()).all():
-        raise DataError(where, "some training rows are unlabelled (-1 or all-NaN)", "pass labelled rows only")
-    val_y = store.labels[torch.from_numpy(val_rows)]
-    evaluation = [("validation set", store, val_rows)]
-    evaluation += [(name, s, np.asarray(rows, dtype=np.int64)) for name, (s, rows) in test_sets.items()]
-    for name, eval_store, rows in evaluation:
-        _check_store(eval_store, backbone, name)
-        y = eval_store.labels[torch.from_numpy(rows)].numpy()
-        check_classes_covered(task, train_y.numpy(), y, name)
-        check_auc_defined(task, y[labelled_mask(task, y)], name)
-
-    feature_dim = int(getattr(backbone, "feature_dim"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Classifier(copy.deepcopy(backbone), feature_dim, outputs)
+    train_rows, val_rows = np.asarray(train_rows, dtype=np.int64), np.asarray(val_rows, dtype=np.int64)
+    train_y, evaluation = _checked_labels(backbone, store, task, train_rows, val_rows, test_sets, batch_size,
+                                          min_steps_per_epoch)
+    n = len(train_rows)
+    one_pass = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a 1-sample batch breaks BatchNorm
+    per_epoch = steps_per_epoch if steps_per_epoch is not None else max(one_pass, min_steps_per_epoch)
+    schedule = (recipe or RecipeFields()).recipe(per_epoch, **recipe_keys)
+    model = build_seeded(seed, lambda: Classifier(copy.deepcopy(backbone), int(getattr(backbone, "feature_dim")),
+                                                  outputs))
     # Fine-tuning trains every encoder weight, even ones the pretext froze in memory (MoCo v3's patch embedding,
     # a DINO teacher handed over as the encoder).
     model.backbone.requires_grad_(True)
     model.to(device)
-
     train_images: torch.Tensor | StoreRows = StoreRows(store.images, train_rows)  # read a batch at a time
     if device.type != "cpu" and train_images.nbytes() < ON_DEVICE_LIMIT_BYTES:
         train_images, train_y = store.images[torch.from_numpy(train_rows)].to(device), train_y.to(device)
-    n = len(train_rows)
-    one_pass = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a 1-sample batch breaks BatchNorm
-    per_epoch = steps_per_epoch if steps_per_epoch is not None else max(one_pass, min_steps_per_epoch)
-    recipe = SupervisedRecipe(epochs=epochs, steps_per_epoch=per_epoch, lr=lr, weight_decay=weight_decay,
-                              early_stopping_patience=early_stopping_patience, min_epochs=min_epochs,
-                              precision=precision)
     task_part = _ClassificationTask(
         task=task, train_images=train_images, train_y=train_y, batch_size=batch_size,
         exact=steps_per_epoch is not None, passes=1 if per_epoch == one_pass else math.ceil(per_epoch * batch_size / n),
         augment=augment, max_shift=max(1, min(store.image_shape) // 8) if max_shift is None else max_shift,
         hflip=hflip, loss_function=_loss_function(task, train_y.cpu(), class_balanced),
-        generator=torch.Generator().manual_seed(seed), device=device,
-        val_images=StoreRows(store.images, val_rows), val_y=val_y, eval_batch_size=eval_batch_size)
-    outcome = fit(model, [(model.backbone, backbone_lr_scale), (model.head, 1.0)], task_part, recipe, device, where,
-                  hint="or use precision='32'", on_epoch_end=on_epoch_end)
+        generator=torch.Generator().manual_seed(seed), device=device, val_images=StoreRows(store.images, val_rows),
+        val_y=store.labels[torch.from_numpy(val_rows)], eval_batch_size=eval_batch_size)
+    outcome = fit(model, [(model.backbone, backbone_lr_scale), (model.head, 1.0)], task_part, schedule, device,
+                  store.origin or store.name, hint="or use precision='32'", on_epoch_end=on_epoch_end)
     scores: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, float]] = {}
     for name, eval_store, rows in evaluation[1:]:
-        images = StoreRows(eval_store.images, rows)
-        scores[name] = predict_scores(model, images, task, eval_batch_size, device)
+        scores[name] = predict_scores(model, StoreRows(eval_store.images, rows), task, eval_batch_size, device)
         metrics[name] = classification_metrics(task, eval_store.labels[torch.from_numpy(rows)], scores[name], name=name)
-    return FinetuneResult(
-        best_epoch=outcome.best_epoch,
-        val_metric=outcome.best_metric,
-        history=outcome.history,
-        scores=scores,
-        metrics=metrics,
-        wall_time_s=time.perf_counter() - start_time,
-        epochs_run=len(outcome.history),
-        stopped_early=outcome.stopped_early,
-        model=model,
-        steps_per_epoch=per_epoch,
-        steps_run=outcome.steps_run,
-    )
+    return FinetuneResult(best_epoch=outcome.best_epoch, val_metric=outcome.best_metric, history=outcome.history,
+                          scores=scores, metrics=metrics, wall_time_s=time.perf_counter() - start_time,
+                          epochs_run=len(outcome.history), stopped_early=outcome.stopped_early, model=model,
+                          steps_per_epoch=per_epoch, steps_run=outcome.steps_run)

@@ -33,6 +33,7 @@ from radssl.errors import CheckpointError, ConfigError
 from radssl.models.base import Backbone
 from radssl.models.registry import build_from_spec, make_spec
 from radssl.models.spec import BackboneSpec
+from radssl.transfer.foundation import initialise_foundation
 
 INIT_KINDS = ("random", "imagenet", "ssl", "timm", "hf", "torchvision", "monai")
 IMAGENET_BACKBONES = ("resnet18", "resnet50")
@@ -223,8 +224,6 @@ def initialise_backbone(
     """
     kind, path = parse_spec(spec)
     if kind in ("timm", "hf", "torchvision", "monai"):
-        from radssl.transfer.foundation import initialise_foundation
-
         size = backbone_spec.image_size if backbone_spec is not None else image_size
         if size is None:
             raise ConfigError(f"initialisation '{spec}': foundation weights need the data's image_size")

@@ -58,7 +58,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from radssl.data.store import ImageStore, StoreRows, images_to_float, normalise_for_backbone
-from radssl.engine.supervised import SupervisedRecipe, TrainingBatch, fit
+from radssl.engine.supervised import RecipeFields, SupervisedRecipe, TrainingBatch, build_seeded, fit
 from radssl.errors import DataError
 from radssl.models.decoders import UNetDecoder
 from radssl.transfer.segmentation_metrics import (
@@ -460,47 +460,37 @@ class _SegmentationTask:
         return record[f"val_{PRIMARY_SEGMENTATION_METRIC}"], record
 
 
+def _settings(recipe: SupervisedRecipe, freeze_encoder: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """The resolved settings :class:`SegmentationResult` records (provenance), in their historical order."""
+    order = ("epochs", "steps_per_epoch", "batch_size", "lr", "encoder_lr_scale", "weight_decay", "patch_size",
+             "foreground_ratio", "early_stopping_patience", "min_epochs", "augment", "seed", "sw_batch_size",
+             "sw_overlap", "sw_mode", "loss", "decoder_norm", "class_names", "train_cases", "val_cases")
+    values = {**recipe.model_dump(), **options, "loss": "DiceCELoss(batch)"}
+    return {"protocol": "segmentation_frozen" if freeze_encoder else "segmentation_finetune",
+            "freeze_encoder": freeze_encoder, **{key: values[key] for key in order}}
+
+
 def finetune_segmentation(
-    backbone: nn.Module,
-    store: ImageStore,
-    train_rows: np.ndarray,
-    val_rows: np.ndarray,
-    test_sets: Mapping[str, tuple[ImageStore, np.ndarray]],
-    *,
-    num_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-    freeze_encoder: bool = False,
-    epochs: int = 30,
-    steps_per_epoch: int | None = None,
-    batch_size: int = 4,
-    lr: float = 1e-3,
-    encoder_lr_scale: float = 0.1,
-    weight_decay: float = 1e-4,
-    patch_size: Sequence[int] | None = None,
-    foreground_ratio: float = 0.5,
-    early_stopping_patience: int | None = 10,
-    min_epochs: int = 1,
-    augment: bool | Mapping[str, Any] | AugmentationParams = True,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    sw_batch_size: int = 4,
-    sw_overlap: float = 0.25,
-    sw_mode: Literal["gaussian", "constant"] = "gaussian",
-    eval_batch_size: int = 4,
-    decoder_channels: Sequence[int] | None = None,
-    decoder_norm: DecoderNorm = "auto",
-    spacing: Sequence[float] | None = None,
-    hd95: bool = True,
-    return_predictions: bool = False,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    backbone: nn.Module, store: ImageStore, train_rows: np.ndarray, val_rows: np.ndarray,
+    test_sets: Mapping[str, tuple[ImageStore, np.ndarray]], *, num_classes: int | None = None,
+    class_names: Sequence[str] | None = None, freeze_encoder: bool = False, recipe: RecipeFields | None = None,
+    steps_per_epoch: int | None = None, batch_size: int = 4, encoder_lr_scale: float = 0.1,
+    patch_size: Sequence[int] | None = None, foreground_ratio: float = 0.5,
+    augment: bool | Mapping[str, Any] | AugmentationParams = True, seed: int = 0, device: str | torch.device = "cpu",
+    sw_batch_size: int = 4, sw_overlap: float = 0.25, sw_mode: Literal["gaussian", "constant"] = "gaussian",
+    eval_batch_size: int = 4, decoder_channels: Sequence[int] | None = None, decoder_norm: DecoderNorm = "auto",
+    spacing: Sequence[float] | None = None, hd95: bool = True, return_predictions: bool = False,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None, **recipe_keys: Any,
 ) -> SegmentationResult:
     """Train a U-Net decoder (and, unless ``freeze_encoder``, the encoder) on masks; score test sets per case.
 
     ``store`` holds the training and validation cases (``train_rows`` / ``val_rows``) with ``meta["mask"]``;
     ``test_sets`` maps a name to ``(store, rows)`` (external sets may come from other stores, with masks). Classes:
-    ``class_names`` (background first) or ``num_classes``, else the store's ``mask_classes``. ``steps_per_epoch``
-    fixes the optimiser steps per epoch whatever the number of training cases (default: one pass,
-    ``ceil(n_train / batch_size)``), so label fractions can share one budget. ``patch_size`` None trains and predicts
+    ``class_names`` (background first) or ``num_classes``, else the store's ``mask_classes``. The training recipe
+    (``epochs`` 30, ``lr`` 1e-3, ``weight_decay`` 1e-4, ``early_stopping_patience`` 10, ``min_epochs`` 1, ``precision``
+    '32') comes from ``recipe`` (:class:`~radssl.engine.supervised.RecipeFields`, e.g. a protocol's params) with any of
+    those keys given as keywords on top. ``steps_per_epoch`` fixes the optimiser steps per epoch whatever the number
+    of training cases (default: one pass, ``ceil(n_train / batch_size)``), so label fractions can share one budget. ``patch_size`` None trains and predicts
     on whole images/volumes; a size trains on random patches (``foreground_ratio`` centred on foreground) and predicts
     by sliding window (``sw_batch_size``, ``sw_overlap``, ``sw_mode``). ``spacing`` (mm per axis) overrides the
     store's ``meta["voxel_spacing"]`` for HD95. ``hd95=False`` skips HD95 (Dice only; much faster on big volumes).
@@ -509,11 +499,11 @@ def finetune_segmentation(
     start_time = time.perf_counter()
     device = torch.device(device)
     train_rows, val_rows = _rows(train_rows), _rows(val_rows)
-    if epochs < 1 or batch_size < 1 or min_epochs < 1 or (steps_per_epoch is not None and steps_per_epoch < 1):
-        raise ValueError(f"need epochs, batch_size, min_epochs and steps_per_epoch ≥ 1, got {epochs}, {batch_size}, "
-                         f"{min_epochs} and {steps_per_epoch}")
-    if not 0.0 <= sw_overlap < 1.0:
-        raise ValueError(f"sw_overlap must lie in [0, 1), got {sw_overlap}")
+    if batch_size < 1 or not 0.0 <= sw_overlap < 1.0:
+        raise ValueError(f"need batch_size ≥ 1 and sw_overlap in [0, 1), got {batch_size} and {sw_overlap}")
+    n = len(train_rows)
+    per_epoch = steps_per_epoch if steps_per_epoch is not None else max(1, math.ceil(n / batch_size))
+    schedule = (recipe or RecipeFields()).recipe(per_epoch, **recipe_keys)
     names = resolve_class_names(store, num_classes, class_names)
     patch = None if patch_size is None else tuple(int(p) for p in patch_size)
     augmentation = _augmentation(augment)
@@ -521,20 +511,10 @@ def finetune_segmentation(
                               augmentation is not None)
     if spacing is not None and len(spacing) != store.spatial_dims:
         raise DataError(store.origin or store.name, f"spacing {tuple(spacing)} needs {store.spatial_dims} values (mm)")
-    where = store.origin or store.name
-    k = len(names)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SegmentationNetwork(copy.deepcopy(backbone), k, decoder_channels, decoder_norm,
-                                    freeze_encoder=freeze_encoder)
+    model = build_seeded(seed, lambda: SegmentationNetwork(copy.deepcopy(backbone), len(names), decoder_channels,
+                                                           decoder_norm, freeze_encoder=freeze_encoder))
     model.to(device)
-
-    train_masks = torch.from_numpy(np.ascontiguousarray(store.meta["mask"][train_rows])).to(_label_dtype(k))
-    n = len(train_rows)
-    per_epoch = steps_per_epoch if steps_per_epoch is not None else max(1, math.ceil(n / batch_size))
-    recipe = SupervisedRecipe(epochs=epochs, steps_per_epoch=per_epoch, lr=lr, weight_decay=weight_decay,
-                              early_stopping_patience=early_stopping_patience, min_epochs=min_epochs)
+    train_masks = torch.from_numpy(np.ascontiguousarray(store.meta["mask"][train_rows])).to(_label_dtype(len(names)))
     evaluate = dict(patch_size=patch, batch_size=eval_batch_size, sw_batch_size=sw_batch_size, sw_overlap=sw_overlap,
                     sw_mode=sw_mode, device=device)
     task = _SegmentationTask(
@@ -548,18 +528,15 @@ def finetune_segmentation(
         evaluate=evaluate)
     # The encoder at its own learning rate; a frozen encoder is not optimised at all.
     parts = [(model.decoder, 1.0)] + ([] if freeze_encoder else [(model.backbone, encoder_lr_scale)])
-    outcome = fit(model, parts, task, recipe, device, where, what="segmentation", on_epoch_end=on_epoch_end)
+    outcome = fit(model, parts, task, schedule, device, store.origin or store.name, what="segmentation",
+                  on_epoch_end=on_epoch_end)
     scored = _score_test_sets(model, test_sets, names, evaluate, spacing, hd95, return_predictions)
-    settings = {
-        "protocol": "segmentation_frozen" if freeze_encoder else "segmentation_finetune",
-        "freeze_encoder": freeze_encoder, "epochs": epochs, "steps_per_epoch": per_epoch, "batch_size": batch_size,
-        "lr": lr, "encoder_lr_scale": encoder_lr_scale, "weight_decay": weight_decay,
-        "patch_size": list(patch) if patch is not None else None, "foreground_ratio": foreground_ratio,
-        "early_stopping_patience": early_stopping_patience, "min_epochs": min_epochs,
-        "augment": augmentation.model_dump(mode="json") if augmentation is not None else None, "seed": seed,
-        "sw_batch_size": sw_batch_size, "sw_overlap": sw_overlap, "sw_mode": sw_mode, "loss": "DiceCELoss(batch)",
-        "decoder_norm": decoder_norm, "class_names": list(names), "train_cases": int(n), "val_cases": len(val_rows),
-    }
+    settings = _settings(schedule, freeze_encoder, dict(
+        batch_size=batch_size, encoder_lr_scale=encoder_lr_scale, patch_size=None if patch is None else list(patch),
+        foreground_ratio=foreground_ratio, seed=seed,
+        augment=None if augmentation is None else augmentation.model_dump(mode="json"), sw_batch_size=sw_batch_size,
+        sw_overlap=sw_overlap, sw_mode=sw_mode, decoder_norm=decoder_norm, class_names=list(names), train_cases=int(n),
+        val_cases=len(val_rows)))
     return SegmentationResult(
         **scored, class_names=names, val_metric=outcome.best_metric, best_epoch=outcome.best_epoch,
         history=outcome.history, wall_time_s=time.perf_counter() - start_time, steps=outcome.steps_run,

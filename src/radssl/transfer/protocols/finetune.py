@@ -5,11 +5,14 @@ See :func:`radssl.transfer.finetune.finetune` for the optimiser, augmentation (2
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
+from radssl.engine.supervised import EarlyStoppingFloor, PrecisionField, RecipeFields, SupervisedRecipe
 from radssl.errors import DataError
+from radssl.transfer.finetune import finetune
 from radssl.transfer.protocols.base import (
     Protocol,
     ProtocolContext,
@@ -20,17 +23,24 @@ from radssl.transfer.protocols.base import (
 )
 from radssl.transfer.protocols.linear import classification_outputs
 
+RunT = TypeVar("RunT")
+
 
 def _scale_list(value: Any) -> Any:
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def _positive_scales(values: list[float], what: str) -> list[float]:
+def _positive_scales(values: list[float], info: ValidationInfo) -> list[float]:
     if any(v <= 0 for v in values):
-        raise ValueError(f"every {what} must be > 0, got {values}")
+        raise ValueError(f"every {info.field_name} must be > 0, got {values}")
     if len(set(values)) != len(values):
-        raise ValueError(f"{what} candidates must not repeat, got {values}")
+        raise ValueError(f"{info.field_name} candidates must not repeat, got {values}")
     return values
+
+
+LrScales = Annotated[list[float], BeforeValidator(_scale_list), Field(min_length=1), AfterValidator(_positive_scales)]
+"""An encoder-LR multiplier rule (fine-tuning's ``backbone_lr_scale``, segmentation's ``encoder_lr_scale``): one
+number for every initialisation, or a list of candidates chosen on validation per cell."""
 
 
 def _positive_steps(value: str | int) -> str | int:
@@ -39,14 +49,14 @@ def _positive_steps(value: str | int) -> str | int:
     return value
 
 
-class StepBudgetParams(ProtocolParams):
-    """The equal-budget keys every trained read-out shares (fine-tuning, segmentation): epochs, optimiser steps per
-    epoch under the budget rule, and the early-stopping floor."""
+class StepBudgetParams(ProtocolParams, RecipeFields):
+    """The keys every trained read-out shares (fine-tuning, segmentation): the supervised recipe's fields
+    (:class:`~radssl.engine.supervised.RecipeFields`: epochs, lr, weight_decay, early_stopping_patience, min_epochs)
+    plus the budget rule that resolves each cell's optimiser steps per epoch."""
 
-    epochs: int = Field(30, gt=0)
     steps_per_epoch: Literal["full", "subset"] | int = Field(
         "full", description="full | subset | N: optimiser steps per epoch (see the budget rule)")
-    min_epochs: int = Field(5, gt=0, description="early stopping never stops before this epoch (floor)")
+    min_epochs: EarlyStoppingFloor = 5
 
     @field_validator("steps_per_epoch")
     @classmethod
@@ -64,8 +74,24 @@ class StepBudgetParams(ProtocolParams):
         """``min_epochs`` capped at ``epochs`` (the default floor must not break a short run)."""
         return min(self.min_epochs, self.epochs)
 
+    def recipe(self, steps_per_epoch: int, **overrides: Any) -> SupervisedRecipe:
+        """The cell's recipe: these fields with the early-stopping floor capped at ``epochs``."""
+        return super().recipe(steps_per_epoch, **{"min_epochs": self.early_stopping_floor, **overrides})
 
-class FinetuneParams(StepBudgetParams):
+
+def best_on_validation(scales: list[float], train: Callable[[float], RunT]) -> tuple[float, RunT]:
+    """Train once per LR-scale candidate (the same candidates for every initialisation) and keep the run with the
+    best validation metric (``val_metric``); ties keep the earlier candidate."""
+    best: tuple[float, RunT] | None = None
+    for scale in scales:
+        candidate = train(scale)
+        if best is None or candidate.val_metric > best[1].val_metric:  # type: ignore[attr-defined]
+            best = (scale, candidate)
+    assert best is not None, "no LR-scale candidates (the params require at least one)"
+    return best
+
+
+class FinetuneParams(StepBudgetParams, PrecisionField):
     """End-to-end fine-tuning (backbone + linear head) with early stopping on validation AUC.
 
     Fine-tuning dominates a study's cost (one training run per cell), so ``epochs`` is the knob to turn first.
@@ -93,16 +119,12 @@ class FinetuneParams(StepBudgetParams):
     """
 
     batch_size: int = Field(128, gt=1)
-    lr: float = Field(1e-3, gt=0.0)
-    backbone_lr_scale: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0], min_length=1,
+    backbone_lr_scale: LrScales = Field(
+        default_factory=lambda: [0.1, 1.0],
         description="backbone LR multiplier for every initialisation; a list is chosen per cell on validation")
-    weight_decay: float = Field(1e-4, ge=0.0)
-    early_stopping_patience: int | None = Field(10, gt=0)
     augment: bool = True
     hflip: bool = True
     class_balanced: bool = False
-    precision: Literal["32", "bf16"] = "32"
 
     @model_validator(mode="before")
     @classmethod
@@ -114,16 +136,6 @@ class FinetuneParams(StepBudgetParams):
                 "number for all initialisations or to a list such as [0.1, 1.0] to choose it on validation per cell"
             )
         return value
-
-    @field_validator("backbone_lr_scale", mode="before")
-    @classmethod
-    def _scale_list(cls, value: Any) -> Any:
-        return _scale_list(value)
-
-    @field_validator("backbone_lr_scale")
-    @classmethod
-    def _positive_scales(cls, values: list[float]) -> list[float]:
-        return _positive_scales(values, "backbone_lr_scale")
 
     def steps_for(self, subset_rows: int, full_rows: int) -> int:
         """Optimiser steps per epoch of a cell with ``subset_rows`` training cases (see the budget rule)."""
@@ -168,26 +180,15 @@ class FinetuneProtocol(Protocol):
                                                   params.backbone_lr_scale, "backbone LR scale")
 
     def run(self, context: ProtocolContext) -> ProtocolOutcome:
-        from radssl.transfer.finetune import finetune
-
         params: FinetuneParams = self.params  # type: ignore[assignment]
         # Equal budgets: exactly this many steps per epoch at every fraction ("subset": the legacy one pass).
         steps_per_epoch = None if params.steps_per_epoch == "subset" else \
             params.steps_for(len(context.train_rows), context.full_train_rows)
-        best = None
-        for scale in params.backbone_lr_scale:  # same candidates and rule for every initialisation
-            candidate = finetune(
-                context.backbone, context.store, context.train_rows, context.val_rows, dict(context.test_sets),
-                task=context.store.task, epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
-                backbone_lr_scale=scale, weight_decay=params.weight_decay,
-                early_stopping_patience=params.early_stopping_patience, augment=params.augment, hflip=params.hflip,
-                class_balanced=params.class_balanced, seed=context.run_seed, device=context.device,
-                precision=params.precision, steps_per_epoch=steps_per_epoch, min_epochs=params.early_stopping_floor,
-            )
-            if best is None or candidate.val_metric > best[1].val_metric:  # ties keep the earlier candidate
-                best = (scale, candidate)
-        assert best is not None
-        scale, chosen = best
+        scale, chosen = best_on_validation(params.backbone_lr_scale, lambda scale: finetune(
+            context.backbone, context.store, context.train_rows, context.val_rows, dict(context.test_sets),
+            task=context.store.task, recipe=params, batch_size=params.batch_size, backbone_lr_scale=scale,
+            augment=params.augment, hflip=params.hflip, class_balanced=params.class_balanced, seed=context.run_seed,
+            device=context.device, steps_per_epoch=steps_per_epoch))
         records = {"val_auc": chosen.val_metric, "best_epoch": float(chosen.best_epoch),
                    "epochs_run": float(chosen.epochs_run), "backbone_lr_scale": float(scale),
                    "steps_per_epoch": float(chosen.steps_per_epoch), "finetune_steps": float(chosen.steps_run),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
+from radssl.transfer.knn import knn_evaluate
 from radssl.transfer.protocols.base import Protocol, ProtocolContext, ProtocolOutcome, ProtocolParams
 from radssl.transfer.protocols.linear import classification_outputs, frozen_feature_sets
 
@@ -24,9 +26,6 @@ class KnnProtocol(Protocol):
     paper = "Wu et al., Unsupervised feature learning via non-parametric instance discrimination, CVPR 2018"
 
     def run(self, context: ProtocolContext) -> ProtocolOutcome:
-        from radssl.transfer.knn import knn_evaluate
-        import torch
-
         params: KnnParams = self.params  # type: ignore[assignment]
         internal, tests = frozen_feature_sets(context)
         train = torch.from_numpy(context.train_rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
+from radssl.transfer.linear_probe import linear_probe
 from radssl.transfer.protocols.base import (
     CaseOutputs,
     Protocol,
@@ -71,8 +72,6 @@ class LinearProbeProtocol(Protocol):
     paper = "Kolesnikov et al., Revisiting self-supervised visual representation learning, CVPR 2019"
 
     def run(self, context: ProtocolContext) -> ProtocolOutcome:
-        from radssl.transfer.linear_probe import linear_probe
-
         params: LinearParams = self.params  # type: ignore[assignment]
         internal, tests = frozen_feature_sets(context)
         labels = context.store.labels

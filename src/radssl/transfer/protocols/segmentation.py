@@ -30,7 +30,14 @@ from radssl.transfer.protocols.base import (
     ProtocolOutcome,
     StudySetup,
 )
-from radssl.transfer.protocols.finetune import StepBudgetParams, _positive_scales, _scale_list, check_min_rows
+from radssl.transfer.protocols.finetune import (
+    LrScales,
+    StepBudgetParams,
+    best_on_validation,
+    budget_rule_text,
+    check_min_rows,
+)
+from radssl.transfer.segmentation import finetune_segmentation, resolve_class_names
 
 _RENAMED = {"dice_mean": "dice", "hd95_mean": "hd95"}
 """Per-case metric names of :mod:`radssl.transfer.segmentation` → names in the results store."""
@@ -45,9 +52,6 @@ class SegmentationParams(StepBudgetParams):
     """
 
     batch_size: int = Field(4, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    early_stopping_patience: int | None = Field(10, gt=0)
     patch_size: list[int] | None = Field(
         None, description="training patch (one size per axis, or one number for all); null = whole images/volumes")
     foreground_ratio: float = Field(0.5, ge=0.0, le=1.0)
@@ -79,17 +83,7 @@ class FinetuneSegmentationParams(SegmentationParams):
     """Full fine-tuning adds the encoder-LR rule: one value for every initialisation, or candidates chosen on
     validation Dice per cell (the same for every initialisation, label fraction and seed)."""
 
-    encoder_lr_scale: list[float] = Field(default_factory=lambda: [0.1, 1.0], min_length=1)
-
-    @field_validator("encoder_lr_scale", mode="before")
-    @classmethod
-    def _scale_list(cls, value: Any) -> Any:
-        return _scale_list(value)
-
-    @field_validator("encoder_lr_scale")
-    @classmethod
-    def _positive_scales(cls, values: list[float]) -> list[float]:
-        return _positive_scales(values, "encoder_lr_scale")
+    encoder_lr_scale: LrScales = Field(default_factory=lambda: [0.1, 1.0])
 
 
 class _SegmentationProtocol(Protocol):
@@ -104,8 +98,6 @@ class _SegmentationProtocol(Protocol):
         return list(getattr(self.params, "encoder_lr_scale", [1.0]))
 
     def check(self, setup: StudySetup) -> None:
-        from radssl.transfer.segmentation import resolve_class_names
-
         params: SegmentationParams = self.params  # type: ignore[assignment]
         check_min_rows(setup, "segmentation", minimum=1)
         names = resolve_class_names(setup.store, None, None)
@@ -124,8 +116,6 @@ class _SegmentationProtocol(Protocol):
                                 f"{list(names)}", "use a test set with the same segmentation labels")
 
     def rules(self, full_train_rows: int) -> str | None:
-        from radssl.transfer.protocols.finetune import budget_rule_text
-
         params: SegmentationParams = self.params  # type: ignore[assignment]
         steps = params.steps_for(full_train_rows, full_train_rows)
         if self.freeze_encoder:
@@ -135,25 +125,16 @@ class _SegmentationProtocol(Protocol):
         return f"{self.name}: {text}"
 
     def run(self, context: ProtocolContext) -> ProtocolOutcome:
-        from radssl.transfer.segmentation import finetune_segmentation
-
         params: SegmentationParams = self.params  # type: ignore[assignment]
         steps = None if params.steps_per_epoch == "subset" else \
             params.steps_for(len(context.train_rows), context.full_train_rows)
-        best = None
-        for scale in self._scales():  # same candidates and rule for every initialisation
-            candidate = finetune_segmentation(
-                context.backbone, context.store, context.train_rows, context.val_rows, dict(context.test_sets),
-                freeze_encoder=self.freeze_encoder, epochs=params.epochs, steps_per_epoch=steps,
-                batch_size=params.batch_size, lr=params.lr, encoder_lr_scale=scale, weight_decay=params.weight_decay,
-                patch_size=params.patch(context.store.spatial_dims), foreground_ratio=params.foreground_ratio,
-                early_stopping_patience=params.early_stopping_patience, min_epochs=params.early_stopping_floor,
-                augment=params.augment, seed=context.run_seed, device=context.device,
-                sw_batch_size=params.sw_batch_size, sw_overlap=params.sw_overlap, hd95=params.hd95)
-            if best is None or candidate.val_metric > best[1].val_metric:  # ties keep the earlier candidate
-                best = (scale, candidate)
-        assert best is not None
-        scale, chosen = best
+        scale, chosen = best_on_validation(self._scales(), lambda scale: finetune_segmentation(
+            context.backbone, context.store, context.train_rows, context.val_rows, dict(context.test_sets),
+            freeze_encoder=self.freeze_encoder, recipe=params, steps_per_epoch=steps, batch_size=params.batch_size,
+            encoder_lr_scale=scale, patch_size=params.patch(context.store.spatial_dims),
+            foreground_ratio=params.foreground_ratio, augment=params.augment, seed=context.run_seed,
+            device=context.device, sw_batch_size=params.sw_batch_size, sw_overlap=params.sw_overlap,
+            hd95=params.hd95))
         outputs = {}
         for name, (_, rows) in context.test_sets.items():
             if not np.array_equal(chosen.rows[name], rows):

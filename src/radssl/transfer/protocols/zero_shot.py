@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+import numpy as np
+import torch
+from pydantic import Field, ValidationError, field_validator
 
 from radssl.errors import ConfigError
 from radssl.transfer.protocols.base import (
@@ -26,6 +28,7 @@ from radssl.transfer.protocols.base import (
     ProtocolParams,
     StudySetup,
 )
+from radssl.transfer.zero_shot import ZeroShotPrompts, load_image_text_method, zero_shot_classify
 
 
 class ZeroShotParams(ProtocolParams):
@@ -44,10 +47,6 @@ class ZeroShotParams(ProtocolParams):
     @field_validator("prompts")
     @classmethod
     def _valid(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        from pydantic import ValidationError
-
-        from radssl.transfer.zero_shot import ZeroShotPrompts
-
         try:
             ZeroShotPrompts(prompts=value)  # ≥ 2 classes, no empty prompt
         except ValidationError as error:
@@ -75,8 +74,6 @@ class ZeroShotProtocol(Protocol):
         return f"{encoder.label or encoder.init} has {what}, not an image–text model (ConVIRT / CLIP)"
 
     def check(self, setup: StudySetup) -> None:
-        from radssl.transfer.zero_shot import ZeroShotPrompts
-
         params: ZeroShotParams = self.params  # type: ignore[assignment]
         try:
             ZeroShotPrompts(prompts=params.prompts).ordered(setup.store.task)
@@ -90,11 +87,6 @@ class ZeroShotProtocol(Protocol):
                 "zero_shot from protocols")
 
     def run(self, context: ProtocolContext) -> ProtocolOutcome:
-        import numpy as np
-        import torch
-
-        from radssl.transfer.zero_shot import ZeroShotPrompts, load_image_text_method, zero_shot_classify
-
         params: ZeroShotParams = self.params  # type: ignore[assignment]
         if context.encoder.checkpoint is None:
             raise ConfigError(f"zero-shot: encoder {context.encoder.label} has no checkpoint to load")

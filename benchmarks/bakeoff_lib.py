@@ -117,7 +117,6 @@ def readouts(backbone, store, seed: int, device: str = "cpu",  # noqa: ANN001
     ``bn_stats``: the frozen encoder's BatchNorm statistics — re-estimated on the unlabelled training images (the
     study's default, the same for every arm) or the checkpoint's own (``radssl.transfer.bn_stats``).
     """
-    from radssl.data.splits import label_fraction_subsets
     from radssl.transfer.bn_stats import frozen_encoder
     from radssl.transfer.features import extract_features
     from radssl.transfer.knn import knn_evaluate

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from radssl.atomic import write_text_atomic
 from radssl.study.results_store import CellKey, ResultsStore

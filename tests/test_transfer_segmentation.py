@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from radssl.config import PretrainConfig
-from radssl.data.store import ImageStore, TaskInfo
+from radssl.data.store import ImageStore
 from radssl.data.synthetic import SyntheticSpec, make_synthetic_store
 from radssl.data.synthetic3d import SyntheticVolumeSpec, make_synthetic_volume_store
 from radssl.engine.pretrain import pretrain

@@ -371,7 +371,6 @@ def prepare_study(config: StudyConfig, log: Log = print_log, *, load: StoreLoade
     """
     protocols = config.protocols.build()
     store = load(config.data)
-    where = _where(store)
     _check_protocols_fit(protocols, store)
     class_target = any(p.target == "class" for p in protocols.values())
     mask_target = any(p.target == "mask" for p in protocols.values())

@@ -11,7 +11,8 @@ the lightly arms are ``benchmarks/lightly_bar.py``'s run files at the same budge
 (same seed = same label subsets on both sides), with 95 % t-intervals over seeds.
 
 Usage (after the sweep, its ``--seeds 0 1 2`` confirmation, and both lightly arms ran at the same budget):
-  python benchmarks/head_to_head.py --dataset breastmnist --budget-images 25600 --threads 2
+  python benchmarks/head_to_head.py --dataset breastmnist --budget-images 25600 --threads 2 \\
+      --sweep-tag preset_seeds --candidates preset momentum_09
 Writes benchmarks/results/head_to_head_<dataset>_<N>img.json and prints the README table.
 """
 
@@ -61,18 +62,23 @@ def arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def head_to_head(radssl_runs: list[dict[str, Any]], lightly: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Every arm's summary and radssl − each other arm, paired by seed, for every read-out."""
-    arms = {"radssl": radssl_runs, "random_init": as_random_arm(radssl_runs),
+def head_to_head(radssl: dict[str, list[dict[str, Any]]], lightly: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Every arm's summary and each radssl arm − every other arm, paired by seed, for every read-out.
+
+    ``radssl`` maps a candidate name to its runs; the random-init arm is the first candidate's twin (every
+    candidate's twin is the same network from the same seed, read out on the same subsets)."""
+    first = next(iter(radssl.values()))
+    arms = {**{f"radssl_{name}": runs for name, runs in radssl.items()}, "random_init": as_random_arm(first),
             **{f"lightly_{name}": runs for name, runs in lightly.items()}}
     images = {name: {run["images_seen"] for run in runs} for name, runs in arms.items() if name != "random_init"}
     if len({value for seen in images.values() for value in seen}) != 1:
         raise SystemExit(f"arms saw unequal images {images}: not a comparison at equal images seen")
     return {
         "arms": {name: arm_summary(runs) for name, runs in arms.items()},
-        "radssl_minus": {name: {protocol: paired_with_reference(radssl_runs, runs, protocol)
-                                for protocol in PROTOCOLS}
-                         for name, runs in arms.items() if name != "radssl"},
+        "radssl_minus": {f"{name} − {other}": {protocol: paired_with_reference(runs, other_runs, protocol)
+                                                for protocol in PROTOCOLS}
+                         for name, runs in arms.items() if name.startswith("radssl_")
+                         for other, other_runs in arms.items() if other != name},
     }
 
 
@@ -97,7 +103,7 @@ def markdown(record: dict[str, Any]) -> str:
                      f"{'–' if not speed['n'] else format(speed['mean'], '.0f')} | "
                      + " / ".join(cell(v) for v in arm["linear"].values()) + " | "
                      + " / ".join(cell(v) for v in arm["knn"].values()) + " |")
-    lines += ["", "| radssl − | linear 1 / 10 / 100 % (paired by seed) | kNN 1 / 10 / 100 % |", "| --- | --- | --- |"]
+    lines += ["", "| difference | linear 1 / 10 / 100 % (paired by seed) | kNN 1 / 10 / 100 % |", "| --- | --- | --- |"]
     for name, diffs in record["result"]["radssl_minus"].items():
         lines.append(f"| {name} | " + " / ".join(signed(v) for v in diffs["linear"].values()) + " | "
                      + " / ".join(signed(v) for v in diffs["knn"].values()) + " |")
@@ -110,29 +116,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-images", type=int, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="simclr")
-    parser.add_argument("--candidate", help="default: the sweep's validation choice (its decision, else 'preset')")
+    parser.add_argument("--candidates", nargs="*", help="sweep candidates to set beside lightly (default: the sweep's "
+                        "validation choice: its decision, else 'preset')")
+    parser.add_argument("--sweep-tag", help="read the decision from the sweep summary with this tag (e.g. a seeds check)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     stem = f"preset_sweep_{args.method}_{args.dataset}_{args.budget_images}img"
-    sweep_file = args.results_dir / f"{stem}.json"
+    sweep_file = args.results_dir / (f"{stem}_{args.sweep_tag}.json" if args.sweep_tag else f"{stem}.json")
     if not sweep_file.is_file():
         parser.error(f"{sweep_file}: run benchmarks/preset_sweep.py at this budget first")
     sweep = json.loads(sweep_file.read_text())
-    chosen = args.candidate or (sweep["winner"] if sweep["decision"]["change_preset"] else "preset")
-    radssl_runs = sweep_runs(args.results_dir / "runs", stem, chosen)
+    chosen = args.candidates or [sweep["winner"] if sweep["decision"]["change_preset"] else "preset"]
+    radssl = {name: sweep_runs(args.results_dir / "runs", stem, name) for name in chosen}
     lightly = lightly_reference_runs(args.results_dir / "runs", args.dataset, None, args.budget_images, args.threads)
-    if not radssl_runs or not lightly:
-        parser.error(f"need runs of candidate {chosen!r} under runs/{stem}/ and lightly_bar runs at "
-                     f"{args.budget_images} images (have {len(radssl_runs)} radssl, arms {sorted(lightly)})")
+    if not all(radssl.values()) or not lightly:
+        parser.error(f"need runs of {chosen} under runs/{stem}/ and lightly_bar runs at {args.budget_images} images "
+                     f"(have radssl {[len(r) for r in radssl.values()]}, lightly arms {sorted(lightly)})")
     record = {
         "dataset": args.dataset, "budget": {"images": args.budget_images, "threads": args.threads},
-        "radssl_arm": {"method": args.method, "candidate": chosen, "overrides": radssl_runs[0]["overrides"],
-                       "chosen_by": f"{sweep_file.name}: highest validation AUC; preset kept unless the winner "
-                                    f"beats it by > {sweep['decision']['min_val_gain_to_change']}",
-                       "sweep_winner": sweep["winner"]},
+        "radssl_arms": {name: {"method": args.method, "overrides": runs[0]["overrides"]} for name, runs in radssl.items()},
+        "chosen_by": f"{sweep_file.name}: highest validation AUC (winner {sweep['winner']!r}); the preset changes only "
+                     f"if the winner beats it by > {sweep['decision']['min_val_gain_to_change']}",
         "rule": "equal images seen for every arm, same threads, one pretraining run per seed; the same read-out "
                 "code and label subsets (paired by seed); 95 % t-intervals over seeds",
-        "result": head_to_head(radssl_runs, lightly), "versions": package_versions(),
+        "result": head_to_head(radssl, lightly), "versions": package_versions(),
     }
     record["markdown"] = markdown(record)
     write_json(args.results_dir / f"head_to_head_{args.dataset}_{args.budget_images}img.json", record)

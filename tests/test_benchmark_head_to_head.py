@@ -45,15 +45,28 @@ def test_radssl_minus_lightly_is_paired_by_seed_and_the_chosen_candidate_is_read
     results = _fixture(tmp_path)
     assert h2h.main(["--budget-images", "25600", "--results-dir", str(results)]) == 0
     record = json.loads((results / "head_to_head_breastmnist_25600img.json").read_text())
-    assert record["radssl_arm"]["candidate"] == "momentum_09"  # the sweep's decision, not the preset's runs
-    diff = record["result"]["radssl_minus"]["lightly_strong"]["linear"]
+    assert list(record["radssl_arms"]) == ["momentum_09"]  # the sweep's decision, not the preset's runs
+    diff = record["result"]["radssl_minus"]["radssl_momentum_09 − lightly_strong"]["linear"]
     assert diff["0.01"]["mean"] == pytest.approx(0.05) and diff["0.01"]["low"] == pytest.approx(0.05)
     assert diff["0.1"]["mean"] == pytest.approx(-0.01)
-    assert record["result"]["radssl_minus"]["random_init"]["linear"]["1"]["mean"] == pytest.approx(0.92 - 0.5)
+    assert record["result"]["radssl_minus"]["radssl_momentum_09 − random_init"]["linear"]["1"]["mean"] == \
+        pytest.approx(0.92 - 0.5)
     arms = record["result"]["arms"]
-    assert arms["radssl"]["images_seen"]["mean"] == arms["lightly_strong"]["images_seen"]["mean"] == 25600
-    assert arms["radssl"]["linear"]["0.01"]["mean"] == pytest.approx(0.72)
+    assert arms["radssl_momentum_09"]["images_seen"]["mean"] == arms["lightly_strong"]["images_seen"]["mean"] == 25600
+    assert arms["radssl_momentum_09"]["linear"]["0.01"]["mean"] == pytest.approx(0.72)
     assert "| lightly_strong | 25600 |" in record["markdown"]
+
+
+def test_several_candidates_are_each_compared_with_every_other_arm(h2h, tmp_path) -> None:  # noqa: ANN001
+    results = _fixture(tmp_path)
+    assert h2h.main(["--budget-images", "25600", "--results-dir", str(results),
+                     "--candidates", "preset", "momentum_09"]) == 0
+    record = json.loads((results / "head_to_head_breastmnist_25600img.json").read_text())
+    diffs = record["result"]["radssl_minus"]
+    # the preset's runs score 0.1 everywhere: its difference to momentum_09 at 1 % is 0.1 − 0.72 paired by seed
+    assert diffs["radssl_preset − radssl_momentum_09"]["linear"]["0.01"]["mean"] == pytest.approx(0.1 - 0.72)
+    assert diffs["radssl_momentum_09 − radssl_preset"]["linear"]["0.01"]["mean"] == pytest.approx(0.72 - 0.1)
+    assert "radssl_preset − lightly_strong" in diffs and "lightly_strong − radssl_preset" not in diffs
 
 
 def test_unequal_images_are_refused(h2h, tmp_path) -> None:  # noqa: ANN001

@@ -109,6 +109,19 @@ SHORT_RUN_TRANSIENT_STEPS: dict[str, int] = {"moco_v2": 1}
 """Leading steps left out of the falling-loss check: MoCo v2's step 0 contrasts with the random start only."""
 
 
+def bakeoff_run(method: str, seed: int, ssl: list[float], random: list[float]) -> dict:
+    """One committed-format bake-off run (``benchmarks/bakeoff_lib.run_child``'s record) with the given linear/kNN
+    test AUCs at 1 / 10 / 100 % labels, for tests of the scripts that summarise and render such runs."""
+    fractions = ("0.01", "0.1", "1")
+
+    def readout(values: list[float]) -> dict:
+        return {protocol: {f: {"test_auc": v} for f, v in zip(fractions, values)} for protocol in ("linear", "knn")}
+
+    return {"method": method, "seed": seed, "backbone": "resnet18", "images_seen": 1000, "pretrain_wall_s": 60.0,
+            "pretrain_images_per_s": 16.0, "peak_rss_mb": 900.0, "final_loss": 1.0,
+            "ssl": readout(ssl), "random_init": readout(random)}
+
+
 def load_benchmark_script(name: str):  # noqa: ANN201 - a module
     """``benchmarks/<name>.py`` as a module; its directory stays on sys.path while loading (it imports bakeoff_lib)."""
     import importlib.util

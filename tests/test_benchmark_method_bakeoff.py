@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import load_benchmark_script
+from support import bakeoff_run, load_benchmark_script
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +17,7 @@ def bakeoff():  # noqa: ANN201 - a module
     return load_benchmark_script("method_bakeoff")
 
 
-def _run(method: str, seed: int, ssl: list[float], random: list[float]) -> dict:
-    fractions = ("0.01", "0.1", "1")
-
-    def readout(values: list[float]) -> dict:
-        return {protocol: {f: {"test_auc": v} for f, v in zip(fractions, values)} for protocol in ("linear", "knn")}
-
-    return {"method": method, "seed": seed, "backbone": "resnet18", "images_seen": 1000, "pretrain_wall_s": 60.0,
-            "pretrain_images_per_s": 16.0, "peak_rss_mb": 900.0, "final_loss": 1.0,
-            "ssl": readout(ssl), "random_init": readout(random)}
+_run = bakeoff_run
 
 
 def _lightly(seed: int, values: list[float], images: int = 1000) -> dict:

@@ -46,6 +46,11 @@ def as_random_arm(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "pretrain_wall_s": None} for run in runs]
 
 
+def run_threads(run: dict[str, Any]) -> int | None:
+    """The torch threads a run trained with: lightly_bar records them at the top, preset_sweep in its config."""
+    return run.get("threads", run.get("config", {}).get("train", {}).get("threads"))
+
+
 def arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and 95 % t-interval over seeds of every read-out, beside the images seen and the measured speed."""
     out: dict[str, Any] = {
@@ -53,8 +58,7 @@ def arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "images_seen": lib.mean_sd_interval([run["images_seen"] for run in runs]),
         "images_per_s": lib.mean_sd_interval([run.get("pretrain_images_per_s") for run in runs]),
         "pretrain_wall_s": lib.mean_sd_interval([run.get("pretrain_wall_s") for run in runs]),
-        "threads": sorted({run.get("threads", run.get("config", {}).get("train", {}).get("threads"))
-                           for run in runs}, key=str),
+        "threads": sorted({run_threads(run) for run in runs}, key=str),
     }
     for protocol in PROTOCOLS:
         out[protocol] = {fraction: lib.mean_sd_interval([run["ssl"][protocol][fraction]["test_auc"] for run in runs])
@@ -73,6 +77,9 @@ def head_to_head(radssl: dict[str, list[dict[str, Any]]], lightly: dict[str, lis
     images = {name: {run["images_seen"] for run in runs} for name, runs in arms.items() if name != "random_init"}
     if len({value for seen in images.values() for value in seen}) != 1:
         raise SystemExit(f"arms saw unequal images {images}: not a comparison at equal images seen")
+    threads = {name: {run_threads(run) for run in runs} for name, runs in arms.items() if name != "random_init"}
+    if len({value for used in threads.values() for value in used}) != 1:
+        raise SystemExit(f"arms ran with unequal torch threads {threads}: not the same rules for every arm")
     return {
         "arms": {name: arm_summary(runs) for name, runs in arms.items()},
         "radssl_minus": {f"{name} − {other}": {protocol: paired_with_reference(runs, other_runs, protocol)
@@ -137,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         "radssl_arms": {name: {"method": args.method, "overrides": runs[0]["overrides"]} for name, runs in radssl.items()},
         "chosen_by": f"{sweep_file.name}: highest validation AUC (winner {sweep['winner']!r}); the preset changes only "
                      f"if the winner beats it by > {sweep['decision']['min_val_gain_to_change']}",
-        "rule": "equal images seen for every arm, same threads, one pretraining run per seed; the same read-out "
-                "code and label subsets (paired by seed); 95 % t-intervals over seeds",
+        "rule": "equal images seen and the same torch threads for every arm (both checked); one pretraining run "
+                "per seed, so the 95 % t-intervals over seeds include pretraining-seed and label-subset variance; "
+                "the same read-out code and label subsets (paired by seed); radssl's candidates and the probe's C "
+                "chosen on validation AUC only, test AUC never used to choose",
         "result": head_to_head(radssl, lightly), "versions": package_versions(),
     }
     record["markdown"] = markdown(record)

@@ -19,7 +19,7 @@ def _run(seed: int, linear: list[float], images: int = 25600, random: list[float
     readout = lambda values: {"linear": {f: {"test_auc": v} for f, v in zip(("0.01", "0.1", "1"), values)},  # noqa: E731
                               "knn": {f: {"test_auc": v - 0.01} for f, v in zip(("0.01", "0.1", "1"), values)}}
     return {"seed": seed, "images_seen": images, "pretrain_images_per_s": 100.0, "pretrain_wall_s": images / 100.0,
-            "overrides": ["optim.momentum=0.9"], "ssl": readout(linear), "random_init": readout(random or [0.5] * 3)}
+            "overrides": ["optim.momentum=0.9"], "config": {"train": {"threads": 2}}, "ssl": readout(linear), "random_init": readout(random or [0.5] * 3)}
 
 
 def _write(root: Path, name: str, run: dict) -> None:
@@ -27,7 +27,7 @@ def _write(root: Path, name: str, run: dict) -> None:
     (root / name).write_text(json.dumps(run))
 
 
-def _fixture(tmp_path: Path, lightly_images: int = 25600) -> Path:
+def _fixture(tmp_path: Path, lightly_images: int = 25600, lightly_threads: int = 2) -> Path:
     runs = tmp_path / "runs"
     stem = "preset_sweep_simclr_breastmnist_25600img"
     for seed, shift in enumerate((0.00, 0.02, 0.04)):
@@ -35,7 +35,8 @@ def _fixture(tmp_path: Path, lightly_images: int = 25600) -> Path:
         _write(runs / stem, f"preset_seed{seed}.json", _run(seed, [0.1, 0.1, 0.1]))
         # lightly is 0.05 below radssl at every seed at 1 %: the paired difference is exactly +0.05 with no spread
         _write(runs / "lightly_bar_breastmnist", f"seed{seed}_strong_25600img.json",
-               _run(seed, [0.65 + shift, 0.81 + shift, 0.88 + shift], images=lightly_images))
+               {**_run(seed, [0.65 + shift, 0.81 + shift, 0.88 + shift], images=lightly_images),
+                "threads": lightly_threads})
     (tmp_path / f"{stem}.json").write_text(json.dumps(
         {"winner": "momentum_09", "decision": {"change_preset": True, "min_val_gain_to_change": 0.02}}))
     return tmp_path
@@ -72,4 +73,10 @@ def test_several_candidates_are_each_compared_with_every_other_arm(h2h, tmp_path
 def test_unequal_images_are_refused(h2h, tmp_path) -> None:  # noqa: ANN001
     results = _fixture(tmp_path, lightly_images=22272)
     with pytest.raises(SystemExit, match="unequal images"):
+        h2h.main(["--budget-images", "25600", "--results-dir", str(results)])
+
+
+def test_unequal_threads_are_refused(h2h, tmp_path) -> None:  # noqa: ANN001
+    results = _fixture(tmp_path, lightly_threads=1)
+    with pytest.raises(SystemExit, match="unequal torch threads"):
         h2h.main(["--budget-images", "25600", "--results-dir", str(results)])

@@ -62,14 +62,17 @@ def machine(**extra: Any) -> dict[str, Any]:
     return record
 
 
-def mean_sd_interval(values: list[float | None]) -> dict[str, float]:
-    """Mean, SD and the 95 % t-interval over seeds of the finite values (NaN where fewer than two)."""
+def mean_sd_interval(values: list[float | None], bounds: tuple[float, float] | None = None) -> dict[str, float]:
+    """Mean, SD and the 95 % t-interval over seeds of the finite values (NaN where fewer than two).
+
+    ``bounds``: the values' range (AUC (0, 1), a difference of AUCs (-1, 1)); the interval is then computed on its
+    logit scale by :func:`seed_t_interval` and stays inside the range."""
     array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if len(array) == 0:
         return {"mean": math.nan, "sd": math.nan, "low": math.nan, "high": math.nan, "n": 0}
     if len(array) < 2:
         return {"mean": float(array[0]), "sd": math.nan, "low": math.nan, "high": math.nan, "n": 1}
-    mean, low, high, _, _ = seed_t_interval(array)
+    mean, low, high, _, _ = seed_t_interval(array, bounds=bounds)
     return {"mean": float(mean), "sd": float(array.std(ddof=1)), "low": float(low), "high": float(high),
             "n": int(len(array))}
 

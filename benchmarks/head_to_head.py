@@ -32,6 +32,8 @@ from radssl.provenance import package_versions
 
 RESULTS = Path(__file__).parent / "results"
 PROTOCOLS = ("linear", "knn")
+AUC_RANGE, DIFFERENCE_RANGE = (0.0, 1.0), (-1.0, 1.0)
+"""AUC intervals on the logit scale of their range (issue 19 point 8): they never leave it with 3 seeds."""
 
 
 def sweep_runs(runs_root: Path, stem: str, candidate: str) -> list[dict[str, Any]]:
@@ -61,7 +63,8 @@ def arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "threads": sorted({run_threads(run) for run in runs}, key=str),
     }
     for protocol in PROTOCOLS:
-        out[protocol] = {fraction: lib.mean_sd_interval([run["ssl"][protocol][fraction]["test_auc"] for run in runs])
+        out[protocol] = {fraction: lib.mean_sd_interval([run["ssl"][protocol][fraction]["test_auc"] for run in runs],
+                                                        AUC_RANGE)
                          for fraction in runs[0]["ssl"][protocol]}
     return out
 
@@ -82,7 +85,8 @@ def head_to_head(radssl: dict[str, list[dict[str, Any]]], lightly: dict[str, lis
         raise SystemExit(f"arms ran with unequal torch threads {threads}: not the same rules for every arm")
     return {
         "arms": {name: arm_summary(runs) for name, runs in arms.items()},
-        "radssl_minus": {f"{name} − {other}": {protocol: paired_with_reference(runs, other_runs, protocol)
+        "radssl_minus": {f"{name} − {other}": {protocol: paired_with_reference(runs, other_runs, protocol,
+                                                                             DIFFERENCE_RANGE)
                                                 for protocol in PROTOCOLS}
                          for name, runs in arms.items() if name.startswith("radssl_")
                          for other, other_runs in arms.items() if other != name},
@@ -145,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "chosen_by": f"{sweep_file.name}: highest validation AUC (winner {sweep['winner']!r}); the preset changes only "
                      f"if the winner beats it by > {sweep['decision']['min_val_gain_to_change']}",
         "rule": "equal images seen and the same torch threads for every arm (both checked); one pretraining run "
-                "per seed, so the 95 % t-intervals over seeds include pretraining-seed and label-subset variance; "
-                "the same read-out code and label subsets (paired by seed); radssl's candidates and the probe's C "
+                "per seed, so the 95 % t-intervals over seeds (on the logit scale of the AUC range, so inside it) "
+                "include pretraining-seed and label-subset variance; the same read-out code and label subsets (paired by seed); radssl's candidates and the probe's C "
                 "chosen on validation AUC only, test AUC never used to choose",
         "result": head_to_head(radssl, lightly), "versions": package_versions(),
     }

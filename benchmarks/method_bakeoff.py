@@ -117,7 +117,7 @@ def default_methods() -> list[str]:
 
 
 def paired_with_reference(method_runs: list[dict[str, Any]], reference_runs: list[dict[str, Any]],
-                          protocol: str = "linear") -> dict[str, Any]:
+                          protocol: str = "linear", bounds: tuple[float, float] | None = None) -> dict[str, Any]:
     """Method − reference test AUC per fraction, paired by seed (same seed = same label subsets on both sides).
 
     Only seeds both sides have enter; the interval is the 95 % t-interval of the per-seed differences, so the
@@ -132,7 +132,7 @@ def paired_with_reference(method_runs: list[dict[str, Any]], reference_runs: lis
         diffs = [run["ssl"][protocol][fraction]["test_auc"]
                  - reference[run["seed"]]["ssl"][protocol][fraction]["test_auc"] for run in common
                  if fraction in reference[run["seed"]]["ssl"][protocol]]
-        stat = mean_sd_interval(diffs)
+        stat = mean_sd_interval(diffs, bounds)  # bounds (-1, 1): the interval stays inside a difference's range
         out[fraction] = {**stat, "seeds": sorted(run["seed"] for run in common),
                          "beats": stat["mean"] > 0, "confident": stat["n"] >= 2 and stat["low"] > 0}
     return out

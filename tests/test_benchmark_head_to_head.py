@@ -80,3 +80,13 @@ def test_unequal_threads_are_refused(h2h, tmp_path) -> None:  # noqa: ANN001
     results = _fixture(tmp_path, lightly_threads=1)
     with pytest.raises(SystemExit, match="unequal torch threads"):
         h2h.main(["--budget-images", "25600", "--results-dir", str(results)])
+
+
+def test_auc_intervals_and_differences_stay_inside_their_range(h2h) -> None:  # noqa: ANN001
+    # three seeds near the ceiling with a wide spread: a plain t-interval would pass 1 (0.96 ± 4.3 × 0.05)
+    runs = [_run(seed, [v, v, v]) for seed, v in enumerate((0.999, 0.90, 0.98))]
+    summary = h2h.arm_summary(runs)["linear"]["0.01"]
+    assert 0.0 < summary["low"] < summary["mean"] < summary["high"] < 1.0
+    low = [_run(seed, [0.0005, 0.0005, 0.0005]) for seed in range(3)]
+    diff = h2h.paired_with_reference(runs, low, "linear", h2h.DIFFERENCE_RANGE)["0.01"]
+    assert -1.0 < diff["low"] < diff["high"] < 1.0

@@ -88,9 +88,11 @@ def test_a_wall_clock_budget_is_calibrated_once_and_every_replicate_runs_its_ste
     assert all(r["pretrain_wall_s"] > 0 for r in arm["replicates"])
 
 
-def test_shared_mode_says_so_and_keeps_its_seed() -> None:
-    summary_keys = _config().model_dump()
-    assert summary_keys["pretraining_runs"] == "shared"
+def test_shared_mode_says_so_in_its_summary(runs: dict[str, Path]) -> None:
+    summary = _summary(runs["wide0"])
+    assert (summary["pretraining_runs"], summary["seed"], summary["seeds"]) == ("shared", 0, [0, 1])
+    assert not (runs["wide0"] / "pretrain_seed0").exists()  # one pretraining run per method, no replicates
+    assert summary["headline"][0]["ssl"]["n_seeds"] == 2
     with pytest.raises(Exception, match="pretraining_runs"):
         _config(pretraining_runs="per_run")
 

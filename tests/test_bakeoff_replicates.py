@@ -209,7 +209,24 @@ def test_benchmark_combine_writes_the_pooled_result_and_its_page(runs: dict[str,
     assert record["bakeoff"]["pretraining_runs"] == "per_seed" and record["settings"]["seeds"] == [0, 1]
     linear = record["summary"]["methods"]["simclr"]["ssl"]["linear"]["1"]
     assert linear["n"] == 2 and linear["mean"] == pytest.approx(record["bakeoff"]["headline"][0]["ssl"]["mean"])
-    assert "simclr" in (tmp_path / "method_bakeoff_synthetic_pooled.html").read_text()
+    page = (tmp_path / "method_bakeoff_synthetic_pooled.html").read_text()
+    assert "simclr" in page and "over seeds and test cases" in page and "its own pretraining run" in page
     assert "| simclr |" in capsys.readouterr().out  # the README-ready table
     with pytest.raises(SystemExit):
         script.main(["--dataset", "synthetic", "--combine", f"{runs['wide0']}"])  # no :SEED
+
+
+def test_the_benchmark_and_the_plan_state_per_seed_pretraining(tmp_path: Path) -> None:
+    import argparse
+
+    from support import load_benchmark_script
+
+    script = load_benchmark_script("method_bakeoff")
+    flags = dict(dataset="breastmnist", size=28, backbone="resnet18", stem="standard", batch_size=256, threads=2,
+                 budget_minutes=None, budget_images=12800, calibration_warmup=5, calibration_steps=20, methods=None,
+                 seeds=[0, 1, 2], pretrain_seed=0, finetune_epochs=0, tag="", output_dir=None, data_root=None)
+    assert script.bakeoff_config(argparse.Namespace(**flags)).pretraining_runs == "shared"
+    per_seed = script.bakeoff_config(argparse.Namespace(**flags, pretraining_runs="per_seed"))
+    assert per_seed.pretraining_runs == "per_seed" and per_seed.seeds == [0, 1, 2]
+    plan = bakeoff.plan_bakeoff(_config(output_dir=str(tmp_path), seeds=[0, 1], pretraining_runs="per_seed"), **QUIET)
+    assert any("one per seed (2 replicates" in line for line in bakeoff.plan_lines(plan))

@@ -527,6 +527,9 @@ def plan_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None,
 def plan_lines(plan: BakeoffPlan) -> list[str]:
     """The plan in a few lines: budget, each arm's backbone, steps and images, and the methods left out."""
     lines = [f"budget: {budget_statement(plan.config)}"]
+    if plan.config.pretraining_runs == "per_seed":
+        lines.append(f"pretraining runs: one per seed ({len(plan.config.seeds)} replicates, seeds {plan.config.seeds}, "
+                     f"each in {plan.config.output_dir}/pretrain_seed<s>/ with these steps)")
     for method, arm in plan.arms.items():
         rate = f" (calibrated {arm.calibration['images_per_s']:.1f} img/s)" if arm.calibration else ""
         lines.append(f"{method:<15} {arm.group:<14} {arm.steps} steps × batch {arm.batch_size} = "

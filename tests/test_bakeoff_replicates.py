@@ -210,7 +210,7 @@ def test_benchmark_combine_writes_the_pooled_result_and_its_page(runs: dict[str,
     linear = record["summary"]["methods"]["simclr"]["ssl"]["linear"]["1"]
     assert linear["n"] == 2 and linear["mean"] == pytest.approx(record["bakeoff"]["headline"][0]["ssl"]["mean"])
     page = (tmp_path / "method_bakeoff_synthetic_pooled.html").read_text()
-    assert "simclr" in page and "over seeds and test cases" in page and "its own pretraining run" in page
+    assert "simclr" in page and "over seeds and test cases" in page and "random twin, paired by seed" in page
     assert "| simclr |" in capsys.readouterr().out  # the README-ready table
     with pytest.raises(SystemExit):
         script.main(["--dataset", "synthetic", "--combine", f"{runs['wide0']}"])  # no :SEED

@@ -494,6 +494,9 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         pooled = combine_replicates(args.combine)
     except ConfigError as error:
         parser.error(f"--combine: {error}")
+    name = (pooled.get("data") or {}).get("name")
+    if name not in (None, args.dataset):
+        parser.error(f"--combine: the replicates are of '{name}', not --dataset {args.dataset} (the result's name)")
     budget = pooled["budget"]
     minutes = budget["wall_clock_s"] / 60.0 if budget.get("wall_clock_s") else None
     references = lightly_reference_runs(RESULTS / "runs", args.dataset, minutes, budget.get("images_seen"),

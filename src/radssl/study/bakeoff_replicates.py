@@ -252,6 +252,7 @@ def combine_replicates(replicates: list[tuple[Path | str, int]], n_boot: int | N
     return {
         "name": name or first.summary["name"], "seeds": seeds, "pretraining_runs": "per_seed",
         "pretraining_statement": PRETRAINING_STATEMENT, "budget": first.summary["budget"],
+        "data": next(iter(first.study_configs.values()), {}).get("data"),
         "budget_statement": first.summary["budget_statement"], "selection": first.summary.get("selection"),
         "seeds_note": f"each seed its own pretraining run (seeds {seeds}): replicate s pretrains every method and its "
                       "random twin with seed s and reads out on label subset s only",

@@ -16,9 +16,11 @@ Fairness: the same backbone (ResNet-18, 1 channel, standard 7×7 stem, 28 px unl
 that need another family (MAE needs a ViT: it runs ViT-Ti, and its rows say so); the same budget (wall-clock
 minutes, or images seen), batch size and threads for every method; hyper-parameters are each method's preset (chosen
 on validation data only, see ``benchmarks/preset_sweep.py``); the probe's C is chosen on validation only. Intervals:
-through ``radssl bakeoff`` the study's (over seeds and test cases; each method pretrains once, seeds change the label
-subsets and read-outs); in the committed runs 95 % t-intervals over seeds (each seed changed the pretraining run
-*and* the label subsets).
+through ``radssl bakeoff`` the study's (over seeds and test cases; with the default ``--pretraining-runs shared``
+each method pretrains once and seeds change only the label subsets and read-outs, so the pretraining run's variance
+is NOT inside them; ``--pretraining-runs per_seed`` or ``--combine`` makes each seed its own pretraining run, which
+puts it inside); in the committed runs 95 % t-intervals over seeds (each seed changed the pretraining run *and* the
+label subsets).
 
 The bar: lightly's own SimCLR example, as runs this repository makes and commits — ``benchmarks/lightly_bar.py``
 (``--arm documented``: the example as documented; ``--arm strong``: with SGD momentum 0.9 and milder views), its run
@@ -36,12 +38,21 @@ Usage:
   python benchmarks/method_bakeoff.py --dataset pneumoniamnist --budget-minutes 10 --threads 2 --methods simclr byol
   python benchmarks/method_bakeoff.py --dataset breastmnist --budget-minutes 5 --cached-only   # committed runs
   python benchmarks/method_bakeoff.py --dataset breastmnist --budget-images 51200 --compare-only  # vs lightly arms
+  python benchmarks/method_bakeoff.py --dataset breastmnist --tag 12800img --combine runs/a:0 runs/b:1 runs/c:2
+
+``--combine DIR:SEED …`` pools bake-offs run separately, one per pretraining seed (``--pretrain-seed s``), with
+:func:`radssl.study.bakeoff_replicates.combine_replicates`: from each folder only the cells of its pretraining seed
+(extra label seeds of a wider run are left out), intervals over seeds and test cases that include the pretraining
+run's variance, SSL − random paired by seed; unequal budgets, images seen, fractions, protocols or data are refused.
+It writes ``benchmarks/results/<stem>.json`` / ``.html`` (this page's format, plus the pooled ``bakeoff`` record)
+and prints a README-ready markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,9 +61,11 @@ import bakeoff_lib as lib
 from common import machine, mean_sd_interval, render_from_result, write_json
 
 from radssl.atomic import write_text_atomic
+from radssl.errors import ConfigError
 from radssl.methods.registry import METHODS, method_class
 from radssl.provenance import package_versions
 from radssl.study.bakeoff import SUMMARY_FILE, BakeoffConfig, plan_bakeoff, plan_lines, run_bakeoff
+from radssl.study.bakeoff_replicates import combine_replicates
 from radssl.study.figures import Series, interval_panels
 from radssl.study.formatting import PROTOCOL_NAMES, num, signed
 from radssl.study.pages import (
@@ -336,9 +349,10 @@ def curves_figure(record: dict[str, Any], protocols: list[str]) -> EmbeddedFigur
                               stat_points(bar["linear"]), style)
                        for (arm, bar), style in zip(arms.items(), ("k-.s", "k:s"))]
         panels[f"{PROTOCOL_NAMES.get(protocol, protocol)} read-out"] = series
-    return interval_panels(panels, "test AUC", "Test AUC per read-out: mean over seeds with the 95 % t-interval "
-                           "over seeds; dashed: the random init of the first ResNet method; lightly arms on the "
-                           "linear panel.", alt="label-efficiency curves per method")
+    interval = record.get("interval", "the 95 % t-interval over seeds")
+    return interval_panels(panels, "test AUC", f"Test AUC per read-out: mean over seeds with {interval}; dashed: the "
+                           "random init of the first ResNet method; lightly arms on the linear panel.",
+                           alt="label-efficiency curves per method")
 
 
 def stat_cell(stat: dict[str, float], difference: bool = False) -> Cell:
@@ -364,7 +378,7 @@ def results_table(record: dict[str, Any], protocols: list[str]) -> Table:
     for method, entry in rows.items():
         cells: list[Cell | str] = [method, entry["backbone"], str(len(entry["seeds"])),
                                    f"{entry['images_per_s']['mean']:.0f}", f"{entry['images_seen']['mean']:.0f}",
-                                   f"{entry['peak_rss_mb']:.0f}"]
+                                   "–" if entry.get("peak_rss_mb") is None else f"{entry['peak_rss_mb']:.0f}"]
         for protocol in protocols:
             cells += [stat_cell(entry["ssl"].get(protocol, {}).get(f, missing)) for f in fractions]
             if protocol != "knn":
@@ -383,7 +397,7 @@ def render_html(record: dict[str, Any]) -> str:
     sections = [
         PageSection("methods", "Methods at an equal budget",
                     paragraphs=[Paragraph(record["budget_statement"], "Budget")],
-                    tables=[results_table(record, protocols)], fine_print=[READING],
+                    tables=[results_table(record, protocols)], fine_print=[record.get("reading", READING)],
                     figures=[curves_figure(record, protocols)]),
         PageSection("checks", "Checks", preformatted=[json.dumps(record["summary"]["checks"], indent=1)]),
         PageSection("settings", "Settings", preformatted=[json.dumps(record["settings"], indent=1)]),
@@ -403,6 +417,111 @@ READING = ("Cells: mean test AUC over seeds [95 % t-interval over seeds; each se
            "documented example rerun with seeds) at the same budget (benchmarks/lightly_bar.py runs; images seen of "
            "each arm in the legend and in the checks), seed by seed, so both sides are read out on the same label "
            "subsets.")
+
+
+READING_POOLED = ("Cells: mean test AUC over seeds [95 % interval over seeds and test cases, the study's statistics]; "
+                  "each seed is its own pretraining run (and its own random twin, seed s) read out on label subset s, "
+                  "so the interval includes the pretraining run's variance. Gain vs random: SSL − the same seed's "
+                  "random twin, paired by seed. C of the linear probe chosen on the validation split. Lightly arms "
+                  "(where runs at the same budget exist) are bars set beside the mean, not paired.")
+
+
+def parse_replicate(text: str) -> tuple[Path, int]:
+    """``DIR:SEED`` of ``--combine``: a bake-off output folder and the seed it was pretrained with."""
+    directory, colon, seed = text.rpartition(":")
+    if not colon or not directory or not seed.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DIR:SEED (a bake-off output folder and the seed it "
+                                         "was pretrained with, e.g. runs/method_bakeoff_breastmnist:0)")
+    return Path(directory), int(seed)
+
+
+def _pooled_stat(stat: dict[str, Any]) -> dict[str, Any]:
+    """A pooled headline interval in this page's format (``n``, NaN bounds where there is no interval)."""
+    bound = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    return {"mean": float(stat["mean"]), "low": bound(stat["low"]), "high": bound(stat["high"]),
+            "n": int(stat["n_seeds"]), "interval": stat["interval"], "p_value": stat.get("p_value")}
+
+
+def methods_from_pooled(pooled: dict[str, Any]) -> dict[str, Any]:
+    """The pooled ``bakeoff.json`` (test set ``test``) as this page's per-method rows: cost over the replicates and
+    per read-out and fraction the SSL arm, its random twins and the paired gain."""
+    rows: dict[str, Any] = {}
+    for row in pooled["headline"]:
+        if row["test_set"] != "test":
+            continue
+        arm = pooled["arms"][row["method"]]
+        replicates = arm["replicates"]
+        entry = rows.setdefault(row["method"], {
+            "backbone": arm["backbone"], "seeds": list(pooled["seeds"]),
+            **{key: mean_sd_interval([r[key] for r in replicates])
+               for key in ("images_seen", "pretrain_wall_s", "final_loss")},
+            "images_per_s": mean_sd_interval([r["images_per_s"] for r in replicates]),
+            "peak_rss_mb": arm.get("peak_memory_mb"), "ssl": {}, "random_init": {}, "gain_over_random": {}})
+        fraction = f"{float(row['label_fraction']):g}"
+        for key, side in (("ssl", "ssl"), ("random_init", "random"), ("gain_over_random", "gain_over_random")):
+            if row.get(side):
+                entry[key].setdefault(row["protocol"], {})[fraction] = _pooled_stat(row[side])
+    return rows
+
+
+def markdown_table(rows: dict[str, Any]) -> str:
+    """README-ready: per method images seen, img/s and per read-out and fraction the mean [95 % interval]."""
+    def cell(stat: dict[str, Any] | None, signed_: bool = False) -> str:
+        if not stat:
+            return "–"
+        text = (signed if signed_ else num)
+        bounds = f" [{text(stat['low'])}, {text(stat['high'])}]" if math.isfinite(stat["low"]) else ""
+        return text(stat["mean"]) + bounds
+
+    fractions = sorted({f for entry in rows.values() for p in entry["ssl"].values() for f in p}, key=float)
+    columns = [(p, f) for p in ("linear", "knn", "finetune") for f in fractions
+               if any(f in entry["ssl"].get(p, {}) for entry in rows.values())]
+    smallest = fractions[0] if fractions else ""
+    header = ["method", "images seen", "img/s", *(f"{PROTOCOL_NAMES.get(p, p)} {float(f):.0%}" for p, f in columns),
+              f"gain vs random, linear {float(smallest or 0):.0%}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in rows.items():
+        lines.append("| " + " | ".join([
+            method, f"{entry['images_seen']['mean']:.0f}", f"{entry['images_per_s']['mean']:.0f}",
+            *(cell(entry["ssl"].get(p, {}).get(f)) for p, f in columns),
+            cell(entry["gain_over_random"].get("linear", {}).get(smallest), True)]) + " |")
+    return "\n".join(lines)
+
+
+def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Pool replicate bake-offs (``--combine DIR:SEED …``) into ``benchmarks/results/<stem>.json`` / ``.html``."""
+    try:
+        pooled = combine_replicates(args.combine)
+    except ConfigError as error:
+        parser.error(f"--combine: {error}")
+    name = (pooled.get("data") or {}).get("name")
+    if name not in (None, args.dataset):
+        parser.error(f"--combine: the replicates are of '{name}', not --dataset {args.dataset} (the result's name)")
+    budget = pooled["budget"]
+    minutes = budget["wall_clock_s"] / 60.0 if budget.get("wall_clock_s") else None
+    references = lightly_reference_runs(RESULTS / "runs", args.dataset, minutes, budget.get("images_seen"),
+                                        budget.get("threads", args.threads))
+    bars = {arm: lightly_summary(runs) for arm, runs in references.items()
+            if not any(r.get("legacy_budget") for r in runs)}
+    rows = methods_from_pooled(pooled)
+    checks = issue_checks(rows, bars) if rows and all("linear" in e["ssl"] for e in rows.values()) else {}
+    stem = bakeoff_stem(args.dataset, args.tag)
+    record = {
+        "settings": {"dataset": args.dataset, "seeds": pooled["seeds"], "pretraining_runs": "per_seed",
+                     "budget": budget, "methods": list(rows), "replicates": pooled["replicates"]},
+        "budget_statement": f"{pooled['budget_statement']}; {pooled['pretraining_statement']}.",
+        "reading": READING_POOLED, "interval": "its 95 % interval over seeds and test cases",
+        "machine": machine(), "versions": package_versions(),
+        "summary": {"methods": rows, "checks": checks, "lightly": bars}, "bakeoff": pooled,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{stem}.json", record)
+    write_text_atomic(RESULTS / f"{stem}.html", render_html(record))
+    print(markdown_table(rows))
+    for flag in pooled["flags"]:
+        print(f"FLAG: {flag}")
+    print(f"wrote {RESULTS / f'{stem}.json'} and .html")
+    return 0
 
 
 def render_only(args: argparse.Namespace) -> int:
@@ -458,6 +577,7 @@ def bakeoff_config(args: argparse.Namespace) -> BakeoffConfig:
         "data": data, "model": model, "methods": args.methods or None, "budget": budget,
         "calibration": {"warmup_steps": args.calibration_warmup, "steps": args.calibration_steps},
         "train": train, "label_fractions": list(lib.FRACTIONS), "seeds": args.seeds, "protocols": protocols,
+        "pretraining_runs": getattr(args, "pretraining_runs", "shared"),
     })
 
 
@@ -519,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", help="default: every registered method that fits the data")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--pretrain-seed", type=int, default=0, help="seed of every pretraining run")
+    parser.add_argument("--pretraining-runs", choices=["shared", "per_seed"], default="shared",
+                        help="shared: each method pretrains once (--pretrain-seed); per_seed: each of --seeds is its "
+                             "own pretraining run and random twin, pooled so intervals include pretraining variance")
     parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="also fine-tune every encoder for this many epochs (backbone LR chosen on validation)")
     parser.add_argument("--tag", default="", help="suffix of the bake-off's name (e.g. a budget name)")
@@ -535,9 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true",
                         help="only re-render benchmarks/results/method_bakeoff_<dataset>[_<tag>].html from its "
                              "committed JSON (read, never written); needs no budget")
+    parser.add_argument("--combine", nargs="+", type=parse_replicate, metavar="DIR:SEED",
+                        help="pool bake-offs run one per pretraining seed (each folder's cells of that seed only) "
+                             "into benchmarks/results/<stem>.json/.html; runs nothing, needs no budget")
     args = parser.parse_args(argv)
     if args.render_only:
         return render_only(args)
+    if args.combine:
+        return combine_only(args, parser)
     if not args.budget_minutes and not args.budget_images:
         parser.error("state one budget: --budget-images N (equal images seen, the primary rule) or --budget-minutes M "
                      "(equal measured wall-clock with --threads)")

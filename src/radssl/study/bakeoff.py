@@ -29,6 +29,17 @@ memory (where measured) and the headline numbers with 95 % intervals, each besid
     <output_dir>/bakeoff.json                  the summary
     <output_dir>/calibration.json              wall-clock budgets: the measured rates (reused on resume)
     <output_dir>/<backbone>/report/report.html one study per backbone group (the page to read)
+
+Pretraining runs (``pretraining_runs``). ``shared`` (default): each method pretrains ONCE (``seed``) and the
+``seeds`` vary the label subsets and the read-outs' training — cheap, but the intervals then leave out the largest
+source of variance in SSL, the pretraining run itself. ``per_seed``: every seed ``s`` is its own replicate bake-off —
+the same config with ``seed = s`` (the pretraining runs AND the random twins) and ``seeds = [s]``, in
+``<output_dir>/pretrain_seed<s>/`` with its own studies, bakeoff.json and reports, resumable like any bake-off. A
+wall-clock budget is calibrated once (``<output_dir>/calibration.json``) and reused by every replicate, so every
+replicate of a method runs the same steps. ``<output_dir>/bakeoff.json`` then pools the replicates
+(:func:`radssl.study.bakeoff_replicates.combine_replicates`): one row per seed from its replicate's results store, the
+same "seeds + test cases" intervals and SSL − random tests paired by seed (each replicate's own random twin), so the
+pretraining run's variance is inside every interval — the project's rule "intervals include seed variance".
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,7 +77,7 @@ from radssl.methods.registry import METHODS, method_class
 from radssl.provenance import package_versions
 from radssl.registry import did_you_mean
 from radssl.study.config import ExternalTestSet, ProtocolsSection, StudyConfig
-from radssl.study.plan import Log, print_log
+from radssl.study.plan import LABEL_FREE_FRACTION, Log, print_log
 from radssl.study.report import render_report
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import REPORT_DIR, RESULTS_FILE, run_study
@@ -74,6 +87,7 @@ from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",
     "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_bakeoff", "plan_lines", "SUMMARY_FILE",
+    "CellSource", "headline",
 ]
 
 SUMMARY_FILE = "bakeoff.json"
@@ -135,7 +149,13 @@ class BakeoffConfig(Section):
     """Everything ``radssl bakeoff`` needs; study fields (label fractions, seeds, protocols, …) as in a study."""
 
     name: str = "bakeoff"
-    seed: int = Field(0, description="seed of every pretraining run and of the random twins")
+    seed: int = Field(0, description="seed of every pretraining run and of the random twins (pretraining_runs: "
+                                     "shared; per_seed runs seed s for seed s and uses this one for calibration only)")
+    pretraining_runs: Literal["shared", "per_seed"] = Field(
+        "shared", description="shared: each method pretrains once (seed) and seeds vary only the label subsets and "
+        "read-outs; per_seed: each seed s is its own pretraining run and random twin (seed s), a replicate bake-off "
+        "in <output_dir>/pretrain_seed<s>/, pooled in bakeoff.json so the intervals include the pretraining run's "
+        "variance")
     output_dir: Path = Path("runs/bakeoff")
     data: DataSection = Field(default_factory=MedMNISTData)
     external_test_sets: list[ExternalTestSet] = Field(default_factory=list)
@@ -434,15 +454,18 @@ def _calibration_key(config: BakeoffConfig, arm: Arm, fingerprint: str) -> str:
                        "calibration": config.calibration.model_dump(mode="json")}, sort_keys=True, default=str)
 
 
-def _set_budget(config: BakeoffConfig, arms: dict[str, Arm], store: Any, log: Log) -> None:
+def _set_budget(config: BakeoffConfig, arms: dict[str, Arm], store: Any, log: Log,
+                calibration_path: Path | None = None) -> None:
     """Fill every arm's steps from the one budget (calibrating under a wall-clock budget, reusing a stored
-    calibration of the same settings so a resumed bake-off keeps its steps)."""
+    calibration of the same settings so a resumed bake-off keeps its steps). ``calibration_path`` (default
+    ``<output_dir>/calibration.json``): per-seed replicates share their parent's, so every replicate of a method
+    runs the same steps (the stored key holds no seed and no output folder)."""
     budget = config.budget
     if budget.images_seen is not None:
         for arm in arms.values():
             arm.steps = steps_for_images(budget.images_seen, arm.batch_size)
     else:
-        path = Path(config.output_dir) / CALIBRATION_FILE
+        path = Path(calibration_path or Path(config.output_dir) / CALIBRATION_FILE)
         stored = json.loads(path.read_text()) if path.is_file() else {}
         fingerprint = store.fingerprint()
         for arm in arms.values():
@@ -483,8 +506,10 @@ def study_configs(config: BakeoffConfig, arms: dict[str, Arm]) -> dict[str, Stud
     return out
 
 
-def plan_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None) -> BakeoffPlan:
-    """Select the methods, set the budget (calibrating under a wall-clock budget) and build the studies."""
+def plan_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None,
+                 calibration_path: Path | None = None) -> BakeoffPlan:
+    """Select the methods, set the budget (calibrating under a wall-clock budget, stored in ``calibration_path``,
+    default ``<output_dir>/calibration.json``) and build the studies."""
     if store is None:
         store = build_store(config.data)
     if config.threads:
@@ -494,7 +519,7 @@ def plan_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None)
     arms, excluded = select_methods(config, store, log)
     for method, reason in excluded.items():
         log(f"radssl bakeoff: {method} left out: {reason}")
-    _set_budget(config, arms, store, log)
+    _set_budget(config, arms, store, log, calibration_path)
     notes = [f"{method} left out: {reason}" for method, reason in excluded.items()]
     return BakeoffPlan(config, arms, study_configs(config, arms), excluded, notes)
 
@@ -502,6 +527,9 @@ def plan_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None)
 def plan_lines(plan: BakeoffPlan) -> list[str]:
     """The plan in a few lines: budget, each arm's backbone, steps and images, and the methods left out."""
     lines = [f"budget: {budget_statement(plan.config)}"]
+    if plan.config.pretraining_runs == "per_seed":
+        lines.append(f"pretraining runs: one per seed ({len(plan.config.seeds)} replicates, seeds {plan.config.seeds}, "
+                     f"each in {plan.config.output_dir}/pretrain_seed<s>/ with these steps)")
     for method, arm in plan.arms.items():
         rate = f" (calibrated {arm.calibration['images_per_s']:.1f} img/s)" if arm.calibration else ""
         lines.append(f"{method:<15} {arm.group:<14} {arm.steps} steps × batch {arm.batch_size} = "
@@ -521,18 +549,45 @@ def _binary_column(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray | None
     return None
 
 
-def _case_outputs(results: Any, study: str, rows: list[dict[str, Any]]
-                  ) -> tuple[np.ndarray, list[np.ndarray], Any] | None:
+@dataclass(frozen=True)
+class CellSource:
+    """Where headline rows come from: one study in one results store, read at ``seeds`` only.
+
+    A store can hold extra seeds from an earlier, wider run of the same output folder, and a per-seed replicate
+    contributes only the seed it was pretrained with; label-free cells (fraction 0) carry the pretraining seed.
+    """
+
+    results_path: Path
+    study: str
+    seeds: tuple[int, ...]
+    pretrain_seed: int
+
+
+def _source_rows(results: ResultsStore, source: CellSource) -> list[dict[str, Any]]:
+    """The source's primary-metric cells of full pretraining at its seeds, each knowing the store it came from
+    (so one headline row can pool cells of several stores: per-seed replicates)."""
+    out = []
+    for r in results.cells(source.study):
+        if r["metric"] != r["primary_metric"] or r["value"] is None or r["pretrain_fraction"] != 1.0:
+            continue
+        label_free = float(r["label_fraction"]) == LABEL_FREE_FRACTION
+        wanted = r["seed"] == source.pretrain_seed if label_free else r["seed"] in source.seeds
+        if wanted:
+            out.append({**r, "_results": results, "_study": source.study})
+    return out
+
+
+def _case_outputs(rows: list[dict[str, Any]]) -> tuple[np.ndarray, list[np.ndarray], Any] | None:
     """(y_true, per-seed scores or values, metric function) when every seed stored the same cases, else None."""
     metric = rows[0]["metric"]
     if all(r["has_case_values"] for r in rows):
-        values = [results.case_values(study, r["cell_key"])[metric] for r in rows]
+        values = [r["_results"].case_values(r["_study"], r["cell_key"])[metric] for r in rows]
         if len({len(v) for v in values}) != 1:
             return None
         return np.zeros(len(values[0]), dtype=np.int64), [np.asarray(v, dtype=np.float64) for v in values], case_mean
     if not all(r["has_predictions"] for r in rows):
         return None
-    stored = [results.predictions(study, r["cell_key"]) for r in rows]
+    stored = [r["_results"].predictions(r["_study"], r["cell_key"]) for r in rows]
     y_true = stored[0].y_true
     if any(p is None or p.y_true.shape != y_true.shape or not np.array_equal(p.y_true, y_true) for p in stored):
         return None
@@ -546,12 +601,13 @@ def _case_outputs(results: Any, study: str, rows: list[dict[str, Any]]
     return None
 
 
-def _interval(results: Any, study: str, rows: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
+def _interval(rows: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
     """Mean over seeds with the study's interval: over seeds and test cases where per-case outputs exist."""
     values = [float(r["value"]) for r in rows]
     out: dict[str, Any] = {"mean": float(np.mean(values)), "low": None, "high": None, "n_seeds": len(rows),
-                           "interval": "none"}
-    outputs = _case_outputs(results, study, rows)
+                           "interval": "none", "per_seed": [{"seed": r["seed"], "value": v}
+                                                            for r, v in zip(rows, values, strict=True)]}
+    outputs = _case_outputs(rows)
     if outputs is not None:
         try:
             r = seeds_and_cases_interval(outputs[0], outputs[1], outputs[2], n_boot=n_boot, seed=0)
@@ -567,9 +623,9 @@ def _interval(results: Any, study: str, rows: list[dict[str, Any]], n_boot: int)
     return out
 
 
-def _gain(results: Any, study: str, ssl: list[dict[str, Any]], random: list[dict[str, Any]], n_boot: int
-          ) -> dict[str, Any] | None:
-    """SSL − random paired by seed (same label subset), tested over seeds and test cases as the report does."""
+def _gain(ssl: list[dict[str, Any]], random: list[dict[str, Any]], n_boot: int) -> dict[str, Any] | None:
+    """SSL − random paired by seed (same label subset; per-seed replicates: the replicate's own random twin),
+    tested over seeds and test cases as the report does."""
     by_seed = {r["seed"]: r for r in random}
     pairs = [(a, by_seed[a["seed"]]) for a in sorted(ssl, key=lambda r: r["seed"]) if a["seed"] in by_seed]
     if not pairs:
@@ -577,7 +633,7 @@ def _gain(results: Any, study: str, ssl: list[dict[str, Any]], random: list[dict
     differences = [float(a["value"]) - float(b["value"]) for a, b in pairs]
     out: dict[str, Any] = {"mean": float(np.mean(differences)), "low": None, "high": None, "p_value": None,
                            "n_seeds": len(pairs), "interval": "none"}
-    outputs = _case_outputs(results, study, [a for a, _ in pairs] + [b for _, b in pairs])
+    outputs = _case_outputs([a for a, _ in pairs] + [b for _, b in pairs])
     if outputs is not None:
         y_true, scores, metric = outputs
         try:
@@ -593,31 +649,44 @@ def _gain(results: Any, study: str, ssl: list[dict[str, Any]], random: list[dict
     return out
 
 
-def headline(results_path: Path, study: str, arms: dict[str, dict[str, Any]], n_boot: int = 1000
+def _grouped_rows(sources: Sequence[CellSource], stack: ExitStack
+                  ) -> dict[tuple[str, str, str, str, float], list[dict[str, Any]]]:
+    """Rows of every source by (init, method, protocol, test set, fraction); a seed twice in one group is an error
+    (pairing by seed would be ambiguous)."""
+    grouped: dict[tuple[str, str, str, str, float], list[dict[str, Any]]] = {}
+    for source in sources:
+        results = stack.enter_context(ResultsStore(source.results_path))
+        for r in _source_rows(results, source):
+            key = (r["init"], r["pretrain"], r["protocol"], r["test_set"], float(r["label_fraction"]))
+            if any(other["seed"] == r["seed"] for other in grouped.get(key, [])):
+                raise DataError(str(source.results_path), f"seed {r['seed']} of {key} comes from two sources",
+                                "give each replicate its own pretraining seed")
+            grouped.setdefault(key, []).append(r)
+    return grouped
+
+
+def headline(sources: Sequence[CellSource], arms: dict[str, dict[str, Any]], n_boot: int = 1000
              ) -> list[dict[str, Any]]:
     """Per method × protocol × test set × label fraction: SSL and its random twin (mean, 95 % interval) and the
-    paired gain, each row beside the arm's images seen. Computed from the study's results store with the study's
-    own statistics (:mod:`radssl.study.statistics`)."""
+    paired gain, each row beside the arm's images seen. Computed from one study's results store (``shared``) or
+    pooled from several (per-seed replicates, one seed each) with the study's own statistics
+    (:mod:`radssl.study.statistics`), reading only each source's seeds."""
     rows_out: list[dict[str, Any]] = []
-    with ResultsStore(results_path) as results:
-        cells = [r for r in results.cells(study) if r["metric"] == r["primary_metric"] and r["value"] is not None]
-        grouped: dict[tuple[str, str, str, str, float], list[dict[str, Any]]] = {}
-        for r in cells:
-            if r["pretrain_fraction"] != 1.0:
-                continue
-            key = (r["init"], r["pretrain"], r["protocol"], r["test_set"], float(r["label_fraction"]))
-            grouped.setdefault(key, []).append(r)
+    with ExitStack() as stack:
+        grouped = _grouped_rows(sources, stack)
         for (init, method, protocol, test_set, fraction), ssl_rows in sorted(grouped.items()):
             if init != "ssl" or method not in arms:
                 continue
-            random_rows = next((v for (i, _, p, t, f), v in grouped.items()
-                                if i == "random" and p == protocol and t == test_set and f == fraction), [])
+            ssl_rows = sorted(ssl_rows, key=lambda r: r["seed"])
+            random_rows = sorted(next((v for (i, _, p, t, f), v in grouped.items()
+                                       if i == "random" and p == protocol and t == test_set and f == fraction), []),
+                                 key=lambda r: r["seed"])
             rows_out.append({
                 "method": method, "protocol": protocol, "test_set": test_set, "label_fraction": fraction,
                 "metric": ssl_rows[0]["metric"], "images_seen": arms[method]["images_seen"],
-                "ssl": _interval(results, study, ssl_rows, n_boot),
-                "random": _interval(results, study, random_rows, n_boot) if random_rows else None,
-                "gain_over_random": _gain(results, study, ssl_rows, random_rows, n_boot) if random_rows else None,
+                "ssl": _interval(ssl_rows, n_boot),
+                "random": _interval(random_rows, n_boot) if random_rows else None,
+                "gain_over_random": _gain(ssl_rows, random_rows, n_boot) if random_rows else None,
             })
     return rows_out
 
@@ -689,9 +758,11 @@ def summarise(plan: BakeoffPlan, study_dirs: dict[str, Path]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for group, study in plan.studies.items():
         members = {m: a for m, a in arms.items() if a["group"] == group}
-        rows += headline(study_dirs[group] / RESULTS_FILE, study.name, members, config.bootstrap_samples)
+        source = CellSource(study_dirs[group] / RESULTS_FILE, study.name, tuple(config.seeds), config.seed)
+        rows += headline([source], members, config.bootstrap_samples)
     return {
-        "name": config.name, "budget": config.budget.model_dump(mode="json", exclude_none=True),
+        "name": config.name, "seed": config.seed, "seeds": list(config.seeds), "pretraining_runs": "shared",
+        "budget": config.budget.model_dump(mode="json", exclude_none=True),
         "budget_statement": budget_statement(config),
         "selection": {"methods": list(plan.arms), "excluded": plan.excluded,
                       "rule": "listed methods" if config.methods is not None else "every registered method that "
@@ -721,13 +792,20 @@ def report_notes(summary: dict[str, Any], group: str) -> list[str]:
     return notes
 
 
-def run_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None) -> Path:
+def run_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None,
+                calibration_path: Path | None = None) -> Path:
     """Plan, run every study (resumable) and write ``<output_dir>/bakeoff.json``; returns its path.
 
     Each study's report is rendered again with the bake-off's budget, arms and flags among its notes, so the page
-    says what every arm was given and whether it got it.
+    says what every arm was given and whether it got it. ``pretraining_runs: per_seed`` runs one replicate bake-off
+    per seed and pools them (:mod:`radssl.study.bakeoff_replicates`, which builds on this module: imported here, not
+    at the top, to keep the import one-way at load time). ``calibration_path``: see :func:`plan_bakeoff`.
     """
-    plan = plan_bakeoff(config, log, store)
+    if config.pretraining_runs == "per_seed":
+        from radssl.study.bakeoff_replicates import run_replicates
+
+        return run_replicates(config, log, store)
+    plan = plan_bakeoff(config, log, store, calibration_path)
     log(f"radssl bakeoff '{config.name}': {len(plan.arms)} methods ({', '.join(plan.arms)}) in "
         f"{len(plan.studies)} stud{'y' if len(plan.studies) == 1 else 'ies'}; budget: {budget_statement(config)}")
     study_dirs = {group: Path(run_study(study, log=log)) for group, study in plan.studies.items()}

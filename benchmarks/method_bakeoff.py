@@ -64,8 +64,8 @@ from radssl.atomic import write_text_atomic
 from radssl.errors import ConfigError
 from radssl.methods.registry import METHODS, method_class
 from radssl.provenance import package_versions
-from radssl.study.bakeoff import SUMMARY_FILE, BakeoffConfig, plan_bakeoff, plan_lines, run_bakeoff
-from radssl.study.bakeoff_replicates import combine_replicates
+from radssl.study.bakeoff import SUMMARY_FILE, BakeoffConfig, plan_bakeoff, plan_lines
+from radssl.study.bakeoff_replicates import combine_replicates, run_bakeoff
 from radssl.study.figures import Series, interval_panels
 from radssl.study.formatting import PROTOCOL_NAMES, num, signed
 from radssl.study.pages import (

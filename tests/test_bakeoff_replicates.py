@@ -15,7 +15,8 @@ import torch
 
 import radssl.study.bakeoff as bakeoff
 from radssl.errors import ConfigError
-from radssl.study.bakeoff import BakeoffConfig, CellSource, headline, run_bakeoff
+from radssl.study.bakeoff import BakeoffConfig, CellSource, headline
+from radssl.study.bakeoff_replicates import run_bakeoff
 from radssl.study.bakeoff_replicates import combine_replicates, replicate_dir
 from radssl.study.results_store import CellKey, ResultsStore
 from radssl.transfer.metrics import binary_auc

@@ -21,7 +21,8 @@ from radssl.engine.pretrain import pretrain
 from radssl.errors import RadsslError
 from radssl.evaluation.quick import evaluate_pretraining, summary_lines
 from radssl.models.foundation_weights import fingerprint
-from radssl.study.bakeoff import load_bakeoff_config, plan_bakeoff, plan_lines, run_bakeoff
+from radssl.study.bakeoff import load_bakeoff_config, plan_bakeoff, plan_lines
+from radssl.study.bakeoff_replicates import run_bakeoff
 from radssl.study.commands import add_study_commands, run_demo_study
 from radssl.study.config import load_study_config
 from radssl.study.preflight import config_kind as kind_of

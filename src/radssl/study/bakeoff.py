@@ -21,7 +21,7 @@ seeds, and ONE budget. :func:`plan_bakeoff` then
      measured pretraining wall-clock (the run's ``run.json``) is compared with ``T`` and any arm off by more than
      ``wall_clock_tolerance`` (10 %) is flagged in the output and in ``bakeoff.json``.
 
-:func:`run_bakeoff` runs each study through the study runner (:func:`radssl.study.runner.run_study`: the same checks
+:func:`run_one_bakeoff` runs each study through the study runner (:func:`radssl.study.runner.run_study`: the same checks
 before compute, results store, resume, statistics and HTML report as ``radssl study``) and writes
 ``<output_dir>/bakeoff.json`` (atomic): per method the images seen, steps, pretraining wall-clock, img/s, peak
 memory (where measured) and the headline numbers with 95 % intervals, each beside its images seen. Layout::
@@ -86,7 +86,7 @@ from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",
-    "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_bakeoff", "plan_lines", "SUMMARY_FILE",
+    "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_one_bakeoff", "plan_lines", "SUMMARY_FILE",
     "CellSource", "headline",
 ]
 
@@ -292,7 +292,7 @@ class Arm:
 
 @dataclass
 class BakeoffPlan:
-    """What :func:`run_bakeoff` runs: the arms, one StudyConfig per backbone group, and the selection's reasons."""
+    """What :func:`run_one_bakeoff` runs: the arms, one StudyConfig per backbone group, and the selection's reasons."""
 
     config: BakeoffConfig
     arms: dict[str, Arm]
@@ -792,19 +792,15 @@ def report_notes(summary: dict[str, Any], group: str) -> list[str]:
     return notes
 
 
-def run_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None,
-                calibration_path: Path | None = None) -> Path:
-    """Plan, run every study (resumable) and write ``<output_dir>/bakeoff.json``; returns its path.
+def run_one_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None,
+                    calibration_path: Path | None = None) -> Path:
+    """Plan, run every study (resumable) and write ``<output_dir>/bakeoff.json``; returns its path. Each method
+    pretrains once (``config.seed``), whatever ``pretraining_runs`` says: the entry point that honours
+    ``pretraining_runs: per_seed`` is :func:`radssl.study.bakeoff_replicates.run_bakeoff`, which builds on this one.
 
     Each study's report is rendered again with the bake-off's budget, arms and flags among its notes, so the page
-    says what every arm was given and whether it got it. ``pretraining_runs: per_seed`` runs one replicate bake-off
-    per seed and pools them (:mod:`radssl.study.bakeoff_replicates`, which builds on this module: imported here, not
-    at the top, to keep the import one-way at load time). ``calibration_path``: see :func:`plan_bakeoff`.
+    says what every arm was given and whether it got it. ``calibration_path``: see :func:`plan_bakeoff`.
     """
-    if config.pretraining_runs == "per_seed":
-        from radssl.study.bakeoff_replicates import run_replicates
-
-        return run_replicates(config, log, store)
     plan = plan_bakeoff(config, log, store, calibration_path)
     log(f"radssl bakeoff '{config.name}': {len(plan.arms)} methods ({', '.join(plan.arms)}) in "
         f"{len(plan.studies)} stud{'y' if len(plan.studies) == 1 else 'ies'}; budget: {budget_statement(config)}")

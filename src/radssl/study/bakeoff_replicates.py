@@ -32,17 +32,26 @@ from radssl.study.bakeoff import (
     BakeoffConfig,
     CellSource,
     headline,
-    run_bakeoff,
+    run_one_bakeoff,
 )
 from radssl.study.plan import LABEL_FREE_FRACTION, Log, print_log
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import REPORT_DIR, RESULTS_FILE
 
-__all__ = ["replicate_dir", "replicate_config", "run_replicates", "combine_replicates", "PRETRAINING_STATEMENT"]
+__all__ = ["run_bakeoff", "replicate_dir", "replicate_config", "run_replicates", "combine_replicates", "PRETRAINING_STATEMENT"]
 
 PRETRAINING_STATEMENT = ("each seed its own pretraining run: replicate s pretrains every method and initialises its "
                          "random twin with seed s and reads out on label subset s, so the intervals over seeds and "
                          "test cases include the pretraining run's variance")
+
+
+def run_bakeoff(config: BakeoffConfig, log: Log = print_log, store: Any = None) -> Path:
+    """``radssl bakeoff``'s entry point: one bake-off (each method pretrained once) for ``pretraining_runs: shared``,
+    one replicate per seed pooled for ``per_seed``; returns the path of ``<output_dir>/bakeoff.json``. It lives here,
+    beside the replicates, so that imports run one way (bakeoff → bakeoff_replicates)."""
+    if config.pretraining_runs == "per_seed":
+        return run_replicates(config, log, store)
+    return run_one_bakeoff(config, log, store)
 
 
 def replicate_dir(output_dir: Path | str, seed: int) -> Path:
@@ -70,7 +79,7 @@ def run_replicates(config: BakeoffConfig, log: Log = print_log, store: Any = Non
     for seed in config.seeds:
         replicate = replicate_config(config, seed)
         log(f"radssl bakeoff: replicate of pretraining seed {seed} in {replicate.output_dir}")
-        run_bakeoff(replicate, log, store, calibration)
+        run_one_bakeoff(replicate, log, store, calibration)
         done.append((Path(replicate.output_dir), seed))
     summary = combine_replicates(done, n_boot=config.bootstrap_samples, strict=False, name=config.name)
     path = Path(config.output_dir) / SUMMARY_FILE

@@ -79,6 +79,7 @@ from radssl.study.pages import (
 )
 
 RESULTS = Path(__file__).parent / "results"
+AUC_BOUNDS = (0.0, 1.0)  # AUC intervals on the logit scale of this range stay inside it (issue 19 point 8)
 LIGHTLY_ARMS = ("documented", "strong")  # benchmarks/lightly_bar.py --arm
 
 
@@ -115,7 +116,8 @@ def lightly_summary(reference_runs: list[dict[str, Any]]) -> dict[str, Any]:
         "budget": ("legacy: fixed step count, not set by the budget rule (rerun benchmarks/lightly_bar.py)" if legacy
                    else reference_runs[0].get("budget")),
         "linear": {fraction: {**mean_sd_interval([run["ssl"]["linear"][fraction]["test_auc"]
-                                                       for run in reference_runs]), "images_seen": images["mean"]}
+                                                       for run in reference_runs], bounds=AUC_BOUNDS),
+                              "images_seen": images["mean"]}
                    for fraction in reference_runs[0]["ssl"]["linear"]}}
 
 

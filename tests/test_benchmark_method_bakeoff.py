@@ -171,6 +171,14 @@ def test_the_committed_lightly_runs_are_the_bar_of_the_committed_bake_off(bakeof
     assert bar["linear"]["0.01"]["mean"] == pytest.approx(mean) and bar["images_seen"]["mean"] == 22272
 
 
+def test_lightly_bar_intervals_stay_inside_the_auc_range(bakeoff) -> None:  # noqa: ANN001
+    # Three seeds with a wide spread near the top: an unbounded t-interval (t = 4.30, 2 df) would end above 1.
+    runs = [_lightly(seed, [0.6, 0.8, auc], 12800) for seed, auc in enumerate((0.99, 0.90, 0.97))]
+    bar = bakeoff.lightly_summary(runs)["linear"]["1"]
+    assert bar["mean"] == pytest.approx((0.99 + 0.90 + 0.97) / 3)
+    assert 0.0 < bar["low"] < bar["mean"] < bar["high"] < 1.0, bar
+
+
 def test_radssl_bakeoff_best_is_set_beside_each_lightly_arm_at_its_images(bakeoff) -> None:  # noqa: ANN001
     def row(method: str, fraction: float, mean: float, protocol: str = "linear") -> dict:
         return {"method": method, "protocol": protocol, "test_set": "test", "label_fraction": fraction,

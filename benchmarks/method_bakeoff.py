@@ -340,17 +340,27 @@ def best_vs_lightly_from_bakeoff(bakeoff: dict[str, Any], references: dict[str, 
     return out
 
 
+def matching_lightly_runs(runs_root: Path, dataset: str, budget_minutes: float | None, budget_images: int | None,
+                          threads: int, validation: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Per lightly arm, its runs at this budget read out under the bake-off's ``validation`` rule where they exist,
+    else (today's bars, then unpaired) those with full validation; legacy fixed-step runs are left out."""
+    out = lightly_reference_runs(runs_root, dataset, budget_minutes, budget_images, threads)
+    if validation in lib.VALIDATION_RULES and validation != "full":
+        out.update(lightly_reference_runs(runs_root, dataset, budget_minutes, budget_images, threads, validation))
+    return {arm: runs for arm, runs in out.items() if not any(run.get("legacy_budget") for run in runs)}
+
+
 def compare_with_lightly(args: argparse.Namespace, summary_path: Path) -> Path | None:
     """Write ``lightly_comparison.json`` beside a bake-off's ``bakeoff.json`` (and print it) where lightly_bar runs
     exist at the same budget; say so and write nothing where none do."""
-    references = lightly_reference_runs(RESULTS / "runs", args.dataset, args.budget_minutes, args.budget_images,
-                                        args.threads)
-    references = {arm: runs for arm, runs in references.items() if not any(r.get("legacy_budget") for r in runs)}
+    bakeoff = json.loads(summary_path.read_text())
+    references = matching_lightly_runs(RESULTS / "runs", args.dataset, args.budget_minutes, args.budget_images,
+                                       args.threads, (bakeoff.get("validation") or {}).get("rule"))
     if not references:
         print(f"no benchmarks/lightly_bar.py runs of {args.dataset} at this budget "
               f"({lightly_budget_key(args.budget_minutes, args.budget_images, args.threads)}): run it to compare")
         return None
-    comparison = best_vs_lightly_from_bakeoff(json.loads(summary_path.read_text()), references)
+    comparison = best_vs_lightly_from_bakeoff(bakeoff, references)
     path = summary_path.parent / "lightly_comparison.json"
     write_json(path, comparison)
     for arm, entry in comparison["arms"].items():
@@ -486,8 +496,12 @@ READING = ("Cells: mean test AUC over seeds [95 % t-interval over seeds; each se
 READING_POOLED = ("Cells: mean test AUC over seeds [95 % interval over seeds and test cases, the study's statistics]; "
                   "each seed is its own pretraining run (and its own random twin, seed s) read out on label subset s, "
                   "so the interval includes the pretraining run's variance. Gain vs random: SSL − the same seed's "
-                  "random twin, paired by seed. C of the linear probe chosen on the validation split. Lightly arms "
-                  "(where runs at the same budget exist) are bars set beside the mean, not paired.")
+                  "random twin, paired by seed. C of the linear probe chosen on the study's validation rows (rule in "
+                  "Settings: validation). Lightly arms (runs at the same budget): \"− lightly <arm>, paired\" = this "
+                  "method − lightly seed by seed (95 % t over seeds, bounded to [−1, 1]) where lightly's probe chose C "
+                  "under the same validation rule and its seeds are the bake-off's (then seed s = the same label and "
+                  "validation subsets on both sides); otherwise bars beside the mean, not paired, and the checks' "
+                  "pairing says why.")
 
 
 def parse_replicate(text: str) -> tuple[Path, int]:
@@ -552,6 +566,22 @@ def markdown_table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pair_with_lightly(rows: dict[str, Any], pooled: dict[str, Any],
+                      references: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every method's linear read-out minus each lightly arm, paired by seed where :func:`lightly_pairing` finds it
+    sound (stored in ``rows[method]['minus_lightly_paired'][arm]``, which the checks and the table read); returns per
+    arm whether it was paired and why."""
+    by_method = headline_by_method(pooled, "linear")
+    out: dict[str, dict[str, Any]] = {}
+    for arm, runs in references.items():
+        for method, entry in rows.items():
+            pairing = lightly_pairing(by_method.get(method, {}), runs, pooled)
+            if pairing["paired"]:
+                entry.setdefault("minus_lightly_paired", {})[arm] = pairing["fractions"]
+            out[arm] = {"paired": pairing["paired"], "why": pairing["why"]}
+    return out
+
+
 def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Pool replicate bake-offs (``--combine DIR:SEED …``) into ``benchmarks/results/<stem>.json`` / ``.html``."""
     try:
@@ -563,15 +593,18 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"--combine: the replicates are of '{name}', not --dataset {args.dataset} (the result's name)")
     budget = pooled["budget"]
     minutes = budget["wall_clock_s"] / 60.0 if budget.get("wall_clock_s") else None
-    references = lightly_reference_runs(RESULTS / "runs", args.dataset, minutes, budget.get("images_seen"),
-                                        budget.get("threads", args.threads))
-    bars = {arm: lightly_summary(runs) for arm, runs in references.items()
-            if not any(r.get("legacy_budget") for r in runs)}
+    references = matching_lightly_runs(RESULTS / "runs", args.dataset, minutes, budget.get("images_seen"),
+                                       budget.get("threads", args.threads), (pooled.get("validation") or {}).get("rule"))
+    bars = {arm: lightly_summary(runs) for arm, runs in references.items()}
     rows = methods_from_pooled(pooled)
+    pairings = pair_with_lightly(rows, pooled, references)
     checks = issue_checks(rows, bars) if rows and all("linear" in e["ssl"] for e in rows.values()) else {}
+    for arm, check in checks.get("best_vs_lightly", {}).items():
+        check["pairing"] = pairings[arm]
     stem = bakeoff_stem(args.dataset, args.tag)
     record = {
         "settings": {"dataset": args.dataset, "seeds": pooled["seeds"], "pretraining_runs": "per_seed",
+                     "validation": pooled.get("validation"),
                      "budget": budget, "methods": list(rows), "replicates": pooled["replicates"]},
         "budget_statement": f"{pooled['budget_statement']}; {pooled['pretraining_statement']}.",
         "reading": READING_POOLED, "interval": "its 95 % interval over seeds and test cases",
@@ -582,6 +615,8 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     write_json(RESULTS / f"{stem}.json", record)
     write_text_atomic(RESULTS / f"{stem}.html", render_html(record))
     print(markdown_table(rows))
+    for arm, pairing in pairings.items():
+        print(f"lightly {arm} ({bars[arm]['validation']} validation): {pairing['why']}")
     for flag in pooled["flags"]:
         print(f"FLAG: {flag}")
     print(f"wrote {RESULTS / f'{stem}.json'} and .html")

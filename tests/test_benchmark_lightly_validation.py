@@ -35,7 +35,10 @@ def bakeoff():  # noqa: ANN201 - a module
 
 @pytest.fixture(scope="module")
 def store():  # noqa: ANN201 - an ImageStore: 600 train, 100 val (50 per class), 100 test rows
-    return make_tiny_store(n=800, size=8)
+    tiny = make_tiny_store(n=800, size=8)
+    rows = np.arange(len(tiny))
+    tiny.patient_id = np.array([f"p{(i // 4) * 2 + i % 2}" for i in rows])  # two rows of one class per patient
+    return tiny
 
 
 def _study(tmp_path: Path, lib) -> StudyConfig:  # noqa: ANN001

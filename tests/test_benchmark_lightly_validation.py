@@ -121,6 +121,8 @@ def test_run_files_of_the_two_rules_never_mix(bakeoff, tmp_path) -> None:  # noq
         (folder / f"seed{seed}_documented_1000img.json").write_text(json.dumps(_lightly_run(seed, [.6] * 3, None)))
         (folder / f"seed{seed}_documented_1000img_propval.json").write_text(
             json.dumps(_lightly_run(seed, [.7] * 3, "proportional")))
+    # A run recorded under the proportional rule is never read as a full-validation run, whatever its file name.
+    (folder / "seed2_documented_1000img.json").write_text(json.dumps(_lightly_run(2, [.7] * 3, "proportional")))
     full = bakeoff.lightly_reference_runs(tmp_path / "runs", "breastmnist", None, 1000, 2)
     proportional = bakeoff.lightly_reference_runs(tmp_path / "runs", "breastmnist", None, 1000, 2, "proportional")
     assert [r["ssl"]["linear"]["1"]["test_auc"] for r in full["documented"]] == [.6, .6]
@@ -130,6 +132,7 @@ def test_run_files_of_the_two_rules_never_mix(bakeoff, tmp_path) -> None:  # noq
     for rule in ("full", "proportional"):
         args.validation = rule
         assert bar.run_tag(args) == f"documented_{bakeoff.lightly_budget_key(None, 1000, 2, rule)}"
+    (folder / "seed2_documented_1000img.json").unlink()
     assert bar.main(["--budget-images", "1000", "--cached-only", "--results-dir", str(tmp_path),
                      "--validation", "proportional"]) == 0
     summary = json.loads((tmp_path / "lightly_bar_breastmnist_documented_1000img_propval.json").read_text())
@@ -188,3 +191,29 @@ def test_combine_pairs_every_method_only_under_the_same_rule(bakeoff) -> None:  
         assert pairing["strong"]["paired"] is paired
         assert ("minus_lightly_paired" in rows["m"]) is paired
     assert rows["m"] == {}
+
+
+def test_a_lightly_run_reads_out_and_records_its_validation_rule(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    bar = load_benchmark_script("lightly_bar")
+    calls: list[dict] = []
+    monkeypatch.setattr(bar, "train_example", lambda *a, **k: {
+        "backbone": nn.Identity(), "losses": [1.0], "step_ends_s": [1.0], "pretrain_images_available": 10})
+    monkeypatch.setattr(bar.lib, "readouts", lambda *a, **k: calls.append(k) or {"linear": {}, "knn": {}})
+    monkeypatch.setattr(bar.lib, "machine", lambda **k: {})
+    args = type("Args", (), {"dataset": "breastmnist", "arm": "strong", "budget_images": 256, "budget_minutes": None,
+                             "threads": 1, "workers": 0, "size": 28, "validation": "proportional"})
+    record = bar.run_seed(args, None, 0, tmp_path / "run.json", 1, None)
+    assert calls == [{"validation": "proportional"}]
+    assert record["validation"] == {"rule": "proportional", "min_per_class": 5}
+
+
+def test_the_pooled_record_knows_its_validation_rule() -> None:
+    from radssl.study.bakeoff_replicates import Replicate, validation_rule
+
+    def rule(*configs: dict) -> dict:
+        return validation_rule(Replicate(Path("b"), 0, {}, study_configs={f"g{i}": c for i, c in enumerate(configs)}))
+
+    assert rule({"validation": "proportional", "validation_min_per_class": 4}) == {"rule": "proportional",
+                                                                                   "min_per_class": 4}
+    assert rule({}) == {"rule": "full", "min_per_class": None}  # saved before the field: the full split
+    assert rule({"validation": "full"}, {"validation": "proportional", "validation_min_per_class": 5})["rule"] == "mixed"

@@ -593,8 +593,9 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"--combine: the replicates are of '{name}', not --dataset {args.dataset} (the result's name)")
     budget = pooled["budget"]
     minutes = budget["wall_clock_s"] / 60.0 if budget.get("wall_clock_s") else None
+    rule = (pooled.get("validation") or {}).get("rule")
     references = matching_lightly_runs(RESULTS / "runs", args.dataset, minutes, budget.get("images_seen"),
-                                       budget.get("threads", args.threads), (pooled.get("validation") or {}).get("rule"))
+                                       budget.get("threads", args.threads), rule)
     bars = {arm: lightly_summary(runs) for arm, runs in references.items()}
     rows = methods_from_pooled(pooled)
     pairings = pair_with_lightly(rows, pooled, references)

@@ -216,4 +216,5 @@ def test_the_pooled_record_knows_its_validation_rule() -> None:
     assert rule({"validation": "proportional", "validation_min_per_class": 4}) == {"rule": "proportional",
                                                                                    "min_per_class": 4}
     assert rule({}) == {"rule": "full", "min_per_class": None}  # saved before the field: the full split
-    assert rule({"validation": "full"}, {"validation": "proportional", "validation_min_per_class": 5})["rule"] == "mixed"
+    mixed = rule({"validation": "full"}, {"validation": "proportional", "validation_min_per_class": 5})
+    assert mixed["rule"] == "mixed"

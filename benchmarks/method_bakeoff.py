@@ -32,6 +32,10 @@ every method beats random init at 1 %. Runs made before the budget rule (lightly
 ``seed<S>_<M>min.json``) are read for a minutes budget only when no run at the rule exists, and are labelled so.
 After a ``radssl bakeoff`` run, ``lightly_comparison.json`` beside ``bakeoff.json`` sets each lightly arm at the same
 budget beside radssl's best (unpaired: the study's seeds vary label subsets only), images seen on both sides.
+The validation rule is part of the comparison: ``radssl bakeoff`` chooses C on proportional validation rows, so
+``--combine`` reads the lightly runs made with ``lightly_bar.py --validation proportional`` (``*_propval.json``) where
+they exist and then pairs each method − lightly by seed (:func:`lightly_pairing`: per-seed pretraining, same rule,
+same seeds); with only full-validation lightly runs the bars stay unpaired and the checks' ``pairing.why`` says so.
 
 Usage:
   RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-images 51200 --seeds 0 1 2

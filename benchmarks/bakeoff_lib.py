@@ -110,12 +110,36 @@ def fraction_subsets(store, seed: int) -> dict[float, np.ndarray]:  # noqa: ANN0
                                   source=store.name)
 
 
+VALIDATION_RULES = ("full", "proportional")
+"""Which validation rows choose the probe's C: the whole split at every fraction (``full``, the committed runs'
+rule), or the study's ``validation: proportional`` rule (``radssl.study.plan.proportional_validation_rows``)."""
+VALIDATION_SUFFIX = {"full": "", "proportional": "_propval"}
+"""The run files' budget-key suffix per validation rule, so runs read out under different rules never mix."""
+
+
+def validation_subsets(store, seed: int, validation: str = "full") -> dict[float, np.ndarray]:  # noqa: ANN001
+    """Per label fraction, the validation rows that choose the probe's C under ``validation`` (see
+    :data:`VALIDATION_RULES`); ``proportional`` is exactly the study's draw (same strata, ``[seed, 1]`` stream, floor
+    ``validation_min_per_class`` = its default), so these rows equal a ``radssl bakeoff`` study's for the same seed."""
+    from radssl.study.plan import proportional_validation_rows, subset_strata
+
+    if validation not in VALIDATION_RULES:
+        raise ValueError(f"validation {validation!r}: expected one of {VALIDATION_RULES}")
+    val = store.indices("val")
+    if validation == "full":
+        return {fraction: val for fraction in FRACTIONS}
+    return proportional_validation_rows(subset_strata(store, store.indices("train")), val, FRACTIONS, seed,
+                                        store.patient_id,
+                                        source=f"{store.name} [validation: proportional, seed {seed}]")
+
+
 def readouts(backbone, store, seed: int, device: str = "cpu",  # noqa: ANN001
-             bn_stats: str = "reestimate") -> dict[str, Any]:
+             bn_stats: str = "reestimate", validation: str = "full") -> dict[str, Any]:
     """Linear probe (C on validation AUC) and kNN test AUC at each label fraction, subsets seeded by ``seed``.
 
     ``bn_stats``: the frozen encoder's BatchNorm statistics — re-estimated on the unlabelled training images (the
     study's default, the same for every arm) or the checkpoint's own (``radssl.transfer.bn_stats``).
+    ``validation``: the rows that choose C (:func:`validation_subsets`; ``full`` = the whole split, as committed runs).
     """
     from radssl.transfer.bn_stats import frozen_encoder
     from radssl.transfer.features import extract_features
@@ -125,17 +149,19 @@ def readouts(backbone, store, seed: int, device: str = "cpu",  # noqa: ANN001
     features = extract_features(frozen_encoder(backbone, store, bn_stats, device, seed=seed), store.images,
                                 device=device)
     labels = store.labels
-    train, val, test = (store.indices(s) for s in ("train", "val", "test"))
+    train, test = store.indices("train"), store.indices("test")
     subsets = fraction_subsets(store, seed)
+    val_rows = validation_subsets(store, seed, validation)
     tests = {"test": (features[test], labels[test])}
-    out: dict[str, Any] = {"linear": {}, "knn": {}, "bn_stats": bn_stats}
+    out: dict[str, Any] = {"linear": {}, "knn": {}, "bn_stats": bn_stats, "validation": validation}
     for fraction, rows in subsets.items():
-        index = torch.from_numpy(rows)
+        index, val = torch.from_numpy(rows), torch.from_numpy(np.asarray(val_rows[fraction], dtype=np.int64))
         probe = linear_probe(features[index], labels[index], features[val], labels[val], tests, store.task,
                              seed=seed, standardisation_feats=features[train])  # label-free, whole train split
         knn = knn_evaluate(features[index], labels[index], tests, store.task, k=min(20, len(rows)))
         out["linear"][f"{fraction:g}"] = {"test_auc": probe.metrics["test"]["auc"], "val_auc": probe.val_metric,
-                                          "C": probe.best_C, "train_images": int(len(rows))}
+                                          "C": probe.best_C, "train_images": int(len(rows)),
+                                          "val_images": int(len(val))}
         out["knn"][f"{fraction:g}"] = {"test_auc": knn.metrics["test"]["auc"], "train_images": int(len(rows))}
     return out
 

@@ -35,8 +35,10 @@ Usage:
       --seeds 0 1 2
   RADSSL_DATA_DIR=… python benchmarks/lightly_bar.py --dataset breastmnist --arm strong --budget-minutes 5 \
       --threads 2 --seeds 0 1 2
-Writes benchmarks/results/lightly_bar_<dataset>_<arm>_<budget>.json (runs cached under
-benchmarks/results/runs/lightly_bar_<dataset>/seed<S>_<arm>_<budget>.json, calibrations beside them).
+  RADSSL_DATA_DIR=… python benchmarks/lightly_bar.py --dataset breastmnist --arm strong --budget-images 12800 \
+      --seeds 0 1 2 --validation proportional   # C chosen as radssl bakeoff's study does: pairs by seed with it
+Writes benchmarks/results/lightly_bar_<dataset>_<arm>_<budget>[_propval].json (runs cached under
+benchmarks/results/runs/lightly_bar_<dataset>/seed<S>_<arm>_<budget>[_propval].json, calibrations beside them).
 """
 
 from __future__ import annotations
@@ -197,6 +199,12 @@ def budget_key(args: argparse.Namespace) -> str:
     return f"{args.budget_images}img" if args.budget_images else f"{args.budget_minutes:g}min{args.threads}t"
 
 
+def run_tag(args: argparse.Namespace) -> str:
+    """The run files' tag: ``<arm>_<budget>`` plus ``_propval`` for proportional validation, so runs read out under
+    different validation rules never share a file name (the calibration, which no read-out enters, is shared)."""
+    return f"{args.arm}_{budget_key(args)}{lib.VALIDATION_SUFFIX[args.validation]}"
+
+
 def calibration_for(args: argparse.Namespace, store, runs_dir: Path) -> dict[str, Any]:  # noqa: ANN001
     """A wall-clock budget's calibration: the stored one of the same settings (so every seed gets the same steps),
     else a fresh one, stored atomically."""
@@ -235,6 +243,7 @@ def run_seed(args: argparse.Namespace, store, seed: int, out: Path, steps: int, 
         "budget": {"rule": "images_seen" if args.budget_images else "wall_clock",
                    "images_seen": args.budget_images, "minutes": args.budget_minutes, "threads": args.threads},
         "steps_from": "images seen" if args.budget_images else "calibration",
+        "validation": validation_record(args.validation),
         "calibration": calibration, "workers": args.workers, "threads": args.threads, "batch_size": BATCH_SIZE,
         "steps": steps, "images_seen": steps * BATCH_SIZE, "pretrain_wall_s": wall,
         "pretrain_images_per_s": steps * BATCH_SIZE / max(wall, 1e-9), "first_loss": result["losses"][0],
@@ -243,11 +252,18 @@ def run_seed(args: argparse.Namespace, store, seed: int, out: Path, steps: int, 
     if args.budget_minutes:
         record["wall_clock_check"] = wall_clock_deviations(args.budget_minutes * 60.0, {f"seed{seed}": wall},
                                                            WALL_CLOCK_TOLERANCE)[f"seed{seed}"]
-    record["ssl"] = lib.readouts(backbone, store, seed)
+    record["ssl"] = lib.readouts(backbone, store, seed, validation=args.validation)
     record.update({"run_wall_s": time.perf_counter() - started, "peak_rss_mb": lib.peak_rss_mb(),
                    "machine": lib.machine()})
     write_json(out, record)
     return record
+
+
+def validation_record(rule: str) -> dict[str, Any]:
+    """The read-out's validation rule as recorded in run files (the floor only where it applies)."""
+    from radssl.study.plan import VALIDATION_MIN_PER_CLASS
+
+    return {"rule": rule, "min_per_class": VALIDATION_MIN_PER_CLASS if rule == "proportional" else None}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -283,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-warmup", type=int, default=5, help="wall-clock budgets: untimed steps")
     parser.add_argument("--calibration-steps", type=int, default=MIN_CALIBRATION_STEPS,
                         help=f"wall-clock budgets: timed steps (median; at least {MIN_CALIBRATION_STEPS})")
+    parser.add_argument("--validation", choices=lib.VALIDATION_RULES, default="full",
+                        help="rows that choose the probe's C: the whole validation split (full, the committed runs) "
+                             "or the study's proportional rule (radssl bakeoff's default; needed to pair by seed "
+                             "with a bake-off); proportional run files are tagged _propval")
     parser.add_argument("--recalibrate", action="store_true", help="ignore a stored calibration")
     parser.add_argument("--cached-only", action="store_true", help="only summarise finished runs")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="default: benchmarks/results")
@@ -295,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--calibration-steps {args.calibration_steps}: at least {MIN_CALIBRATION_STEPS} (issue 19)")
     torch.set_num_threads(args.threads)
     runs_dir = args.results_dir / "runs" / f"lightly_bar_{args.dataset}"
-    tag = f"{args.arm}_{budget_key(args)}"
+    tag = run_tag(args)
     pending = [] if args.cached_only else [s for s in args.seeds if not (runs_dir / f"seed{s}_{tag}.json").is_file()]
     if pending:
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -315,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no finished runs in {runs_dir} matching seed*_{tag}.json", file=sys.stderr)
         return 1
     record = {"dataset": args.dataset, "arm": args.arm, "recipe": ARMS[args.arm]["what"],
-              "budget": runs[0]["budget"],
+              "budget": runs[0]["budget"], "validation": validation_record(args.validation),
               "protocol": "budget by radssl bakeoff's rule (images seen: ceil(N/256) steps; wall clock: median "
                           "img/s over >= 20 timed steps after warm-up, measured time checked, > 10 % flagged); "
-                          "read-out = the bake-off's (linear probe C chosen on validation, kNN, label subsets drawn "
+                          "read-out = the bake-off's (linear probe C chosen on validation — the whole split, or with "
+                          "--validation proportional the study's proportional rows —, kNN, label subsets drawn "
                           "with the seed); intervals are 95 % t over seeds",
               "summary": summarise(runs), "runs": runs, "versions": package_versions()}
     write_json(args.results_dir / f"lightly_bar_{args.dataset}_{tag}.json", record)

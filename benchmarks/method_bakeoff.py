@@ -32,6 +32,10 @@ every method beats random init at 1 %. Runs made before the budget rule (lightly
 ``seed<S>_<M>min.json``) are read for a minutes budget only when no run at the rule exists, and are labelled so.
 After a ``radssl bakeoff`` run, ``lightly_comparison.json`` beside ``bakeoff.json`` sets each lightly arm at the same
 budget beside radssl's best (unpaired: the study's seeds vary label subsets only), images seen on both sides.
+The validation rule is part of the comparison: ``radssl bakeoff`` chooses C on proportional validation rows, so
+``--combine`` reads the lightly runs made with ``lightly_bar.py --validation proportional`` (``*_propval.json``) where
+they exist and then pairs each method − lightly by seed (:func:`lightly_pairing`: per-seed pretraining, same rule,
+same seeds); with only full-validation lightly runs the bars stay unpaired and the checks' ``pairing.why`` says so.
 
 Usage:
   RADSSL_DATA_DIR=… python benchmarks/method_bakeoff.py --dataset breastmnist --budget-images 51200 --seeds 0 1 2
@@ -83,22 +87,32 @@ AUC_BOUNDS = (0.0, 1.0)  # AUC intervals on the logit scale of this range stay i
 LIGHTLY_ARMS = ("documented", "strong")  # benchmarks/lightly_bar.py --arm
 
 
-def lightly_budget_key(budget_minutes: float | None, budget_images: int | None, threads: int) -> str:
-    """The budget tag of benchmarks/lightly_bar.py's run files (``<N>img`` or ``<M>min<k>t``)."""
-    return f"{budget_images}img" if budget_images else f"{budget_minutes:g}min{threads}t"
+def lightly_budget_key(budget_minutes: float | None, budget_images: int | None, threads: int,
+                       validation: str = "full") -> str:
+    """The budget tag of benchmarks/lightly_bar.py's run files (``<N>img`` or ``<M>min<k>t``, plus ``_propval`` for
+    runs whose probe chose C on the study's proportional validation rows)."""
+    budget = f"{budget_images}img" if budget_images else f"{budget_minutes:g}min{threads}t"
+    return budget + lib.VALIDATION_SUFFIX[validation]
+
+
+def lightly_validation(run: dict[str, Any]) -> str:
+    """The validation rule a lightly_bar run's probe chose C under (runs that predate the record: the full split)."""
+    return (run.get("validation") or {}).get("rule", "full")
 
 
 def lightly_reference_runs(runs_root: Path, dataset: str, budget_minutes: float | None, budget_images: int | None,
-                           threads: int) -> dict[str, list[dict[str, Any]]]:
+                           threads: int, validation: str = "full") -> dict[str, list[dict[str, Any]]]:
     """Per lightly arm, the committed runs of ``benchmarks/lightly_bar.py`` at this budget (equal images seen, or
-    equal wall-clock with the same threads). A minutes budget of the documented arm falls back to the runs made
-    before the rule (``seed<S>_<M>min.json``: fixed steps, 1 thread), each marked ``legacy_budget``."""
+    equal wall-clock with the same threads) read out under ``validation`` (``full`` / ``proportional``). A minutes
+    budget of the documented arm with full validation falls back to the runs made before the rule
+    (``seed<S>_<M>min.json``: fixed steps, 1 thread), each marked ``legacy_budget``."""
     folder = runs_root / f"lightly_bar_{dataset}"
-    key = lightly_budget_key(budget_minutes, budget_images, threads)
+    key = lightly_budget_key(budget_minutes, budget_images, threads, validation)
     out: dict[str, list[dict[str, Any]]] = {}
     for arm in LIGHTLY_ARMS:
-        runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"seed*_{arm}_{key}.json"))]
-        if not runs and arm == "documented" and budget_minutes:
+        runs = [run for p in sorted(folder.glob(f"seed*_{arm}_{key}.json"))
+                for run in [json.loads(p.read_text())] if lightly_validation(run) == validation]
+        if not runs and arm == "documented" and budget_minutes and validation == "full":
             runs = [{**json.loads(p.read_text()), "legacy_budget": True}
                     for p in sorted(folder.glob(f"seed*_{budget_minutes:g}min.json"))]
         if runs:
@@ -115,10 +129,51 @@ def lightly_summary(reference_runs: list[dict[str, Any]]) -> dict[str, Any]:
         "threads": sorted({run.get("threads") for run in reference_runs}, key=str),
         "budget": ("legacy: fixed step count, not set by the budget rule (rerun benchmarks/lightly_bar.py)" if legacy
                    else reference_runs[0].get("budget")),
+        "validation": "/".join(sorted({lightly_validation(run) for run in reference_runs})),
         "linear": {fraction: {**mean_sd_interval([run["ssl"]["linear"][fraction]["test_auc"]
                                                        for run in reference_runs], bounds=AUC_BOUNDS),
                               "images_seen": images["mean"]}
                    for fraction in reference_runs[0]["ssl"]["linear"]}}
+
+
+def lightly_pairing(rows: dict[str, dict[str, Any]], reference_runs: list[dict[str, Any]], bakeoff: dict[str, Any],
+                    protocol: str = "linear") -> dict[str, Any]:
+    """One method's bake-off headline rows (per fraction) minus one lightly arm, paired by seed where that is sound.
+
+    Sound when the bake-off is per-seed (each seed its own pretraining run, like each lightly seed), its rows carry
+    per-seed values, its validation rule is the lightly runs' and its seeds are theirs: seed s then means the same
+    training label subset and the same validation rows on both sides, so the difference's interval over seeds (95 %
+    t, bounded to [-1, 1]) drops the subset-to-subset variance two side-by-side bars carry. Otherwise the bars stay
+    unpaired and ``why`` says which condition failed.
+    """
+    ours_rule = (bakeoff.get("validation") or {}).get("rule")
+    theirs_rule = sorted({lightly_validation(run) for run in reference_runs})
+    by_seed = {run["seed"]: run for run in reference_runs}
+    per_seed = {f: {p["seed"]: p["value"] for p in row["ssl"].get("per_seed") or []} for f, row in rows.items()}
+    seeds = sorted(by_seed)
+    why = None
+    if bakeoff.get("pretraining_runs") != "per_seed":
+        why = "the bake-off pretrains each method once (its seeds vary only the label subsets)"
+    elif ours_rule is None:
+        why = "the bake-off's validation rule is not recorded"
+    elif theirs_rule != [ours_rule]:
+        why = f"validation rules differ: bake-off {ours_rule}, lightly {'/'.join(theirs_rule)}"
+    elif not rows or any(not values for values in per_seed.values()):
+        why = "the bake-off's rows carry no per-seed values"
+    elif any(sorted(values) != seeds for values in per_seed.values()):
+        why = f"seeds differ: bake-off {sorted(next(iter(per_seed.values())))}, lightly {seeds}"
+    if why is not None:
+        return {"paired": False, "why": f"unpaired: {why}", "fractions": {}}
+    fractions = {}
+    for fraction, values in per_seed.items():
+        if any(fraction not in by_seed[s]["ssl"][protocol] for s in seeds):
+            continue
+        diffs = [values[s] - by_seed[s]["ssl"][protocol][fraction]["test_auc"] for s in seeds]
+        stat = mean_sd_interval(diffs, bounds=(-1.0, 1.0))  # a difference of AUCs stays inside [-1, 1]
+        fractions[fraction] = {**stat, "seeds": seeds, "beats": stat["mean"] > 0,
+                               "confident": stat["n"] >= 2 and stat["low"] > 0}
+    return {"paired": True, "why": f"paired by seed {seeds}: same pretraining seed, training label subset and "
+                                   f"validation rows ({ours_rule}) on both sides", "fractions": fractions}
 
 
 def default_methods() -> list[str]:
@@ -241,19 +296,27 @@ def issue_checks(rows: dict[str, Any], bars: dict[str, dict[str, Any]] | None = 
     return checks
 
 
+def headline_by_method(bakeoff: dict[str, Any], protocol: str = "linear") -> dict[str, dict[str, Any]]:
+    """A bake-off record's headline rows on test set ``test`` under ``protocol``: per method, per fraction."""
+    by_method: dict[str, dict[str, Any]] = {}
+    for row in bakeoff.get("headline", []):
+        if row["protocol"] == protocol and row["test_set"] == "test":
+            by_method.setdefault(row["method"], {})[f"{float(row['label_fraction']):g}"] = row
+    return by_method
+
+
 def best_vs_lightly_from_bakeoff(bakeoff: dict[str, Any], references: dict[str, list[dict[str, Any]]],
                                  protocol: str = "linear") -> dict[str, Any]:
     """radssl's best method of a ``radssl bakeoff`` (its ``bakeoff.json`` headline, test set ``test``) beside each
     lightly arm at the same budget, per label fraction, images seen on both sides.
 
-    Unpaired: in a bake-off each method pretrains once and its seeds vary the label subsets, while each lightly seed
-    is its own pretraining run; so the two intervals stand side by side and only the means are differenced. "Best" is
-    the highest mean over fractions of the SSL arm's test AUC under ``protocol`` (as in :func:`issue_checks`).
+    Paired by seed (``paired_by_seed`` per fraction) only where :func:`lightly_pairing` finds it sound (a per-seed
+    bake-off with the lightly runs' validation rule and seeds); otherwise unpaired — e.g. a shared bake-off pretrains
+    each method once while each lightly seed is its own pretraining run — the two intervals stand side by side, only
+    the means are differenced, and ``pairing.why`` says why. "Best" is the highest mean over fractions of the SSL
+    arm's test AUC under ``protocol`` (as in :func:`issue_checks`).
     """
-    rows = [r for r in bakeoff.get("headline", []) if r["protocol"] == protocol and r["test_set"] == "test"]
-    by_method: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        by_method.setdefault(row["method"], {})[f"{float(row['label_fraction']):g}"] = row
+    by_method = headline_by_method(bakeoff, protocol)
     out: dict[str, Any] = {"protocol": protocol, "budget": bakeoff.get("budget"), "arms": {}}
     if not by_method:
         out["note"] = f"no {protocol} rows on test set 'test' in the bake-off's headline"
@@ -262,6 +325,7 @@ def best_vs_lightly_from_bakeoff(bakeoff: dict[str, Any], references: dict[str, 
     out["best_method"] = best
     for arm, reference_runs in references.items():
         bar = lightly_summary(reference_runs)
+        pairing = lightly_pairing(by_method[best], reference_runs, bakeoff, protocol)
         cells = {}
         for fraction, row in sorted(by_method[best].items(), key=lambda item: float(item[0])):
             if fraction not in bar["linear"]:
@@ -273,22 +337,34 @@ def best_vs_lightly_from_bakeoff(bakeoff: dict[str, Any], references: dict[str, 
                 "lightly": {k: theirs[k] for k in ("mean", "low", "high", "n")},
                 "lightly_images_seen": bar["images_seen"]["mean"],
                 "ours_minus_lightly": row["ssl"]["mean"] - theirs["mean"],
-                "equal_images_seen": bool(row["images_seen"] == bar["images_seen"]["mean"])}
-        out["arms"][arm] = {"budget": bar["budget"], "seeds": bar["seeds"], "fractions": cells}
+                "equal_images_seen": bool(row["images_seen"] == bar["images_seen"]["mean"]),
+                **({"paired_by_seed": pairing["fractions"][fraction]} if fraction in pairing["fractions"] else {})}
+        out["arms"][arm] = {"budget": bar["budget"], "seeds": bar["seeds"], "validation": bar["validation"],
+                            "pairing": {"paired": pairing["paired"], "why": pairing["why"]}, "fractions": cells}
     return out
+
+
+def matching_lightly_runs(runs_root: Path, dataset: str, budget_minutes: float | None, budget_images: int | None,
+                          threads: int, validation: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Per lightly arm, its runs at this budget read out under the bake-off's ``validation`` rule where they exist,
+    else (today's bars, then unpaired) those with full validation; legacy fixed-step runs are left out."""
+    out = lightly_reference_runs(runs_root, dataset, budget_minutes, budget_images, threads)
+    if validation in lib.VALIDATION_RULES and validation != "full":
+        out.update(lightly_reference_runs(runs_root, dataset, budget_minutes, budget_images, threads, validation))
+    return {arm: runs for arm, runs in out.items() if not any(run.get("legacy_budget") for run in runs)}
 
 
 def compare_with_lightly(args: argparse.Namespace, summary_path: Path) -> Path | None:
     """Write ``lightly_comparison.json`` beside a bake-off's ``bakeoff.json`` (and print it) where lightly_bar runs
     exist at the same budget; say so and write nothing where none do."""
-    references = lightly_reference_runs(RESULTS / "runs", args.dataset, args.budget_minutes, args.budget_images,
-                                        args.threads)
-    references = {arm: runs for arm, runs in references.items() if not any(r.get("legacy_budget") for r in runs)}
+    bakeoff = json.loads(summary_path.read_text())
+    references = matching_lightly_runs(RESULTS / "runs", args.dataset, args.budget_minutes, args.budget_images,
+                                       args.threads, (bakeoff.get("validation") or {}).get("rule"))
     if not references:
         print(f"no benchmarks/lightly_bar.py runs of {args.dataset} at this budget "
               f"({lightly_budget_key(args.budget_minutes, args.budget_images, args.threads)}): run it to compare")
         return None
-    comparison = best_vs_lightly_from_bakeoff(json.loads(summary_path.read_text()), references)
+    comparison = best_vs_lightly_from_bakeoff(bakeoff, references)
     path = summary_path.parent / "lightly_comparison.json"
     write_json(path, comparison)
     for arm, entry in comparison["arms"].items():
@@ -424,8 +500,12 @@ READING = ("Cells: mean test AUC over seeds [95 % t-interval over seeds; each se
 READING_POOLED = ("Cells: mean test AUC over seeds [95 % interval over seeds and test cases, the study's statistics]; "
                   "each seed is its own pretraining run (and its own random twin, seed s) read out on label subset s, "
                   "so the interval includes the pretraining run's variance. Gain vs random: SSL − the same seed's "
-                  "random twin, paired by seed. C of the linear probe chosen on the validation split. Lightly arms "
-                  "(where runs at the same budget exist) are bars set beside the mean, not paired.")
+                  "random twin, paired by seed. C of the linear probe chosen on the study's validation rows (rule in "
+                  "Settings: validation). Lightly arms (runs at the same budget): \"− lightly <arm>, paired\" = this "
+                  "method − lightly seed by seed (95 % t over seeds, bounded to [−1, 1]) where lightly's probe chose C "
+                  "under the same validation rule and its seeds are the bake-off's (then seed s = the same label and "
+                  "validation subsets on both sides); otherwise bars beside the mean, not paired, and the checks' "
+                  "pairing says why.")
 
 
 def parse_replicate(text: str) -> tuple[Path, int]:
@@ -490,6 +570,22 @@ def markdown_table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pair_with_lightly(rows: dict[str, Any], pooled: dict[str, Any],
+                      references: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every method's linear read-out minus each lightly arm, paired by seed where :func:`lightly_pairing` finds it
+    sound (stored in ``rows[method]['minus_lightly_paired'][arm]``, which the checks and the table read); returns per
+    arm whether it was paired and why."""
+    by_method = headline_by_method(pooled, "linear")
+    out: dict[str, dict[str, Any]] = {}
+    for arm, runs in references.items():
+        for method, entry in rows.items():
+            pairing = lightly_pairing(by_method.get(method, {}), runs, pooled)
+            if pairing["paired"]:
+                entry.setdefault("minus_lightly_paired", {})[arm] = pairing["fractions"]
+            out[arm] = {"paired": pairing["paired"], "why": pairing["why"]}
+    return out
+
+
 def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Pool replicate bake-offs (``--combine DIR:SEED …``) into ``benchmarks/results/<stem>.json`` / ``.html``."""
     try:
@@ -501,15 +597,19 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"--combine: the replicates are of '{name}', not --dataset {args.dataset} (the result's name)")
     budget = pooled["budget"]
     minutes = budget["wall_clock_s"] / 60.0 if budget.get("wall_clock_s") else None
-    references = lightly_reference_runs(RESULTS / "runs", args.dataset, minutes, budget.get("images_seen"),
-                                        budget.get("threads", args.threads))
-    bars = {arm: lightly_summary(runs) for arm, runs in references.items()
-            if not any(r.get("legacy_budget") for r in runs)}
+    rule = (pooled.get("validation") or {}).get("rule")
+    references = matching_lightly_runs(RESULTS / "runs", args.dataset, minutes, budget.get("images_seen"),
+                                       budget.get("threads", args.threads), rule)
+    bars = {arm: lightly_summary(runs) for arm, runs in references.items()}
     rows = methods_from_pooled(pooled)
+    pairings = pair_with_lightly(rows, pooled, references)
     checks = issue_checks(rows, bars) if rows and all("linear" in e["ssl"] for e in rows.values()) else {}
+    for arm, check in checks.get("best_vs_lightly", {}).items():
+        check["pairing"] = pairings[arm]
     stem = bakeoff_stem(args.dataset, args.tag)
     record = {
         "settings": {"dataset": args.dataset, "seeds": pooled["seeds"], "pretraining_runs": "per_seed",
+                     "validation": pooled.get("validation"),
                      "budget": budget, "methods": list(rows), "replicates": pooled["replicates"]},
         "budget_statement": f"{pooled['budget_statement']}; {pooled['pretraining_statement']}.",
         "reading": READING_POOLED, "interval": "its 95 % interval over seeds and test cases",
@@ -520,6 +620,8 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     write_json(RESULTS / f"{stem}.json", record)
     write_text_atomic(RESULTS / f"{stem}.html", render_html(record))
     print(markdown_table(rows))
+    for arm, pairing in pairings.items():
+        print(f"lightly {arm} ({bars[arm]['validation']} validation): {pairing['why']}")
     for flag in pooled["flags"]:
         print(f"FLAG: {flag}")
     print(f"wrote {RESULTS / f'{stem}.json'} and .html")

@@ -34,6 +34,7 @@ from radssl.study.bakeoff import (
     headline,
     run_one_bakeoff,
 )
+from radssl.study.config import legacy_study_settings
 from radssl.study.plan import LABEL_FREE_FRACTION, Log, print_log
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import REPORT_DIR, RESULTS_FILE
@@ -174,6 +175,17 @@ def read_replicate(directory: Path | str, seed: int) -> Replicate:
 
 
 # --------------------------------------------------------------------------------------------- pooling
+def validation_rule(replicate: Replicate) -> dict[str, Any]:
+    """The rule that chose the read-outs' hyperparameters in a replicate's studies (``validation``, with its floor
+    where proportional); a config saved before the field existed selected on the full split."""
+    rules = {(s["validation"], s["validation_min_per_class"] if s["validation"] == "proportional" else None)
+             for s in map(legacy_study_settings, replicate.study_configs.values())}
+    if len(rules) != 1:  # none read (no study config) or groups that disagree: no single rule to pair with
+        return {"rule": "mixed" if rules else None, "min_per_class": None, "per_group": sorted(rules, key=str)}
+    rule, floor = next(iter(rules))
+    return {"rule": rule, "min_per_class": floor}
+
+
 def _comparable(replicate: Replicate) -> dict[str, Any]:
     """What must be equal in every replicate for the pooled intervals to compare like with like."""
     first_config = next(iter(replicate.study_configs.values()), {})
@@ -182,6 +194,7 @@ def _comparable(replicate: Replicate) -> dict[str, Any]:
         "methods": sorted(replicate.summary["arms"]),
         "images seen per method": {m: a.get("images_seen") for m, a in sorted(replicate.summary["arms"].items())},
         "label fractions": sorted(float(f) for f in first_config.get("label_fractions", [])),
+        "validation rule": validation_rule(replicate),
         "protocols": {g: c.get("protocols") for g, c in sorted(replicate.study_configs.items())},
         "data fingerprint": sorted({r["data_fingerprint"] for r in replicate.runs.values()
                                     if r.get("data_fingerprint")}),
@@ -261,7 +274,7 @@ def combine_replicates(replicates: list[tuple[Path | str, int]], n_boot: int | N
     return {
         "name": name or first.summary["name"], "seeds": seeds, "pretraining_runs": "per_seed",
         "pretraining_statement": PRETRAINING_STATEMENT, "budget": first.summary["budget"],
-        "data": next(iter(first.study_configs.values()), {}).get("data"),
+        "data": next(iter(first.study_configs.values()), {}).get("data"), "validation": validation_rule(first),
         "budget_statement": first.summary["budget_statement"], "selection": first.summary.get("selection"),
         "seeds_note": f"each seed its own pretraining run (seeds {seeds}): replicate s pretrains every method and its "
                       "random twin with seed s and reads out on label subset s only",

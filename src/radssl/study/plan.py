@@ -33,7 +33,7 @@ Fairness choices (stated in the report's configuration section too):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,7 +66,7 @@ from radssl.transfer.metrics import check_auc_defined, check_classes_covered
 from radssl.transfer.protocols import EncoderInfo, Protocol, StudySetup
 
 __all__ = ["CellTask", "Encoder", "FeaturesTask", "PretrainJob", "PretrainTask", "StudyPlan", "Task", "cell_key", "plan_tasks",
-           "prepare_study"]
+           "prepare_study", "proportional_validation_rows", "subset_strata", "VALIDATION_MIN_PER_CLASS"]
 
 LABEL_FREE_FRACTION = 0.0
 """Cell label fraction of label-free protocols (zero-shot): no training label is used."""
@@ -381,10 +381,7 @@ def prepare_study(config: StudyConfig, log: Log = print_log, *, load: StoreLoade
         external = _external_store(config, index, store, train_y, class_target, mask_target, load)
         test_sets[config.external_test_sets[index].name] = (external, np.arange(len(external)))
 
-    # Subsets are stratified by class where every training row has one (segmentation: by finding / no finding),
-    # else drawn from one stratum.
-    labels = store.labels.numpy()
-    strata = labels if labels.ndim == 1 and (train_y >= 0).all() else np.zeros(len(store), dtype=np.int64)
+    strata = subset_strata(store, train_rows)
     subsets = _training_subsets(config, store, strata, train_rows, class_target, draw)
     val_subsets = _validation_subsets(config, store, val_rows, strata, class_target, draw)
 
@@ -489,6 +486,29 @@ def _config_notes(config: StudyConfig, jobs: list[PretrainJob]) -> list[str]:
     return notes
 
 
+def subset_strata(store: ImageStore, train_rows: np.ndarray) -> np.ndarray:
+    """Per row, the stratum label-fraction subsets are drawn in: the class where the labels are one class per row and
+    every training row has one (segmentation: finding / no finding), else one stratum for all rows."""
+    labels = store.labels.numpy()
+    train_y = labels[np.asarray(train_rows, dtype=np.int64)]
+    return labels if labels.ndim == 1 and (train_y >= 0).all() else np.zeros(len(store), dtype=np.int64)
+
+
+VALIDATION_MIN_PER_CLASS = int(StudyConfig.model_fields["validation_min_per_class"].default)
+"""The study's default floor of validation images per class under ``validation: proportional``."""
+
+
+def proportional_validation_rows(strata: np.ndarray, val_rows: np.ndarray, fractions: Sequence[float], seed: int,
+                                 patient_id: np.ndarray | None = None,
+                                 min_per_class: int = VALIDATION_MIN_PER_CLASS, *, source: str = "dataset",
+                                 draw: SubsetDrawer = label_fraction_subsets) -> dict[float, np.ndarray]:
+    """The study's proportional validation rows of one seed: per label fraction, a nested stratified patient-grouped
+    subset of ``val_rows`` with at least ``min_per_class`` rows per class, drawn from the seed's second stream
+    (``[seed, 1]``, independent of the training subsets drawn with ``seed``). The one definition of the rule: the
+    study plan and ``benchmarks/bakeoff_lib.py`` (lightly's bars) both call it, so the two cannot drift."""
+    return draw(strata, val_rows, fractions, [seed, 1], patient_id, source=source, min_rows_per_class=min_per_class)
+
+
 def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.ndarray, strata: np.ndarray,
                         class_target: bool, draw: SubsetDrawer = label_fraction_subsets
                         ) -> dict[int, dict[float, np.ndarray]]:
@@ -505,8 +525,8 @@ def _validation_subsets(config: StudyConfig, store: ImageStore, val_rows: np.nda
     out: dict[int, dict[float, np.ndarray]] = {}
     for seed in config.seeds:
         source = f"{where} [validation: proportional, seed {seed}]"
-        drawn = draw(strata, val_rows, config.label_fractions, [seed, 1], store.patient_id,
-                     source=source, min_rows_per_class=config.validation_min_per_class)
+        drawn = proportional_validation_rows(strata, val_rows, config.label_fractions, seed, store.patient_id,
+                                             config.validation_min_per_class, source=source, draw=draw)
         for fraction, rows in drawn.items():
             if not class_target:
                 continue

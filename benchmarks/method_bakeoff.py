@@ -84,6 +84,7 @@ from radssl.study.pages import (
 
 RESULTS = Path(__file__).parent / "results"
 AUC_BOUNDS = (0.0, 1.0)  # AUC intervals on the logit scale of this range stay inside it (issue 19 point 8)
+DIFFERENCE_BOUNDS = (-1.0, 1.0)  # the range of a difference of two AUCs
 LIGHTLY_ARMS = ("documented", "strong")  # benchmarks/lightly_bar.py --arm
 
 
@@ -169,9 +170,7 @@ def lightly_pairing(rows: dict[str, dict[str, Any]], reference_runs: list[dict[s
         if any(fraction not in by_seed[s]["ssl"][protocol] for s in seeds):
             continue
         diffs = [values[s] - by_seed[s]["ssl"][protocol][fraction]["test_auc"] for s in seeds]
-        stat = mean_sd_interval(diffs, bounds=(-1.0, 1.0))  # a difference of AUCs stays inside [-1, 1]
-        fractions[fraction] = {**stat, "seeds": seeds, "beats": stat["mean"] > 0,
-                               "confident": stat["n"] >= 2 and stat["low"] > 0}
+        fractions[fraction] = paired_difference(diffs, seeds, DIFFERENCE_BOUNDS)
     return {"paired": True, "why": f"paired by seed {seeds}: same pretraining seed, training label subset and "
                                    f"validation rows ({ours_rule}) on both sides", "fractions": fractions}
 
@@ -184,6 +183,13 @@ def default_methods() -> list[str]:
         if 2 in requirements.spatial_dims and not requirements.text:
             names.append(name)
     return names
+
+
+def paired_difference(diffs: list[float], seeds: list[int], bounds: tuple[float, float] | None) -> dict[str, Any]:
+    """Per-seed differences (method − reference) as one paired cell: mean, 95 % t-interval over seeds (inside
+    ``bounds`` — (-1, 1) for a difference of AUCs), the seeds, and whether the mean / the whole interval is above 0."""
+    stat = mean_sd_interval(diffs, bounds)
+    return {**stat, "seeds": seeds, "beats": stat["mean"] > 0, "confident": stat["n"] >= 2 and stat["low"] > 0}
 
 
 def paired_with_reference(method_runs: list[dict[str, Any]], reference_runs: list[dict[str, Any]],
@@ -202,9 +208,7 @@ def paired_with_reference(method_runs: list[dict[str, Any]], reference_runs: lis
         diffs = [run["ssl"][protocol][fraction]["test_auc"]
                  - reference[run["seed"]]["ssl"][protocol][fraction]["test_auc"] for run in common
                  if fraction in reference[run["seed"]]["ssl"][protocol]]
-        stat = mean_sd_interval(diffs, bounds)  # bounds (-1, 1): the interval stays inside a difference's range
-        out[fraction] = {**stat, "seeds": sorted(run["seed"] for run in common),
-                         "beats": stat["mean"] > 0, "confident": stat["n"] >= 2 and stat["low"] > 0}
+        out[fraction] = paired_difference(diffs, sorted(run["seed"] for run in common), bounds)
     return out
 
 
@@ -508,6 +512,16 @@ READING_POOLED = ("Cells: mean test AUC over seeds [95 % interval over seeds and
                   "pairing says why.")
 
 
+RULES_POOLED = ("equal budget: every arm (radssl's methods and lightly's arms) gets the same images seen (or "
+                "measured wall-clock) with one batch size and the same torch threads — images seen are checked equal "
+                "across replicates and against each lightly arm, threads are recorded per arm; choices on validation "
+                "only: each method's preset is its paper's default or chosen on validation AUC (its chosen_by in "
+                "radssl/presets/methods.yaml), the probe's C on validation rows, test AUC never chooses; seed "
+                "variance inside every interval: each seed is its own pretraining run, random twin and label subset, "
+                "intervals over seeds and test cases (lightly bars: 95 % t over seeds), bounded to the metric's "
+                "range.")
+
+
 def parse_replicate(text: str) -> tuple[Path, int]:
     """``DIR:SEED`` of ``--combine``: a bake-off output folder and the seed it was pretrained with."""
     directory, colon, seed = text.rpartition(":")
@@ -613,6 +627,7 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                      "budget": budget, "methods": list(rows), "replicates": pooled["replicates"]},
         "budget_statement": f"{pooled['budget_statement']}; {pooled['pretraining_statement']}.",
         "reading": READING_POOLED, "interval": "its 95 % interval over seeds and test cases",
+        "rules": RULES_POOLED,
         "machine": machine(), "versions": package_versions(),
         "summary": {"methods": rows, "checks": checks, "lightly": bars}, "bakeoff": pooled,
     }

@@ -86,8 +86,8 @@ from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",
-    "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_one_bakeoff", "plan_lines", "SUMMARY_FILE",
-    "CellSource", "headline",
+    "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_one_bakeoff", "plan_lines",
+    "SUMMARY_FILE", "CellSource", "headline",
 ]
 
 SUMMARY_FILE = "bakeoff.json"
@@ -149,8 +149,8 @@ class BakeoffConfig(Section):
     """Everything ``radssl bakeoff`` needs; study fields (label fractions, seeds, protocols, …) as in a study."""
 
     name: str = "bakeoff"
-    seed: int = Field(0, description="seed of every pretraining run and of the random twins (pretraining_runs: "
-                                     "shared; per_seed runs seed s for seed s and uses this one for calibration only)")
+    seed: int = Field(0, description="seed of every pretraining run and of the random twins under pretraining_runs: "
+                                     "shared (per_seed ignores it: replicate s uses seed s throughout)")
     pretraining_runs: Literal["shared", "per_seed"] = Field(
         "shared", description="shared: each method pretrains once (seed) and seeds vary only the label subsets and "
         "read-outs; per_seed: each seed s is its own pretraining run and random twin (seed s), a replicate bake-off "

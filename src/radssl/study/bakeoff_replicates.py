@@ -39,7 +39,8 @@ from radssl.study.plan import LABEL_FREE_FRACTION, Log, print_log
 from radssl.study.results_store import ResultsStore
 from radssl.study.runner import REPORT_DIR, RESULTS_FILE
 
-__all__ = ["run_bakeoff", "replicate_dir", "replicate_config", "run_replicates", "combine_replicates", "PRETRAINING_STATEMENT"]
+__all__ = ["run_bakeoff", "replicate_dir", "replicate_config", "run_replicates", "combine_replicates",
+           "PRETRAINING_STATEMENT"]
 
 PRETRAINING_STATEMENT = ("each seed its own pretraining run: replicate s pretrains every method and initialises its "
                          "random twin with seed s and reads out on label subset s, so the intervals over seeds and "

@@ -153,6 +153,31 @@ def test_wall_clock_budget_sets_steps_from_each_calibrated_rate_and_reuses_the_c
     assert {m: a.steps for m, a in again.arms.items()} == {"simclr": 125, "byol": 62}
 
 
+def test_calibration_times_the_runs_own_logging_cadence_and_only_windows_after_warm_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logging step also reduces the method's diagnostics; timed at ``log_every: 1`` VICReg and MoCo v3 calibrated
+    20 % slow and their runs ended early. The calibration must run the loop the real run runs."""
+    config = _config(methods=["vicreg"], budget={"wall_clock_s": 10, "threads": 1},
+                     train={**TRAIN, "log_every": 4}, calibration={"warmup_steps": 5, "steps": 6})
+    store = build_store(config.data)
+    arms, _ = select_methods(config, store, **QUIET)
+    seen: dict[str, int] = {}
+
+    def fake_pretrain(pretrain_config, store):  # noqa: ANN001, ANN202
+        seen.update(steps=pretrain_config.train.steps, log_every=pretrain_config.train.log_every)
+        out = Path(pretrain_config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # warm-up windows (steps 4, 8) are slow, the timed windows (12, 16) are what counts
+        rows = [(4, 10.0), (8, 20.0), (12, 100.0), (16, 120.0)]
+        (out / "metrics.csv").write_text("step,loss,images_per_s\n" + "".join(f"{s},1.0,{r}\n" for s, r in rows))
+
+    monkeypatch.setattr(bakeoff, "pretrain", fake_pretrain)
+    result = bakeoff.calibrate(config, arms["vicreg"], store)
+    assert seen == {"steps": 16, "log_every": 4}  # 5 warm-up → 8 and 6 timed → 8: whole windows of 4
+    assert result["images_per_s"] == pytest.approx(110.0)  # median of the windows after step 8 only
+    assert (result["warmup_steps"], result["timed_steps"], result["log_every"]) == (8, 8, 4)
+
+
 def test_arms_off_the_wall_clock_budget_by_more_than_ten_percent_are_flagged() -> None:
     result = wall_clock_deviations(100.0, {"on_time": 109.0, "slow": 111.0, "fast": 89.0})
     assert {arm: r["flagged"] for arm, r in result.items()} == {"on_time": False, "slow": True, "fast": True}

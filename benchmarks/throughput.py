@@ -12,7 +12,9 @@ Measures, for the same backbone, batch size and SimCLR objective, in one process
       PIL images in ``DataLoader`` worker processes, feeding the same model with default torch settings;
   (c2) the same lightly data pipeline feeding the model with radssl's model settings (channels_last, the same
       thread count), so that a/c2 isolates the data path and a/c adds the model settings a user would not touch.
-Targets on a 2-core CPU: (a) ≥ 0.95 × (b), (a2) ≥ 0.9 × (a) and (a) ≥ 1.5 × (c) (issue 18). On a GPU every arm
+Targets on a 2-core CPU: (a) ≥ 0.95 × (b), (a2) ≥ 0.9 × (a), (a) ≥ 1.5 × (c) (issue 18) and (a) ≥ (c2)
+(issue 19: the like-for-like data path). ``--summarise-interleaved DIR`` pools one-arm runs made in a mirrored
+order (b a c2 c c c2 a b) into medians, ratios and targets. On a GPU every arm
 runs on it (``--device``; (c)/(c2) copy the DataLoader's pinned batches to it). Writes ``benchmarks/results/throughput.json``
 (``--stem`` picks the ResNet stem: ``small`` 3×3 stride 1, or ``standard`` 7×7 stride 2 + max-pool, the fast one on
 CPU for 28 px images; ``--output`` names the file so both can be kept).
@@ -233,8 +235,53 @@ def bench_lightly(args: argparse.Namespace, store: ImageStore, model_settings: b
             "channels_last": channels_last}
 
 
+TARGETS = {"a_over_b": 0.95, "a2_over_a": 0.9, "a_over_c": 1.5, "a_over_c2": 1.0}
+
+
+def targets_met(ratios: dict[str, float | None]) -> dict[str, bool]:
+    """Each target: end to end ≥ 0.95 × model only (the model step is the bottleneck), streamed ≥ 0.9 × resident,
+    ≥ 1.5 × lightly as documented, and ≥ 1.0 × lightly with the same model settings (issue 19 point 4: the
+    like-for-like arm isolates the data path, which must never be the slower one). An arm not run fails its target."""
+    return {f"{key} >= {bound:g}": (ratios.get(key) or 0) >= bound for key, bound in TARGETS.items()}
+
+
+def ratios_of(rate: dict[str, float]) -> dict[str, float | None]:
+    """The ratios the targets read, from images/s per arm key (a, a0, a2, b, c, c2); None where an arm is missing."""
+    def ratio(top: str, bottom: str) -> float | None:
+        return rate[top] / rate[bottom] if top in rate and bottom in rate else None
+    return {"a_over_b": ratio("a", "b"), "a0_over_b": ratio("a0", "b"), "a2_over_a": ratio("a2", "a"),
+            "a2_over_b": ratio("a2", "b"), "a_over_c": ratio("a", "c"), "a_over_c2": ratio("a", "c2")}
+
+
+def summarise_interleaved(directory: Path) -> dict:
+    """Pool one-arm runs made in an interleaved order (``run<i>_<arm>.json``, e.g. b a c2 c c c2 a b): each arm's
+    median images/s over its runs, the ratios and targets on those medians.
+
+    One process per arm and a mirrored order put every arm early and late in the window, so neither the machine's
+    drift nor an arm's place in the process (the first arm's first steps were the slowest) favours one arm.
+    """
+    runs = sorted(directory.glob("run*_*.json"), key=lambda path: int(path.stem[3:].split("_")[0]))
+    if not runs:
+        raise SystemExit(f"{directory}: no run<i>_<arm>.json files")
+    by_key = {name: key for key, name in ARMS.items()}
+    order, rates = [], {}
+    for path in runs:
+        results = json.loads(path.read_text())["results"]
+        if len(results) != 1:
+            raise SystemExit(f"{path}: {len(results)} arms in one run; interleaved runs hold one arm each")
+        (name, result), = results.items()
+        order.append(by_key[name])
+        rates.setdefault(by_key[name], []).append(float(result["images_per_s"]))
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    ratios = ratios_of(median)
+    return {"order": order, "images_per_s": rates, "median_images_per_s": median, "ratios": ratios,
+            "targets_met": targets_met(ratios), "runs": [path.name for path in runs]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--summarise-interleaved", type=Path, metavar="DIR",
+                        help="pool the one-arm runs in DIR (run<i>_<arm>.json) into DIR/summary.json and stop")
     parser.add_argument("--data-root")
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--dataset", default="pneumoniamnist")
@@ -254,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.summarise_interleaved:
+        summary = summarise_interleaved(args.summarise_interleaved)
+        write_text_atomic(args.summarise_interleaved / "summary.json", json.dumps(summary, indent=2))
+        print(json.dumps({k: summary[k] for k in ("median_images_per_s", "ratios", "targets_met")}, indent=2))
+        return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -271,12 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {ARMS[arm]: runners[arm]() for arm in ARMS if arm in arms}
     rate = {arm: results[ARMS[arm]]["images_per_s"] if ARMS[arm] in results else float("nan") for arm in ARMS}
     a, a0, a2, b, c, c2 = (rate[k] for k in ("a", "a0", "a2", "b", "c", "c2"))
-    ratios = {"a_over_b": a / b, "a0_over_b": a0 / b, "a2_over_a": a2 / a, "a2_over_b": a2 / b, "a_over_c": a / c,
-              "a_over_c2": a / c2}
-    ratios = {key: (None if value != value else value) for key, value in ratios.items()}  # NaN: arm not run
-    targets = {"a_over_b >= 0.95": (ratios["a_over_b"] or 0) >= 0.95,
-               "a2_over_a >= 0.9": (ratios["a2_over_a"] or 0) >= 0.9,
-               "a_over_c >= 1.5": (ratios["a_over_c"] or 0) >= 1.5}
+    ratios = ratios_of({key: value for key, value in rate.items() if value == value})  # NaN: arm not run
+    targets = targets_met(ratios)
     record = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dataset": store.name,
@@ -304,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<38}{value:>10.1f}")
     shown = {key: "n/a" if value is None else f"{value:.2f}" for key, value in ratios.items()}
     print(f"a/b = {shown['a_over_b']} (target ≥ 0.95)   a0/b = {shown['a0_over_b']}   a2/a = {shown['a2_over_a']} "
-          f"(target ≥ 0.9)   a/c = {shown['a_over_c']} (target ≥ 1.5)   a/c2 = {shown['a_over_c2']}")
+          f"(target ≥ 0.9)   a/c = {shown['a_over_c']} (target ≥ 1.5)   a/c2 = {shown['a_over_c2']} (target ≥ 1.0)")
     print(f"written to {args.output}")
     return 0
 

@@ -155,8 +155,8 @@ def test_wall_clock_budget_sets_steps_from_each_calibrated_rate_and_reuses_the_c
 
 def test_calibration_times_the_runs_own_logging_cadence_and_only_windows_after_warm_up(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A logging step also reduces the method's diagnostics; timed at ``log_every: 1`` VICReg and MoCo v3 calibrated
-    20 % slow and their runs ended early. The calibration must run the loop the real run runs."""
+    """A logging step also reduces the method's diagnostics, so the calibration times the loop the run runs: the
+    run's ``log_every``, whole windows, and only the windows after warm-up."""
     config = _config(methods=["vicreg"], budget={"wall_clock_s": 10, "threads": 1},
                      train={**TRAIN, "log_every": 4}, calibration={"warmup_steps": 5, "steps": 6})
     store = build_store(config.data)

@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<38}{value:>10.1f}")
     shown = {key: "n/a" if value is None else f"{value:.2f}" for key, value in ratios.items()}
     print(f"a/b = {shown['a_over_b']} (target ≥ 0.95)   a0/b = {shown['a0_over_b']}   a2/a = {shown['a2_over_a']} "
-          f"(target ≥ 0.9)   a/c = {shown['a_over_c']} (target ≥ 1.5)   a/c2 = {shown['a_over_c2']} (target ≥ 1.0)")
+          f"(target ≥ 0.9)   a/c = {shown['a_over_c']} (target ≥ 1.5)   "
+          f"a/c2 = {shown['a_over_c2']} (target ≥ 1.0)")
     print(f"written to {args.output}")
     return 0
 

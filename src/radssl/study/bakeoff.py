@@ -419,7 +419,7 @@ def calibrate(config: BakeoffConfig, arm: Arm, store: Any) -> dict[str, Any]:
     temporary folder; also the peak memory of those steps where the platform reports it. The steps are timed at the
     run's own logging cadence (``train.log_every``), both counts rounded up to whole logging windows, so the loop
     timed is the loop the run runs (a logging step also reduces the method's diagnostics). That alone does not make
-    the rate the run's: on the 2-core CPU VICReg calibrated at 100–126 img/s under either cadence and ran at 139–148
+    the rate the run's: on the 2-core CPU VICReg calibrated at 100–126 img/s under either cadence and ran at 127–146
     in the study (BreastMNIST, 2 threads), so every run's wall-clock is still checked against the budget and flagged.
     """
     with tempfile.TemporaryDirectory() as tmp:

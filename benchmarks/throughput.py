@@ -351,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in rows:
         print(f"{name:<38}{value:>10.1f}")
     shown = {key: "n/a" if value is None else f"{value:.2f}" for key, value in ratios.items()}
-    print(f"a/b = {shown['a_over_b']} (target ≥ 0.95)   a0/b = {shown['a0_over_b']}   a2/a = {shown['a2_over_a']} "
-          f"(target ≥ 0.9)   a/c = {shown['a_over_c']} (target ≥ 1.5)   "
-          f"a/c2 = {shown['a_over_c2']} (target ≥ 1.0)")
+    print("   ".join(f"{key.replace('_over_', '/')} = {value}"
+                       + (f" (target ≥ {TARGETS[key]:g})" if key in TARGETS else "") for key, value in shown.items()))
     print(f"written to {args.output}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,6 +177,38 @@ def test_calibration_times_the_runs_own_logging_cadence_and_only_windows_after_w
     assert seen == {"steps": 16, "log_every": 4}  # 5 warm-up → 8 and 6 timed → 8: whole windows of 4
     assert result["images_per_s"] == pytest.approx(110.0)  # median of the windows after step 8 only
     assert (result["warmup_steps"], result["timed_steps"], result["log_every"]) == (8, 8, 4)
+
+
+def test_calibration_check_runs_the_calibrated_steps_at_once_with_the_runs_own_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check_calibration`` (issue 19 point 2): the run after the calibration is the bake-off's run — the steps
+    the calibration gives, the arm's own logging and checkpoints — and its deviation is the engine's wall-clock
+    against the budget."""
+    config = _config(methods=["vicreg"], budget={"wall_clock_s": 10, "threads": 1},
+                     train={**TRAIN, "log_every": 2}, calibration={"warmup_steps": 2, "steps": 4})
+    store = build_store(config.data)
+    arms, _ = select_methods(config, store, **QUIET)
+    calls: list[dict[str, int]] = []
+
+    def fake_pretrain(pretrain_config, store):  # noqa: ANN001, ANN202
+        train = pretrain_config.train
+        calls.append({"steps": train.steps, "log_every": train.log_every, "checkpoint_every": train.checkpoint_every})
+        out = Path(pretrain_config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [(s, 32.0) for s in range(2, train.steps + 1, 2)]  # 32 img/s in every window
+        (out / "metrics.csv").write_text("step,loss,images_per_s\n" + "".join(f"{s},1.0,{r}\n" for s, r in rows))
+        return SimpleNamespace(wall_time_s=12.0)  # the run took 12 s of a 10 s budget
+
+    monkeypatch.setattr(bakeoff, "pretrain", fake_pretrain)
+    result = bakeoff.check_calibration(config, arms["vicreg"], store)
+    assert calls[0] == {"steps": 6, "log_every": 2, "checkpoint_every": 7}  # 2 warm-up + 4 timed, no checkpoint
+    # the run: 10 s × 32 img/s / batch 16 steps, the arm's own cadence and checkpoints (the config's default 200)
+    assert calls[1] == {"steps": 20, "log_every": 2, "checkpoint_every": 200}
+    assert result["steps"] == 20 and result["images_seen"] == 320
+    assert result["deviation"] == pytest.approx(0.2) and result["flagged"] is True
+    assert result["run_images_per_s"] == pytest.approx(320 / 12.0)
+    with pytest.raises(ConfigError, match="wall-clock budget"):
+        bakeoff.check_calibration(_config(methods=["vicreg"]), arms["vicreg"], store)
 
 
 def test_arms_off_the_wall_clock_budget_by_more_than_ten_percent_are_flagged() -> None:

@@ -87,6 +87,7 @@ from radssl.transfer.metrics import accuracy, binary_auc, case_mean, macro_auc
 __all__ = [
     "BakeoffConfig", "BakeoffPlan", "Arm", "Budget", "load_bakeoff_config", "plan_bakeoff", "select_methods",
     "steps_for_images", "steps_for_wall_clock", "wall_clock_deviations", "run_one_bakeoff", "plan_lines",
+    "calibrate", "check_calibration",
     "SUMMARY_FILE", "CellSource", "headline",
 ]
 
@@ -443,6 +444,29 @@ def calibrate(config: BakeoffConfig, arm: Arm, store: Any) -> dict[str, Any]:
             "log_every": every, "rate_min": min(rates), "rate_max": max(rates), "calibration_wall_s": elapsed,
             "peak_memory_mb": peak, "peak_memory_source": peak_source, "threads": config.threads,
             "batch_size": arm.batch_size}
+
+
+def check_calibration(config: BakeoffConfig, arm: Arm, store: Any) -> dict[str, Any]:
+    """Calibrate an arm, then at once pretrain it for the steps that calibration gives and measure the run's
+    wall-clock as the bake-off does (the engine's ``wall_time_s``): how far a calibration misses its run when no
+    time passes between them. Separates a calibration that measures the wrong loop (misses now too) from a machine
+    whose speed moves between calibration and run (misses only with a lag), the question issue 19 point 2 left."""
+    if config.budget.wall_clock_s is None:
+        raise ConfigError("check_calibration needs a wall-clock budget (budget.wall_clock_s)")
+    calibration = calibrate(config, arm, store)
+    steps = steps_for_wall_clock(config.budget.wall_clock_s, calibration["images_per_s"], arm.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / arm.method
+        result = pretrain(_pretrain_config(config, arm, out, {"steps": steps, "progress_bar": False}), store=store)
+        rates = timed_window_rates((out / "metrics.csv").read_text(), 0)
+    images = steps * arm.batch_size
+    deviation = wall_clock_deviations(config.budget.wall_clock_s, {arm.method: result.wall_time_s},
+                                      config.wall_clock_tolerance)[arm.method]
+    return {"method": arm.method, "calibrated_images_per_s": calibration["images_per_s"],
+            "calibration_rate_min": calibration["rate_min"], "calibration_rate_max": calibration["rate_max"],
+            "steps": steps, "images_seen": images, "run_wall_s": result.wall_time_s,
+            "run_images_per_s": images / result.wall_time_s, "run_window_rates": rates,
+            "deviation": deviation["deviation"], "flagged": deviation["flagged"]}
 
 
 def whole_windows(steps: int, every: int) -> int:

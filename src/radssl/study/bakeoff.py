@@ -419,9 +419,11 @@ def calibrate(config: BakeoffConfig, arm: Arm, store: Any) -> dict[str, Any]:
     Runs the arm's own pretraining config (method, views, backbone, batch size, threads) through the engine in a
     temporary folder; also the peak memory of those steps where the platform reports it. The steps are timed at the
     run's own logging cadence (``train.log_every``), both counts rounded up to whole logging windows, so the loop
-    timed is the loop the run runs (a logging step also reduces the method's diagnostics). That alone does not make
-    the rate the run's: on the 2-core CPU VICReg calibrated at 100–126 img/s under either cadence and ran at 127–146
-    in the study (BreastMNIST, 2 threads), so every run's wall-clock is still checked against the budget and flagged.
+    timed is the loop the run runs (a logging step also reduces the method's diagnostics). Run at once after it
+    (:func:`check_calibration`), four methods landed within −7 to +6 % of a 90 s budget in five of six runs; a
+    calibration made long before the run misses by as much as the machine's speed moves in between (on the shared
+    2-core CPU: MoCo v3 118 → 84 img/s within 90 minutes, identical runs up to 27 % apart), so every run's
+    wall-clock is still checked against the budget and flagged (``benchmarks/calibration_check.py``).
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / arm.method

@@ -303,7 +303,9 @@ def run_in_child(script: Path, args: argparse.Namespace, method: str, seed: int,
     return json.loads(out.read_text())
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The MedMNIST set, image size, backbone, batch and threads every bake-off script takes, with one set of
+    defaults (28 px, ResNet-18 standard stem, batch 256, 2 threads)."""
     parser.add_argument("--data-root")
     parser.add_argument("--dataset", default="breastmnist")
     parser.add_argument("--size", type=int, default=28)
@@ -311,6 +313,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stem", choices=["small", "standard"], default="standard")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_model_arguments(parser)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-minutes", type=float, help="wall-clock pretraining minutes per run")
     budget.add_argument("--budget-images", type=int, help="images seen per run")

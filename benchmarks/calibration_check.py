@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bakeoff_lib import add_data_model_arguments
 from common import machine, write_json
 from method_bakeoff import bakeoff_config
 
@@ -110,13 +111,7 @@ def previous_replicate_deviations(bakeoff: dict[str, Any], methods: list[str] | 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root")
-    parser.add_argument("--dataset", default="breastmnist")
-    parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--stem", choices=["small", "standard"], default="standard")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    add_data_model_arguments(parser)
     parser.add_argument("--budget-minutes", type=float, required=True)
     parser.add_argument("--calibration-warmup", type=int, default=5)
     parser.add_argument("--calibration-steps", type=int, default=20)

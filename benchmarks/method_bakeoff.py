@@ -743,13 +743,7 @@ def summarise_cached(args: argparse.Namespace, methods: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root")
-    parser.add_argument("--dataset", default="breastmnist")
-    parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--stem", choices=["small", "standard"], default="standard")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    lib.add_data_model_arguments(parser)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-images", type=int, help="images seen per method (the primary rule)")
     budget.add_argument("--budget-minutes", type=float, help="measured wall-clock pretraining minutes per method")

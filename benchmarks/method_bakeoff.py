@@ -560,18 +560,31 @@ def methods_from_pooled(pooled: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
-def markdown_table(rows: dict[str, Any]) -> str:
-    """README-ready: per method images seen, img/s and per read-out and fraction the mean [95 % interval]."""
-    def cell(stat: dict[str, Any] | None, signed_: bool = False) -> str:
-        if not stat:
-            return "–"
-        text = (signed if signed_ else num)
-        bounds = f" [{text(stat['low'])}, {text(stat['high'])}]" if math.isfinite(stat["low"]) else ""
-        return text(stat["mean"]) + bounds
+def _interval_cell(stat: dict[str, Any] | None, signed_: bool = False) -> str:
+    """``mean [low, high]`` of a pooled stat (no brackets where there is no interval); "–" where there is no stat."""
+    if not stat:
+        return "–"
+    text = (signed if signed_ else num)
+    bounds = f" [{text(stat['low'])}, {text(stat['high'])}]" if math.isfinite(stat["low"]) else ""
+    return text(stat["mean"]) + bounds
 
+
+def _excludes_zero(stat: dict[str, Any]) -> bool:
+    return math.isfinite(stat["low"]) and (stat["low"] > 0 or stat["high"] < 0)
+
+
+def _table_columns(rows: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The label fractions and the (read-out, fraction) columns some method has, in read-out then fraction order."""
     fractions = sorted({f for entry in rows.values() for p in entry["ssl"].values() for f in p}, key=float)
     columns = [(p, f) for p in ("linear", "knn", "finetune") for f in fractions
                if any(f in entry["ssl"].get(p, {}) for entry in rows.values())]
+    return fractions, columns
+
+
+def markdown_table(rows: dict[str, Any]) -> str:
+    """README-ready: per method images seen, img/s and per read-out and fraction the mean [95 % interval], then one
+    random-init row per backbone (each method's twin), so the table a README shows is the one this prints."""
+    fractions, columns = _table_columns(rows)
     smallest = fractions[0] if fractions else ""
     header = ["method", "images seen", "img/s", *(f"{PROTOCOL_NAMES.get(p, p)} {float(f):.0%}" for p, f in columns),
               f"gain vs random, linear {float(smallest or 0):.0%}"]
@@ -579,8 +592,29 @@ def markdown_table(rows: dict[str, Any]) -> str:
     for method, entry in rows.items():
         lines.append("| " + " | ".join([
             method, f"{entry['images_seen']['mean']:.0f}", f"{entry['images_per_s']['mean']:.0f}",
-            *(cell(entry["ssl"].get(p, {}).get(f)) for p, f in columns),
-            cell(entry["gain_over_random"].get("linear", {}).get(smallest), True)]) + " |")
+            *(_interval_cell(entry["ssl"].get(p, {}).get(f)) for p, f in columns),
+            _interval_cell(entry["gain_over_random"].get("linear", {}).get(smallest), True)]) + " |")
+    twins = {entry["backbone"]: entry["random_init"] for entry in rows.values() if entry.get("random_init")}
+    for backbone, random_init in twins.items():
+        lines.append("| " + " | ".join([
+            f"random init ({backbone})", "0", "–",
+            *(_interval_cell(random_init.get(p, {}).get(f)) for p, f in columns), "–"]) + " |")
+    return "\n".join(lines)
+
+
+def gain_table(rows: dict[str, Any]) -> str:
+    """README-ready: every method's gain over its own random-init twin, paired by seed, for every read-out and
+    fraction (fine-tuning included), bold where the 95 % interval excludes 0."""
+    _, columns = _table_columns(rows)
+    header = ["method", *(f"gain, {PROTOCOL_NAMES.get(p, p)} {float(f):.0%}" for p, f in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in rows.items():
+        cells = []
+        for p, f in columns:
+            stat = entry["gain_over_random"].get(p, {}).get(f)
+            text = _interval_cell(stat, True)
+            cells.append(f"**{text}**" if stat and _excludes_zero(stat) else text)
+        lines.append("| " + " | ".join([method, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -635,6 +669,8 @@ def combine_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     write_json(RESULTS / f"{stem}.json", record)
     write_text_atomic(RESULTS / f"{stem}.html", render_html(record))
     print(markdown_table(rows))
+    print()
+    print(gain_table(rows))
     for arm, pairing in pairings.items():
         print(f"lightly {arm} ({bars[arm]['validation']} validation): {pairing['why']}")
     for flag in pooled["flags"]:

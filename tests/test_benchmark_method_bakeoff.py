@@ -193,3 +193,35 @@ def test_radssl_bakeoff_best_is_set_beside_each_lightly_arm_at_its_images(bakeof
     assert list(cells) == ["0.01", "0.1", "1"]
     assert cells["0.1"]["ours_minus_lightly"] == pytest.approx(0.80 - 0.821)
     assert cells["1"]["equal_images_seen"] and cells["1"]["lightly_images_seen"] == 51200
+
+
+def _stat(mean: float, low: float, high: float) -> dict:
+    return {"mean": mean, "low": low, "high": high, "sd": 0.0, "n": 3}
+
+
+def test_printed_tables_carry_every_readouts_gain_and_the_random_twin(bakeoff) -> None:  # noqa: ANN001
+    """The README's fine-tuning table is printed by ``--combine``, not typed from a side script: fine-tuning gains
+    (bold only where the interval excludes 0) and the random-init row per backbone."""
+    random_init = {"linear": {"0.01": _stat(0.53, 0.42, 0.64)}, "finetune": {"0.01": _stat(0.57, 0.42, 0.71)}}
+    rows = {
+        "simclr": {"backbone": "resnet18", "images_seen": _stat(12800, 12800, 12800),
+                   "images_per_s": _stat(135, 120, 150), "random_init": random_init,
+                   "ssl": {"linear": {"0.01": _stat(0.74, 0.56, 0.86)}, "finetune": {"0.01": _stat(0.65, 0.35, 0.87)}},
+                   "gain_over_random": {"linear": {"0.01": _stat(0.21, 0.03, 0.43)},
+                                        "finetune": {"0.01": _stat(0.08, -0.18, 0.33)}}},
+        "models_genesis": {"backbone": "resnet18", "images_seen": _stat(12800, 12800, 12800),
+                           "images_per_s": _stat(81, 70, 90), "random_init": random_init,
+                           "ssl": {"linear": {"0.01": _stat(0.57, 0.31, 0.80)},
+                                   "finetune": {"0.01": _stat(0.47, 0.40, 0.55)}},
+                           "gain_over_random": {"linear": {"0.01": _stat(0.04, -0.19, 0.27)},
+                                                "finetune": {"0.01": _stat(-0.10, -0.17, -0.02)}}},
+    }
+    gains = bakeoff.gain_table(rows).splitlines()
+    assert "gain, fine-tune 1%" in gains[0] and "gain, linear probe 1%" in gains[0]
+    simclr = next(line for line in gains if line.startswith("| simclr"))
+    genesis = next(line for line in gains if line.startswith("| models_genesis"))
+    assert "**+0.210 [+0.030, +0.430]**" in simclr and "| +0.080 [−0.180, +0.330] |" in simclr
+    assert "**−0.100 [−0.170, −0.020]**" in genesis and "| +0.040 [−0.190, +0.270] |" in genesis
+    table = bakeoff.markdown_table(rows).splitlines()
+    twins = [line for line in table if line.startswith("| random init")]
+    assert twins == ["| random init (resnet18) | 0 | – | 0.530 [0.420, 0.640] | 0.570 [0.420, 0.710] | – |"]

@@ -583,7 +583,7 @@ def _table_columns(rows: dict[str, Any]) -> tuple[list[str], list[tuple[str, str
 
 def markdown_table(rows: dict[str, Any]) -> str:
     """README-ready: per method images seen, img/s and per read-out and fraction the mean [95 % interval], then one
-    random-init row per backbone (each method's twin), so the table a README shows is the one this prints."""
+    random-init row per backbone (each method's twin), so every number of a README table is one this prints."""
     fractions, columns = _table_columns(rows)
     smallest = fractions[0] if fractions else ""
     header = ["method", "images seen", "img/s", *(f"{PROTOCOL_NAMES.get(p, p)} {float(f):.0%}" for p, f in columns),
